@@ -1,0 +1,40 @@
+"""Compressors for a Linear layer's weight, found by name, with exact storage accounting.
+
+>>> config = make_config("sparse", block=(1, 16))
+>>> result = compress(weight, config)        # result.weight: W_c, result.cost: bits
+>>> account_layer(*weight.shape, result.cost, rank=8).ratio
+"""
+
+from compression import binary, sparse  # noqa: F401  (importing registers the compressors)
+from compression.accounting import LayerAccounting, account_layer, adapter_params, model_ratio
+from compression.binary import Int1Config
+from compression.presets import PRESETS, build_configs
+from compression.registry import (
+    CompressedWeight,
+    StorageCost,
+    compress,
+    list_methods,
+    make_config,
+    register_compressor,
+    register_method,
+)
+from compression.sparse import SparseConfig, parse_block
+
+__all__ = [
+    "PRESETS",
+    "CompressedWeight",
+    "Int1Config",
+    "LayerAccounting",
+    "SparseConfig",
+    "StorageCost",
+    "account_layer",
+    "adapter_params",
+    "build_configs",
+    "compress",
+    "list_methods",
+    "make_config",
+    "model_ratio",
+    "parse_block",
+    "register_compressor",
+    "register_method",
+]

@@ -1,0 +1,98 @@
+"""``LoraLinear``: a frozen (compressed) Linear layer plus a trainable low-rank adapter.
+
+Shapes follow PEFT: the base weight W_c is out x in, ``lora_A`` is r x in, ``lora_B`` is out x r,
+``scaling`` = lora_alpha / r, and
+
+    y = x @ W_c.T + b + scaling * (x @ A.T) @ B.T
+
+With ``use_dora`` (DoRA, Liu et al. 2024) a trainable magnitude m (one per output row) rescales
+the rows of the merged direction V = W_c + scaling * B @ A:  W' = m * V / ||V||_row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    limit = min(out_features, in_features)
+    if not 1 <= rank <= limit:
+        raise ValueError(
+            f"LoRA rank must be between 1 and {limit} for a {out_features} x {in_features} "
+            f"layer (1 <= r <= min(out, in)); got {rank}"
+        )
+
+
+class LoraLinear(nn.Module):
+    def __init__(
+        self, base_layer: nn.Linear, r: int, lora_alpha: float, use_dora: bool = False
+    ) -> None:
+        super().__init__()
+        out_features, in_features = base_layer.weight.shape
+        check_rank(r, out_features, in_features)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.scaling = self.lora_alpha / r
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(weight.new_zeros(r, in_features))
+        self.lora_B = nn.Parameter(weight.new_zeros(out_features, r))
+        self.lora_magnitude = nn.Parameter(weight.new_ones(out_features)) if use_dora else None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A (out x in)."""
+        return self.scaling * self.lora_B @ self.lora_A
+
+    def direction(self) -> torch.Tensor:
+        """W_c + scaling * B @ A: the merged weight of plain LoRA, DoRA's direction."""
+        return self.base_layer.weight + self.delta_weight()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The single dense weight this layer computes with (its bias is ``base_layer.bias``)."""
+        direction = self.direction()
+        if not self.use_dora:
+            return direction
+        norm = direction.norm(dim=1, keepdim=True)
+        return self.lora_magnitude.unsqueeze(1) * direction / norm
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed.
+
+        The base is frozen, so a training loop over fixed inputs can compute it once; the
+        adapter then costs r * (in + out) multiply-adds per row. DoRA rescales whole rows of
+        the merged weight, so it always recomputes.
+        """
+        if self.use_dora:
+            return F.linear(x, self.merged_weight(), self.base_layer.bias)
+        if base_out is None:
+            base_out = self.base_layer(x)
+        return base_out + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
+        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.use_dora:
+            state["lora_magnitude"] = self.lora_magnitude
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in state.items():
+                getattr(self, name).copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"
