@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny timm model saved as a local weights file, and a small folder of
+generated images under real ImageNet synset names. Nothing here is mocked: the driver loads the
+weights through timm's pretrained path and decodes the images with PIL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+# Five real synsets, spread over the 1000 classes (indices 0, 1, 100, 500, 999).
+SYNSETS = ("n01440764", "n01443537", "n01860187", "n03042490", "n15075141")
+TINY_MODEL = "test_vit"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """``test_vit`` (64 -> 1000 classifier, 160 px) with fixed random weights, saved to a file."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model(TINY_MODEL, pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def write_image(path: Path, seed: int, size: int = 24, fmt: str = "JPEG") -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """8 small JPEGs in each of five real synset folders (40 images)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for class_index, synset in enumerate(SYNSETS):
+        folder = root / synset
+        folder.mkdir()
+        for i in range(8):
+            write_image(folder / f"{synset}_{i}.JPEG", seed=100 * class_index + i)
+    (root / "README.txt").write_text("not an image folder, ignored\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One feature cache for the driver tests that use the tiny model (saves recomputing)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_driver(capsys, *args: str) -> tuple[int, str, str]:
+    """Run train_model.main in-process; returns (exit code, stdout, stderr)."""
+    from train_evaluate.train_model import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    sys.stdout.flush()
+    return code, captured.out, captured.err

@@ -1,0 +1,204 @@
+"""The driver end to end: a tiny timm model from a local weights file on generated images under
+real synset names, the offline demo, reproducibility, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL, run_driver, write_image
+from train_evaluate.report import COLUMNS, TIMING_COLUMNS
+
+RANK_COLUMNS = [
+    "evaluation", "init_only", "drop", "ratio", "ratio_seed", "ratio_model", "compute_ratio",
+    "bits", "best_val_acc", "best_epoch", "optimizer", "lr", "batch_size", "lora_alpha",
+    "trials_complete", "compression", "seed",
+]  # fmt: skip
+
+
+def tiny_args(image_folder, weights, results, cache, *extra):
+    return [
+        "--model", TINY_MODEL, "--weights", weights, "--data-dir", image_folder,
+        "--methods", "sparse", "int1", "--ranks", "2", "4", "--trials", "2", "--epochs", "2",
+        "--results-dir", results, "--cache-dir", cache, *extra,
+    ]  # fmt: skip
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def svd_run(tmp_path_factory, image_folder, tiny_weights, shared_cache):
+    """One svd_init run of 2 methods x 2 ranks x 2 trials x 2 epochs."""
+    from train_evaluate.train_model import main
+
+    results = tmp_path_factory.mktemp("results")
+    args = tiny_args(image_folder, tiny_weights, results, shared_cache, "--init", "svd_init")
+    assert main([str(a) for a in args]) == 0
+    return results
+
+
+def test_every_row_column_and_artifact_is_written(svd_run, image_folder):
+    out = svd_run / "svd_init"
+    frame = pd.read_csv(out / "evaluation.csv")
+    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns[:3]) == ["quant", "lora_rank", "evaluation"]  # the original's
+    expected = [(m, r) for m in ("sparse", "int1") for r in ("original", "quantized", "2", "4")]
+    assert list(zip(frame["quant"], frame["lora_rank"].astype(str), strict=True)) == expected
+    ranked = frame[frame["lora_rank"].isin(["2", "4"])]
+    assert ranked[RANK_COLUMNS].notna().all().all()
+    assert (frame["init"] == "svd_init").all() and (frame["status"] == "ok").all()
+    assert (frame.loc[frame["lora_rank"] == "original", "ratio"] == 1).all()
+
+    for method in ("sparse", "int1"):
+        for rank in (2, 4):
+            stem = f"quant={method}_r={rank}"
+            names = (f"acc_{stem}.png", f"loss_{stem}.png", f"{stem}_optimization_history.html")
+            for name in names:
+                assert (out / name).stat().st_size > 0, name
+            checkpoint = torch.load(out / "checkpoints" / f"{stem}.ckpt", weights_only=True)
+            assert checkpoint["init"] == "svd_init"
+            assert checkpoint["adapter"]["lora_A"].shape == (rank, 64)
+            assert checkpoint["adapter"]["lora_B"].shape == (1000, rank)
+    assert (out / "accuracy_vs_rank.png").stat().st_size > 0
+    assert (out / "run.json").exists()
+
+
+def test_split_lists_are_disjoint_and_cover_every_image(svd_run, image_folder):
+    lists = {
+        name: (svd_run / "svd_init" / "split" / f"{name}.txt").read_text().splitlines()
+        for name in ("train", "val", "test")
+    }
+    every = sorted(f"{p.parent.name}/{p.name}" for p in image_folder.glob("*/*.JPEG"))
+    assert sorted(name for names in lists.values() for name in names) == every
+    assert len(set(lists["train"]) | set(lists["val"]) | set(lists["test"])) == len(every)
+    assert [len(v) for v in lists.values()] == [25, 6, 9]
+
+
+def test_optuna_studies_are_in_sqlite_with_a_report_per_epoch(svd_run):
+    storage = f"sqlite:///{svd_run / 'svd_init' / 'optuna.sqlite3'}"
+    summaries = optuna.get_all_study_summaries(storage)
+    assert sorted(s.study_name.rsplit("_", 1)[0] for s in summaries) == [
+        "int1_r2", "int1_r4", "sparse_r2", "sparse_r4",
+    ]  # fmt: skip
+    for summary in summaries:
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        assert len(study.trials) == 2
+        for trial in study.trials:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            assert sorted(trial.intermediate_values) == [0, 1, 2]  # epoch 0 = the init
+            assert trial.value == max(trial.intermediate_values.values())
+
+
+def test_the_same_seed_gives_the_same_evaluation_csv(
+    svd_run, tmp_path, image_folder, tiny_weights, shared_cache, capsys
+):
+    args = tiny_args(image_folder, tiny_weights, tmp_path, shared_cache, "--init", "svd_init")
+    code, out, _ = run_driver(capsys, *args)
+    assert code == 0 and "reusing the feature cache" in out
+    first = pd.read_csv(svd_run / "svd_init" / "evaluation.csv").drop(columns=TIMING_COLUMNS)
+    second = pd.read_csv(tmp_path / "svd_init" / "evaluation.csv").drop(columns=TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_paper_init_afterwards_leaves_the_svd_init_results_intact(
+    svd_run, image_folder, tiny_weights, shared_cache, capsys
+):
+    before = digest(svd_run / "svd_init")
+    args = tiny_args(image_folder, tiny_weights, svd_run, shared_cache, "--init", "paper_init")
+    code, _, _ = run_driver(capsys, *args)
+    assert code == 0
+    assert digest(svd_run / "svd_init") == before
+    for init in ("svd_init", "paper_init"):
+        frame = pd.read_csv(svd_run / init / "evaluation.csv")
+        assert (frame["init"] == init).all()
+        for checkpoint in (svd_run / init / "checkpoints").glob("*.ckpt"):
+            assert torch.load(checkpoint, weights_only=True)["init"] == init
+
+
+def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
+    started = time.perf_counter()
+    code, out, _ = run_driver(capsys, "--init", "svd_init", "--results-dir", tmp_path)
+    first_seconds = time.perf_counter() - started
+    assert code == 0
+    assert "DEMO RUN" in out and "--data-dir" in out
+    results = tmp_path / "svd_init"
+    frame = pd.read_csv(results / "evaluation.csv")
+    ranks = ["original", "quantized", "2", "4", "8"]  # ranks that fit the demo's 10 x 64 FC
+    assert list(frame["lora_rank"].astype(str)) == ranks * 2
+    original = frame.loc[frame["lora_rank"] == "original", "evaluation"].iloc[0]
+    assert original > 90  # the demo classifier is a real digits classifier
+    for method in ("sparse", "int1"):
+        for rank in (2, 4, 8):
+            stem = f"quant={method}_r={rank}"
+            for name in (f"acc_{stem}.png", f"loss_{stem}.png", f"{stem}_optimization_history.html",
+                         f"checkpoints/{stem}.ckpt"):  # fmt: skip
+                assert (results / name).exists(), name
+    assert (results / "accuracy_vs_rank.png").exists()
+
+    started = time.perf_counter()
+    code, out, _ = run_driver(capsys, "--init", "svd_init", "--results-dir", tmp_path)
+    assert code == 0
+    assert "reusing the feature cache" in out and "demo classifier: reusing" in out
+    assert time.perf_counter() - started < first_seconds
+
+
+def folder_without_synsets(tmp: Path) -> Path:
+    (tmp / "no-synsets" / "cats").mkdir(parents=True)
+    write_image(tmp / "no-synsets" / "cats" / "a.jpg", seed=0)
+    return tmp / "no-synsets"
+
+
+def a_file(tmp: Path) -> Path:
+    (tmp / "a-file").write_text("")
+    return tmp / "a-file"
+
+
+# case -> (arguments given the image folder and a scratch folder, what the message must say)
+BAD_INPUT = {
+    "missing data dir": (lambda data, tmp: ["--data-dir", tmp / "nowhere"], "offline demo"),
+    "no synset folders": (lambda data, tmp: ["--data-dir", folder_without_synsets(tmp)], "synset"),
+    "unknown model": (lambda data, tmp: ["--data-dir", data, "--model", "resnet_nonexistent"],
+                      "unknown timm model"),
+    "unknown method": (lambda data, tmp: ["--methods", "sparse", "int3"], "valid methods"),
+    "unknown init": (lambda data, tmp: ["--init", "xavier"], "valid: paper_init"),
+    "unknown preset": (lambda data, tmp: ["--preset", "fast"], "valid presets"),
+    "bad block": (lambda data, tmp: ["--block", "4by4"], "HxW"),
+    "rank zero": (lambda data, tmp: ["--ranks", "0"], "at least 1"),
+    "rank too large": (lambda data, tmp: ["--data-dir", data, "--model", TINY_MODEL,
+                                          "--ranks", "65"], "between 1 and 64"),
+    "split sum": (lambda data, tmp: ["--split", "0.5", "0.3", "0.3"], "sum to 1"),
+    "split empty": (lambda data, tmp: ["--data-dir", data, "--split", "0.98", "0.01", "0.01"],
+                    "empty"),
+    "zero trials": (lambda data, tmp: ["--trials", "0"], "--trials"),
+    "negative epochs": (lambda data, tmp: ["--epochs", "-1"], "--epochs"),
+    "unwritable output": (lambda data, tmp: ["--out", a_file(tmp) / "run"], "is a file"),
+    "missing weights": (lambda data, tmp: ["--data-dir", data, "--model", TINY_MODEL,
+                                           "--weights", tmp / "w.pth"], "weights"),
+    "unknown flag": (lambda data, tmp: ["--colour", "blue"], "unrecognized arguments"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gives_one_line_and_exit_code_2_and_writes_nothing(
+    case, tmp_path, image_folder, capsys
+):
+    make_args, fragment = BAD_INPUT[case]
+    results = tmp_path / "results"
+    code, _, err = run_driver(capsys, *make_args(image_folder, tmp_path), "--results-dir", results)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0] and "Traceback" not in err
+    assert not results.exists()

@@ -1,0 +1,1 @@
+"""The experiment: backbone and feature cache, adapter training, Optuna sweep, results."""

@@ -1,0 +1,167 @@
+"""One pass of the frozen backbone over the images, cached on disk.
+
+The backbone's pre-logits features are a pure function of (model, weights, preprocessing,
+image), so they are computed once and every trial and final model trains on the stored
+tensors. The cache file is named by a key over exactly those inputs; the split is not part of
+it (features are per image; the split only chooses rows).
+
+A file that is truncated, damaged or written for another key is never trusted: it is reported
+and rebuilt. Images that cannot be decoded are skipped, reported and listed with the features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from train_evaluate.backbone import pre_logits
+from train_evaluate.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lora-compression-features/1"
+# What a broken or non-image file raises while PIL decodes it.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """Pre-logits features of every readable image, in the source's order.
+
+    features: N x in (float32); labels: N; ids: the N image ids; skipped: ids that could not be
+    read (with the reason), excluded from every split.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    ids: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+def feature_key(**parts: Any) -> str:
+    """SHA-256 over everything that changes the features (model, weights, data, transform)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class _Images(Dataset):
+    def __init__(self, source: Any, transform: Callable) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source.ids)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(self.source.load(index)), index, None
+        except UNREADABLE as error:
+            return None, index, f"{type(error).__name__}: {error}"
+
+
+def _collate(batch):
+    good = [(image, index) for image, index, _ in batch if image is not None]
+    bad = [(index, reason) for image, index, reason in batch if image is None]
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, [index for _, index in good], bad
+
+
+def extract_features(
+    model: nn.Module,
+    source: Any,
+    transform: Callable,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> CachedFeatures:
+    """Run the backbone once over every image of ``source`` (with a progress bar)."""
+    loader = DataLoader(
+        _Images(source, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    chunks, kept, skipped = [], [], []
+    model.eval()
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(source.ids), desc="features", unit="img", disable=None) as bar,
+    ):
+        for images, indices, bad in loader:
+            for index, reason in bad:
+                log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)
+                skipped.append(source.ids[index])
+            if images is not None:
+                chunks.append(pre_logits(model, images.to(device)).float().cpu())
+                kept.extend(indices)
+            bar.update(len(indices) + len(bad))
+    if not kept:
+        raise ValueError("no image could be read; check the data folder")
+    labels = torch.tensor([source.labels[i] for i in kept], dtype=torch.int64)
+    ids = tuple(source.ids[i] for i in kept)
+    return CachedFeatures(torch.cat(chunks), labels, ids, tuple(skipped))
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"features-{key[:20]}.safetensors"
+
+
+def save_features(path: Path, key: str, cached: CachedFeatures) -> None:
+    metadata = {
+        "format": FORMAT,
+        "key": key,
+        "ids": json.dumps(cached.ids),
+        "skipped": json.dumps(cached.skipped),
+    }
+    tensors = {"features": cached.features.contiguous(), "labels": cached.labels.contiguous()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def load_features(path: Path, key: str) -> CachedFeatures | None:
+    """The cached features if ``path`` holds a sound file for ``key``; otherwise None."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT or metadata.get("key") != key:
+                raise ValueError("it was written for other inputs")
+            features, labels = handle.get_tensor("features"), handle.get_tensor("labels")
+        ids, skipped = tuple(json.loads(metadata["ids"])), tuple(json.loads(metadata["skipped"]))
+        if features.ndim != 2 or labels.shape != (len(ids),) or features.shape[0] != len(ids):
+            raise ValueError("its tensors do not match its image list")
+        if not torch.isfinite(features).all():
+            raise ValueError("it holds non-finite values")
+    except Exception as error:  # safetensors, JSON and shape errors all mean: do not trust it
+        log.warning("feature cache %s is damaged (%s); recomputing", path, error)
+        return None
+    return CachedFeatures(features, labels, ids, skipped)
+
+
+def cached_features(
+    cache_dir: Path, key: str, compute: Callable[[], CachedFeatures]
+) -> tuple[CachedFeatures, bool]:
+    """Load the features for ``key`` from ``cache_dir``, or compute and store them.
+
+    Returns the features and whether they came from the cache.
+    """
+    path = cache_path(cache_dir, key)
+    cached = load_features(path, key)
+    if cached is not None:
+        return cached, True
+    cached = compute()
+    save_features(path, key, cached)
+    return cached, False

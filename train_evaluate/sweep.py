@@ -1,0 +1,267 @@
+"""Optuna per (method, rank), then the final model and the training-free baseline.
+
+For every rank of every compression method:
+
+1. init-only: the adapter as its init makes it, evaluated on val and test with no training
+   (the baseline every trained number is compared with);
+2. an Optuna study (TPE, median pruner, SQLite) over the original search space, trained on train
+   and scored on val: each trial's value is its best val accuracy over epochs 0..E;
+3. the final model: the best trial's hyper-parameters, retrained on train (best epoch on val),
+   then read on test once.
+
+Reproducible and resumable: each trial draws its sampler seed and its training seed from
+(seed, method, rank, index of the trial among the finished ones), so a study that was killed and
+resumed proposes and trains exactly what an uninterrupted one would. Trials left RUNNING by a
+killed run are marked FAIL and run again; only COMPLETE and PRUNED trials count as finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from torch import nn
+
+from compression import StorageCost, compress
+from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
+from train_evaluate.training import (
+    FeatureSplit,
+    TrainConfig,
+    derive_seed,
+    evaluate,
+    train_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+# TPE samples at random for its first trials; fixed (not a fraction of --trials) so that a study
+# extended with more trials repeats its first ones exactly. Optuna's default is 10, which with
+# the original 10 trials per rank would make the whole search random.
+SAMPLER_STARTUP_TRIALS = 5
+# Median pruning: compare only once 3 trials have finished and 2 epochs have trained.
+PRUNER = dict(n_startup_trials=3, n_warmup_steps=2)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The original study's search space (its optimizer, lr, batch and alpha choices)."""
+
+    optimizers: tuple[str, ...] = ("Adam", "SGD")
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    batch_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    alphas: tuple[int, ...] = (8, 16, 24, 32, 40, 48)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {
+            "optimizer": trial.suggest_categorical("optimizer", list(self.optimizers)),
+            "lr": trial.suggest_float("lr", *self.lr, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", list(self.batch_sizes)),
+            "lora_alpha": trial.suggest_categorical("lora_alpha", list(self.alphas)),
+        }
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What every rank of a run shares. epochs = 0: init-only, no search and no training."""
+
+    init: str = "svd_init"
+    trials: int = 10
+    epochs: int = 10
+    seed: int = 0
+    use_dora: bool = False
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: FeatureSplit
+    val: FeatureSplit
+    test: FeatureSplit
+
+    def with_base(self, layer: LoraLinear) -> Splits:
+        return Splits(*(s.with_base(layer) for s in (self.train, self.val, self.test)))
+
+
+@dataclass(eq=False)
+class Method:
+    """One compressor applied to the classifier; shared by all of its ranks and trials."""
+
+    name: str
+    config: Any
+    head: nn.Linear
+    context: InitContext
+    cost: StorageCost
+
+    @classmethod
+    def create(cls, name: str, config: Any, head: nn.Linear, features: torch.Tensor) -> Method:
+        weight = head.weight.detach()
+        compressed = compress(weight, config)
+        context = InitContext(weight, compressed.weight, config, features)
+        return cls(name, config, head, context, compressed.cost)
+
+    def layer(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:
+        config = LoraConfig(r=rank, lora_alpha=alpha, init=sweep.init, use_dora=sweep.use_dora)
+        generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
+        return make_lora_linear(self.head, config, self.context, generator)
+
+
+@dataclass
+class RankOutcome:
+    """What one rank produced: a JSON-able record, the final adapter, and its study."""
+
+    record: dict[str, Any]
+    adapter: dict[str, torch.Tensor] | None
+    study: optuna.Study | None
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def fail_interrupted(study: optuna.Study) -> None:
+    """Trials a killed run left RUNNING are marked FAIL (they will be run again)."""
+    storage = study._storage  # the public Study API cannot end another process's trial
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def run_study(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial, int], float],
+    trials: int,
+    seed_parts: tuple,
+    on_trial: Callable[[], None],
+) -> None:
+    """Run trials until ``trials`` of them have finished, each with its own derived seed."""
+    fail_interrupted(study)
+    for _ in range(len(finished(study))):
+        on_trial()
+    while (index := len(finished(study))) < trials:
+        study.sampler = optuna.samplers.TPESampler(
+            seed=derive_seed(*seed_parts, "sampler", index),
+            n_startup_trials=SAMPLER_STARTUP_TRIALS,
+        )
+        study.optimize(lambda trial, i=index: objective(trial, i), n_trials=1)
+        on_trial()
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "pruned": sum(
+            t.state == TrialState.PRUNED and "diverged_at_epoch" not in t.user_attrs for t in trials
+        ),
+        "diverged": sum("diverged_at_epoch" in t.user_attrs for t in trials),
+    }
+
+
+def run_rank(
+    method: Method,
+    rank: int,
+    splits: Splits,
+    sweep: SweepConfig,
+    storage: optuna.storages.BaseStorage | None,
+    study_name: str,
+    on_step: Callable[[], None] = lambda: None,
+) -> RankOutcome:
+    """Init-only baseline, Optuna study and final model for one (method, rank)."""
+    started = time.perf_counter()
+    seed_parts = (sweep.seed, method.name, rank)
+    # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
+    probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
+    data = splits.with_base(probe)
+    record: dict[str, Any] = {
+        "method": method.name,
+        "rank": rank,
+        "init": sweep.init,
+        "compression": method.config.describe(),
+        "seed": sweep.seed,
+        "init_only": {
+            "val_acc": evaluate(probe, data.val)["acc"],
+            "test_acc": evaluate(probe, data.test)["acc"],
+        },
+    }
+    if sweep.epochs == 0:
+        record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
+        record["seconds"] = time.perf_counter() - started
+        on_step()
+        return RankOutcome(record, probe.adapter_state(), None)
+
+    def objective(trial: optuna.Trial, index: int) -> float:
+        params = sweep.space.suggest(trial)
+        seed = derive_seed(*seed_parts, "trial", index)
+        trial.set_user_attr("seed", seed)
+        layer = method.layer(rank, params["lora_alpha"], sweep, seed)
+        config = TrainConfig(
+            sweep.epochs, params["optimizer"], params["lr"], params["batch_size"], seed
+        )
+
+        def report(epoch: int, val_acc: float) -> None:
+            trial.report(val_acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        result = train_adapter(layer, data.train, data.val, config, report)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if result.diverged_at is not None:
+            trial.set_user_attr("diverged_at_epoch", result.diverged_at)
+            raise optuna.TrialPruned(f"loss diverged in epoch {result.diverged_at}")
+        return result.best_val_acc
+
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(**PRUNER),
+    )
+    run_study(study, objective, sweep.trials, seed_parts, on_step)
+    record["trials"] = trial_counts(study)
+    record["study"] = study_name
+    if record["trials"]["complete"] == 0:
+        log.warning(
+            "%s r=%d: no trial completed (all pruned or diverged); no final model",
+            method.name,
+            rank,
+        )
+        record.update(status="no_complete_trial", test_acc=None, finals=[])
+        record["seconds"] = time.perf_counter() - started
+        on_step()
+        return RankOutcome(record, None, study)
+
+    best = study.best_trial
+    params = best.params
+    seed = derive_seed(*seed_parts, "final", 0)
+    layer = method.layer(rank, params["lora_alpha"], sweep, seed)
+    assert torch.equal(layer.base_layer.weight, probe.base_layer.weight)
+    config = TrainConfig(
+        sweep.epochs, params["optimizer"], params["lr"], params["batch_size"], seed
+    )
+    result = train_adapter(layer, data.train, data.val, config)
+    final = {
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "diverged_at": result.diverged_at,
+        # the test split is read here, once, for the model that the val split selected
+        "test_acc": evaluate(layer, data.test)["acc"],
+        "history": result.history,
+    }
+    on_step()
+    record.update(
+        status="ok",
+        best_params=params,
+        best_trial={"number": best.number, "val_acc": best.value},
+        finals=[final],
+        test_acc=final["test_acc"],
+        train_config=asdict(config),
+    )
+    record["seconds"] = time.perf_counter() - started
+    return RankOutcome(record, result.best_state, study)

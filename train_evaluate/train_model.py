@@ -1,0 +1,590 @@
+"""Compress a pretrained classifier's final layer, recover it with LoRA, sweep ranks with Optuna.
+
+    python train_evaluate/train_model.py --init svd_init
+
+With an ImageNet folder (one subfolder per synset, default ../archive/imagenet_validation) this
+runs the study on a timm model (default resnet18.tv_in1k). Without one it runs the offline demo
+on scikit-learn's digits. See README.md for every option and output.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+import timm
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from compression import (
+    StorageCost,
+    account_layer,
+    build_configs,
+    list_methods,
+    model_ratio,
+    parse_block,
+)
+from compression.binary import INT1_SCALES
+from compression.sparse import KEEP_RULES
+from data import (
+    DataError,
+    SplitFractions,
+    load_digits_source,
+    scan_imagenet_folder,
+    split_indices,
+    split_lists,
+)
+from lora import LORA_INITS
+from train_evaluate import report
+from train_evaluate.backbone import (
+    BackboneError,
+    check_model_name,
+    classifier,
+    classifier_shape,
+    create_backbone,
+    eval_transform,
+    tensor_bits,
+    weights_id,
+)
+from train_evaluate.demo import DEMO_MODEL, demo_weights
+from train_evaluate.features import FORMAT, cached_features, extract_features, feature_key
+from train_evaluate.files import check_writable, read_json, write_json, write_text
+from train_evaluate.sweep import Method, SearchSpace, Splits, SweepConfig, run_rank
+from train_evaluate.training import FeatureSplit, evaluate
+
+log = logging.getLogger("train_model")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "archive" / "imagenet_validation"
+DEFAULT_RESULTS = REPO / "results"
+DEFAULT_MODEL = "resnet18.tv_in1k"
+DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as one line, exit code 2, before any work."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="train_model.py",
+        description="Compress the classifier's last layer, recover it with a LoRA adapter per "
+        "rank (Optuna-tuned), and report accuracy against honest compression ratios.",
+    )
+    study = parser.add_argument_group("study")
+    study.add_argument(
+        "--init",
+        default="paper_init",
+        help=f"adapter init: {', '.join(LORA_INITS)} (default: paper_init)",
+    )
+    study.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sparse", "int1"],
+        help=f"compression methods: {', '.join(list_methods())} (default: sparse int1)",
+    )
+    study.add_argument(
+        "--ranks",
+        nargs="+",
+        type=int,
+        help="LoRA ranks (default: 2 4 8 16 32 64 128, keeping those that fit the layer)",
+    )
+    study.add_argument("--trials", type=int, default=10, help="Optuna trials per rank")
+    study.add_argument(
+        "--epochs", type=int, default=10, help="epochs per training run; 0 = init only, no search"
+    )
+    study.add_argument("--seed", type=int, default=0, help="seed of the split, search, training")
+    study.add_argument(
+        "--split",
+        nargs=3,
+        type=float,
+        default=(0.64, 0.16, 0.20),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split fractions (default: 0.64 0.16 0.20)",
+    )
+    study.add_argument(
+        "--lr-range",
+        nargs=2,
+        type=float,
+        default=(1e-4, 1e-2),
+        metavar=("LOW", "HIGH"),
+        help="learning-rate search range, log-uniform",
+    )
+    study.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[32, 64, 128, 256, 512], help="batch sizes"
+    )
+    study.add_argument(
+        "--alphas", nargs="+", type=int, default=[8, 16, 24, 32, 40, 48], help="LoRA alphas"
+    )
+
+    compress_group = parser.add_argument_group("compression")
+    compress_group.add_argument(
+        "--preset",
+        default="default",
+        help="default (4x4 absmax, int1 row scale) or seed-compat (the original code's choices)",
+    )
+    compress_group.add_argument("--block", help="sparse block shape HxW, e.g. 4x4 or 1x16")
+    compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_RULES)}")
+    compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALES)}")
+    compress_group.add_argument(
+        "--include-bias",
+        action="store_true",
+        help="count the (uncompressed) bias on both sides of the ratios",
+    )
+
+    data = parser.add_argument_group("data and model")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"ImageNet folder, one subfolder per synset (default: {DEFAULT_DATA})",
+    )
+    data.add_argument(
+        "--demo", action="store_true", help="run the offline digits demo even if ImageNet exists"
+    )
+    data.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL})")
+    data.add_argument("--weights", type=Path, help="local weights file (state dict) for --model")
+    data.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    data.add_argument("--feature-batch-size", type=int, default=64, help="images per forward pass")
+    data.add_argument("--workers", type=int, default=None, help="image decoding processes")
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="where runs and the feature cache go (default: results/ in the repository)",
+    )
+    output.add_argument(
+        "--out", type=Path, help="this run's folder (default: <results-dir>/<init>)"
+    )
+    output.add_argument(
+        "--cache-dir", type=Path, help="feature cache (default: <results-dir>/cache)"
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Validated arguments: everything the run needs, checked before any work starts."""
+
+    args: argparse.Namespace
+    demo: bool
+    source: Any
+    model: str
+    weights: Path | None
+    ranks: tuple[int, ...]
+    fc_shape: tuple[int, int]
+    compressions: dict[str, Any]
+    sweep: SweepConfig
+    fractions: SplitFractions
+    device: torch.device
+    out: Path
+    cache_dir: Path
+
+
+def unique(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Check every argument and the data; raise UsageError with a one-line reason."""
+    try:
+        init_known = args.init in LORA_INITS
+        if not init_known:
+            raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
+        block = parse_block(args.block) if args.block else None
+        compressions = build_configs(
+            unique(args.methods), args.preset, block=block, keep=args.keep, scale=args.int1_scale
+        )
+        fractions = SplitFractions(*args.split)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if args.trials < 1:
+        raise UsageError(f"--trials must be at least 1; got {args.trials}")
+    if args.epochs < 0:
+        raise UsageError(f"--epochs must be 0 (init only) or more; got {args.epochs}")
+    low, high = args.lr_range
+    if not 0 < low <= high:
+        raise UsageError(f"--lr-range needs 0 < LOW <= HIGH; got {low:g} {high:g}")
+    if min(args.batch_sizes) < 1 or min(args.alphas) < 1:
+        raise UsageError("--batch-sizes and --alphas must be positive integers")
+    if args.feature_batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise UsageError("--feature-batch-size must be >= 1 and --workers >= 0")
+    if args.ranks is not None and min(args.ranks) < 1:
+        raise UsageError(f"--ranks must be at least 1; got {min(args.ranks)}")
+    device = resolve_device(args.device)
+
+    out = args.out or args.results_dir / args.init
+    cache_dir = args.cache_dir or args.results_dir / "cache"
+    for folder, flag in ((out, "--out"), (cache_dir, "--cache-dir")):
+        problem = check_writable(folder)
+        if problem:
+            raise UsageError(f"cannot write {flag} {folder}: {problem}")
+
+    demo, source, model, weights = resolve_data_and_model(args)
+    try:
+        fractions.sizes(len(source.ids))  # unreadable images can only make it smaller later
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    out_features, in_features = classifier_shape(model)
+    limit = min(out_features, in_features)
+    if args.ranks is None:
+        ranks = tuple(r for r in DEFAULT_RANKS if r <= limit)
+        if not ranks:
+            raise UsageError(f"no default rank fits the {out_features} x {in_features} classifier")
+    else:
+        ranks = tuple(sorted(unique(args.ranks)))
+        if max(ranks) > limit:
+            raise UsageError(
+                f"rank {max(ranks)} does not fit the {out_features} x {in_features} classifier of "
+                f"{model}: ranks must be between 1 and {limit}"
+            )
+    sweep = SweepConfig(
+        init=args.init,
+        trials=args.trials,
+        epochs=args.epochs,
+        seed=args.seed,
+        space=SearchSpace(
+            lr=(low, high),
+            batch_sizes=tuple(unique(args.batch_sizes)),
+            alphas=tuple(unique(args.alphas)),
+        ),
+    )
+    return Plan(
+        args,
+        demo,
+        source,
+        model,
+        weights,
+        ranks,
+        (out_features, in_features),
+        compressions,
+        sweep,
+        fractions,
+        device,
+        out,
+        cache_dir,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_data_and_model(args: argparse.Namespace):
+    """(demo?, image source, model name, weights file) for these arguments."""
+    data_dir = args.data_dir or DEFAULT_DATA
+    demo = args.demo or (args.data_dir is None and not DEFAULT_DATA.exists())
+    if demo:
+        if args.model or args.weights:
+            raise UsageError(
+                f"--model/--weights need ImageNet images: pass --data-dir (none at {DEFAULT_DATA})"
+            )
+        return True, load_digits_source(), DEMO_MODEL, None
+    if not data_dir.exists():
+        raise UsageError(
+            f"data folder {data_dir} does not exist; run without --data-dir for the offline demo, "
+            "or point --data-dir at an ImageNet folder (one subfolder per synset)"
+        )
+    model = args.model or DEFAULT_MODEL
+    try:
+        check_model_name(model)
+        source = scan_imagenet_folder(data_dir)
+    except (DataError, BackboneError) as error:
+        raise UsageError(str(error)) from error
+    if args.weights is not None and not args.weights.is_file():
+        raise UsageError(f"weights file {args.weights} does not exist")
+    return False, source, model, args.weights
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    for noisy in ("timm", "optuna", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def announce(plan: Plan) -> None:
+    if plan.demo:
+        log.info(
+            "DEMO RUN: no ImageNet folder at %s, so this is the offline demo on scikit-learn's "
+            "digits with a small ViT trained here. For the real study, put the ImageNet "
+            "validation folders (one per synset) there or pass --data-dir.",
+            DEFAULT_DATA,
+        )
+    log.info("data: %s", plan.source.description)
+    log.info(
+        "model: %s (classifier %d x %d), device %s",
+        plan.model,
+        *plan.fc_shape,
+        plan.device,
+    )
+    if plan.args.ranks is None and len(plan.ranks) < len(DEFAULT_RANKS):
+        skipped = [r for r in DEFAULT_RANKS if r not in plan.ranks]
+        log.info("ranks %s do not fit this classifier; running %s", skipped, list(plan.ranks))
+    log.info(
+        "study: init %s, methods %s, ranks %s, %d trials x %d epochs, seed %d -> %s",
+        plan.sweep.init,
+        ", ".join(c.describe() for c in plan.compressions.values()),
+        list(plan.ranks),
+        plan.sweep.trials,
+        plan.sweep.epochs,
+        plan.sweep.seed,
+        plan.out,
+    )
+
+
+def load_features(plan: Plan):
+    """Backbone -> cached features (one pass per image, reused across runs) and the split."""
+    args = plan.args
+    weights = plan.weights
+    if plan.demo:
+        # The demo classifier trains on the train split, so the split is drawn first; it is the
+        # same split that is drawn below from the (identical) list of readable digits.
+        split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
+        weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
+    try:
+        model = create_backbone(plan.model, weights, plan.device)
+    except BackboneError as error:
+        raise UsageError(str(error)) from error
+    transform = eval_transform(model)
+    key = feature_key(
+        format=FORMAT,
+        model=plan.model,
+        weights=weights_id(plan.model, weights),
+        data=plan.source.fingerprint,
+        transform=repr(transform),
+    )
+    workers = 0 if plan.demo else (args.workers if args.workers is not None else 2)
+    started = time.perf_counter()
+    cached, reused = cached_features(
+        plan.cache_dir,
+        key,
+        lambda: extract_features(
+            model, plan.source, transform, plan.device, args.feature_batch_size, workers
+        ),
+    )
+    if reused:
+        log.info(
+            "features: reusing the feature cache (%d images) in %s", len(cached.ids), plan.cache_dir
+        )
+    else:
+        log.info(
+            "features: computed for %d images in %.1f s, cached in %s",
+            len(cached.ids),
+            time.perf_counter() - started,
+            plan.cache_dir,
+        )
+    if cached.skipped:
+        log.warning("%d unreadable images were skipped (listed in run.json)", len(cached.skipped))
+    try:
+        split = split_indices(len(cached.ids), plan.fractions, plan.sweep.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return model, weights, key, cached, reused, split
+
+
+def dense_cost(out_features: int, in_features: int) -> StorageCost:
+    """The uncompressed fp32 layer, in the same terms as a compressor's cost."""
+    weights = out_features * in_features
+    return StorageCost(value_bits=weights * 32, index_bits=0, scale_bits=0, macs=weights)
+
+
+def split_tensors(cached, split, device: torch.device) -> Splits:
+    features, labels = cached.features.to(device), cached.labels.to(device)
+    return Splits(
+        *(FeatureSplit(features[split[n]], labels[split[n]]) for n in ("train", "val", "test"))
+    )
+
+
+def run(plan: Plan) -> None:
+    announce(plan)
+    args = plan.args
+    started = time.perf_counter()
+    model, weights, key, cached, reused, split = load_features(plan)
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in split_lists(cached.ids, split).items():
+        write_text(out / "split" / f"{name}.txt", text)
+    splits = split_tensors(cached, split, plan.device)
+    head = classifier(model)
+    original_acc = evaluate(head, splits.test)["acc"]
+    log.info(
+        "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
+    )
+    backbone_bits = tensor_bits(model) - tensor_bits(head)
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.sqlite3').resolve()}")
+    steps_per_rank = plan.sweep.trials + 1 if plan.sweep.epochs > 0 else 1
+    total = len(plan.compressions) * len(plan.ranks) * steps_per_rank
+    rows: list[dict[str, Any]] = []
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=total, desc="sweep", unit="run", disable=None) as bar,
+    ):
+        for name, compression in plan.compressions.items():
+            method = Method.create(name, compression, head, splits.train.features)
+            compressed_only = nn.Linear(head.in_features, head.out_features).to(plan.device)
+            with torch.no_grad():
+                compressed_only.weight.copy_(method.context.base_weight)
+                compressed_only.bias.copy_(head.bias)
+            compressed_acc = evaluate(compressed_only, splits.test)["acc"]
+            log.info(
+                "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed_acc
+            )
+            common = {
+                "quant": name,
+                "init": plan.sweep.init,
+                "seed": plan.sweep.seed,
+                "compression": compression.describe(),
+                "status": "ok",
+            }
+            for lora_rank, cost, acc in (
+                ("original", dense_cost(*plan.fc_shape), original_acc),
+                ("quantized", method.cost, compressed_acc),
+            ):
+                layer = account_layer(*plan.fc_shape, cost, 0, include_bias=args.include_bias)
+                rows.append(
+                    {
+                        **common,
+                        "lora_rank": lora_rank,
+                        "evaluation": acc,
+                        "drop": original_acc - acc,
+                        **report.accounting_columns(layer, model_ratio(backbone_bits, layer)),
+                    }
+                )
+            for rank in plan.ranks:
+                record = run_or_resume(plan, method, rank, splits, storage, key, bar)
+                accounting = account_layer(
+                    *plan.fc_shape,
+                    method.cost,
+                    rank,
+                    extra_adapter_params=plan.fc_shape[0] if plan.sweep.use_dora else 0,
+                    include_bias=args.include_bias,
+                )
+                rows.append(
+                    {
+                        **report.rank_row(record, original_acc),
+                        **report.accounting_columns(
+                            accounting, model_ratio(backbone_bits, accounting)
+                        ),
+                    }
+                )
+    frame = report.evaluation_frame(rows)
+    csv_path = report.write_evaluation(out, frame)
+    title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
+    report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
+    write_json(
+        out / "run.json",
+        {
+            "demo": plan.demo,
+            "data": plan.source.description,
+            "model": plan.model,
+            "weights": str(weights) if weights else "hub",
+            "feature_key": key,
+            "features_from_cache": reused,
+            "images": len(cached.ids),
+            "skipped_images": list(cached.skipped),
+            "split_sizes": {n: len(split[n]) for n in split},
+            "compressions": {n: c.describe() for n, c in plan.compressions.items()},
+            "sweep": asdict(plan.sweep),
+            "device": str(plan.device),
+            "versions": {
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "optuna": optuna.__version__,
+            },
+            "seconds": time.perf_counter() - started,
+        },
+    )
+    log.info(
+        "\n%s",
+        frame[["quant", "lora_rank", "evaluation", "init_only", "ratio", "ratio_seed"]].to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"
+        ),
+    )
+    log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
+    if plan.demo:
+        log.info("(these are demo numbers on digits, not ImageNet; see README for the real study)")
+
+
+def run_or_resume(plan, method, rank, splits, storage, features_key, bar) -> dict[str, Any]:
+    """A rank's record: reused when a finished one with the same key exists, else computed."""
+    identity = {
+        "features": features_key,
+        "split": [asdict(plan.fractions), plan.sweep.seed],
+        "compression": method.config.describe(),
+        "init": plan.sweep.init,
+        "epochs": plan.sweep.epochs,
+        "seed": plan.sweep.seed,
+        "space": asdict(plan.sweep.space),
+        "dora": plan.sweep.use_dora,
+    }
+    study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
+    key = feature_key(rank=rank, trials=plan.sweep.trials, study=study_name)
+    path = plan.out / "records" / f"{method.name}_r{rank}.json"
+    record = read_json(path)
+    if record is not None and record.get("key") == key:
+        log.info("%s r=%d: finished in an earlier run; reusing its results", method.name, rank)
+        bar.update(plan.sweep.trials + 1 if plan.sweep.epochs > 0 else 1)
+        return record
+    outcome = run_rank(method, rank, splits, plan.sweep, storage, study_name, lambda: bar.update())
+    record = {**outcome.record, "key": key}
+    meta = {"model": plan.model, "feature_key": features_key, "weights": str(plan.weights or "")}
+    report.write_rank_artifacts(plan.out, record, outcome.adapter, outcome.study, meta)
+    write_json(path, record)  # last: a record on disk means the rank's files are complete
+    summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"
+    log.info(
+        "%s r=%d: %s (init only %.2f%%) in %.1f s",
+        method.name,
+        rank,
+        summary,
+        record["init_only"]["test_acc"],
+        record["seconds"],
+    )
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    try:
+        args = build_parser().parse_args(argv)
+        plan = plan_run(args)
+        run(plan)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished trials and ranks are saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

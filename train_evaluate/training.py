@@ -1,0 +1,189 @@
+"""The one training loop, shared by Optuna trials and final models.
+
+It trains only the adapter of a ``LoraLinear`` on cached features. The base (W_c, b) and the
+features are frozen, so the base logits x @ W_c.T + b of every row are computed once
+(``FeatureSplit.with_base``) and each step costs only the adapter: r * (in + out) multiply-adds
+per row instead of in * out.
+
+Every run evaluates the adapter before its first step (epoch 0) and after every epoch, on
+train and val; the best epoch is the one with the highest val accuracy, earliest on ties, and
+epoch 0 competes: training that only hurts ends where it started. The layer is left holding
+the best epoch's adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import LoraLinear
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "Adam": torch.optim.Adam,
+    "SGD": torch.optim.SGD,
+}
+EVAL_CHUNK = 8192  # rows per evaluation step: bounds memory at 8192 x classes logits
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed in [0, 2**31) from a base seed and names (method, rank, trial...), stable across
+    runs and Python processes (unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
+    return int(digest[:8], 16) % 2**31
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    """Rows of cached features for one split.
+
+    features: N x in; labels: N; base_logits: the frozen base layer's output for these rows
+    (N x out), set by ``with_base``; teacher_logits: the uncompressed layer's output.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    base_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def rows(self, index: torch.Tensor) -> FeatureSplit:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return FeatureSplit(
+            self.features[index],
+            self.labels[index],
+            pick(self.base_logits),
+            pick(self.teacher_logits),
+        )
+
+    def with_base(self, layer: LoraLinear) -> FeatureSplit:
+        """This split with ``layer.base_layer``'s logits precomputed (not for DoRA, whose
+        forward does not separate base and adapter)."""
+        if layer.use_dora:
+            return replace(self, base_logits=None)
+        return replace(self, base_logits=linear_logits(layer.base_layer, self.features))
+
+
+@torch.inference_mode()
+def linear_logits(linear: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([linear(chunk) for chunk in features.split(EVAL_CHUNK)])
+
+
+def forward(head: nn.Module, split: FeatureSplit) -> torch.Tensor:
+    if split.base_logits is None:
+        return head(split.features)
+    return head(split.features, base_out=split.base_logits)
+
+
+@torch.inference_mode()
+def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy (%) of ``head`` on a split."""
+    loss = torch.zeros((), device=split.features.device, dtype=torch.float64)
+    correct = torch.zeros((), device=split.features.device, dtype=torch.int64)
+    for start in range(0, len(split), EVAL_CHUNK):
+        part = split.rows(slice(start, start + EVAL_CHUNK))
+        logits = forward(head, part)
+        loss += F.cross_entropy(logits, part.labels, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == part.labels).sum()
+    return {"loss": loss.item() / len(split), "acc": 100.0 * correct.item() / len(split)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (the Optuna search space is over these)."""
+
+    epochs: int = 10
+    optimizer: str = "Adam"
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """history[k][e] is metric k after epoch e (e = 0: the init, before any step)."""
+
+    history: dict[str, list[float]]
+    best_epoch: int
+    best_val_acc: float
+    best_state: dict[str, torch.Tensor] = field(repr=False)
+    diverged_at: int | None = None
+
+
+EpochCallback = Callable[[int, float], None]
+
+
+def train_adapter(
+    layer: LoraLinear,
+    train: FeatureSplit,
+    val: FeatureSplit,
+    config: TrainConfig,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train ``layer``'s adapter; see the module doc for epoch 0 and best-epoch selection.
+
+    ``on_epoch(epoch, val_acc)`` is called after every evaluation, epoch 0 included (Optuna
+    reports and prunes there; raising stops the run). A run whose loss turns NaN or infinite
+    stops at the end of that epoch and records it in ``diverged_at``.
+    """
+    params = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[config.optimizer](params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: dict[str, list[float]] = {
+        "train_loss": [],
+        "train_acc": [],
+        "val_loss": [],
+        "val_acc": [],
+    }
+
+    def measure() -> float:
+        for name, split in (("train", train), ("val", val)):
+            metrics = evaluate(layer, split)
+            history[f"{name}_loss"].append(metrics["loss"])
+            history[f"{name}_acc"].append(metrics["acc"])
+        return history["val_acc"][-1]
+
+    best_epoch, best_acc, best_state = 0, measure(), layer.adapter_state()
+    if on_epoch is not None:
+        on_epoch(0, best_acc)
+    diverged_at = None
+    for epoch in range(1, config.epochs + 1):
+        layer.train()
+        order = torch.randperm(len(train), generator=generator).to(train.features.device)
+        total = torch.zeros((), device=train.features.device)
+        for index in order.split(config.batch_size):
+            batch = train.rows(index)
+            loss = F.cross_entropy(forward(layer, batch), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        # One check per epoch, not per step: a per-step check would synchronise a GPU each step.
+        # History keeps only the epochs that ended with finite losses.
+        val_acc = measure() if torch.isfinite(total) else math.nan
+        if math.isnan(val_acc) or not math.isfinite(history["val_loss"][-1]):
+            if not math.isnan(val_acc):
+                for values in history.values():
+                    values.pop()
+            diverged_at = epoch
+            break
+        if val_acc > best_acc:
+            best_epoch, best_acc, best_state = epoch, val_acc, layer.adapter_state()
+        if on_epoch is not None:
+            on_epoch(epoch, val_acc)
+    layer.load_adapter_state(best_state)
+    layer.eval()
+    return TrainResult(history, best_epoch, best_acc, best_state, diverged_at)
