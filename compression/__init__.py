@@ -5,9 +5,15 @@
 >>> account_layer(*weight.shape, result.cost, rank=8).ratio
 """
 
-from compression import binary, sparse  # noqa: F401  (importing registers the compressors)
+from compression import (  # noqa: F401  (importing registers the compressors)
+    binary,
+    integer,
+    semistructured,
+    sparse,
+)
 from compression.accounting import LayerAccounting, account_layer, adapter_params, model_ratio
 from compression.binary import Int1Config
+from compression.integer import IntNConfig
 from compression.presets import PRESETS, build_configs
 from compression.registry import (
     CompressedWeight,
@@ -18,13 +24,16 @@ from compression.registry import (
     register_compressor,
     register_method,
 )
+from compression.semistructured import NMConfig, parse_nm
 from compression.sparse import SparseConfig, parse_block
 
 __all__ = [
     "PRESETS",
     "CompressedWeight",
     "Int1Config",
+    "IntNConfig",
     "LayerAccounting",
+    "NMConfig",
     "SparseConfig",
     "StorageCost",
     "account_layer",
@@ -35,6 +44,7 @@ __all__ = [
     "make_config",
     "model_ratio",
     "parse_block",
+    "parse_nm",
     "register_compressor",
     "register_method",
 ]

@@ -47,7 +47,7 @@ def make_lora_linear(
         if linear.bias is not None:
             base.bias.copy_(linear.bias)
     layer = LoraLinear(base, config.r, config.lora_alpha, use_dora=config.use_dora)
-    get_init(config.init)(layer, context, generator)
+    get_init(config.init)(layer, context, config, generator)
     if layer.use_dora:
         # m = ||W_c + s * B @ A|| per row: at init DoRA computes exactly what plain LoRA does.
         with torch.no_grad():

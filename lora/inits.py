@@ -11,22 +11,37 @@ tests check:
 - ``svd_init``: W_c + scaling * B @ A is the best rank-r approximation of W around W_c, i.e.
   scaling * B @ A is the rank-r truncated SVD of the residual R = W - W_c, for every alpha: the
   singular values are divided by the scaling before being split evenly between B and A.
+- ``loftq_init``: the idea of LoftQ (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware
+  Quantization"), for any compressor C: alternate W_c = C(W - L) and L = rank-r SVD of W - W_c,
+  starting from svd_init, and keep the iterate with the smallest ||W - W_c - L||_F. The base is
+  refitted (same compressor, same storage). When C is an exact L2 projection (sparse absmax,
+  N:M, int1) each step can only lower the error.
+- ``act_svd_init``: minimises the error on the layer's inputs, ||X (R - L)^T||_F, instead of
+  ||R - L||_F (activation-aware low-rank compensation, as in EoRA, Liu et al. 2024, and QERA,
+  Zhang et al. 2024): whiten R by C^(1/2), where C = X^T X / N is the second moment of the
+  training features, truncate its SVD, un-whiten. C's eigenvalues are raised by
+  ``RIDGE`` x their mean before the square roots, so the solution minimises
+  ||X M^T||^2 + ridge * N * ||M||^2 (M = R - L); it never has a larger input error than svd_init.
+- ``act_loftq_init``: LoftQ's alternation with the activation-aware low-rank step, starting from
+  act_svd_init, keeping the iterate with the smallest input error.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
+from compression import compress
 from lora.layer import LoraLinear
 
-InitFn = Callable[[LoraLinear, "InitContext", "torch.Generator | None"], None]
+InitFn = Callable[[LoraLinear, "InitContext", Any, "torch.Generator | None"], None]
+RIDGE = 1e-4  # act-aware inits: eigenvalue floor, relative to the mean eigenvalue
 
 LORA_INITS: dict[str, InitFn] = {}
 
@@ -60,6 +75,8 @@ class InitContext:
     compression: Any = None
     features: torch.Tensor | None = None
 
+    cache: dict = field(default_factory=dict, repr=False)
+
     @cached_property
     def residual_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """U, S, Vh of R = W - W_c, computed in float64 so that a full-rank reconstruction is
@@ -67,8 +84,71 @@ class InitContext:
         residual = self.weight.double() - self.base_weight.double()
         return torch.linalg.svd(residual, full_matrices=False)
 
+    @cached_property
+    def whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged."""
+        if self.features is None:
+            raise ValueError("activation-aware inits need the layer's training inputs (features)")
+        x = self.features.double()
+        moment = x.T @ x / x.shape[0]
+        eigenvalues, vectors = torch.linalg.eigh(moment)
+        eigenvalues = eigenvalues.clamp_min(0) + RIDGE * eigenvalues.clamp_min(0).mean()
+        root = eigenvalues.sqrt()
+        return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
-def set_factors(layer: LoraLinear, left: torch.Tensor, singular: torch.Tensor, right: torch.Tensor):
+
+@dataclass
+class LowRankFit:
+    """scaling * B @ A = left @ diag(singular) @ right, and the error it leaves (in the norm the
+    init minimises)."""
+
+    left: torch.Tensor
+    singular: torch.Tensor
+    right: torch.Tensor
+    error: float
+
+
+def fit_low_rank(residual: torch.Tensor, rank: int, whitening=None) -> LowRankFit:
+    """Best rank-r L for R (float64): in Frobenius norm, or in ||(R - L) C^(1/2)||_F when the
+    whitening pair (C^(1/2), C^(-1/2)) is given."""
+    target = residual if whitening is None else residual @ whitening[0]
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    right = vh[:rank] if whitening is None else vh[:rank] @ whitening[1]
+    error = torch.sqrt((s[rank:] ** 2).sum()).item()
+    return LowRankFit(u[:, :rank], s[:rank], right, error)
+
+
+@dataclass
+class Alternation:
+    """What ``alternate`` found: the best iterate and the error after each iterate."""
+
+    base: torch.Tensor
+    fit: LowRankFit
+    errors: list[float]
+
+
+def alternate(
+    weight: torch.Tensor, compression: Any, rank: int, iterations: int, whitening=None
+) -> Alternation:
+    """LoftQ's alternation: W_c = C(W - L), L = best rank-r fit of W - W_c, ``iterations``
+    times from W_c = C(W). Returns the iterate with the smallest error (the first is svd_init,
+    or act_svd_init with ``whitening``)."""
+    target = weight.double()
+    base = compress(weight, compression).weight
+    best, errors = None, []
+    for _ in range(iterations):
+        fit = fit_low_rank(target - base.double(), rank, whitening)
+        errors.append(fit.error)
+        if best is None or fit.error < best.fit.error:
+            best = Alternation(base, fit, errors)
+        low_rank = (fit.left * fit.singular) @ fit.right
+        base = compress((target - low_rank).to(weight.dtype), compression).weight
+    return best
+
+
+def set_factors(
+    layer: LoraLinear, left: torch.Tensor, singular: torch.Tensor, right: torch.Tensor
+) -> None:
     """Set B, A so that scaling * B @ A = left @ diag(singular) @ right.
 
     left: out x r, singular: r, right: r x in. The singular values are divided by the scaling
@@ -81,14 +161,46 @@ def set_factors(layer: LoraLinear, left: torch.Tensor, singular: torch.Tensor, r
 
 
 @register_init("paper_init")
-def paper_init(layer: LoraLinear, ctx: InitContext, generator: torch.Generator | None) -> None:
+def paper_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
     with torch.no_grad():
         nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(layer.lora_B)
 
 
 @register_init("svd_init")
-def svd_init(layer: LoraLinear, ctx: InitContext, generator: torch.Generator | None) -> None:
+def svd_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
     u, s, vh = ctx.residual_svd
     r = layer.r
     set_factors(layer, u[:, :r], s[:r], vh[:r])
+
+
+@register_init("act_svd_init")
+def act_svd_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+    residual = ctx.weight.double() - ctx.base_weight.double()
+    fit = fit_low_rank(residual, layer.r, ctx.whitening)
+    set_factors(layer, fit.left, fit.singular, fit.right)
+
+
+def _set_alternation(layer: LoraLinear, result: Alternation) -> None:
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(result.base)
+    set_factors(layer, result.fit.left, result.fit.singular, result.fit.right)
+
+
+@register_init("loftq_init")
+def loftq_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+    # alpha-independent, so one alternation serves every trial of a rank
+    key = ("loftq", layer.r, config.loftq_iters)
+    if key not in ctx.cache:
+        ctx.cache[key] = alternate(ctx.weight, ctx.compression, layer.r, config.loftq_iters)
+    _set_alternation(layer, ctx.cache[key])
+
+
+@register_init("act_loftq_init")
+def act_loftq_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+    key = ("act_loftq", layer.r, config.loftq_iters)
+    if key not in ctx.cache:
+        ctx.cache[key] = alternate(
+            ctx.weight, ctx.compression, layer.r, config.loftq_iters, ctx.whitening
+        )
+    _set_alternation(layer, ctx.cache[key])

@@ -27,9 +27,9 @@ def dense_layer(out_features=40, in_features=24, seed=0):
     return layer
 
 
-def build(linear, compression, **lora):
+def build(linear, compression, features=None, **lora):
     config = LoraConfig(**lora)
-    context = make_init_context(linear, compression)
+    context = make_init_context(linear, compression, features)
     return make_lora_linear(linear, config, context, torch.Generator().manual_seed(1))
 
 
@@ -158,6 +158,7 @@ def test_bad_lora_input_raises_value_error(call, fragment):
 
 def test_every_registered_init_builds_a_layer():
     linear = dense_layer()
+    features = torch.randn(100, 24)
     for name in LORA_INITS:
-        layer = build(linear, SparseConfig(), r=3, init=name)
+        layer = build(linear, SparseConfig(), features, r=3, init=name)
         assert torch.isfinite(layer.merged_weight()).all()

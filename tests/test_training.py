@@ -98,3 +98,31 @@ def test_on_epoch_sees_every_evaluation_from_epoch_zero():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="valid: Adam, SGD"):
         TrainConfig(optimizer="Lion")
+
+
+def with_teacher(head, split, hide_labels=False):
+    teacher = head(split.features).detach()
+    return FeatureSplit(split.features, None if hide_labels else split.labels, None, teacher)
+
+
+def test_kd_trains_without_labels_and_raises_agreement_with_the_teacher():
+    head, train, val = problem(seed=6)
+    unlabelled = with_teacher(head, train, hide_labels=True)  # any read of a label would fail
+    val = with_teacher(head, val)
+    layer = adapter(head)
+    before = evaluate(layer, val)["agree"]
+    config = TrainConfig(epochs=6, lr=1e-2, batch_size=64, objective="kd", kd_temperature=2.0)
+    result = train_adapter(layer, unlabelled, val, config)
+    assert evaluate(layer, val)["agree"] > before + 10
+    assert result.best_val_acc > result.history["val_acc"][0]
+    assert all(v != v for v in result.history["train_acc"])  # NaN: no train labels to score
+
+
+def test_ce_plus_kd_mixes_both_losses():
+    head, train, _ = problem(seed=7)
+    train = with_teacher(head, train)
+    logits = torch.randn(len(train), 12)
+    for weight in (0.0, 1.0):
+        config = TrainConfig(objective="ce+kd", kd_weight=weight)
+        alone = TrainConfig(objective="ce" if weight == 0 else "kd")
+        torch.testing.assert_close(config.loss(logits, train), alone.loss(logits, train))

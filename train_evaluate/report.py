@@ -8,14 +8,17 @@ Every file is written atomically (temp file + rename).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from scipy import stats
 
 from compression import LayerAccounting
 from train_evaluate.files import atomic_path, write_text
@@ -30,6 +33,10 @@ COLUMNS = [
     "init",
     "init_only",
     "drop",
+    "final_seeds",
+    "evaluation_std",
+    "ci95_low",
+    "ci95_high",
     "ratio",
     "ratio_seed",
     "ratio_model",
@@ -37,6 +44,7 @@ COLUMNS = [
     "bits",
     "best_val_acc",
     "best_epoch",
+    "best_epochs",
     "optimizer",
     "lr",
     "batch_size",
@@ -46,6 +54,8 @@ COLUMNS = [
     "trials_pruned",
     "trials_diverged",
     "compression",
+    "objective",
+    "dora",
     "bias_counted",
     "seed",
     "seconds",
@@ -67,14 +77,35 @@ def save_figure(figure: Figure, target: Path) -> None:
         figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_epochs(history: dict[str, list[float]], best_epoch: int, metric: str, title: str):
-    """Train and val ``metric`` per epoch (0 = the init), the selected epoch marked."""
+def stack_histories(finals: list[dict[str, Any]], key: str) -> np.ndarray:
+    """seeds x epochs, NaN-padded where a run stopped early (diverged)."""
+    length = max(len(f["history"][key]) for f in finals)
+    table = np.full((len(finals), length), np.nan)
+    for row, final in enumerate(finals):
+        values = final["history"][key]
+        table[row, : len(values)] = values
+    return table
+
+
+def plot_epochs(finals: list[dict[str, Any]], metric: str, title: str) -> Figure:
+    """Train and val ``metric`` per epoch (0 = the init) of the final model, the selected epoch
+    marked; with several final seeds, their mean and a +-1 std band."""
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
     for split in ("train", "val"):
-        values = history[f"{split}_{metric}"]
-        axes.plot(range(len(values)), values, marker="o", label=split)
-    axes.axvline(best_epoch, color="grey", linestyle=":", label=f"selected (epoch {best_epoch})")
+        table = stack_histories(finals, f"{split}_{metric}")
+        if np.isnan(table).all():  # e.g. train accuracy when the train labels are hidden (kd)
+            continue
+        with np.errstate(all="ignore"):  # all-NaN columns after a diverged seed
+            mean, std = np.nanmean(table, axis=0), np.nanstd(table, axis=0)
+        epochs = np.arange(table.shape[1])
+        label = split if len(finals) == 1 else f"{split} (mean of {len(finals)} seeds)"
+        axes.plot(epochs, mean, marker="o", label=label)
+        if len(finals) > 1:
+            axes.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    best_epoch = finals[0]["best_epoch"]
+    which = "selected" if len(finals) == 1 else "selected for seed 1"
+    axes.axvline(best_epoch, color="grey", linestyle=":", label=f"{which} (epoch {best_epoch})")
     axes.set_xlabel("epoch (0 = init, before training)")
     axes.set_ylabel("top-1 accuracy (%)" if metric == "acc" else "cross-entropy loss")
     axes.set_title(title)
@@ -92,11 +123,10 @@ def write_rank_artifacts(
     """The per-rank files: curves, Optuna history, checkpoint (whatever the rank produced)."""
     method, rank = record["method"], record["rank"]
     name = stem(method, rank)
-    for final in record["finals"][:1]:
-        for metric, prefix in (("acc", "acc"), ("loss", "loss")):
-            title = f"{'Accuracy' if metric == 'acc' else 'Loss'}, quant={method}, rank={rank}"
-            figure = plot_epochs(final["history"], final["best_epoch"], metric, title)
-            save_figure(figure, out / f"{prefix}_{name}.png")
+    if record["finals"]:
+        for metric, word in (("acc", "Accuracy"), ("loss", "Loss")):
+            figure = plot_epochs(record["finals"], metric, f"{word}, quant={method}, rank={rank}")
+            save_figure(figure, out / f"{metric}_{name}.png")
     if study is not None and study.get_trials(deepcopy=False):
         html = optuna.visualization.plot_optimization_history(study)
         with atomic_path(out / f"{name}_optimization_history.html") as path:
@@ -137,20 +167,41 @@ def evaluation_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
+def seed_statistics(values: list[float]) -> dict[str, float]:
+    """Mean, sample std and Student-t 95% interval of the final models' test accuracies."""
+    count = len(values)
+    mean = float(np.mean(values))
+    if count < 2:
+        return {"evaluation": mean, "evaluation_std": None, "ci95_low": None, "ci95_high": None}
+    std = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, count - 1)) * std / math.sqrt(count)
+    return {"evaluation": mean, "evaluation_std": std, "ci95_low": mean - half,
+            "ci95_high": mean + half}  # fmt: skip
+
+
 def rank_row(record: dict[str, Any], original_acc: float) -> dict[str, Any]:
     """One evaluation.csv row from a rank's record (accounting added by the caller)."""
     finals = record["finals"]
     params = record.get("best_params") or {}
-    test_acc = record["test_acc"]
+    if finals:
+        row = seed_statistics([f["test_acc"] for f in finals])
+        best_val = float(np.mean([f["best_val_acc"] for f in finals]))
+        epochs = [f["best_epoch"] for f in finals]
+    else:  # init only, or no final model
+        row = {"evaluation": record["test_acc"]}
+        best_val, epochs = record["init_only"]["val_acc"], [0]
+    test_acc = row["evaluation"]
     return {
+        **row,
         "quant": record["method"],
         "lora_rank": record["rank"],
-        "evaluation": test_acc,
         "init": record["init"],
         "init_only": record["init_only"]["test_acc"],
         "drop": None if test_acc is None else original_acc - test_acc,
-        "best_val_acc": finals[0]["best_val_acc"] if finals else record["init_only"]["val_acc"],
-        "best_epoch": finals[0]["best_epoch"] if finals else 0,
+        "final_seeds": len(finals),
+        "best_val_acc": best_val,
+        "best_epoch": epochs[0],
+        "best_epochs": ";".join(map(str, epochs)),
         "optimizer": params.get("optimizer"),
         "lr": params.get("lr"),
         "batch_size": params.get("batch_size"),
@@ -160,6 +211,8 @@ def rank_row(record: dict[str, Any], original_acc: float) -> dict[str, Any]:
         "trials_pruned": record.get("trials", {}).get("pruned"),
         "trials_diverged": record.get("trials", {}).get("diverged"),
         "compression": record["compression"],
+        "objective": record.get("objective"),
+        "dora": record.get("dora"),
         "seed": record["seed"],
         "seconds": round(record["seconds"], 3),
     }
@@ -182,7 +235,13 @@ def plot_summary(frame: pd.DataFrame, title: str):
     for index, (method, rows) in enumerate(ranked.groupby("quant", sort=False)):
         color = f"C{index}"
         ranks = rows["lora_rank"].astype(int)
-        axes.plot(ranks, rows["evaluation"], marker="o", color=color, label=f"{method} + LoRA")
+        spread = None
+        if rows["ci95_low"].notna().any():  # several final seeds: 95% intervals as error bars
+            spread = [rows["evaluation"] - rows["ci95_low"], rows["ci95_high"] - rows["evaluation"]]
+        axes.errorbar(
+            ranks, rows["evaluation"], yerr=spread, marker="o", color=color, capsize=3,
+            label=f"{method} + LoRA" + (" (95% CI)" if spread is not None else ""),
+        )  # fmt: skip
         if rows["init_only"].notna().any():
             axes.plot(
                 ranks,

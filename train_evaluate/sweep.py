@@ -7,7 +7,8 @@ For every rank of every compression method:
 2. an Optuna study (TPE, median pruner, SQLite) over the original search space, trained on train
    and scored on val: each trial's value is its best val accuracy over epochs 0..E;
 3. the final model: the best trial's hyper-parameters, retrained on train (best epoch on val),
-   then read on test once.
+   then read on test once; with ``final_seeds`` K > 1, K final models with different seeds
+   (init draw and batch order), each read on test once, to measure seed-to-seed spread.
 
 Reproducible and resumable: each trial draws its sampler seed and its training seed from
 (seed, method, rank, index of the trial among the finished ones), so a study that was killed and
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -74,8 +75,26 @@ class SweepConfig:
     trials: int = 10
     epochs: int = 10
     seed: int = 0
+    final_seeds: int = 1
     use_dora: bool = False
+    loftq_iters: int = 5
+    objective: str = "ce"
+    kd_temperature: float = 2.0
+    kd_weight: float = 0.5
     space: SearchSpace = field(default_factory=SearchSpace)
+
+    def train_config(self, params: dict[str, Any], seed: int) -> TrainConfig:
+        """A training run with a trial's (or the best trial's) hyper-parameters."""
+        return TrainConfig(
+            epochs=self.epochs,
+            optimizer=params["optimizer"],
+            lr=params["lr"],
+            batch_size=params["batch_size"],
+            seed=seed,
+            objective=self.objective,
+            kd_temperature=self.kd_temperature,
+            kd_weight=self.kd_weight,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,8 +124,23 @@ class Method:
         context = InitContext(weight, compressed.weight, config, features)
         return cls(name, config, head, context, compressed.cost)
 
+    def compressed_linear(self) -> nn.Linear:
+        """The compressed layer alone (W_c and the original bias): the "quantized" row."""
+        head = self.head
+        linear = nn.Linear(head.in_features, head.out_features, device=head.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.context.base_weight)
+            linear.bias.copy_(head.bias)
+        return linear.requires_grad_(False)
+
     def layer(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:
-        config = LoraConfig(r=rank, lora_alpha=alpha, init=sweep.init, use_dora=sweep.use_dora)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init=sweep.init,
+            use_dora=sweep.use_dora,
+            loftq_iters=sweep.loftq_iters,
+        )
         generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
         return make_lora_linear(self.head, config, self.context, generator)
 
@@ -118,6 +152,11 @@ class RankOutcome:
     record: dict[str, Any]
     adapter: dict[str, torch.Tensor] | None
     study: optuna.Study | None
+
+
+def steps_per_rank(sweep: SweepConfig) -> int:
+    """Progress units of one rank: its trials and final models, or 1 for init only."""
+    return sweep.trials + sweep.final_seeds if sweep.epochs > 0 else 1
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -182,6 +221,8 @@ def run_rank(
         "rank": rank,
         "init": sweep.init,
         "compression": method.config.describe(),
+        "objective": sweep.objective,
+        "dora": sweep.use_dora,
         "seed": sweep.seed,
         "init_only": {
             "val_acc": evaluate(probe, data.val)["acc"],
@@ -199,9 +240,7 @@ def run_rank(
         seed = derive_seed(*seed_parts, "trial", index)
         trial.set_user_attr("seed", seed)
         layer = method.layer(rank, params["lora_alpha"], sweep, seed)
-        config = TrainConfig(
-            sweep.epochs, params["optimizer"], params["lr"], params["batch_size"], seed
-        )
+        config = sweep.train_config(params, seed)
 
         def report(epoch: int, val_acc: float) -> None:
             trial.report(val_acc, epoch)
@@ -233,35 +272,37 @@ def run_rank(
         )
         record.update(status="no_complete_trial", test_acc=None, finals=[])
         record["seconds"] = time.perf_counter() - started
-        on_step()
+        for _ in range(sweep.final_seeds):
+            on_step()
         return RankOutcome(record, None, study)
 
     best = study.best_trial
-    params = best.params
-    seed = derive_seed(*seed_parts, "final", 0)
-    layer = method.layer(rank, params["lora_alpha"], sweep, seed)
-    assert torch.equal(layer.base_layer.weight, probe.base_layer.weight)
-    config = TrainConfig(
-        sweep.epochs, params["optimizer"], params["lr"], params["batch_size"], seed
-    )
-    result = train_adapter(layer, data.train, data.val, config)
-    final = {
-        "seed": seed,
-        "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
-        "diverged_at": result.diverged_at,
-        # the test split is read here, once, for the model that the val split selected
-        "test_acc": evaluate(layer, data.test)["acc"],
-        "history": result.history,
-    }
-    on_step()
+    finals, adapter = [], None
+    for index in range(sweep.final_seeds):
+        seed = derive_seed(*seed_parts, "final", index)
+        layer = method.layer(rank, best.params["lora_alpha"], sweep, seed)
+        assert torch.equal(layer.base_layer.weight, probe.base_layer.weight)
+        result = train_adapter(layer, data.train, data.val, sweep.train_config(best.params, seed))
+        finals.append(
+            {
+                "seed": seed,
+                "best_epoch": result.best_epoch,
+                "best_val_acc": result.best_val_acc,
+                "diverged_at": result.diverged_at,
+                # the test split is read here, once, for the model that the val split selected
+                "test_acc": evaluate(layer, data.test)["acc"],
+                "history": result.history,
+            }
+        )
+        if index == 0:
+            adapter = result.best_state  # the checkpoint holds the first seed's adapter
+        on_step()
     record.update(
         status="ok",
-        best_params=params,
+        best_params=best.params,
         best_trial={"number": best.number, "val_acc": best.value},
-        finals=[final],
-        test_acc=final["test_acc"],
-        train_config=asdict(config),
+        finals=finals,
+        test_acc=sum(f["test_acc"] for f in finals) / len(finals),
     )
     record["seconds"] = time.perf_counter() - started
-    return RankOutcome(record, result.best_state, study)
+    return RankOutcome(record, adapter, study)

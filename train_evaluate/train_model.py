@@ -47,7 +47,7 @@ from data import (
     split_lists,
 )
 from lora import LORA_INITS
-from train_evaluate import report
+from train_evaluate import compare, report
 from train_evaluate.backbone import (
     BackboneError,
     check_model_name,
@@ -61,8 +61,8 @@ from train_evaluate.backbone import (
 from train_evaluate.demo import DEMO_MODEL, demo_weights
 from train_evaluate.features import FORMAT, cached_features, extract_features, feature_key
 from train_evaluate.files import check_writable, read_json, write_json, write_text
-from train_evaluate.sweep import Method, SearchSpace, Splits, SweepConfig, run_rank
-from train_evaluate.training import FeatureSplit, evaluate
+from train_evaluate.sweep import Method, SearchSpace, Splits, SweepConfig, run_rank, steps_per_rank
+from train_evaluate.training import OBJECTIVES, FeatureSplit, TrainConfig, evaluate, linear_logits
 
 log = logging.getLogger("train_model")
 
@@ -133,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--alphas", nargs="+", type=int, default=[8, 16, 24, 32, 40, 48], help="LoRA alphas"
     )
+    study.add_argument(
+        "--final-seeds",
+        type=int,
+        default=1,
+        help="final models per rank, each with its own seed: mean, std and 95%% interval",
+    )
+    study.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude vector")
+    study.add_argument(
+        "--loftq-iters", type=int, default=5, help="alternations of loftq_init / act_loftq_init"
+    )
+    study.add_argument(
+        "--objective",
+        default="ce",
+        choices=OBJECTIVES,
+        help="ce: labels; kd: distil the uncompressed layer (train labels unused); ce+kd: both",
+    )
+    study.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature")
+    study.add_argument("--kd-weight", type=float, default=0.5, help="weight of kd in ce+kd (0..1)")
 
     compress_group = parser.add_argument_group("compression")
     compress_group.add_argument(
@@ -143,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--block", help="sparse block shape HxW, e.g. 4x4 or 1x16")
     compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_RULES)}")
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALES)}")
+    compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(
         "--include-bias",
         action="store_true",
@@ -211,15 +230,24 @@ def plan_run(args: argparse.Namespace) -> Plan:
             raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
         block = parse_block(args.block) if args.block else None
         compressions = build_configs(
-            unique(args.methods), args.preset, block=block, keep=args.keep, scale=args.int1_scale
+            unique(args.methods),
+            args.preset,
+            block=block,
+            keep=args.keep,
+            scale=args.int1_scale,
+            pattern=args.nm,
         )
         fractions = SplitFractions(*args.split)
+        TrainConfig(objective=args.objective, kd_temperature=args.kd_temperature,
+                    kd_weight=args.kd_weight)  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from error
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1; got {args.trials}")
     if args.epochs < 0:
         raise UsageError(f"--epochs must be 0 (init only) or more; got {args.epochs}")
+    if args.final_seeds < 1 or args.loftq_iters < 1:
+        raise UsageError("--final-seeds and --loftq-iters must be at least 1")
     low, high = args.lr_range
     if not 0 < low <= high:
         raise UsageError(f"--lr-range needs 0 < LOW <= HIGH; got {low:g} {high:g}")
@@ -261,6 +289,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
         trials=args.trials,
         epochs=args.epochs,
         seed=args.seed,
+        final_seeds=args.final_seeds,
+        use_dora=args.dora,
+        loftq_iters=args.loftq_iters,
+        objective=args.objective,
+        kd_temperature=args.kd_temperature,
+        kd_weight=args.kd_weight,
         space=SearchSpace(
             lr=(low, high),
             batch_sizes=tuple(unique(args.batch_sizes)),
@@ -343,16 +377,23 @@ def announce(plan: Plan) -> None:
     if plan.args.ranks is None and len(plan.ranks) < len(DEFAULT_RANKS):
         skipped = [r for r in DEFAULT_RANKS if r not in plan.ranks]
         log.info("ranks %s do not fit this classifier; running %s", skipped, list(plan.ranks))
+    sweep = plan.sweep
     log.info(
-        "study: init %s, methods %s, ranks %s, %d trials x %d epochs, seed %d -> %s",
-        plan.sweep.init,
+        "study: init %s%s, methods %s, ranks %s, %d trials x %d epochs, objective %s, "
+        "%d final seed(s), seed %d -> %s",
+        sweep.init,
+        " + DoRA" if sweep.use_dora else "",
         ", ".join(c.describe() for c in plan.compressions.values()),
         list(plan.ranks),
-        plan.sweep.trials,
-        plan.sweep.epochs,
-        plan.sweep.seed,
+        sweep.trials,
+        sweep.epochs,
+        sweep.objective,
+        sweep.final_seeds,
+        sweep.seed,
         plan.out,
     )
+    if sweep.epochs == 0:
+        log.info("--epochs 0: every rank is the init only (no Optuna search, no training)")
 
 
 def load_features(plan: Plan):
@@ -411,86 +452,69 @@ def dense_cost(out_features: int, in_features: int) -> StorageCost:
     return StorageCost(value_bits=weights * 32, index_bits=0, scale_bits=0, macs=weights)
 
 
-def split_tensors(cached, split, device: torch.device) -> Splits:
-    features, labels = cached.features.to(device), cached.labels.to(device)
-    return Splits(
-        *(FeatureSplit(features[split[n]], labels[split[n]]) for n in ("train", "val", "test"))
-    )
+def split_tensors(cached, split, plan: Plan, head: nn.Module) -> Splits:
+    """The cached features cut into train / val / test on the run's device.
+
+    With a distillation objective each row carries the uncompressed layer's logits (computed
+    once); with ``kd`` alone the train split carries no labels at all, so no code path can read
+    them.
+    """
+    features, labels = cached.features.to(plan.device), cached.labels.to(plan.device)
+    objective = plan.sweep.objective
+    teacher = linear_logits(head, features) if objective != "ce" else None
+
+    def part(name: str, hide_labels: bool = False) -> FeatureSplit:
+        index = split[name]
+        return FeatureSplit(
+            features[index],
+            None if hide_labels else labels[index],
+            teacher_logits=None if teacher is None else teacher[index],
+        )
+
+    return Splits(part("train", hide_labels=objective == "kd"), part("val"), part("test"))
+
+
+@dataclass
+class Context:
+    """What every method of a run shares once the features are in."""
+
+    plan: Plan
+    head: nn.Linear
+    splits: Splits
+    original_acc: float
+    backbone_bits: int
+    features_key: str
+    storage: optuna.storages.BaseStorage
+    bar: tqdm
 
 
 def run(plan: Plan) -> None:
     announce(plan)
-    args = plan.args
     started = time.perf_counter()
     model, weights, key, cached, reused, split = load_features(plan)
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     for name, text in split_lists(cached.ids, split).items():
         write_text(out / "split" / f"{name}.txt", text)
-    splits = split_tensors(cached, split, plan.device)
     head = classifier(model)
+    splits = split_tensors(cached, split, plan, head)
     original_acc = evaluate(head, splits.test)["acc"]
     log.info(
         "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
     )
-    backbone_bits = tensor_bits(model) - tensor_bits(head)
-
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.sqlite3').resolve()}")
-    steps_per_rank = plan.sweep.trials + 1 if plan.sweep.epochs > 0 else 1
-    total = len(plan.compressions) * len(plan.ranks) * steps_per_rank
+    total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
     rows: list[dict[str, Any]] = []
     with (
         logging_redirect_tqdm(),
         tqdm(total=total, desc="sweep", unit="run", disable=None) as bar,
     ):
+        context = Context(
+            plan, head, splits, original_acc, tensor_bits(model) - tensor_bits(head), key,
+            storage, bar,
+        )  # fmt: skip
         for name, compression in plan.compressions.items():
-            method = Method.create(name, compression, head, splits.train.features)
-            compressed_only = nn.Linear(head.in_features, head.out_features).to(plan.device)
-            with torch.no_grad():
-                compressed_only.weight.copy_(method.context.base_weight)
-                compressed_only.bias.copy_(head.bias)
-            compressed_acc = evaluate(compressed_only, splits.test)["acc"]
-            log.info(
-                "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed_acc
-            )
-            common = {
-                "quant": name,
-                "init": plan.sweep.init,
-                "seed": plan.sweep.seed,
-                "compression": compression.describe(),
-                "status": "ok",
-            }
-            for lora_rank, cost, acc in (
-                ("original", dense_cost(*plan.fc_shape), original_acc),
-                ("quantized", method.cost, compressed_acc),
-            ):
-                layer = account_layer(*plan.fc_shape, cost, 0, include_bias=args.include_bias)
-                rows.append(
-                    {
-                        **common,
-                        "lora_rank": lora_rank,
-                        "evaluation": acc,
-                        "drop": original_acc - acc,
-                        **report.accounting_columns(layer, model_ratio(backbone_bits, layer)),
-                    }
-                )
-            for rank in plan.ranks:
-                record = run_or_resume(plan, method, rank, splits, storage, key, bar)
-                accounting = account_layer(
-                    *plan.fc_shape,
-                    method.cost,
-                    rank,
-                    extra_adapter_params=plan.fc_shape[0] if plan.sweep.use_dora else 0,
-                    include_bias=args.include_bias,
-                )
-                rows.append(
-                    {
-                        **report.rank_row(record, original_acc),
-                        **report.accounting_columns(
-                            accounting, model_ratio(backbone_bits, accounting)
-                        ),
-                    }
-                )
+            rows.extend(method_rows(context, name, compression))
     frame = report.evaluation_frame(rows)
     csv_path = report.write_evaluation(out, frame)
     title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
@@ -505,7 +529,8 @@ def run(plan: Plan) -> None:
             "feature_key": key,
             "features_from_cache": reused,
             "images": len(cached.ids),
-            "skipped_images": list(cached.skipped),
+            "skipped_images": len(cached.skipped),
+            "skipped_image_ids": list(cached.skipped),
             "split_sizes": {n: len(split[n]) for n in split},
             "compressions": {n: c.describe() for n, c in plan.compressions.items()},
             "sweep": asdict(plan.sweep),
@@ -518,6 +543,7 @@ def run(plan: Plan) -> None:
             "seconds": time.perf_counter() - started,
         },
     )
+    comparison = compare.write_report(out.parent)
     log.info(
         "\n%s",
         frame[["quant", "lora_rank", "evaluation", "init_only", "ratio", "ratio_seed"]].to_string(
@@ -525,33 +551,84 @@ def run(plan: Plan) -> None:
         ),
     )
     log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
+    if comparison:
+        log.info("comparison of every run in %s: %s", out.parent, comparison[1])
     if plan.demo:
         log.info("(these are demo numbers on digits, not ImageNet; see README for the real study)")
 
 
-def run_or_resume(plan, method, rank, splits, storage, features_key, bar) -> dict[str, Any]:
-    """A rank's record: reused when a finished one with the same key exists, else computed."""
-    identity = {
-        "features": features_key,
-        "split": [asdict(plan.fractions), plan.sweep.seed],
-        "compression": method.config.describe(),
+def method_rows(context: Context, name: str, compression: Any) -> list[dict[str, Any]]:
+    """The ``original`` and ``quantized`` rows of one method, then one row per rank."""
+    plan, head, splits = context.plan, context.head, context.splits
+    method = Method.create(name, compression, head, splits.train.features)
+    compressed_acc = evaluate(method.compressed_linear(), splits.test)["acc"]
+    log.info("%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed_acc)
+    shared = {
+        "quant": name,
         "init": plan.sweep.init,
-        "epochs": plan.sweep.epochs,
         "seed": plan.sweep.seed,
-        "space": asdict(plan.sweep.space),
-        "dora": plan.sweep.use_dora,
+        "compression": compression.describe(),
+        "status": "ok",
+    }
+    rows = []
+    for lora_rank, cost, acc in (
+        ("original", dense_cost(*plan.fc_shape), context.original_acc),
+        ("quantized", method.cost, compressed_acc),
+    ):
+        rows.append(
+            {**shared, "lora_rank": lora_rank, "evaluation": acc,
+             "drop": context.original_acc - acc, **accounting(context, cost, 0)}
+        )  # fmt: skip
+    for rank in plan.ranks:
+        record = run_or_resume(context, method, rank)
+        rows.append(
+            {
+                **report.rank_row(record, context.original_acc),
+                **accounting(context, method.cost, rank),
+            }
+        )
+    return rows
+
+
+def accounting(context: Context, cost: StorageCost, rank: int) -> dict[str, Any]:
+    """The ratio columns of a row: this layer, and the whole model around it."""
+    plan = context.plan
+    layer = account_layer(
+        *plan.fc_shape,
+        cost,
+        rank,
+        extra_adapter_params=plan.fc_shape[0] if plan.sweep.use_dora and rank else 0,
+        include_bias=plan.args.include_bias,
+    )
+    return report.accounting_columns(layer, model_ratio(context.backbone_bits, layer))
+
+
+def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]:
+    """A rank's record: reused when a finished one with the same key exists, else computed."""
+    plan = context.plan
+    sweep = asdict(plan.sweep)
+    # The study depends on everything but the trial count (a study can be extended) and the
+    # number of final models; the record depends on those too.
+    study_identity = {k: v for k, v in sweep.items() if k not in ("trials", "final_seeds")}
+    identity = {
+        "features": context.features_key,
+        "split": asdict(plan.fractions),
+        "compression": method.config.describe(),
+        "sweep": study_identity,
     }
     study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
-    key = feature_key(rank=rank, trials=plan.sweep.trials, study=study_name)
+    key = feature_key(study=study_name, trials=plan.sweep.trials, finals=plan.sweep.final_seeds)
     path = plan.out / "records" / f"{method.name}_r{rank}.json"
     record = read_json(path)
     if record is not None and record.get("key") == key:
         log.info("%s r=%d: finished in an earlier run; reusing its results", method.name, rank)
-        bar.update(plan.sweep.trials + 1 if plan.sweep.epochs > 0 else 1)
+        context.bar.update(steps_per_rank(plan.sweep))
         return record
-    outcome = run_rank(method, rank, splits, plan.sweep, storage, study_name, lambda: bar.update())
+    outcome = run_rank(
+        method, rank, context.splits, plan.sweep, context.storage, study_name, context.bar.update
+    )
     record = {**outcome.record, "key": key}
-    meta = {"model": plan.model, "feature_key": features_key, "weights": str(plan.weights or "")}
+    meta = {"model": plan.model, "feature_key": context.features_key}
     report.write_rank_artifacts(plan.out, record, outcome.adapter, outcome.study, meta)
     write_json(path, record)  # last: a record on disk means the rank's files are complete
     summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"

@@ -9,6 +9,10 @@ Every run evaluates the adapter before its first step (epoch 0) and after every 
 train and val; the best epoch is the one with the highest val accuracy, earliest on ties, and
 epoch 0 competes: training that only hurts ends where it started. The layer is left holding
 the best epoch's adapter.
+
+Objectives: ``ce`` (cross-entropy on the labels), ``kd`` (distillation from the uncompressed
+layer's logits, Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": it needs no
+labels, so the train split can be unlabelled) and ``ce+kd`` (a weighted sum).
 """
 
 from __future__ import annotations
@@ -47,18 +51,18 @@ class FeatureSplit:
     """
 
     features: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     base_logits: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def rows(self, index: torch.Tensor) -> FeatureSplit:
+    def rows(self, index: torch.Tensor | slice) -> FeatureSplit:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return FeatureSplit(
             self.features[index],
-            self.labels[index],
+            pick(self.labels),
             pick(self.base_logits),
             pick(self.teacher_logits),
         )
@@ -84,15 +88,45 @@ def forward(head: nn.Module, split: FeatureSplit) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy (%) of ``head`` on a split."""
-    loss = torch.zeros((), device=split.features.device, dtype=torch.float64)
-    correct = torch.zeros((), device=split.features.device, dtype=torch.int64)
+    """Mean cross-entropy and top-1 accuracy (%) of ``head`` on a split (NaN when the split
+    has no labels), and top-1 agreement (%) with the teacher (NaN when it has no teacher)."""
+    device = split.features.device
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    agree = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, len(split), EVAL_CHUNK):
         part = split.rows(slice(start, start + EVAL_CHUNK))
         logits = forward(head, part)
-        loss += F.cross_entropy(logits, part.labels, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == part.labels).sum()
-    return {"loss": loss.item() / len(split), "acc": 100.0 * correct.item() / len(split)}
+        predicted = logits.argmax(dim=1)
+        if part.labels is not None:
+            loss += F.cross_entropy(logits, part.labels, reduction="sum").double()
+            correct += (predicted == part.labels).sum()
+        if part.teacher_logits is not None:
+            agree += (predicted == part.teacher_logits.argmax(dim=1)).sum()
+    count = len(split)
+    labelled = split.labels is not None
+    return {
+        "loss": loss.item() / count if labelled else math.nan,
+        "acc": 100.0 * correct.item() / count if labelled else math.nan,
+        "agree": 100.0 * agree.item() / count if split.teacher_logits is not None else math.nan,
+    }
+
+
+OBJECTIVES = ("ce", "kd", "ce+kd")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """KL(teacher || student) on temperature-softened distributions, times T^2 so that its
+    gradients keep their size as T changes (Hinton et al. 2015)."""
+    return (
+        F.kl_div(
+            F.log_softmax(student / temperature, dim=1),
+            F.log_softmax(teacher / temperature, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 @dataclass(frozen=True)
@@ -104,12 +138,30 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 128
     seed: int = 0
+    objective: str = "ce"
+    kd_temperature: float = 2.0
+    kd_weight: float = 0.5  # ce+kd: (1 - kd_weight) * ce + kd_weight * kd
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
             )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+            )
+        if self.kd_temperature <= 0 or not 0 <= self.kd_weight <= 1:
+            raise ValueError("kd temperature must be positive and kd weight within [0, 1]")
+
+    def loss(self, logits: torch.Tensor, batch: FeatureSplit) -> torch.Tensor:
+        """The training objective on one batch. ``kd`` never reads the labels."""
+        if self.objective == "ce":
+            return F.cross_entropy(logits, batch.labels)
+        kd = distillation_loss(logits, batch.teacher_logits, self.kd_temperature)
+        if self.objective == "kd":
+            return kd
+        return (1 - self.kd_weight) * F.cross_entropy(logits, batch.labels) + self.kd_weight * kd
 
 
 @dataclass
@@ -166,7 +218,7 @@ def train_adapter(
         total = torch.zeros((), device=train.features.device)
         for index in order.split(config.batch_size):
             batch = train.rows(index)
-            loss = F.cross_entropy(forward(layer, batch), batch.labels)
+            loss = config.loss(forward(layer, batch), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
