@@ -63,3 +63,15 @@ def run_driver(capsys, *args: str) -> tuple[int, str, str]:
     captured = capsys.readouterr()
     sys.stdout.flush()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """The demo classifier and its features, trained and cached once per test session."""
+    from train_evaluate.train_model import main
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    scratch = tmp_path_factory.mktemp("warmup")
+    assert main(["--epochs", "0", "--ranks", "2", "--results-dir", str(scratch),
+                 "--cache-dir", str(cache)]) == 0  # fmt: skip
+    return cache

@@ -16,11 +16,12 @@ from tests.test_driver import tiny_args
 from train_evaluate.report import TIMING_COLUMNS
 
 
-def test_final_seeds_give_a_spread_and_intervals(tmp_path, capsys):
+def test_final_seeds_give_a_spread_and_intervals(tmp_path, demo_cache, capsys):
     # on the demo: a real classifier, so seeds change the test accuracy
     code, _, err = run_driver(
         capsys, "--init", "paper_init", "--methods", "sparse", "--ranks", "2", "--trials", "2",
         "--epochs", "3", "--final-seeds", "3", "--results-dir", tmp_path,
+        "--cache-dir", demo_cache,
     )  # fmt: skip
     assert code == 0, err
     frame = pd.read_csv(tmp_path / "paper_init" / "evaluation.csv")
@@ -91,11 +92,13 @@ def test_kd_never_reads_a_train_label(
     assert first.equals(second) != reads_labels
 
 
-def test_comparison_report_on_the_demo_with_both_inits_and_three_methods(tmp_path, capsys):
+def test_comparison_report_on_the_demo_with_both_inits_and_three_methods(
+    tmp_path, demo_cache, capsys
+):
     for init in ("paper_init", "svd_init"):
         code, out, _ = run_driver(
             capsys, "--init", init, "--methods", "sparse", "int1", "int4", "--trials", "2",
-            "--epochs", "2", "--results-dir", tmp_path,
+            "--epochs", "2", "--results-dir", tmp_path, "--cache-dir", demo_cache,
         )  # fmt: skip
         assert code == 0
     assert "comparison of every run" in out

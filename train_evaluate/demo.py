@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from train_evaluate import interrupt
 from train_evaluate.backbone import eval_transform
 from train_evaluate.features import feature_key
 from train_evaluate.files import atomic_path
@@ -95,6 +96,7 @@ def train_digits_vit(
     for _ in range(recipe.epochs):
         order = torch.randperm(len(images), generator=generator)
         for batch in order.split(recipe.batch_size):
+            interrupt.check()
             loss = F.cross_entropy(model(images[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

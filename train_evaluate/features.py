@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from train_evaluate import interrupt
 from train_evaluate.backbone import pre_logits
 from train_evaluate.files import atomic_path
 
@@ -77,6 +79,11 @@ def _collate(batch):
     return images, [index for _, index in good], bad
 
 
+def _ignore_interrupt(_: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group; the main process alone reports it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def extract_features(
     model: nn.Module,
     source: Any,
@@ -91,6 +98,7 @@ def extract_features(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=_ignore_interrupt if workers > 0 else None,
         pin_memory=device.type == "cuda",
     )
     chunks, kept, skipped = [], [], []
@@ -100,6 +108,7 @@ def extract_features(
         tqdm(total=len(source.ids), desc="features", unit="img", disable=None) as bar,
     ):
         for images, indices, bad in loader:
+            interrupt.check()
             for index, reason in bad:
                 log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)
                 skipped.append(source.ids[index])

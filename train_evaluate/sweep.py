@@ -31,6 +31,7 @@ from torch import nn
 
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
+from train_evaluate import interrupt
 from train_evaluate.training import (
     FeatureSplit,
     TrainConfig,
@@ -182,6 +183,7 @@ def run_study(
     for _ in range(len(finished(study))):
         on_trial()
     while (index := len(finished(study))) < trials:
+        interrupt.check()
         study.sampler = optuna.samplers.TPESampler(
             seed=derive_seed(*seed_parts, "sampler", index),
             n_startup_trials=SAMPLER_STARTUP_TRIALS,

@@ -47,7 +47,7 @@ from data import (
     split_lists,
 )
 from lora import LORA_INITS
-from train_evaluate import compare, report
+from train_evaluate import compare, interrupt, report
 from train_evaluate.backbone import (
     BackboneError,
     check_model_name,
@@ -356,7 +356,9 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     for noisy in ("timm", "optuna", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a trial's exception with its traceback; ours are reported in one line (Ctrl-C)
+    # or propagate (bugs), so its own log stays quiet.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def announce(plan: Plan) -> None:
@@ -646,9 +648,10 @@ def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
-        args = build_parser().parse_args(argv)
-        plan = plan_run(args)
-        run(plan)
+        with interrupt.deferred():
+            args = build_parser().parse_args(argv)
+            plan = plan_run(args)
+            run(plan)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

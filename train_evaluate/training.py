@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora import LoraLinear
+from train_evaluate import interrupt
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "Adam": torch.optim.Adam,
@@ -217,6 +218,7 @@ def train_adapter(
         order = torch.randperm(len(train), generator=generator).to(train.features.device)
         total = torch.zeros((), device=train.features.device)
         for index in order.split(config.batch_size):
+            interrupt.check()
             batch = train.rows(index)
             loss = config.loss(forward(layer, batch), batch)
             optimizer.zero_grad(set_to_none=True)
