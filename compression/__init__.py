@@ -14,13 +14,16 @@ from compression import (  # noqa: F401  (importing registers the compressors)
 from compression.accounting import LayerAccounting, account_layer, adapter_params, model_ratio
 from compression.binary import Int1Config
 from compression.integer import IntNConfig
+from compression.packing import pack_codes, unpack_codes
 from compression.presets import PRESETS, build_configs
 from compression.registry import (
     CompressedWeight,
     StorageCost,
     compress,
+    expand,
     list_methods,
     make_config,
+    method_of,
     register_compressor,
     register_method,
 )
@@ -40,11 +43,15 @@ __all__ = [
     "adapter_params",
     "build_configs",
     "compress",
+    "expand",
     "list_methods",
     "make_config",
+    "method_of",
     "model_ratio",
+    "pack_codes",
     "parse_block",
     "parse_nm",
     "register_compressor",
     "register_method",
+    "unpack_codes",
 ]

@@ -14,7 +14,13 @@ from typing import ClassVar
 
 import torch
 
-from compression.registry import CompressedWeight, StorageCost, dtype_bits, register_compressor
+from compression.registry import (
+    CompressedWeight,
+    StorageCost,
+    dtype_bits,
+    register_compressor,
+    register_expander,
+)
 
 INT1_SCALES = ("none", "tensor", "row")
 
@@ -40,18 +46,38 @@ def signs(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight >= 0, one, -one)
 
 
+def scale_of(weight: torch.Tensor, scale: str) -> torch.Tensor:
+    if scale == "none":
+        return torch.ones((), dtype=weight.dtype, device=weight.device)
+    if scale == "tensor":
+        return weight.abs().mean()
+    return weight.abs().mean(dim=1, keepdim=True)
+
+
 @register_compressor(Int1Config, "int1")
 def binarize(weight: torch.Tensor, config: Int1Config) -> CompressedWeight:
     rows, cols = weight.shape
-    bits = dtype_bits(weight.dtype)
-    if config.scale == "none":
-        alpha, scale_bits = torch.ones((), dtype=weight.dtype), 0
-    elif config.scale == "tensor":
-        alpha, scale_bits = weight.abs().mean(), bits
-    else:
-        alpha, scale_bits = weight.abs().mean(dim=1, keepdim=True), rows * bits
+    alpha = scale_of(weight, config.scale)
+    # stored: one bit per weight (1 = +), and the scale unless it is the constant 1
+    parts = {"signs": (weight >= 0).to(torch.uint8).flatten()}
+    if config.scale != "none":
+        parts["scale"] = alpha
     # Every weight is read, sign-flipped and added: in * out adds per input row, no fewer.
     cost = StorageCost(
-        value_bits=rows * cols, index_bits=0, scale_bits=scale_bits, macs=rows * cols
+        value_bits=rows * cols,
+        index_bits=0,
+        scale_bits=0 if config.scale == "none" else alpha.numel() * dtype_bits(weight.dtype),
+        macs=rows * cols,
     )
-    return CompressedWeight(weight=alpha * signs(weight), cost=cost)
+    compressed = alpha * signs(weight)
+    return CompressedWeight(compressed, cost, parts, codes={"signs": 1})
+
+
+@register_expander(Int1Config)
+def expand_int1(parts: dict[str, torch.Tensor], config: Int1Config, shape) -> torch.Tensor:
+    positive = parts["signs"].reshape(shape).bool()
+    dtype = parts["scale"].dtype if "scale" in parts else torch.float32
+    one = torch.ones((), dtype=dtype, device=positive.device)
+    alpha = parts.get("scale", one)
+    # the same product the compressor formed, so the same bits
+    return alpha * torch.where(positive, one, -one)

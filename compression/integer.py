@@ -19,6 +19,7 @@ from compression.registry import (
     StorageCost,
     dtype_bits,
     register_compressor,
+    register_expander,
     register_method,
 )
 
@@ -53,7 +54,17 @@ def quantize(weight: torch.Tensor, config: IntNConfig) -> CompressedWeight:
         scale_bits=rows * dtype_bits(weight.dtype),
         macs=rows * cols,
     )
-    return CompressedWeight(weight=codes * scale, cost=cost)
+    # stored: codes shifted to 0..2 * levels (N bits each) and the row scales
+    parts = {"codes": (codes + levels).to(torch.uint8).flatten(), "scale": scale}
+    return CompressedWeight(codes * scale, cost, parts, codes={"codes": config.bits})
+
+
+@register_expander(IntNConfig)
+def expand_int(parts: dict[str, torch.Tensor], config: IntNConfig, shape) -> torch.Tensor:
+    levels = 2 ** (config.bits - 1) - 1
+    scale = parts["scale"]
+    codes = parts["codes"].reshape(shape).to(scale.dtype) - levels
+    return codes * scale
 
 
 for _bits in INT_BITS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,15 +42,34 @@ class StorageCost:
 
 @dataclass(frozen=True)
 class CompressedWeight:
-    """A compressor's result: the dense W_c (out x in) and what it costs to store."""
+    """A compressor's result: the dense W_c (out x in), what it costs, and what is stored.
+
+    parts: the tensors a file needs to rebuild W_c bit for bit (``expand``): kept values,
+    scales, integer codes. codes: bits per element of the parts that hold small non-negative
+    integers (positions, signs, N-bit codes); a file packs them at exactly that width. The
+    other parts are stored at their dtype. Together they hold ``cost.total_bits`` bits.
+    config: the compressor's config (``compress`` sets it).
+    """
 
     weight: torch.Tensor
     cost: StorageCost
+    parts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    codes: dict[str, int] = field(default_factory=dict)
+    config: Any = None
+
+    def stored_bits(self) -> int:
+        """Bits of ``parts`` at their stored widths (equals ``cost.total_bits``)."""
+        return sum(
+            t.numel() * (self.codes[n] if n in self.codes else t.element_size() * 8)
+            for n, t in self.parts.items()
+        )
 
 
 CompressFn = Callable[[torch.Tensor, Any], CompressedWeight]
+ExpandFn = Callable[[dict[str, torch.Tensor], Any, tuple[int, int]], torch.Tensor]
 
 _COMPRESS_FNS: dict[type, CompressFn] = {}
+_EXPAND_FNS: dict[type, ExpandFn] = {}
 _METHODS: dict[str, tuple[type, dict[str, Any]]] = {}
 
 
@@ -66,6 +85,16 @@ def register_compressor(config_cls: type, *method_names: str, **fixed: Any):
         _COMPRESS_FNS[config_cls] = fn
         for name in method_names:
             register_method(name, config_cls, **fixed)
+        return fn
+
+    return decorate
+
+
+def register_expander(config_cls: type):
+    """Decorator: ``fn(parts, config, shape)`` rebuilds W_c from a compressor's parts."""
+
+    def decorate(fn: ExpandFn) -> ExpandFn:
+        _EXPAND_FNS[config_cls] = fn
         return fn
 
     return decorate
@@ -104,7 +133,25 @@ def compress(weight: torch.Tensor, config: Any) -> CompressedWeight:
     if fn is None:
         raise ValueError(f"no compressor is registered for {type(config).__name__}")
     with torch.no_grad():
-        return fn(weight.detach(), config)
+        return dataclasses.replace(fn(weight.detach(), config), config=config)
+
+
+def expand(parts: dict[str, torch.Tensor], config: Any, shape: tuple[int, int]) -> torch.Tensor:
+    """W_c from the parts ``compress`` returned: identical, bit for bit, to its ``weight``."""
+    fn = _EXPAND_FNS.get(type(config))
+    if fn is None:
+        raise ValueError(f"no expander is registered for {type(config).__name__}")
+    return fn(parts, config, shape)
+
+
+def method_of(config: Any) -> str:
+    """The method name a config answers to (``IntNConfig(bits=4)`` -> ``int4``)."""
+    for name, (config_cls, fixed) in _METHODS.items():
+        if isinstance(config, config_cls) and all(
+            getattr(config, k) == v for k, v in fixed.items()
+        ):
+            return name
+    raise ValueError(f"no method name is registered for {config!r}")
 
 
 def dtype_bits(dtype: torch.dtype) -> int:

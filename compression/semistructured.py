@@ -15,7 +15,13 @@ from typing import ClassVar
 
 import torch
 
-from compression.registry import CompressedWeight, StorageCost, dtype_bits, register_compressor
+from compression.registry import (
+    CompressedWeight,
+    StorageCost,
+    dtype_bits,
+    register_compressor,
+    register_expander,
+)
 from compression.sparse import index_bits
 
 
@@ -46,30 +52,56 @@ class NMConfig:
         return f"nm({self.pattern[0]}:{self.pattern[1]})"
 
 
+def segments(cols: int, m: int) -> list[tuple[str, int, int, int]]:
+    """(part suffix, first column, groups, group length): the full groups of M, then the short
+    last group when the row length is not a multiple of M."""
+    full, rest = divmod(cols, m)
+    found = [("", 0, full, m)] if full else []
+    return found + ([("_tail", full * m, 1, rest)] if rest else [])
+
+
 @register_compressor(NMConfig, "nm")
 def nm_sparsify(weight: torch.Tensor, config: NMConfig) -> CompressedWeight:
     n, m = config.pattern
     rows, cols = weight.shape
-    full, rest = divmod(cols, m)
-    # (first column, number of groups, group length): the full groups, then the short one
-    segments = [(0, full, m), (full * m, 1 if rest else 0, rest)]
-    mask = torch.zeros_like(weight, dtype=torch.bool)
+    compressed = torch.zeros_like(weight)
+    parts, codes = {}, {}
     kept = positions = 0
-    for start, count, size in segments:
-        if count == 0:
-            continue
+    for suffix, start, count, size in segments(cols, m):
         stop = start + count * size
-        groups = weight[:, start:stop].abs().reshape(rows, count, size)
+        groups = weight[:, start:stop].reshape(rows, count, size)
         keep = min(n, size)
-        # a stable sort keeps ties in order: the first entries win, as in block sparsity
-        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :keep]
-        chosen = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
-        mask[:, start:stop] = chosen.reshape(rows, count * size)
-        kept += rows * count * keep
-        # a group kept whole needs no positions
-        positions += 0 if keep == size else rows * count * keep * index_bits(size)
+        # a stable sort keeps ties in order: the first entries win, as in block sparsity;
+        # the kept positions are then stored in increasing order
+        order = torch.sort(groups.abs(), dim=-1, descending=True, stable=True).indices
+        chosen = order[..., :keep].sort(dim=-1).values
+        values = groups.gather(-1, chosen)
+        compressed[:, start:stop] = torch.zeros_like(groups).scatter(-1, chosen, values).flatten(1)
+        parts[f"values{suffix}"] = values.flatten()
+        if keep < size:  # a group kept whole needs no positions
+            parts[f"positions{suffix}"] = chosen.flatten().to(torch.uint8)
+            codes[f"positions{suffix}"] = index_bits(size)
+            positions += chosen.numel() * index_bits(size)
+        kept += values.numel()
     cost = StorageCost(
         value_bits=kept * dtype_bits(weight.dtype), index_bits=positions, scale_bits=0, macs=kept
     )
-    compressed = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
-    return CompressedWeight(weight=compressed, cost=cost)
+    return CompressedWeight(compressed, cost, parts, codes)
+
+
+@register_expander(NMConfig)
+def expand_nm(parts: dict[str, torch.Tensor], config: NMConfig, shape) -> torch.Tensor:
+    n, m = config.pattern
+    rows, cols = shape
+    dtype = parts["values" if cols >= m else "values_tail"].dtype
+    weight = torch.zeros(shape, dtype=dtype, device=next(iter(parts.values())).device)
+    for suffix, start, count, size in segments(cols, m):
+        keep = min(n, size)
+        values = parts[f"values{suffix}"].reshape(rows, count, keep)
+        if f"positions{suffix}" in parts:
+            chosen = parts[f"positions{suffix}"].to(torch.int64).reshape(rows, count, keep)
+        else:
+            chosen = torch.arange(size, device=values.device).expand(rows, count, size)
+        group = torch.zeros(rows, count, size, dtype=dtype, device=values.device)
+        weight[:, start : start + count * size] = group.scatter(-1, chosen, values).flatten(1)
+    return weight

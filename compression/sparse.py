@@ -18,7 +18,13 @@ from typing import ClassVar
 
 import torch
 
-from compression.registry import CompressedWeight, StorageCost, dtype_bits, register_compressor
+from compression.registry import (
+    CompressedWeight,
+    StorageCost,
+    dtype_bits,
+    register_compressor,
+    register_expander,
+)
 
 KEEP_RULES = ("absmax", "max")
 
@@ -77,8 +83,16 @@ def sparse_storage(shape: tuple[int, int], config: SparseConfig, value_bits: int
     return StorageCost(value_bits=tiles * value_bits, index_bits=idx, scale_bits=0, macs=tiles)
 
 
-def keep_mask(weight: torch.Tensor, config: SparseConfig) -> torch.Tensor:
-    """Boolean mask (out x in) with exactly one True per tile: the entry that ``keep`` selects.
+def tile_shapes(shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """(tile rows, tile cols, 2): the height and width of every tile (edge tiles smaller)."""
+    heights = torch.tensor(block_sizes(shape[0], block[0]))
+    widths = torch.tensor(block_sizes(shape[1], block[1]))
+    return torch.stack(torch.broadcast_tensors(heights[:, None], widths[None, :]), dim=-1)
+
+
+def choose_in_tiles(weight: torch.Tensor, config: SparseConfig) -> torch.Tensor:
+    """(tile rows, tile cols): the position that ``keep`` selects in each tile, counted in the
+    padded bh x bw tile (row-major).
 
     Ties go to the first entry of the tile in row-major order (``torch.argmax`` returns the
     first maximum). Padding for edge tiles is -inf, so it is never selected.
@@ -90,20 +104,59 @@ def keep_mask(weight: torch.Tensor, config: SparseConfig) -> torch.Tensor:
     padded = score.new_full((tile_rows * bh, tile_cols * bw), float("-inf"))
     padded[:rows, :cols] = score
     # (tile_rows, bh, tile_cols, bw) -> (tile_rows, tile_cols, bh * bw): one row per tile.
-    tiles = (
-        padded.view(tile_rows, bh, tile_cols, bw)
-        .permute(0, 2, 1, 3)
-        .reshape(tile_rows, tile_cols, bh * bw)
-    )
-    chosen = tiles.argmax(dim=-1, keepdim=True)
-    mask_tiles = torch.zeros_like(tiles, dtype=torch.bool).scatter_(-1, chosen, True)
-    mask = mask_tiles.view(tile_rows, tile_cols, bh, bw).permute(0, 2, 1, 3)
-    return mask.reshape(tile_rows * bh, tile_cols * bw)[:rows, :cols]
+    tiles = padded.view(tile_rows, bh, tile_cols, bw).permute(0, 2, 1, 3)
+    return tiles.reshape(tile_rows, tile_cols, bh * bw).argmax(dim=-1)
+
+
+def kept_coordinates(
+    shape: tuple[int, int], block: tuple[int, int], row_in: torch.Tensor, col_in: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix row and column of each tile's kept entry, from its row and column in the tile."""
+    bh, bw = block
+    tile_rows, tile_cols = row_in.shape
+    rows = torch.arange(tile_rows)[:, None] * bh + row_in
+    cols = torch.arange(tile_cols)[None, :] * bw + col_in
+    return rows.flatten(), cols.flatten()
 
 
 @register_compressor(SparseConfig, "sparse")
 def sparsify(weight: torch.Tensor, config: SparseConfig) -> CompressedWeight:
-    mask = keep_mask(weight, config)
-    compressed = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
-    cost = sparse_storage(tuple(weight.shape), config, dtype_bits(weight.dtype))
-    return CompressedWeight(weight=compressed, cost=cost)
+    shape = tuple(weight.shape)
+    chosen = choose_in_tiles(weight, config).cpu()
+    row_in, col_in = chosen // config.block[1], chosen % config.block[1]
+    rows, cols = kept_coordinates(shape, config.block, row_in, col_in)
+    values = weight[rows.to(weight.device), cols.to(weight.device)]
+    compressed = torch.zeros_like(weight)
+    compressed[rows, cols] = values
+    # Stored: the kept values in tile order, and for every class of tile shape (full, right
+    # edge, bottom edge, corner) the kept entry's row-major index in its own, smaller tile.
+    sizes = tile_shapes(shape, config.block)
+    index_in_tile = row_in * sizes[..., 1] + col_in
+    parts, codes = {"values": values}, {}
+    for height, width in sizes.reshape(-1, 2).unique(dim=0).tolist():
+        if height * width > 1:
+            same = (sizes[..., 0] == height) & (sizes[..., 1] == width)
+            name = f"positions_{height}x{width}"
+            parts[name] = index_in_tile[same]
+            codes[name] = index_bits(height * width)
+    cost = sparse_storage(shape, config, dtype_bits(weight.dtype))
+    return CompressedWeight(weight=compressed, cost=cost, parts=parts, codes=codes)
+
+
+@register_expander(SparseConfig)
+def expand_sparse(parts: dict[str, torch.Tensor], config: SparseConfig, shape) -> torch.Tensor:
+    sizes = tile_shapes(shape, config.block)
+    index_in_tile = torch.zeros(sizes.shape[:2], dtype=torch.int64)
+    for height, width in sizes.reshape(-1, 2).unique(dim=0).tolist():
+        name = f"positions_{height}x{width}"
+        if name in parts:
+            same = (sizes[..., 0] == height) & (sizes[..., 1] == width)
+            index_in_tile[same] = parts[name].to(torch.int64).cpu()
+    width = sizes[..., 1]
+    rows, cols = kept_coordinates(
+        shape, config.block, index_in_tile // width, index_in_tile % width
+    )
+    values = parts["values"]
+    weight = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    weight[rows, cols] = values
+    return weight

@@ -18,12 +18,7 @@ def make_init_context(
 ) -> InitContext:
     """Compress ``linear``'s weight once; the context is reused for every rank and trial."""
     weight = linear.weight.detach()
-    return InitContext(
-        weight=weight,
-        base_weight=compress(weight, compression).weight,
-        compression=compression,
-        features=features,
-    )
+    return InitContext(weight, compress(weight, compression), compression, features)
 
 
 def make_lora_linear(
@@ -47,6 +42,7 @@ def make_lora_linear(
         if linear.bias is not None:
             base.bias.copy_(linear.bias)
     layer = LoraLinear(base, config.r, config.lora_alpha, use_dora=config.use_dora)
+    layer.base_compressed = context.compressed
     get_init(config.init)(layer, context, config, generator)
     if layer.use_dora:
         # m = ||W_c + s * B @ A|| per row: at init DoRA computes exactly what plain LoRA does.

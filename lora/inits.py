@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression import compress
+from compression import CompressedWeight, compress
 from lora.layer import LoraLinear
 
 InitFn = Callable[[LoraLinear, "InitContext", Any, "torch.Generator | None"], None]
@@ -65,17 +65,20 @@ class InitContext:
     """What an init may look at. One context serves every rank and trial of one compressor,
     so that expensive pieces (the residual's SVD) are computed once.
 
-    weight: the uncompressed W (out x in); base_weight: W_c; compression: the config that made
-    W_c (for inits that refit the base); features: training inputs of the layer (N x in), for
-    activation-aware inits.
+    weight: the uncompressed W (out x in); compressed: C(W), its W_c and stored parts;
+    compression: the config C (for inits that refit the base); features: training inputs of the
+    layer (N x in), for activation-aware inits; cache: results an init may reuse across trials.
     """
 
     weight: torch.Tensor
-    base_weight: torch.Tensor
+    compressed: CompressedWeight
     compression: Any = None
     features: torch.Tensor | None = None
-
     cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.compressed.weight
 
     @cached_property
     def residual_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,9 +123,10 @@ def fit_low_rank(residual: torch.Tensor, rank: int, whitening=None) -> LowRankFi
 
 @dataclass
 class Alternation:
-    """What ``alternate`` found: the best iterate and the error after each iterate."""
+    """What ``alternate`` found: the best iterate (its compressed base and low-rank fit) and
+    the error after each iterate."""
 
-    base: torch.Tensor
+    base: CompressedWeight
     fit: LowRankFit
     errors: list[float]
 
@@ -134,15 +138,15 @@ def alternate(
     times from W_c = C(W). Returns the iterate with the smallest error (the first is svd_init,
     or act_svd_init with ``whitening``)."""
     target = weight.double()
-    base = compress(weight, compression).weight
+    base = compress(weight, compression)
     best, errors = None, []
     for _ in range(iterations):
-        fit = fit_low_rank(target - base.double(), rank, whitening)
+        fit = fit_low_rank(target - base.weight.double(), rank, whitening)
         errors.append(fit.error)
         if best is None or fit.error < best.fit.error:
             best = Alternation(base, fit, errors)
         low_rank = (fit.left * fit.singular) @ fit.right
-        base = compress((target - low_rank).to(weight.dtype), compression).weight
+        base = compress((target - low_rank).to(weight.dtype), compression)
     return best
 
 
@@ -183,7 +187,8 @@ def act_svd_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) ->
 
 def _set_alternation(layer: LoraLinear, result: Alternation) -> None:
     with torch.no_grad():
-        layer.base_layer.weight.copy_(result.base)
+        layer.base_layer.weight.copy_(result.base.weight)
+    layer.base_compressed = result.base
     set_factors(layer, result.fit.left, result.fit.singular, result.fit.right)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression import CompressedWeight
+
 
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
     limit = min(out_features, in_features)
@@ -40,6 +42,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(weight.new_zeros(r, in_features))
         self.lora_B = nn.Parameter(weight.new_zeros(out_features, r))
         self.lora_magnitude = nn.Parameter(weight.new_ones(out_features)) if use_dora else None
+        # How the base is stored (a compressor's parts), when it was made by one: what a packed
+        # checkpoint writes. Not a tensor of the module: the base weight already is.
+        self.base_compressed: CompressedWeight | None = None
 
     @property
     def in_features(self) -> int:

@@ -10,9 +10,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import torch
 
 from tests.conftest import TINY_MODEL, run_driver, write_image
+from train_evaluate.checkpoint import read_packed
 from train_evaluate.report import COLUMNS, TIMING_COLUMNS
 
 RANK_COLUMNS = [
@@ -67,10 +67,10 @@ def test_every_row_column_and_artifact_is_written(svd_run, image_folder):
             names = (f"acc_{stem}.png", f"loss_{stem}.png", f"{stem}_optimization_history.html")
             for name in names:
                 assert (out / name).stat().st_size > 0, name
-            checkpoint = torch.load(out / "checkpoints" / f"{stem}.ckpt", weights_only=True)
-            assert checkpoint["init"] == "svd_init"
-            assert checkpoint["adapter"]["lora_A"].shape == (rank, 64)
-            assert checkpoint["adapter"]["lora_B"].shape == (1000, rank)
+            checkpoint = read_packed(out / "checkpoints" / f"{stem}.safetensors")
+            assert checkpoint.info["init"] == "svd_init" and checkpoint.info["method"] == method
+            assert checkpoint.layer.lora_A.shape == (rank, 64)
+            assert checkpoint.layer.lora_B.shape == (1000, rank)
     assert (out / "accuracy_vs_rank.png").stat().st_size > 0
     assert (out / "run.json").exists()
 
@@ -123,8 +123,10 @@ def test_paper_init_afterwards_leaves_the_svd_init_results_intact(
     for init in ("svd_init", "paper_init"):
         frame = pd.read_csv(svd_run / init / "evaluation.csv")
         assert (frame["init"] == init).all()
-        for checkpoint in (svd_run / init / "checkpoints").glob("*.ckpt"):
-            assert torch.load(checkpoint, weights_only=True)["init"] == init
+        checkpoints = list((svd_run / init / "checkpoints").glob("*.safetensors"))
+        assert len(checkpoints) == 4
+        for checkpoint in checkpoints:
+            assert read_packed(checkpoint).info["init"] == init
 
 
 def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
@@ -143,7 +145,7 @@ def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys)
         for rank in (2, 4, 8):
             stem = f"quant={method}_r={rank}"
             for name in (f"acc_{stem}.png", f"loss_{stem}.png", f"{stem}_optimization_history.html",
-                         f"checkpoints/{stem}.ckpt"):  # fmt: skip
+                         f"checkpoints/{stem}.safetensors"):  # fmt: skip
                 assert (results / name).exists(), name
     assert (results / "accuracy_vs_rank.png").exists()
 
@@ -202,3 +204,34 @@ def test_bad_input_gives_one_line_and_exit_code_2_and_writes_nothing(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert fragment in lines[0] and "Traceback" not in err
     assert not results.exists()
+
+
+def test_packed_checkpoints_reproduce_the_recorded_accuracy_and_size(svd_run, capsys):
+    out = svd_run / "svd_init"
+    frame = pd.read_csv(out / "evaluation.csv")
+    ranked = frame[frame["lora_rank"].isin(["2", "4"])]
+    # the model rebuilt from each file scores exactly what the trained one scored
+    assert (ranked["file_evaluation"] == ranked["evaluation"]).all()
+    for _, row in ranked.iterrows():
+        path = out / "checkpoints" / f"quant={row['quant']}_r={row['lora_rank']}.safetensors"
+        assert path.stat().st_size == row["file_bytes"]
+        with open(path, "rb") as handle:
+            container = 8 + int.from_bytes(handle.read(8), "little")
+        counted = row["bits"] + 1000 * 32  # the file also holds the bias
+        assert 0 <= (row["file_bytes"] - container) * 8 - counted < 8 * 4
+        assert row["ratio_file"] == pytest.approx(4 * (64 * 1000 + 1000) / row["file_bytes"], 1e-5)
+
+    from train_evaluate.evaluate import main as evaluate_main
+
+    checkpoint = out / "checkpoints" / "quant=int1_r=4.safetensors"
+    merged = svd_run / "merged.safetensors"
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--merge", str(merged)]) == 0
+    printed = capsys.readouterr().out
+    assert "reproduced exactly" in printed and "gives up the compression" in printed
+    assert merged.stat().st_size > checkpoint.stat().st_size
+
+    broken = svd_run / "broken.safetensors"
+    broken.write_bytes(checkpoint.read_bytes()[:-50])
+    assert evaluate_main(["--checkpoint", str(broken)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "safetensors header" in lines[0]

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import run_driver
 from tests.test_driver import tiny_args
+from train_evaluate.checkpoint import read_packed
 from train_evaluate.report import TIMING_COLUMNS
 
 
@@ -48,11 +49,9 @@ def test_dora_loftq_and_ce_plus_kd_through_the_driver(
     assert list(ranked["quant"]) == ["nm", "int4"]
     assert ranked["dora"].all() and (ranked["objective"] == "ce+kd").all()
     assert (ranked["compression"] == ["nm(2:4)", "int4(per-row symmetric)"]).all()
-    checkpoint = torch.load(
-        tmp_path / "loftq_init" / "checkpoints" / "quant=nm_r=2.ckpt", weights_only=True
-    )
-    assert checkpoint["adapter"]["lora_magnitude"].shape == (1000,)
-    assert checkpoint["init"] == "loftq_init"
+    checkpoint = read_packed(tmp_path / "loftq_init" / "checkpoints" / "quant=nm_r=2.safetensors")
+    assert checkpoint.layer.lora_magnitude.shape == (1000,)
+    assert checkpoint.info["init"] == "loftq_init" and checkpoint.info["use_dora"]
 
 
 def scramble_train_labels(cache_dir, train_ids):

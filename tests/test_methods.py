@@ -107,7 +107,7 @@ def test_loftq_error_is_at_most_svd_inits(compression, rank):
     assert result.errors[0] == pytest.approx(svd_error, rel=1e-5)  # the first iterate is svd_init
     assert loftq_error <= svd_error * (1 + 1e-6)
     assert loftq_error == pytest.approx(min(result.errors), rel=1e-5)
-    assert weight_error(weight, result.base, result.fit) == pytest.approx(min(result.errors))
+    assert weight_error(weight, result.base.weight, result.fit) == pytest.approx(min(result.errors))
 
 
 @pytest.mark.parametrize("compression", EXACT_PROJECTIONS)
@@ -123,8 +123,8 @@ def test_loftq_keeps_the_compressors_storage():
     weight = random_weight(200, 96)
     config = SparseConfig()
     result = alternate(weight, config, rank=8, iterations=3)
-    assert ((result.base != 0).sum()) == (compress(weight, config).weight != 0).sum()
-    tiles = result.base.reshape(50, 4, 24, 4).ne(0).sum(dim=(1, 3))
+    assert ((result.base.weight != 0).sum()) == (compress(weight, config).weight != 0).sum()
+    tiles = result.base.weight.reshape(50, 4, 24, 4).ne(0).sum(dim=(1, 3))
     assert (tiles == 1).all()  # still one entry per 4x4 block
 
 

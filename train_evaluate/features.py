@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from train_evaluate import interrupt
-from train_evaluate.backbone import pre_logits
+from train_evaluate.backbone import create_backbone, eval_transform, pre_logits, weights_id
 from train_evaluate.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -174,3 +175,53 @@ def cached_features(
     cached = compute()
     save_features(path, key, cached)
     return cached, False
+
+
+@dataclass
+class BackboneFeatures:
+    model: nn.Module
+    key: str
+    cached: CachedFeatures
+    reused: bool
+
+
+def backbone_features(
+    model_name: str,
+    weights: Path | None,
+    source: Any,
+    device: torch.device,
+    cache_dir: Path,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> BackboneFeatures:
+    """The frozen backbone and the pre-logits features of every image of ``source``, from the
+    cache when they are there (logged either way). Raises BackboneError for unusable weights."""
+    model = create_backbone(model_name, weights, device)
+    transform = eval_transform(model)
+    key = feature_key(
+        format=FORMAT,
+        model=model_name,
+        weights=weights_id(model_name, weights),
+        data=source.fingerprint,
+        transform=repr(transform),
+    )
+    started = time.perf_counter()
+    cached, reused = cached_features(
+        cache_dir,
+        key,
+        lambda: extract_features(model, source, transform, device, batch_size, workers),
+    )
+    if reused:
+        log.info(
+            "features: reusing the feature cache (%d images) in %s", len(cached.ids), cache_dir
+        )
+    else:
+        log.info(
+            "features: computed for %d images in %.1f s, cached in %s",
+            len(cached.ids),
+            time.perf_counter() - started,
+            cache_dir,
+        )
+    if cached.skipped:
+        log.warning("%d unreadable images were skipped", len(cached.skipped))
+    return BackboneFeatures(model, key, cached, reused)

@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
 from compression import LayerAccounting
+from lora import LoraLinear
+from train_evaluate.checkpoint import write_packed
 from train_evaluate.files import atomic_path, write_text
-
-CHECKPOINT_FORMAT = "lora-compression-adapter/1"
 
 # evaluation.csv: the original study's three columns first, then ours (README explains each).
 COLUMNS = [
@@ -42,6 +41,9 @@ COLUMNS = [
     "ratio_model",
     "compute_ratio",
     "bits",
+    "file_bytes",
+    "ratio_file",
+    "file_evaluation",
     "best_val_acc",
     "best_epoch",
     "best_epochs",
@@ -68,7 +70,7 @@ def stem(method: str, rank: int) -> str:
 
 
 def checkpoint_path(out: Path, method: str, rank: int) -> Path:
-    return out / "checkpoints" / f"{stem(method, rank)}.ckpt"
+    return out / "checkpoints" / f"{stem(method, rank)}.safetensors"
 
 
 def save_figure(figure: Figure, target: Path) -> None:
@@ -116,11 +118,13 @@ def plot_epochs(finals: list[dict[str, Any]], metric: str, title: str) -> Figure
 def write_rank_artifacts(
     out: Path,
     record: dict[str, Any],
-    adapter: dict[str, torch.Tensor] | None,
+    layer: LoraLinear | None,
     study: optuna.Study | None,
-    checkpoint_meta: dict[str, Any],
-) -> None:
-    """The per-rank files: curves, Optuna history, checkpoint (whatever the rank produced)."""
+    adapter_dtype: str,
+    checkpoint_info: dict[str, Any],
+) -> Path | None:
+    """The per-rank files: curves, Optuna history and the packed checkpoint (whatever the rank
+    produced). Returns the checkpoint's path, if one was written."""
     method, rank = record["method"], record["rank"]
     name = stem(method, rank)
     if record["finals"]:
@@ -132,20 +136,22 @@ def write_rank_artifacts(
         with atomic_path(out / f"{name}_optimization_history.html") as path:
             # plotly.min.js is written once beside the pages, so they open offline
             html.write_html(path, include_plotlyjs="directory")
-    if adapter is not None:
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            **checkpoint_meta,
-            "method": method,
-            "rank": rank,
-            "init": record["init"],
-            "compression": record["compression"],
-            "lora_alpha": (record.get("best_params") or {}).get("lora_alpha"),
-            "adapter": {k: v.cpu() for k, v in adapter.items()},
-            "metrics": {k: v for k, v in record.items() if k not in ("finals",)},
-        }
-        with atomic_path(checkpoint_path(out, method, rank)) as path:
-            torch.save(payload, path)
+    if layer is None:
+        return None
+    metrics = {k: record.get(k) for k in ("status", "test_acc", "objective", "seed")}
+    metrics["init_only_test_acc"] = record["init_only"]["test_acc"]
+    if record["finals"]:
+        first = record["finals"][0]
+        metrics.update(
+            this_model_test_acc=first["test_acc"],
+            best_epoch=first["best_epoch"],
+            best_val_acc=first["best_val_acc"],
+            train_seed=first["seed"],
+        )
+    info = {**checkpoint_info, "init": record["init"], "metrics": metrics}
+    path = checkpoint_path(out, method, rank)
+    write_packed(path, layer, adapter_dtype, info)
+    return path
 
 
 def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, Any]:
@@ -179,8 +185,10 @@ def seed_statistics(values: list[float]) -> dict[str, float]:
             "ci95_high": mean + half}  # fmt: skip
 
 
-def rank_row(record: dict[str, Any], original_acc: float) -> dict[str, Any]:
-    """One evaluation.csv row from a rank's record (accounting added by the caller)."""
+def rank_row(record: dict[str, Any], original_acc: float, dense_bytes: int) -> dict[str, Any]:
+    """One evaluation.csv row from a rank's record (accounting added by the caller).
+
+    dense_bytes: the uncompressed FC's weight and bias at fp32, for ``ratio_file``."""
     finals = record["finals"]
     params = record.get("best_params") or {}
     if finals:
@@ -215,6 +223,20 @@ def rank_row(record: dict[str, Any], original_acc: float) -> dict[str, Any]:
         "dora": record.get("dora"),
         "seed": record["seed"],
         "seconds": round(record["seconds"], 3),
+        **file_columns(record, dense_bytes),
+    }
+
+
+def file_columns(record: dict[str, Any], dense_bytes: int) -> dict[str, Any]:
+    """Size of the packed checkpoint, its ratio to the fp32 FC (weight and bias), and the test
+    accuracy of the model rebuilt from it."""
+    packed = record.get("file")
+    if not packed:
+        return {}
+    return {
+        "file_bytes": packed["bytes"],
+        "ratio_file": dense_bytes / packed["bytes"],
+        "file_evaluation": packed["test_acc"],
     }
 
 

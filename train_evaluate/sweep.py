@@ -122,7 +122,7 @@ class Method:
     def create(cls, name: str, config: Any, head: nn.Linear, features: torch.Tensor) -> Method:
         weight = head.weight.detach()
         compressed = compress(weight, config)
-        context = InitContext(weight, compressed.weight, config, features)
+        context = InitContext(weight, compressed, config, features)
         return cls(name, config, head, context, compressed.cost)
 
     def compressed_linear(self) -> nn.Linear:
@@ -148,10 +148,12 @@ class Method:
 
 @dataclass
 class RankOutcome:
-    """What one rank produced: a JSON-able record, the final adapter, and its study."""
+    """What one rank produced: a JSON-able record, the final layer (holding the adapter of the
+    selected epoch of the first final seed; the init for init-only runs; None when no trial
+    completed), and the study."""
 
     record: dict[str, Any]
-    adapter: dict[str, torch.Tensor] | None
+    layer: LoraLinear | None
     study: optuna.Study | None
 
 
@@ -235,7 +237,7 @@ def run_rank(
         record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
         record["seconds"] = time.perf_counter() - started
         on_step()
-        return RankOutcome(record, probe.adapter_state(), None)
+        return RankOutcome(record, probe, None)
 
     def objective(trial: optuna.Trial, index: int) -> float:
         params = sweep.space.suggest(trial)
@@ -279,7 +281,7 @@ def run_rank(
         return RankOutcome(record, None, study)
 
     best = study.best_trial
-    finals, adapter = [], None
+    finals, kept = [], None
     for index in range(sweep.final_seeds):
         seed = derive_seed(*seed_parts, "final", index)
         layer = method.layer(rank, best.params["lora_alpha"], sweep, seed)
@@ -297,7 +299,7 @@ def run_rank(
             }
         )
         if index == 0:
-            adapter = result.best_state  # the checkpoint holds the first seed's adapter
+            kept = layer  # the checkpoint holds the first seed's model
         on_step()
     record.update(
         status="ok",
@@ -307,4 +309,4 @@ def run_rank(
         test_acc=sum(f["test_acc"] for f in finals) / len(finals),
     )
     record["seconds"] = time.perf_counter() - started
-    return RankOutcome(record, adapter, study)
+    return RankOutcome(record, kept, study)

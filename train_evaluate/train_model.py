@@ -53,13 +53,11 @@ from train_evaluate.backbone import (
     check_model_name,
     classifier,
     classifier_shape,
-    create_backbone,
-    eval_transform,
     tensor_bits,
-    weights_id,
 )
+from train_evaluate.checkpoint import ADAPTER_DTYPES, read_packed
 from train_evaluate.demo import DEMO_MODEL, demo_weights
-from train_evaluate.features import FORMAT, cached_features, extract_features, feature_key
+from train_evaluate.features import BackboneFeatures, backbone_features, feature_key
 from train_evaluate.files import check_writable, read_json, write_json, write_text
 from train_evaluate.sweep import Method, SearchSpace, Splits, SweepConfig, run_rank, steps_per_rank
 from train_evaluate.training import OBJECTIVES, FeatureSplit, TrainConfig, evaluate, linear_logits
@@ -162,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_RULES)}")
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALES)}")
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
+    compress_group.add_argument(
+        "--adapter-dtype",
+        default="fp32",
+        choices=list(ADAPTER_DTYPES),
+        help="dtype of the adapter in the packed checkpoint and the ratios (training is fp32)",
+    )
     compress_group.add_argument(
         "--include-bias",
         action="store_true",
@@ -398,7 +402,7 @@ def announce(plan: Plan) -> None:
         log.info("--epochs 0: every rank is the init only (no Optuna search, no training)")
 
 
-def load_features(plan: Plan):
+def load_features(plan: Plan) -> tuple[BackboneFeatures, Path | None, dict]:
     """Backbone -> cached features (one pass per image, reused across runs) and the split."""
     args = plan.args
     weights = plan.weights
@@ -407,45 +411,18 @@ def load_features(plan: Plan):
         # same split that is drawn below from the (identical) list of readable digits.
         split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
         weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
-    try:
-        model = create_backbone(plan.model, weights, plan.device)
-    except BackboneError as error:
-        raise UsageError(str(error)) from error
-    transform = eval_transform(model)
-    key = feature_key(
-        format=FORMAT,
-        model=plan.model,
-        weights=weights_id(plan.model, weights),
-        data=plan.source.fingerprint,
-        transform=repr(transform),
-    )
     workers = 0 if plan.demo else (args.workers if args.workers is not None else 2)
-    started = time.perf_counter()
-    cached, reused = cached_features(
-        plan.cache_dir,
-        key,
-        lambda: extract_features(
-            model, plan.source, transform, plan.device, args.feature_batch_size, workers
-        ),
-    )
-    if reused:
-        log.info(
-            "features: reusing the feature cache (%d images) in %s", len(cached.ids), plan.cache_dir
-        )
-    else:
-        log.info(
-            "features: computed for %d images in %.1f s, cached in %s",
-            len(cached.ids),
-            time.perf_counter() - started,
-            plan.cache_dir,
-        )
-    if cached.skipped:
-        log.warning("%d unreadable images were skipped (listed in run.json)", len(cached.skipped))
     try:
-        split = split_indices(len(cached.ids), plan.fractions, plan.sweep.seed)
-    except ValueError as error:
+        found = backbone_features(
+            plan.model, weights, plan.source, plan.device, plan.cache_dir,
+            args.feature_batch_size, workers,
+        )  # fmt: skip
+        split = split_indices(len(found.cached.ids), plan.fractions, plan.sweep.seed)
+    except (BackboneError, ValueError) as error:  # bad weights; a split emptied by skipped images
         raise UsageError(str(error)) from error
-    return model, weights, key, cached, reused, split
+    if found.cached.skipped:
+        log.warning("the unreadable images are listed in run.json")
+    return found, weights, split
 
 
 def dense_cost(out_features: int, in_features: int) -> StorageCost:
@@ -486,14 +463,22 @@ class Context:
     original_acc: float
     backbone_bits: int
     features_key: str
+    weights: Path | None
     storage: optuna.storages.BaseStorage
     bar: tqdm
+
+    @property
+    def dense_bytes(self) -> int:
+        """The uncompressed FC, weight and bias, at fp32: what ``ratio_file`` divides."""
+        out_features, in_features = self.plan.fc_shape
+        return 4 * (out_features * in_features + out_features)
 
 
 def run(plan: Plan) -> None:
     announce(plan)
     started = time.perf_counter()
-    model, weights, key, cached, reused, split = load_features(plan)
+    found, weights, split = load_features(plan)
+    model, key, cached, reused = found.model, found.key, found.cached, found.reused
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     for name, text in split_lists(cached.ids, split).items():
@@ -513,7 +498,7 @@ def run(plan: Plan) -> None:
     ):
         context = Context(
             plan, head, splits, original_acc, tensor_bits(model) - tensor_bits(head), key,
-            storage, bar,
+            weights, storage, bar,
         )  # fmt: skip
         for name, compression in plan.compressions.items():
             rows.extend(method_rows(context, name, compression))
@@ -585,7 +570,7 @@ def method_rows(context: Context, name: str, compression: Any) -> list[dict[str,
         record = run_or_resume(context, method, rank)
         rows.append(
             {
-                **report.rank_row(record, context.original_acc),
+                **report.rank_row(record, context.original_acc, context.dense_bytes),
                 **accounting(context, method.cost, rank),
             }
         )
@@ -599,6 +584,7 @@ def accounting(context: Context, cost: StorageCost, rank: int) -> dict[str, Any]
         *plan.fc_shape,
         cost,
         rank,
+        adapter_dtype_bits=ADAPTER_DTYPES[plan.args.adapter_dtype].itemsize * 8,
         extra_adapter_params=plan.fc_shape[0] if plan.sweep.use_dora and rank else 0,
         include_bias=plan.args.include_bias,
     )
@@ -619,7 +605,12 @@ def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]
         "sweep": study_identity,
     }
     study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
-    key = feature_key(study=study_name, trials=plan.sweep.trials, finals=plan.sweep.final_seeds)
+    key = feature_key(
+        study=study_name,
+        trials=plan.sweep.trials,
+        finals=plan.sweep.final_seeds,
+        adapter_dtype=plan.args.adapter_dtype,
+    )
     path = plan.out / "records" / f"{method.name}_r{rank}.json"
     record = read_json(path)
     if record is not None and record.get("key") == key:
@@ -630,8 +621,24 @@ def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]
         method, rank, context.splits, plan.sweep, context.storage, study_name, context.bar.update
     )
     record = {**outcome.record, "key": key}
-    meta = {"model": plan.model, "feature_key": context.features_key}
-    report.write_rank_artifacts(plan.out, record, outcome.adapter, outcome.study, meta)
+    info = {
+        "model": plan.model,
+        "weights": str(context.weights.resolve()) if context.weights else "hub",
+        "demo": plan.demo,
+        "data_dir": None if plan.demo else str(plan.source.root.resolve()),
+        "feature_key": context.features_key,
+    }
+    checkpoint = report.write_rank_artifacts(
+        plan.out, record, outcome.layer, outcome.study, plan.args.adapter_dtype, info
+    )
+    if checkpoint is not None:
+        # Read the file back and score the model it holds: the number a user of the file gets.
+        rebuilt = read_packed(checkpoint, plan.device).layer
+        test = context.splits.test.with_base(rebuilt)
+        record["file"] = {
+            "bytes": checkpoint.stat().st_size,
+            "test_acc": evaluate(rebuilt, test)["acc"],
+        }
     write_json(path, record)  # last: a record on disk means the rank's files are complete
     summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"
     log.info(
