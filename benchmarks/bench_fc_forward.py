@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import machine, seconds_per_call
+from benchmarks.common import machine, seconds_per_call
 from compression import make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
 from train_evaluate.checkpoint import read_packed, write_packed

@@ -85,7 +85,11 @@ class LoraLinear(nn.Module):
             return F.linear(x, self.merged_weight(), self.base_layer.bias)
         if base_out is None:
             base_out = self.base_layer(x)
-        return base_out + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+        # scale the small N x r product, not the N x out one, and let the GEMM add the base
+        hidden = (x @ self.lora_A.T) * self.scaling
+        if hidden.ndim == 2:
+            return torch.addmm(base_out, hidden, self.lora_B.T)
+        return base_out + hidden @ self.lora_B.T
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""

@@ -117,3 +117,19 @@ def test_comparison_report_on_the_demo_with_both_inits_and_three_methods(
     (tmp_path / "summary.csv").unlink()
     assert compare_main(["--results-dir", str(tmp_path)]) == 0
     assert pd.read_csv(tmp_path / "summary.csv").equals(summary)
+
+
+def test_epochs_zero_is_a_training_free_run_with_init_only_rows(tmp_path, demo_cache, capsys):
+    code, out, _ = run_driver(
+        capsys, "--init", "act_svd_init", "--epochs", "0", "--methods", "sparse", "int1",
+        "int4", "--results-dir", tmp_path, "--cache-dir", demo_cache,
+    )  # fmt: skip
+    assert code == 0
+    assert "--epochs 0: every rank is the init only (no Optuna search, no training)" in out
+    frame = pd.read_csv(tmp_path / "act_svd_init" / "evaluation.csv")
+    ranked = frame[~frame["lora_rank"].isin(["original", "quantized"])]
+    assert len(ranked) == 3 * 3 and (ranked["status"] == "init_only").all()
+    assert (ranked["evaluation"] == ranked["init_only"]).all()
+    assert (ranked["best_epoch"] == 0).all() and ranked["optimizer"].isna().all()
+    assert (ranked["file_evaluation"] == ranked["evaluation"]).all()
+    assert not any((tmp_path / "act_svd_init").glob("*_optimization_history.html"))  # no study

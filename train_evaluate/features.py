@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,43 @@ def _ignore_interrupt(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def default_workers(device: torch.device) -> int:
+    """Decoding processes for the caching pass when the user does not say.
+
+    With a GPU, decoding is the bottleneck: up to 8 processes. On CPU the backbone already uses
+    every core, and decoding processes only fight it for them (measured on 2 cores: 0.76 of the
+    bare forward's speed with 2 workers, 0.9 without), so batches are decoded in threads
+    between forward passes instead (0).
+    """
+    if device.type == "cuda":
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return 0
+
+
+def _batches(images: _Images, batch_size: int, workers: int, pin_memory: bool):
+    """(images, indices, unreadable) per batch, in order.
+
+    workers > 0: a DataLoader with that many decoding processes. workers == 0: each batch is
+    decoded by a pool of threads, one per torch thread (PIL releases the GIL while it decodes
+    and resizes), then handed to the backbone: decoding and the forward pass take turns on all
+    cores instead of competing for them.
+    """
+    if workers > 0:
+        yield from DataLoader(
+            images,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_ignore_interrupt,
+            pin_memory=pin_memory,
+        )
+        return
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        for start in range(0, len(images), batch_size):
+            indices = range(start, min(start + batch_size, len(images)))
+            yield _collate(list(pool.map(images.__getitem__, indices)))
+
+
 def extract_features(
     model: nn.Module,
     source: Any,
@@ -94,21 +133,14 @@ def extract_features(
     workers: int = 0,
 ) -> CachedFeatures:
     """Run the backbone once over every image of ``source`` (with a progress bar)."""
-    loader = DataLoader(
-        _Images(source, transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_ignore_interrupt if workers > 0 else None,
-        pin_memory=device.type == "cuda",
-    )
+    batches = _batches(_Images(source, transform), batch_size, workers, device.type == "cuda")
     chunks, kept, skipped = [], [], []
     model.eval()
     with (
         torch.inference_mode(),
         tqdm(total=len(source.ids), desc="features", unit="img", disable=None) as bar,
     ):
-        for images, indices, bad in loader:
+        for images, indices, bad in batches:
             interrupt.check()
             for index, reason in bad:
                 log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)

@@ -22,9 +22,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from torch import nn
@@ -77,6 +79,7 @@ class SweepConfig:
     epochs: int = 10
     seed: int = 0
     final_seeds: int = 1
+    pruning: bool = True
     use_dora: bool = False
     loftq_iters: int = 5
     objective: str = "ce"
@@ -155,6 +158,26 @@ class RankOutcome:
     record: dict[str, Any]
     layer: LoraLinear | None
     study: optuna.Study | None
+
+
+def open_storage(path: Path) -> optuna.storages.RDBStorage:
+    """The run's Optuna studies, in one SQLite file (openable with optuna-dashboard).
+
+    Write-ahead logging with synchronous=NORMAL: a trial reports every epoch, and this makes
+    each write about a third cheaper (measured: 100 -> 63 ms per 11-report trial). A killed
+    process loses nothing committed; only a power cut could lose the last commits.
+    """
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}")
+
+    def pragmas(connection, _record) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # connections opened before the listener reconnect with it
+    return storage
 
 
 def steps_per_rank(sweep: SweepConfig) -> int:
@@ -263,7 +286,9 @@ def run_rank(
         study_name=study_name,
         direction="maximize",
         load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(**PRUNER),
+        pruner=optuna.pruners.MedianPruner(**PRUNER)
+        if sweep.pruning
+        else optuna.pruners.NopPruner(),
     )
     run_study(study, objective, sweep.trials, seed_parts, on_step)
     record["trials"] = trial_counts(study)

@@ -57,9 +57,22 @@ from train_evaluate.backbone import (
 )
 from train_evaluate.checkpoint import ADAPTER_DTYPES, read_packed
 from train_evaluate.demo import DEMO_MODEL, demo_weights
-from train_evaluate.features import BackboneFeatures, backbone_features, feature_key
+from train_evaluate.features import (
+    BackboneFeatures,
+    backbone_features,
+    default_workers,
+    feature_key,
+)
 from train_evaluate.files import check_writable, read_json, write_json, write_text
-from train_evaluate.sweep import Method, SearchSpace, Splits, SweepConfig, run_rank, steps_per_rank
+from train_evaluate.sweep import (
+    Method,
+    SearchSpace,
+    Splits,
+    SweepConfig,
+    open_storage,
+    run_rank,
+    steps_per_rank,
+)
 from train_evaluate.training import OBJECTIVES, FeatureSplit, TrainConfig, evaluate, linear_logits
 
 log = logging.getLogger("train_model")
@@ -137,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="final models per rank, each with its own seed: mean, std and 95%% interval",
     )
+    study.add_argument(
+        "--no-pruning", action="store_true", help="run every Optuna trial to its last epoch"
+    )
     study.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude vector")
     study.add_argument(
         "--loftq-iters", type=int, default=5, help="alternations of loftq_init / act_loftq_init"
@@ -185,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--weights", type=Path, help="local weights file (state dict) for --model")
     data.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     data.add_argument("--feature-batch-size", type=int, default=64, help="images per forward pass")
-    data.add_argument("--workers", type=int, default=None, help="image decoding processes")
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image decoding processes (default: 0 on CPU, decoding in threads; up to 8 on GPU)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -294,6 +315,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         epochs=args.epochs,
         seed=args.seed,
         final_seeds=args.final_seeds,
+        pruning=not args.no_pruning,
         use_dora=args.dora,
         loftq_iters=args.loftq_iters,
         objective=args.objective,
@@ -411,7 +433,7 @@ def load_features(plan: Plan) -> tuple[BackboneFeatures, Path | None, dict]:
         # same split that is drawn below from the (identical) list of readable digits.
         split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
         weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
-    workers = 0 if plan.demo else (args.workers if args.workers is not None else 2)
+    workers = args.workers if args.workers is not None else default_workers(plan.device)
     try:
         found = backbone_features(
             plan.model, weights, plan.source, plan.device, plan.cache_dir,
@@ -489,7 +511,7 @@ def run(plan: Plan) -> None:
     log.info(
         "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
     )
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.sqlite3').resolve()}")
+    storage = open_storage(out / "optuna.sqlite3")
     total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
     rows: list[dict[str, Any]] = []
     with (
