@@ -125,7 +125,8 @@ def sparsify(weight: torch.Tensor, config: SparseConfig) -> CompressedWeight:
     chosen = choose_in_tiles(weight, config).cpu()
     row_in, col_in = chosen // config.block[1], chosen % config.block[1]
     rows, cols = kept_coordinates(shape, config.block, row_in, col_in)
-    values = weight[rows.to(weight.device), cols.to(weight.device)]
+    rows, cols = rows.to(weight.device), cols.to(weight.device)
+    values = weight[rows, cols]
     compressed = torch.zeros_like(weight)
     compressed[rows, cols] = values
     # Stored: the kept values in tile order, and for every class of tile shape (full, right
