@@ -94,6 +94,9 @@ def synthetic_features(
 
     generator = torch.Generator().manual_seed(seed)
     head = nn.Linear(in_features, classes).requires_grad_(False)
+    with torch.no_grad():  # from the seed, not from torch's global generator
+        head.weight.copy_(torch.randn(classes, in_features, generator=generator) / in_features**0.5)
+        head.bias.copy_(0.1 * torch.randn(classes, generator=generator))
 
     def split(rows: int) -> FeatureSplit:
         features = torch.randn(rows, in_features, generator=generator).relu()

@@ -57,7 +57,8 @@ class ImageFolderSource:
 def scan_imagenet_folder(root: Path) -> ImageFolderSource:
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {root} {state}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     known = {name: index for index, name in enumerate(imagenet_synsets())}
     strangers = [p.name for p in folders if p.name not in known]

@@ -30,8 +30,11 @@ def check_model_name(name: str) -> None:
 
 def classifier_shape(name: str) -> tuple[int, int]:
     """(out, in) of the model's classifier, read without allocating its weights."""
-    with torch.device("meta"):
-        head = timm.create_model(name, pretrained=False).get_classifier()
+    try:
+        with torch.device("meta"):
+            head = timm.create_model(name, pretrained=False).get_classifier()
+    except Exception as error:  # a model that cannot be built without extra arguments
+        raise BackboneError(f"cannot build timm model {name}: {error}") from error
     if not isinstance(head, nn.Linear):
         raise BackboneError(f"{name}'s classifier is {type(head).__name__}, not a Linear layer")
     return head.out_features, head.in_features

@@ -217,8 +217,19 @@ def run_study(
         on_trial()
 
 
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    trials = study.get_trials(deepcopy=False)
+def counted_trials(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
+    """The first ``trials`` finished trials: a study extended by an earlier run with more
+    trials still answers for exactly the trials this run asked for."""
+    return sorted(finished(study), key=lambda t: t.number)[:trials]
+
+
+def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+    """The completed trial with the highest value, the earliest on ties (as Optuna's own)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def trial_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     return {
         "complete": sum(t.state == TrialState.COMPLETE for t in trials),
         "pruned": sum(
@@ -291,9 +302,11 @@ def run_rank(
         else optuna.pruners.NopPruner(),
     )
     run_study(study, objective, sweep.trials, seed_parts, on_step)
-    record["trials"] = trial_counts(study)
+    trials = counted_trials(study, sweep.trials)
+    record["trials"] = trial_counts(trials)
     record["study"] = study_name
-    if record["trials"]["complete"] == 0:
+    best = best_trial(trials)
+    if best is None:
         log.warning(
             "%s r=%d: no trial completed (all pruned or diverged); no final model",
             method.name,
@@ -305,7 +318,6 @@ def run_rank(
             on_step()
         return RankOutcome(record, None, study)
 
-    best = study.best_trial
     finals, kept = [], None
     for index in range(sweep.final_seeds):
         seed = derive_seed(*seed_parts, "final", index)

@@ -249,10 +249,9 @@ def unique(values) -> list:
 
 def plan_run(args: argparse.Namespace) -> Plan:
     """Check every argument and the data; raise UsageError with a one-line reason."""
+    if args.init not in LORA_INITS:
+        raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
     try:
-        init_known = args.init in LORA_INITS
-        if not init_known:
-            raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
         block = parse_block(args.block) if args.block else None
         compressions = build_configs(
             unique(args.methods),
@@ -296,7 +295,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
         fractions.sizes(len(source.ids))  # unreadable images can only make it smaller later
     except ValueError as error:
         raise UsageError(str(error)) from error
-    out_features, in_features = classifier_shape(model)
+    try:
+        out_features, in_features = classifier_shape(model)
+    except BackboneError as error:
+        raise UsageError(str(error)) from error
     limit = min(out_features, in_features)
     if args.ranks is None:
         ranks = tuple(r for r in DEFAULT_RANKS if r <= limit)
@@ -389,10 +391,12 @@ def configure_logging() -> None:
 
 def announce(plan: Plan) -> None:
     if plan.demo:
+        why = "--demo" if plan.args.demo else f"no ImageNet folder at {DEFAULT_DATA}"
         log.info(
-            "DEMO RUN: no ImageNet folder at %s, so this is the offline demo on scikit-learn's "
-            "digits with a small ViT trained here. For the real study, put the ImageNet "
-            "validation folders (one per synset) there or pass --data-dir.",
+            "DEMO RUN (%s): the offline demo on scikit-learn's digits with a small ViT trained "
+            "here. For the real study, put the ImageNet validation folders (one per synset) at "
+            "%s or pass --data-dir.",
+            why,
             DEFAULT_DATA,
         )
     log.info("data: %s", plan.source.description)

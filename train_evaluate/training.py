@@ -5,10 +5,10 @@ features are frozen, so the base logits x @ W_c.T + b of every row are computed 
 (``FeatureSplit.with_base``) and each step costs only the adapter: r * (in + out) multiply-adds
 per row instead of in * out.
 
-Every run evaluates the adapter before its first step (epoch 0) and after every epoch, on
-train and val; the best epoch is the one with the highest val accuracy, earliest on ties, and
-epoch 0 competes: training that only hurts ends where it started. The layer is left holding
-the best epoch's adapter.
+Every run evaluates the adapter before its first step (epoch 0) and after every epoch, on val
+and on a fixed sample of train (for the curves); the best epoch is the one with the highest
+val accuracy, earliest on ties, and epoch 0 competes: training that only hurts ends where it
+started. The layer is left holding the best epoch's adapter.
 
 Objectives: ``ce`` (cross-entropy on the labels), ``kd`` (distillation from the uncompressed
 layer's logits, Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": it needs no

@@ -1,0 +1,44 @@
+"""The Optuna sweep: seeded trials that resume exactly, and studies that can be extended."""
+
+import optuna
+import torch
+
+from benchmarks.common import synthetic_features
+from compression import make_config
+from train_evaluate.sweep import (
+    Method,
+    SearchSpace,
+    SweepConfig,
+    counted_trials,
+    open_storage,
+    run_rank,
+)
+
+
+def small_problem():
+    head, splits = synthetic_features(600, 200, in_features=32, classes=20)
+    return Method.create("sparse", make_config("sparse"), head, splits.train.features), splits
+
+
+def test_a_run_with_fewer_trials_uses_only_its_own_trials(tmp_path):
+    method, splits = small_problem()
+    storage = open_storage(tmp_path / "optuna.sqlite3")
+    space = SearchSpace(lr=(1e-3, 1e-1))
+
+    def config(trials):
+        return SweepConfig(init="paper_init", trials=trials, epochs=3, space=space)
+
+    many = run_rank(method, 4, splits, config(6), storage, "s")
+    few = run_rank(method, 4, splits, config(1), storage, "s")
+    fresh = run_rank(method, 4, splits, config(1), open_storage(tmp_path / "other.sqlite3"), "s")
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert len(study.trials) == 6  # the second run ran nothing new
+    assert sum(few.record["trials"].values()) == 1 and len(counted_trials(study, 1)) == 1
+    # the 1-trial record is the one a fresh 1-trial study gives: same trial, same final model
+    assert few.record["best_trial"] == fresh.record["best_trial"]
+    assert few.record["best_trial"]["number"] == 0
+    assert few.record["test_acc"] == fresh.record["test_acc"]
+    assert torch.equal(few.layer.lora_A, fresh.layer.lora_A)
+    # and the check can fail: over all six trials another one is best
+    assert many.record["best_trial"]["number"] != 0
+    assert many.record["trials"]["complete"] + many.record["trials"]["pruned"] == 6
