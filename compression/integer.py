@@ -48,6 +48,7 @@ def quantize(weight: torch.Tensor, config: IntNConfig) -> CompressedWeight:
     scale = weight.abs().amax(dim=1, keepdim=True) / levels
     # an all-zero row has scale 0: its codes are 0 whatever we divide by
     codes = torch.round(weight / torch.where(scale > 0, scale, 1)).clamp(-levels, levels)
+    codes = codes + 0.0  # -0.0 -> +0.0: the stored code cannot carry a sign for zero
     cost = StorageCost(
         value_bits=rows * cols * config.bits,
         index_bits=0,

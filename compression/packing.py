@@ -12,8 +12,8 @@ import torch
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """1-D uint8 tensor holding ``codes`` (each in [0, 2**bits)) at ``bits`` bits each."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"codes must take 1 to 8 bits; got {bits}")
+    if not 1 <= bits <= 62:
+        raise ValueError(f"codes must take 1 to 62 bits; got {bits}")
     codes = codes.flatten().to(torch.int64).cpu()
     if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
         raise ValueError(f"codes do not fit in {bits} bits")

@@ -79,7 +79,7 @@ def nm_sparsify(weight: torch.Tensor, config: NMConfig) -> CompressedWeight:
         compressed[:, start:stop] = torch.zeros_like(groups).scatter(-1, chosen, values).flatten(1)
         parts[f"values{suffix}"] = values.flatten()
         if keep < size:  # a group kept whole needs no positions
-            parts[f"positions{suffix}"] = chosen.flatten().to(torch.uint8)
+            parts[f"positions{suffix}"] = chosen.flatten()
             codes[f"positions{suffix}"] = index_bits(size)
             positions += chosen.numel() * index_bits(size)
         kept += values.numel()

@@ -71,7 +71,9 @@ class LoraLinear(nn.Module):
         direction = self.direction()
         if not self.use_dora:
             return direction
-        norm = direction.norm(dim=1, keepdim=True)
+        # A row of W_c + s B A can be all zero (a sparse base whose kept entries are all in other
+        # rows, and B = 0): its norm is 0 and so is its magnitude; the floor keeps 0 / 0 at 0.
+        norm = direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(direction.dtype).tiny)
         return self.lora_magnitude.unsqueeze(1) * direction / norm
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:

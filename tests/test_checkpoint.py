@@ -12,8 +12,9 @@ from compression import Int1Config, IntNConfig, NMConfig, SparseConfig, account_
 from lora import LoraConfig, make_init_context, make_lora_linear
 from train_evaluate.checkpoint import CheckpointError, read_packed, write_merged, write_packed
 
-COMPRESSIONS = [SparseConfig(), SparseConfig(block=(3, 3)), Int1Config(scale="none"),
-                Int1Config(scale="row"), IntNConfig(4), NMConfig()]  # fmt: skip
+COMPRESSIONS = [SparseConfig(), SparseConfig(block=(3, 3)), SparseConfig(block=(16, 32)),
+                Int1Config(scale="none"), Int1Config(scale="tensor"), Int1Config(scale="row"),
+                IntNConfig(4), NMConfig(), NMConfig((2, 300))]  # fmt: skip
 
 
 def trained_layer(compression, init="svd_init", rank=8, use_dora=False, shape=(100, 48)):
@@ -91,6 +92,24 @@ def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     data[-10] ^= 0x40  # inside the last tensor's bytes: the header still parses
     path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_packed(path)
+
+
+def test_edited_metadata_is_caught_by_the_checksum(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    layer, _ = trained_layer(SparseConfig())
+    path = tmp_path / "layer.safetensors"
+    write_packed(path, layer)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    metadata["checkpoint"] = metadata["checkpoint"].replace(
+        '"lora_alpha": 16.0', '"lora_alpha": 48.0'
+    )
+    save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match="sha256"):
         read_packed(path)
 

@@ -191,6 +191,9 @@ BAD_INPUT = {
                     "empty"),
     "zero trials": (lambda data, tmp: ["--trials", "0"], "--trials"),
     "negative epochs": (lambda data, tmp: ["--epochs", "-1"], "--epochs"),
+    "infinite lr": (lambda data, tmp: ["--lr-range", "1e-4", "inf"], "--lr-range"),
+    "nan temperature": (lambda data, tmp: ["--objective", "kd", "--kd-temperature", "nan"],
+                        "temperature"),
     "unwritable output": (lambda data, tmp: ["--out", a_file(tmp) / "run"], "is a file"),
     "missing weights": (lambda data, tmp: ["--data-dir", data, "--model", TINY_MODEL,
                                            "--weights", tmp / "w.pth"], "weights"),
@@ -212,7 +215,7 @@ def test_bad_input_gives_one_line_and_exit_code_2_and_writes_nothing(
     assert not results.exists()
 
 
-def test_packed_checkpoints_reproduce_the_recorded_accuracy_and_size(svd_run, capsys):
+def test_packed_checkpoints_reproduce_the_recorded_accuracy_and_size(svd_run, shared_cache, capsys):
     out = svd_run / "svd_init"
     frame = pd.read_csv(out / "evaluation.csv")
     ranked = frame[frame["lora_rank"].isin(["2", "4"])]
@@ -231,13 +234,44 @@ def test_packed_checkpoints_reproduce_the_recorded_accuracy_and_size(svd_run, ca
 
     checkpoint = out / "checkpoints" / "quant=int1_r=4.safetensors"
     merged = svd_run / "merged.safetensors"
-    assert evaluate_main(["--checkpoint", str(checkpoint), "--merge", str(merged)]) == 0
+    cache = ["--cache-dir", str(shared_cache)]
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--merge", str(merged), *cache]) == 0
     printed = capsys.readouterr().out
     assert "reproduced exactly" in printed and "gives up the compression" in printed
     assert merged.stat().st_size > checkpoint.stat().st_size
 
     broken = svd_run / "broken.safetensors"
     broken.write_bytes(checkpoint.read_bytes()[:-50])
-    assert evaluate_main(["--checkpoint", str(broken)]) == 2
+    assert evaluate_main(["--checkpoint", str(broken), *cache]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "safetensors header" in lines[0]
+
+
+def test_a_rerun_replaces_a_ranks_files_and_evaluate_refuses_a_foreign_split(
+    tmp_path, image_folder, tiny_weights, shared_cache, capsys
+):
+    from train_evaluate.evaluate import main as evaluate_main
+
+    common = ["--methods", "int1", "--ranks", "2", "--trials", "1", "--epochs", "1",
+              "--init", "svd_init"]  # fmt: skip
+    args = tiny_args(image_folder, tiny_weights, tmp_path, shared_cache, *common)
+    assert run_driver(capsys, *args)[0] == 0
+    out = tmp_path / "svd_init"
+    checkpoint = out / "checkpoints" / "quant=int1_r=2.safetensors"
+    assert checkpoint.exists() and (out / "acc_quant=int1_r=2.png").exists()
+    # the same folder again, another split, and a search where every trial diverges
+    code, _, _ = run_driver(capsys, *args, "--seed", "1", "--lr-range", "1e25", "1e30")
+    assert code == 0
+    assert pd.read_csv(out / "evaluation.csv")["status"].iloc[-1] == "no_complete_trial"
+    assert not checkpoint.exists() and not (out / "acc_quant=int1_r=2.png").exists()
+
+    # a checkpoint kept from the first run is not scored against the second run's split
+    assert run_driver(capsys, *args)[0] == 0
+    kept = tmp_path / "kept.safetensors"
+    kept.write_bytes(checkpoint.read_bytes())
+    assert run_driver(capsys, *args, "--seed", "1")[0] == 0
+    foreign = out / "checkpoints" / "foreign.safetensors"
+    foreign.write_bytes(kept.read_bytes())
+    code = evaluate_main(["--checkpoint", str(foreign), "--cache-dir", str(shared_cache)])
+    assert code == 2
+    assert "not the test split this checkpoint was scored on" in capsys.readouterr().err

@@ -185,3 +185,17 @@ def test_activation_aware_inits_need_features():
     context = make_init_context(linear, SparseConfig(block=(2, 2)))
     with pytest.raises(ValueError, match="training inputs"):
         make_lora_linear(linear, LoraConfig(r=2, init="act_svd_init"), context)
+
+
+def test_dora_with_an_all_zero_row_stays_finite_and_unchanged_at_init():
+    linear = nn.Linear(8, 6)
+    with torch.no_grad():
+        linear.weight[2] = 0.0  # int4 keeps it zero: an all-zero row of W_c
+    context = make_init_context(linear, IntNConfig(4))
+    x = torch.randn(5, 8)
+    plain = make_lora_linear(linear, LoraConfig(r=2, init="paper_init"), context,
+                             torch.Generator().manual_seed(0))  # fmt: skip
+    dora = make_lora_linear(linear, LoraConfig(r=2, init="paper_init", use_dora=True), context,
+                            torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.isfinite(dora(x)).all()
+    torch.testing.assert_close(dora(x), plain(x))

@@ -29,6 +29,8 @@ CONFIGS = [
     IntNConfig(8),
     NMConfig(),
     NMConfig((1, 8)),
+    SparseConfig(block=(16, 32)),  # 512-entry tiles: 9-bit positions
+    NMConfig((2, 300)),  # 9-bit positions
 ]
 SHAPES = [(1000, 512), (10, 7), (13, 30)]
 
@@ -43,7 +45,7 @@ def test_parts_rebuild_the_compressed_weight_exactly_in_the_counted_bits(config,
     assert result.stored_bits() == result.cost.total_bits
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", [*range(1, 10), 12, 16])
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 1001])
 def test_codes_pack_to_exactly_their_bits_and_back(bits, count):
     codes = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits))

@@ -4,7 +4,7 @@ Tensors:
   ``base.<part>``   the compressor's stored parts (``CompressedWeight.parts``); integer parts
                     (signs, block positions, N-bit codes) bit-packed at exactly their width
   ``lora_A``, ``lora_B`` (and DoRA's ``lora_magnitude``)   at the adapter dtype (fp32 default)
-  ``bias``          fp32, untouched
+  ``bias``          fp32, untouched (absent when the layer has none)
 Metadata (safetensors' string map):
   ``format``        ``lora-compression-packed/1``
   ``checkpoint``    JSON: method and compressor config, layer shape, rank, alpha, init, DoRA,
@@ -55,11 +55,13 @@ class PackedCheckpoint:
     info: dict[str, Any]
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    hasher = hashlib.sha256()
+def digest(tensors: dict[str, torch.Tensor], info: str) -> str:
+    """SHA-256 over the JSON metadata and every tensor's name, dtype, shape and bytes."""
+    hasher = hashlib.sha256(info.encode())
     for name in sorted(tensors):
-        hasher.update(name.encode())
-        hasher.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = tensors[name]
+        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
 
@@ -84,7 +86,8 @@ def write_packed(
     dtype = ADAPTER_DTYPES[adapter_dtype]
     for name, value in layer.adapter_state().items():
         tensors[name] = value.to(dtype).cpu().contiguous()
-    tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    if layer.base_layer.bias is not None:
+        tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     info = {
         **(extra or {}),
         "method": method_of(config),
@@ -97,7 +100,8 @@ def write_packed(
         "cost": asdict(compressed.cost),
         "parts": parts,
     }
-    metadata = {"format": FORMAT, "checkpoint": json.dumps(info), "sha256": digest(tensors)}
+    text = json.dumps(info)
+    metadata = {"format": FORMAT, "checkpoint": text, "sha256": digest(tensors, text)}
     with atomic_path(Path(path)) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return Path(path).stat().st_size
@@ -115,8 +119,10 @@ def read_packed(path: Path, device: torch.device | str = "cpu") -> PackedCheckpo
         ) from error
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    if digest(tensors) != metadata.get("sha256"):
-        raise CheckpointError(f"{path} is corrupted: its tensors do not match their sha256")
+    if digest(tensors, metadata.get("checkpoint", "")) != metadata.get("sha256"):
+        raise CheckpointError(
+            f"{path} is corrupted: its tensors and metadata do not match their sha256"
+        )
     info = json.loads(metadata["checkpoint"])
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["compression"].items()}
     config = make_config(info["method"], **fields)
@@ -130,10 +136,11 @@ def read_packed(path: Path, device: torch.device | str = "cpu") -> PackedCheckpo
             stored = stored.to(getattr(torch, entry["dtype"]))
         parts[name] = stored
     weight = expand(parts, config, shape)
-    base = nn.Linear(shape[1], shape[0])
+    base = nn.Linear(shape[1], shape[0], bias="bias" in tensors)
     with torch.no_grad():
         base.weight.copy_(weight)
-        base.bias.copy_(tensors["bias"])
+        if "bias" in tensors:
+            base.bias.copy_(tensors["bias"])
     layer = LoraLinear(base, info["rank"], info["lora_alpha"], use_dora=info["use_dora"])
     adapter = {
         k: tensors[k].float() for k in ("lora_A", "lora_B", "lora_magnitude") if k in tensors
@@ -153,10 +160,9 @@ def write_merged(path: Path, layer: LoraLinear) -> int:
     compression (the file is as large as the original FC).
     """
     with torch.no_grad():
-        tensors = {
-            "weight": layer.merged_weight().detach().cpu().contiguous(),
-            "bias": layer.base_layer.bias.detach().cpu().contiguous(),
-        }
+        tensors = {"weight": layer.merged_weight().detach().cpu().contiguous()}
+        if layer.base_layer.bias is not None:
+            tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     with atomic_path(Path(path)) as temporary:
         save_file(tensors, str(temporary), metadata={"format": "dense-linear", "note": "merged"})
     return Path(path).stat().st_size

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import hashlib
 import logging
 
 import torch
@@ -73,14 +74,26 @@ def backbone_weights(info: dict, weights: Path | None) -> Path | None:
     return stored
 
 
-def selected_ids(args: argparse.Namespace, all_ids: tuple[str, ...]) -> tuple[list[str], str]:
+def selected_ids(
+    args: argparse.Namespace, info: dict, all_ids: tuple[str, ...]
+) -> tuple[list[str], str]:
     """The image ids to evaluate, and what they are."""
     if args.all:
         return list(all_ids), "all images"
-    path = args.ids or args.checkpoint.resolve().parent.parent / "split" / "test.txt"
+    if args.ids:
+        if not args.ids.is_file():
+            raise UsageError(f"id list {args.ids} does not exist")
+        return args.ids.read_text().split(), f"the ids in {args.ids}"
+    path = args.checkpoint.resolve().parent.parent / "split" / "test.txt"
     if not path.is_file():
         raise UsageError(f"no id list at {path}; pass --ids FILE or --all")
-    return path.read_text().split(), f"the ids in {path}"
+    text = path.read_text()
+    if hashlib.sha256(text.encode()).hexdigest() != info.get("test_ids_sha256"):
+        raise UsageError(
+            f"{path} is not the test split this checkpoint was scored on (the folder was run "
+            "again with another split); pass --ids FILE or --all"
+        )
+    return text.split(), f"the run's test split ({path})"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -99,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     found = backbone_features(
         info["model"], backbone_weights(info, args.weights), source, device, args.cache_dir
     )
-    ids, described = selected_ids(args, found.cached.ids)
+    ids, described = selected_ids(args, info, found.cached.ids)
     position = {image_id: row for row, image_id in enumerate(found.cached.ids)}
     missing = [i for i in ids if i not in position]
     if missing:

@@ -2,8 +2,9 @@
 
 Per rank (names as in the original study): ``acc_quant=<m>_r=<r>.png``,
 ``loss_quant=<m>_r=<r>.png``, ``quant=<m>_r=<r>_optimization_history.html`` and a checkpoint
-``checkpoints/quant=<m>_r=<r>.ckpt``. Per run: ``evaluation.csv`` and ``accuracy_vs_rank.png``.
-Every file is written atomically (temp file + rename).
+``checkpoints/quant=<m>_r=<r>.safetensors`` (packed, see checkpoint.py). Per run:
+``evaluation.csv`` and ``accuracy_vs_rank.png``. Every file is written atomically (temp file +
+rename).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def checkpoint_path(out: Path, method: str, rank: int) -> Path:
     return out / "checkpoints" / f"{stem(method, rank)}.safetensors"
 
 
+def rank_artifacts(out: Path, method: str, rank: int) -> list[Path]:
+    name = stem(method, rank)
+    return [
+        out / f"acc_{name}.png",
+        out / f"loss_{name}.png",
+        out / f"{name}_optimization_history.html",
+        checkpoint_path(out, method, rank),
+    ]
+
+
 def save_figure(figure: Figure, target: Path) -> None:
     # Figure objects, not pyplot: no GUI backend, no global state to close.
     with atomic_path(target) as path:
@@ -127,6 +138,10 @@ def write_rank_artifacts(
     produced). Returns the checkpoint's path, if one was written."""
     method, rank = record["method"], record["rank"]
     name = stem(method, rank)
+    # A rerun replaces the rank's files; what it does not produce this time (no final model,
+    # no study) must not stay behind from an earlier run, with another split or settings.
+    for old in rank_artifacts(out, method, rank):
+        old.unlink(missing_ok=True)
     if record["finals"]:
         for metric, word in (("acc", "Accuracy"), ("loss", "Loss")):
             figure = plot_epochs(record["finals"], metric, f"{word}, quant={method}, rank={rank}")

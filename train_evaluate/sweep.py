@@ -131,10 +131,16 @@ class Method:
     def compressed_linear(self) -> nn.Linear:
         """The compressed layer alone (W_c and the original bias): the "quantized" row."""
         head = self.head
-        linear = nn.Linear(head.in_features, head.out_features, device=head.weight.device)
+        linear = nn.Linear(
+            head.in_features,
+            head.out_features,
+            bias=head.bias is not None,
+            device=head.weight.device,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.context.base_weight)
-            linear.bias.copy_(head.bias)
+            if head.bias is not None:
+                linear.bias.copy_(head.bias)
         return linear.requires_grad_(False)
 
     def layer(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:

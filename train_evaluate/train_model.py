@@ -16,7 +16,11 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -273,7 +277,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if args.final_seeds < 1 or args.loftq_iters < 1:
         raise UsageError("--final-seeds and --loftq-iters must be at least 1")
     low, high = args.lr_range
-    if not 0 < low <= high:
+    if not (0 < low <= high and math.isfinite(high)):
         raise UsageError(f"--lr-range needs 0 < LOW <= HIGH; got {low:g} {high:g}")
     if min(args.batch_sizes) < 1 or min(args.alphas) < 1:
         raise UsageError("--batch-sizes and --alphas must be positive integers")
@@ -489,6 +493,7 @@ class Context:
     original_acc: float
     backbone_bits: int
     features_key: str
+    test_ids_sha256: str
     weights: Path | None
     storage: optuna.storages.BaseStorage
     bar: tqdm
@@ -500,14 +505,35 @@ class Context:
         return 4 * (out_features * in_features + out_features)
 
 
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold ``out/.lock`` for the run: two runs writing one folder would fail each other's
+    Optuna trials (a resume marks trials left running as failed) and mix their files. The
+    operating system releases the lock when the process ends, killed or not."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise UsageError(
+                f"another run is writing to {out}; wait for it to finish or choose another --out"
+            ) from error
+        yield
+
+
 def run(plan: Plan) -> None:
+    with exclusive(plan.out):
+        run_locked(plan)
+
+
+def run_locked(plan: Plan) -> None:
     announce(plan)
     started = time.perf_counter()
     found, weights, split = load_features(plan)
     model, key, cached, reused = found.model, found.key, found.cached, found.reused
     out = plan.out
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in split_lists(cached.ids, split).items():
+    lists = split_lists(cached.ids, split)
+    for name, text in lists.items():
         write_text(out / "split" / f"{name}.txt", text)
     head = classifier(model)
     splits = split_tensors(cached, split, plan, head)
@@ -524,7 +550,7 @@ def run(plan: Plan) -> None:
     ):
         context = Context(
             plan, head, splits, original_acc, tensor_bits(model) - tensor_bits(head), key,
-            weights, storage, bar,
+            hashlib.sha256(lists["test"].encode()).hexdigest(), weights, storage, bar,
         )  # fmt: skip
         for name, compression in plan.compressions.items():
             rows.extend(method_rows(context, name, compression))
@@ -629,6 +655,9 @@ def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]
         "split": asdict(plan.fractions),
         "compression": method.config.describe(),
         "sweep": study_identity,
+        # Training runs on another device draw other random numbers (paper_init's A) and sum in
+        # another order: a study is not continued across devices.
+        "device": plan.device.type,
     }
     study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
     key = feature_key(
@@ -653,6 +682,7 @@ def run_or_resume(context: Context, method: Method, rank: int) -> dict[str, Any]
         "demo": plan.demo,
         "data_dir": None if plan.demo else str(plan.source.root.resolve()),
         "feature_key": context.features_key,
+        "test_ids_sha256": context.test_ids_sha256,
     }
     checkpoint = report.write_rank_artifacts(
         plan.out, record, outcome.layer, outcome.study, plan.args.adapter_dtype, info

@@ -162,7 +162,9 @@ class TrainConfig:
             raise ValueError(
                 f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
             )
-        if self.kd_temperature <= 0 or not 0 <= self.kd_weight <= 1:
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0) or not (
+            0 <= self.kd_weight <= 1
+        ):
             raise ValueError("kd temperature must be positive and kd weight within [0, 1]")
 
     def loss(self, logits: torch.Tensor, batch: FeatureSplit) -> torch.Tensor:
@@ -212,10 +214,14 @@ def train_adapter(
         "val_acc": [],
     }
 
-    # Train curves are measured on a fixed sample of the train split (its first rows, which the
-    # seeded split already shuffled): at ImageNet scale a full pass would cost more than the
-    # epoch's training steps, and the curves only need to show the trend.
-    train_sample = train.rows(slice(0, TRAIN_CURVE_ROWS))
+    # Train curves are measured on a fixed random sample of the train split (the same rows for
+    # every run): at ImageNet scale a full pass would cost more than the epoch's training steps,
+    # and the curves only need to show the trend. Not the first rows: split ids are sorted, so
+    # those would be the first classes only.
+    train_sample = train
+    if len(train) > TRAIN_CURVE_ROWS:
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        train_sample = train.rows(sample[:TRAIN_CURVE_ROWS].sort().values.to(train.features.device))
 
     def measure() -> float:
         for name, split in (("train", train_sample), ("val", val)):
