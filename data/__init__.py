@@ -13,7 +13,7 @@ from data.sources import (
     load_digits_source,
     scan_imagenet_folder,
 )
-from data.split import SPLITS, SplitFractions, read_split_lists, split_indices, split_lists
+from data.split import SPLITS, SplitFractions, split_indices, split_lists
 
 __all__ = [
     "SPLITS",
@@ -23,7 +23,6 @@ __all__ = [
     "SplitFractions",
     "imagenet_synsets",
     "load_digits_source",
-    "read_split_lists",
     "scan_imagenet_folder",
     "split_indices",
     "split_lists",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -54,7 +53,3 @@ def split_indices(count: int, fractions: SplitFractions, seed: int) -> dict[str,
 def split_lists(ids: list[str] | tuple[str, ...], split: dict[str, torch.Tensor]) -> dict[str, str]:
     """The text of ``train.txt`` / ``val.txt`` / ``test.txt``: one image id per line."""
     return {name: "".join(f"{ids[i]}\n" for i in split[name].tolist()) for name in SPLITS}
-
-
-def read_split_lists(folder: Path) -> dict[str, list[str]]:
-    return {name: (folder / f"{name}.txt").read_text().splitlines() for name in SPLITS}

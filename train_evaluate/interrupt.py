@@ -17,7 +17,7 @@ from collections.abc import Iterator
 _requested = False
 
 
-def _record(signum: int, frame) -> None:
+def _record(_signum: int, _frame) -> None:
     global _requested
     if _requested:  # asked twice: stop now, wherever we are
         signal.signal(signal.SIGINT, signal.default_int_handler)
