@@ -16,15 +16,10 @@ train + val images; its cache-first cost is one caching pass plus 1,400 epochs m
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import timm
 import torch

@@ -13,15 +13,10 @@ their values). Forms, each timed in this one run:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -11,15 +11,10 @@ time does not depend on them).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import timm
 import torch

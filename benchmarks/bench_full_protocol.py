@@ -13,15 +13,10 @@ real data; ``--no-pruning`` runs every trial to the end instead.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import optuna
 import torch

@@ -11,7 +11,13 @@ from compression import (  # noqa: F401  (importing registers the compressors)
     semistructured,
     sparse,
 )
-from compression.accounting import LayerAccounting, account_layer, adapter_params, model_ratio
+from compression.accounting import (
+    LayerAccounting,
+    account_layer,
+    adapter_params,
+    dense_cost,
+    model_ratio,
+)
 from compression.binary import Int1Config
 from compression.integer import IntNConfig
 from compression.packing import pack_codes, unpack_codes
@@ -43,6 +49,7 @@ __all__ = [
     "adapter_params",
     "build_configs",
     "compress",
+    "dense_cost",
     "expand",
     "list_methods",
     "make_config",

@@ -97,3 +97,9 @@ def model_ratio(other_bits: int, layer: LayerAccounting) -> float:
     ``other_bits``: every other parameter of the model at its stored dtype (the backbone).
     """
     return (other_bits + layer.dense_bits) / (other_bits + layer.compressed_bits)
+
+
+def dense_cost(out_features: int, in_features: int) -> StorageCost:
+    """The uncompressed fp32 layer, in the same terms as a compressor's cost."""
+    weights = out_features * in_features
+    return StorageCost(value_bits=weights * 32, index_bits=0, scale_bits=0, macs=weights)

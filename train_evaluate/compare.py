@@ -11,13 +11,9 @@ accuracy and ratio.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 
 import numpy as np
 import pandas as pd

@@ -16,14 +16,10 @@ every shape and every tensor kind (weight, bias, running_mean...) agrees, and wr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import timm
 import torch

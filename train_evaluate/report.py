@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
-from compression import LayerAccounting
+from compression import LayerAccounting, StorageCost, account_layer, dense_cost, model_ratio
 from lora import LoraLinear
 from train_evaluate.checkpoint import write_packed
 from train_evaluate.files import atomic_path, write_text
@@ -169,6 +170,36 @@ def write_rank_artifacts(
     return path
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """How a run prices its rows: the FC's shape, the adapter's stored dtype, whether DoRA's
+    magnitudes and the bias are counted, and the bits of the rest of the model."""
+
+    fc_shape: tuple[int, int]
+    adapter_dtype_bits: int
+    dora: bool
+    include_bias: bool
+    backbone_bits: int
+
+    def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
+        """The ratio columns of a row: this layer, and the whole model around it."""
+        layer = account_layer(
+            *self.fc_shape,
+            cost,
+            rank,
+            adapter_dtype_bits=self.adapter_dtype_bits,
+            extra_adapter_params=self.fc_shape[0] if self.dora and rank else 0,
+            include_bias=self.include_bias,
+        )
+        return accounting_columns(layer, model_ratio(self.backbone_bits, layer))
+
+    @property
+    def dense_bytes(self) -> int:
+        """The uncompressed FC, weight and bias, at fp32: what ``ratio_file`` divides."""
+        out_features, in_features = self.fc_shape
+        return 4 * (out_features * in_features + out_features)
+
+
 def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, Any]:
     return {
         "ratio": layer.ratio,
@@ -178,6 +209,36 @@ def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, 
         "bits": layer.compressed_bits,
         "bias_counted": layer.include_bias,
     }
+
+
+def method_rows(
+    shared: dict[str, Any],
+    original_acc: float,
+    compressed_acc: float,
+    cost: StorageCost,
+    records: Sequence[dict[str, Any]],
+    accounting: Accounting,
+) -> list[dict[str, Any]]:
+    """The ``original`` and ``quantized`` rows of one method, then one row per rank record.
+
+    shared: the columns every row of the method carries (quant, init, seed, compression)."""
+    rows = []
+    for lora_rank, level_cost, acc in (
+        ("original", dense_cost(*accounting.fc_shape), original_acc),
+        ("quantized", cost, compressed_acc),
+    ):
+        rows.append(
+            {**shared, "status": "ok", "lora_rank": lora_rank, "evaluation": acc,
+             "drop": original_acc - acc, **accounting.columns(level_cost, 0)}
+        )  # fmt: skip
+    for record in records:
+        rows.append(
+            {
+                **rank_row(record, original_acc, accounting.dense_bytes),
+                **accounting.columns(cost, record["rank"]),
+            }
+        )
+    return rows
 
 
 def evaluation_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:

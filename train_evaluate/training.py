@@ -86,6 +86,35 @@ class FeatureSplit:
         return replace(self, base_logits=linear_logits(layer.base_layer, self.features))
 
 
+def split_tensors(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    split: dict[str, torch.Tensor],
+    objective: str,
+    head: nn.Module,
+    device: torch.device,
+) -> dict[str, FeatureSplit]:
+    """The cached features cut into train / val / test on ``device``.
+
+    With a distillation objective each row carries the uncompressed layer's logits (computed
+    once); with ``kd`` alone the train split carries no labels at all, so no code path can read
+    them.
+    """
+    features, labels = features.to(device), labels.to(device)
+    teacher = linear_logits(head, features) if objective != "ce" else None
+
+    def part(name: str) -> FeatureSplit:
+        index = split[name].to(device)
+        hide_labels = name == "train" and objective == "kd"
+        return FeatureSplit(
+            features[index],
+            None if hide_labels else labels[index],
+            teacher_logits=None if teacher is None else teacher[index],
+        )
+
+    return {name: part(name) for name in ("train", "val", "test")}
+
+
 @torch.inference_mode()
 def linear_logits(linear: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return torch.cat([linear(chunk) for chunk in features.split(EVAL_CHUNK)])

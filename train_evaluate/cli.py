@@ -1,0 +1,275 @@
+"""Command-line plumbing shared by the scripts: one-line errors, logging, the device.
+
+Kept free of torch, timm and optuna at import time, so that ``--help`` and argument errors
+answer at once; the heavy libraries are imported only once the arguments are known good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "archive" / "imagenet_validation"
+DEFAULT_RESULTS = REPO / "results"
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as one line, exit code 2, before any work."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises UsageError (one line) instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    for noisy in ("timm", "optuna", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_device(name: str):
+    """``auto``: CUDA when present, else the CPU. Imports torch (call after parsing)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+# Names the help lists. The registries they must equal live in modules that import torch;
+# tests/test_cli.py checks that these match them, and plan.py validates against the registries.
+INIT_NAMES = ("paper_init", "svd_init", "act_svd_init", "loftq_init", "act_loftq_init")
+METHOD_NAMES = ("int1", "int2", "int4", "int8", "sparse", "nm")
+PRESET_NAMES = ("default", "seed-compat")
+KEEP_NAMES = ("absmax", "max")
+INT1_SCALE_NAMES = ("none", "tensor", "row")
+ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16")
+OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
+DEFAULT_MODEL = "resnet18.tv_in1k"
+DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
+
+EXAMPLES = """\
+examples:
+  # the offline demo (digits) when no ImageNet folder is present; the study otherwise
+  python train_evaluate/train_model.py --init svd_init
+  # real ImageNet weights that install offline, on a folder of ImageNet images
+  python train_evaluate/train_model.py --init svd_init --model tf_efficientnet_lite0 \\
+      --weights weights/tf_efficientnet_lite0.safetensors --data-dir ../shared/imagenet-sample
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The driver's options; building it imports nothing heavy (``--help`` answers at once)."""
+    parser = OneLineParser(
+        prog="train_model.py",
+        description="Compress the classifier's last layer, recover it with a LoRA adapter per "
+        "rank (Optuna-tuned), and report accuracy against honest compression ratios.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study = parser.add_argument_group("study")
+    study.add_argument(
+        "--init",
+        default="paper_init",
+        help=f"adapter init: {', '.join(INIT_NAMES)} (default: paper_init)",
+    )
+    study.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sparse", "int1"],
+        help=f"compression methods: {', '.join(METHOD_NAMES)} (default: sparse int1)",
+    )
+    study.add_argument(
+        "--ranks",
+        nargs="+",
+        type=int,
+        help="LoRA ranks (default: 2 4 8 16 32 64 128, keeping those that fit the layer)",
+    )
+    study.add_argument(
+        "--trials", type=int, default=10, help="Optuna trials per rank (default: 10)"
+    )
+    study.add_argument(
+        "--epochs",
+        type=int,
+        default=10,
+        help="epochs per training run; 0 = init only, no search (default: 10)",
+    )
+    study.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, search, training (default: 0)"
+    )
+    study.add_argument(
+        "--split",
+        nargs=3,
+        type=float,
+        default=(0.64, 0.16, 0.20),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split fractions (default: 0.64 0.16 0.20)",
+    )
+    study.add_argument(
+        "--lr-range",
+        nargs=2,
+        type=float,
+        default=(1e-4, 1e-2),
+        metavar=("LOW", "HIGH"),
+        help="learning-rate search range, log-uniform (default: 1e-4 1e-2)",
+    )
+    study.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[32, 64, 128, 256, 512],
+        help="batch sizes searched (default: 32 64 128 256 512)",
+    )
+    study.add_argument(
+        "--alphas",
+        nargs="+",
+        type=int,
+        default=[8, 16, 24, 32, 40, 48],
+        help="LoRA alphas searched (default: 8 16 24 32 40 48)",
+    )
+    study.add_argument(
+        "--final-seeds",
+        type=int,
+        default=1,
+        help="final models per rank, each with its own seed: mean, std and 95%% interval "
+        "(default: 1)",
+    )
+    study.add_argument(
+        "--no-pruning", action="store_true", help="run every Optuna trial to its last epoch"
+    )
+    study.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude vector")
+    study.add_argument(
+        "--loftq-iters",
+        type=int,
+        default=5,
+        help="alternations of loftq_init / act_loftq_init (default: 5)",
+    )
+    study.add_argument(
+        "--objective",
+        default="ce",
+        choices=OBJECTIVE_NAMES,
+        help="ce: labels; kd: distil the uncompressed layer (train labels unused); ce+kd: both "
+        "(default: ce)",
+    )
+    study.add_argument(
+        "--kd-temperature", type=float, default=2.0, help="distillation temperature (default: 2)"
+    )
+    study.add_argument(
+        "--kd-weight", type=float, default=0.5, help="weight of kd in ce+kd, 0..1 (default: 0.5)"
+    )
+
+    compress_group = parser.add_argument_group("compression")
+    compress_group.add_argument(
+        "--preset",
+        default="default",
+        help="default (4x4 absmax, int1 row scale) or seed-compat (the original code's choices)",
+    )
+    compress_group.add_argument("--block", help="sparse block shape HxW, e.g. 4x4 or 1x16")
+    compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_NAMES)}")
+    compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALE_NAMES)}")
+    compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
+    compress_group.add_argument(
+        "--adapter-dtype",
+        default="fp32",
+        choices=ADAPTER_DTYPE_NAMES,
+        help="dtype of the adapter in the packed checkpoint and the ratios; training is fp32 "
+        "(default: fp32)",
+    )
+    compress_group.add_argument(
+        "--include-bias",
+        action="store_true",
+        help="count the (uncompressed) bias on both sides of the ratios",
+    )
+
+    data = parser.add_argument_group("data and model")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"ImageNet folder, one subfolder per synset (default: {DEFAULT_DATA})",
+    )
+    data.add_argument(
+        "--demo", action="store_true", help="run the offline digits demo even if ImageNet exists"
+    )
+    data.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL})")
+    data.add_argument("--weights", type=Path, help="local weights file (state dict) for --model")
+    data.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    data.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: the cores this process may use)",
+    )
+    data.add_argument(
+        "--feature-batch-size",
+        type=int,
+        default=64,
+        help="images per forward pass (default: 64)",
+    )
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image decoding processes (default: 0 on CPU, decoding in threads; up to 8 on GPU)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="where runs, the feature cache and the summary go (default: results/ in the "
+        "repository)",
+    )
+    output.add_argument(
+        "--out",
+        type=Path,
+        help="this run's folder (default: <results-dir>/<model>/<data>/<init>)",
+    )
+    output.add_argument(
+        "--cache-dir", type=Path, help="feature cache (default: <results-dir>/cache)"
+    )
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a run of another configuration in the run's folder",
+    )
+    return parser
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def storage_failure(error: Exception) -> str | None:
+    """One line for a failure of the disk or the Optuna database, or None for anything else."""
+    import sqlalchemy
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device ({error.filename or 'while writing'}); free some "
+            "space and rerun the same command: finished trials and ranks are kept"
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {error.filename}: {error.strerror}"
+    if isinstance(error, sqlalchemy.exc.SQLAlchemyError):
+        detail = str(getattr(error, "orig", None) or error).splitlines()[0]
+        if "full" in detail:
+            return f"no space left for the Optuna database ({detail}); free some space and rerun"
+        return (
+            f"the run's Optuna database (optuna.sqlite3) cannot be used: {detail}; move it "
+            "aside or rerun with --overwrite"
+        )
+    return None

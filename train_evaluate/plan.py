@@ -1,0 +1,351 @@
+"""The driver's arguments checked into a ``Plan``: everything a run needs, before any work.
+
+Every check that can fail does so here, with a one-line ``UsageError``, before a file or folder
+is written: unknown names, impossible numbers, unwritable folders, missing data, a model whose
+head does not predict ImageNet-1k classes, weights that do not load into the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from compression import build_configs, parse_block
+from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
+from lora import LORA_INITS
+from train_evaluate.backbone import (
+    BackboneError,
+    check_model_name,
+    classifier_shape,
+    create_backbone,
+)
+from train_evaluate.cli import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    DEFAULT_RANKS,
+    UsageError,
+    available_cores,
+    resolve_device,
+)
+from train_evaluate.demo import DEMO_MODEL
+from train_evaluate.files import check_writable
+from train_evaluate.sweep import SearchSpace, SweepConfig
+from train_evaluate.training import TrainConfig
+
+log = logging.getLogger("train_model")
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Validated arguments. ``backbone`` is the loaded model (None for the demo, whose
+    classifier is trained by the run itself)."""
+
+    demo: bool
+    demo_reason: str
+    source: Any
+    data_name: str
+    model: str
+    weights: Path | None
+    backbone: nn.Module | None
+    ranks: tuple[int, ...]
+    default_ranks_skipped: tuple[int, ...]
+    fc_shape: tuple[int, int]
+    compressions: dict[str, Any]
+    sweep: SweepConfig
+    fractions: SplitFractions
+    device: torch.device
+    threads: int
+    feature_batch_size: int
+    workers: int | None
+    adapter_dtype: str
+    include_bias: bool
+    results_dir: Path
+    out: Path
+    cache_dir: Path
+    overwrite: bool
+
+
+def unique(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.trials < 1:
+        raise UsageError(f"--trials must be at least 1; got {args.trials}")
+    if args.epochs < 0:
+        raise UsageError(f"--epochs must be 0 (init only) or more; got {args.epochs}")
+    if args.final_seeds < 1 or args.loftq_iters < 1:
+        raise UsageError("--final-seeds and --loftq-iters must be at least 1")
+    low, high = args.lr_range
+    if not (0 < low <= high and math.isfinite(high)):
+        raise UsageError(f"--lr-range needs 0 < LOW <= HIGH; got {low:g} {high:g}")
+    if min(args.batch_sizes) < 1 or min(args.alphas) < 1:
+        raise UsageError("--batch-sizes and --alphas must be positive integers")
+    if args.feature_batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise UsageError("--feature-batch-size must be >= 1 and --workers >= 0")
+    if args.ranks is not None and min(args.ranks) < 1:
+        raise UsageError(f"--ranks must be at least 1; got {min(args.ranks)}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1; got {args.threads}")
+
+
+def folder_name(text: str) -> str:
+    """A model or data name as one path component (timm tags keep their dot)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "data"
+
+
+def check_folders(args: argparse.Namespace, out: Path, cache_dir: Path) -> None:
+    for folder, flag in ((args.results_dir, "--results-dir"), (out, "--out"),
+                         (cache_dir, "--cache-dir")):  # fmt: skip
+        problem = check_writable(folder)
+        if problem:
+            raise UsageError(f"cannot write {flag} {folder}: {problem}")
+
+
+def check_imagenet_head(model: str, out_features: int) -> None:
+    """The folder's labels are ImageNet-1k class indices in timm's order: the head must
+    predict exactly those 1000 classes, with no label offset (a background class first)."""
+    config = timm.models.get_pretrained_cfg(model)
+    offset = (getattr(config, "label_offset", None) or 0) if config is not None else 0
+    if out_features != IMAGENET_CLASSES or offset:
+        extra = f" and a label offset of {offset}" if offset else ""
+        raise UsageError(
+            f"{model}'s classifier has {out_features} outputs{extra}, but the images are "
+            f"labelled with the {IMAGENET_CLASSES} ImageNet-1k classes in timm's order; choose "
+            "a model with an ImageNet-1k head (e.g. resnet18.tv_in1k)"
+        )
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers at all: offline, timm would retry for about a minute."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_weights_cached(model: str) -> bool:
+    """Whether timm's hub weights for ``model`` are already in the local Hugging Face cache."""
+    config = timm.models.get_pretrained_cfg(model)
+    hub_id = getattr(config, "hf_hub_id", None) if config is not None else None
+    if not hub_id:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = hub_id.partition("@")
+    return any(
+        isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str)
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    )
+
+
+def resolve_data_and_model(args: argparse.Namespace) -> tuple[bool, str, Any, str, Path | None]:
+    """(demo?, why the demo, image source, model name, weights file) for these arguments."""
+    data_dir = args.data_dir or DEFAULT_DATA
+    demo = args.demo or (args.data_dir is None and not DEFAULT_DATA.exists())
+    if demo:
+        if args.model or args.weights:
+            raise UsageError(
+                f"--model/--weights need ImageNet images: pass --data-dir (none at {DEFAULT_DATA})"
+            )
+        reason = "--demo" if args.demo else f"no ImageNet folder at {DEFAULT_DATA}"
+        return True, reason, load_digits_source(), DEMO_MODEL, None
+    if not data_dir.exists():
+        raise UsageError(
+            f"data folder {data_dir} does not exist; run without --data-dir for the offline demo, "
+            "or point --data-dir at an ImageNet folder (one subfolder per synset)"
+        )
+    model = args.model or DEFAULT_MODEL
+    try:
+        check_model_name(model)
+        source = scan_imagenet_folder(data_dir)
+    except (DataError, BackboneError) as error:
+        raise UsageError(str(error)) from error
+    if args.weights is not None and not args.weights.is_file():
+        raise UsageError(f"weights file {args.weights} does not exist")
+    return False, "", source, model, args.weights
+
+
+def choose_ranks(
+    requested: list[int] | None, shape: tuple[int, int], model: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ranks to run, default ranks left out because they exceed min(out, in))."""
+    out_features, in_features = shape
+    limit = min(shape)
+    if requested is None:
+        ranks = tuple(r for r in DEFAULT_RANKS if r <= limit)
+        if not ranks:
+            raise UsageError(f"no default rank fits the {out_features} x {in_features} classifier")
+        return ranks, tuple(r for r in DEFAULT_RANKS if r > limit)
+    ranks = tuple(sorted(unique(requested)))
+    if max(ranks) > limit:
+        raise UsageError(
+            f"rank {max(ranks)} does not fit the {out_features} x {in_features} classifier of "
+            f"{model}: ranks must be between 1 and {limit}"
+        )
+    return ranks, ()
+
+
+def sweep_config(args: argparse.Namespace) -> SweepConfig:
+    return SweepConfig(
+        init=args.init,
+        trials=args.trials,
+        epochs=args.epochs,
+        seed=args.seed,
+        final_seeds=args.final_seeds,
+        pruning=not args.no_pruning,
+        use_dora=args.dora,
+        loftq_iters=args.loftq_iters,
+        objective=args.objective,
+        kd_temperature=args.kd_temperature,
+        kd_weight=args.kd_weight,
+        space=SearchSpace(
+            lr=tuple(args.lr_range),
+            batch_sizes=tuple(unique(args.batch_sizes)),
+            alphas=tuple(unique(args.alphas)),
+        ),
+    )
+
+
+def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.Module:
+    """The pretrained model, loaded now so that bad weights are refused before any write."""
+    if weights is None and not hub_weights_cached(model) and not hub_reachable():
+        raise UsageError(
+            f"no internet to fetch the pretrained weights of {model}, and none in the local hub "
+            "cache; pass a local state dict with --weights FILE"
+        )
+    try:
+        return create_backbone(model, weights, device)
+    except BackboneError as error:
+        raise UsageError(str(error)) from error
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Check every argument and the data; raise UsageError with a one-line reason."""
+    if args.init not in LORA_INITS:
+        raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
+    try:
+        compressions = build_configs(
+            unique(args.methods),
+            args.preset,
+            block=parse_block(args.block) if args.block else None,
+            keep=args.keep,
+            scale=args.int1_scale,
+            pattern=args.nm,
+        )
+        fractions = SplitFractions(*args.split)
+        TrainConfig(objective=args.objective, kd_temperature=args.kd_temperature,
+                    kd_weight=args.kd_weight)  # fmt: skip
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    check_numbers(args)
+    device = resolve_device(args.device)
+    demo, reason, source, model, weights = resolve_data_and_model(args)
+    data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
+    out = args.out or args.results_dir / folder_name(model) / data_name / args.init
+    cache_dir = args.cache_dir or args.results_dir / "cache"
+    check_folders(args, out, cache_dir)
+    try:
+        fractions.sizes(len(source.ids))  # unreadable images can only make it smaller later
+        fc_shape = classifier_shape(model)
+    except (ValueError, BackboneError) as error:
+        raise UsageError(str(error)) from error
+    if not demo:
+        check_imagenet_head(model, fc_shape[0])
+    ranks, skipped = choose_ranks(args.ranks, fc_shape, model)
+    backbone = None if demo else load_backbone(model, weights, device)
+    return Plan(
+        demo=demo,
+        demo_reason=reason,
+        source=source,
+        data_name=data_name,
+        model=model,
+        weights=weights,
+        backbone=backbone,
+        ranks=ranks,
+        default_ranks_skipped=skipped,
+        fc_shape=fc_shape,
+        compressions=compressions,
+        sweep=sweep_config(args),
+        fractions=fractions,
+        device=device,
+        threads=args.threads or available_cores(),
+        feature_batch_size=args.feature_batch_size,
+        workers=args.workers,
+        adapter_dtype=args.adapter_dtype,
+        include_bias=args.include_bias,
+        results_dir=args.results_dir,
+        out=out,
+        cache_dir=cache_dir,
+        overwrite=args.overwrite,
+    )
+
+
+def announce(plan: Plan) -> None:
+    """What the run will do and how big it is, logged before any work."""
+    if plan.demo:
+        log.info(
+            "DEMO RUN (%s): the offline demo on scikit-learn's digits with a small ViT trained "
+            "here. For the real study, put the ImageNet validation folders (one per synset) at "
+            "%s or pass --data-dir.",
+            plan.demo_reason,
+            DEFAULT_DATA,
+        )
+    log.info("data: %s", plan.source.description)
+    log.info(
+        "model: %s (classifier %d x %d), device %s, %d CPU threads",
+        plan.model,
+        *plan.fc_shape,
+        plan.device,
+        plan.threads,
+    )
+    if plan.default_ranks_skipped:
+        log.info(
+            "ranks %s do not fit this classifier; running %s",
+            list(plan.default_ranks_skipped),
+            list(plan.ranks),
+        )
+    sweep = plan.sweep
+    runs = len(plan.compressions) * len(plan.ranks)
+    log.info(
+        "study: init %s%s, methods %s, ranks %s, objective %s, seed %d -> %s",
+        sweep.init,
+        " + DoRA" if sweep.use_dora else "",
+        ", ".join(c.describe() for c in plan.compressions.values()),
+        list(plan.ranks),
+        sweep.objective,
+        sweep.seed,
+        plan.out,
+    )
+    if sweep.epochs == 0:
+        log.info(
+            "size: %d images; %d ranks, init only (no search, no training)",
+            len(plan.source.ids),
+            runs,
+        )
+    else:
+        log.info(
+            "size: %d images; %d methods x %d ranks x (%d trials + %d final) x %d epochs = "
+            "%d training runs, at most %d epochs",
+            len(plan.source.ids),
+            len(plan.compressions),
+            len(plan.ranks),
+            sweep.trials,
+            sweep.final_seeds,
+            sweep.epochs,
+            runs * (sweep.trials + sweep.final_seeds),
+            runs * (sweep.trials + sweep.final_seeds) * sweep.epochs,
+        )

@@ -1,0 +1,176 @@
+"""Per-rank records: what a finished (method, rank) produced, and resuming from them.
+
+A rank's record (``records/<method>_r<rank>.json``) is written last, after its files, and holds
+the SHA-256 of each of those files and of its own content. A later run reuses a finished rank
+only when the record's key matches this run's settings and the record and every file it lists
+verify; otherwise the rank is run again (its Optuna trials are in the study, so only the final
+models are retrained, to the same numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from torch import nn
+
+from train_evaluate import report
+from train_evaluate.checkpoint import CheckpointError, read_packed
+from train_evaluate.features import feature_key
+from train_evaluate.files import read_json, write_json
+from train_evaluate.plan import Plan
+from train_evaluate.progress import Progress
+from train_evaluate.sweep import Method, Splits, run_rank, steps_per_rank
+from train_evaluate.training import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What every rank of a run shares once the features are in."""
+
+    plan: Plan
+    head: nn.Linear
+    splits: Splits
+    original_acc: float
+    features_key: str
+    weights_id: str
+    test_ids_sha256: str
+    storage: optuna.storages.BaseStorage
+    progress: Progress
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def content_digest(record: dict[str, Any]) -> str:
+    """SHA-256 of a record's JSON without its own digest field."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def record_path(out: Path, method: str, rank: int) -> Path:
+    return out / "records" / f"{method}_r{rank}.json"
+
+
+def record_problem(out: Path, record: dict[str, Any]) -> str | None:
+    """None if the record and every file it lists are intact; else what is wrong."""
+    if record.get("record_sha256") != content_digest(record):
+        return "its record does not match its digest"
+    for name, expected in sorted(record.get("files", {}).items()):
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_digest(path) != expected:
+            return f"{name} was changed or damaged"
+    checkpoint = record.get("files", {}).keys() & {
+        str(report.checkpoint_path(Path(), record["method"], record["rank"]))
+    }
+    for name in checkpoint:
+        try:
+            read_packed(out / name)
+        except CheckpointError as error:
+            return str(error)
+    return None
+
+
+def identities(context: RunContext, method: Method, rank: int) -> tuple[str, str]:
+    """(Optuna study name, record key) of one rank.
+
+    The study depends on everything but the trial count (a study can be extended) and the
+    number of final models; the record depends on those too, and on the adapter's stored dtype.
+    """
+    plan = context.plan
+    sweep = asdict(plan.sweep)
+    identity = {
+        "features": context.features_key,
+        "split": asdict(plan.fractions),
+        "compression": method.config.describe(),
+        "sweep": {k: v for k, v in sweep.items() if k not in ("trials", "final_seeds")},
+        # Training runs on another device draw other random numbers (paper_init's A) and sum in
+        # another order: a study is not continued across devices.
+        "device": plan.device.type,
+    }
+    study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
+    key = feature_key(
+        study=study_name,
+        trials=plan.sweep.trials,
+        finals=plan.sweep.final_seeds,
+        adapter_dtype=plan.adapter_dtype,
+    )
+    return study_name, key
+
+
+def checkpoint_info(context: RunContext) -> dict[str, Any]:
+    """What the packed checkpoint says about where it comes from. No absolute paths: the same
+    run in another folder writes a file of the same size (the paths are in run.json)."""
+    plan = context.plan
+    return {
+        "model": plan.model,
+        "weights": context.weights_id,
+        "demo": plan.demo,
+        "data": plan.data_name,
+        "feature_key": context.features_key,
+        "test_ids_sha256": context.test_ids_sha256,
+    }
+
+
+def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any]:
+    """A rank's record: reused when a finished, intact one with the same key exists, else
+    computed (with its files) and written."""
+    plan = context.plan
+    study_name, key = identities(context, method, rank)
+    path = record_path(plan.out, method.name, rank)
+    record = read_json(path)
+    if record is not None and record.get("key") == key:
+        problem = record_problem(plan.out, record)
+        if problem is None:
+            log.info("%s r=%d: finished in an earlier run; reusing its results", method.name, rank)
+            context.progress.advance(steps_per_rank(plan.sweep), f"{method.name} r={rank} reused")
+            return record
+        log.warning("%s r=%d: %s; running the rank again", method.name, rank, problem)
+    context.progress.label = f"{method.name} r={rank}"
+    outcome = run_rank(
+        method, rank, context.splits, plan.sweep, context.storage, study_name,
+        context.progress.step,
+    )  # fmt: skip
+    record = {**outcome.record, "key": key}
+    checkpoint = report.write_rank_artifacts(
+        plan.out, record, outcome.layer, outcome.study, plan.adapter_dtype, checkpoint_info(context)
+    )
+    if checkpoint is not None:
+        # Read the file back and score the model it holds: the number a user of the file gets.
+        rebuilt = read_packed(checkpoint, plan.device).layer
+        test = context.splits.test.with_base(rebuilt)
+        record["file"] = {
+            "bytes": checkpoint.stat().st_size,
+            "test_acc": evaluate(rebuilt, test)["acc"],
+        }
+    record["files"] = {
+        str(p.relative_to(plan.out)): file_digest(p)
+        for p in report.rank_artifacts(plan.out, method.name, rank)
+        if p.is_file()
+    }
+    record["record_sha256"] = content_digest(record)
+    write_json(path, record)  # last: a record on disk means the rank's files are complete
+    summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"
+    log.info(
+        "%s r=%d: %s (init only %.2f%%) in %.1f s",
+        method.name,
+        rank,
+        summary,
+        record["init_only"]["test_acc"],
+        record["seconds"],
+    )
+    return record

@@ -1,0 +1,110 @@
+"""A run's folder: one configuration per folder, held by one process at a time.
+
+``run.json`` is written first, before any other output, with the configuration that every file
+in the folder belongs to, and rewritten at the end with the run's results. A later run into the
+same folder resumes it only when its configuration is the same (it may ask for more trials,
+ranks, methods or final models: those extend the run); another configuration is refused in one
+line, or with ``--overwrite`` the old outputs are removed first. So a folder never mixes the
+files of two configurations, even after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from train_evaluate.cli import UsageError
+from train_evaluate.files import read_json, write_json
+
+FORMAT = "lora-compression-run/1"
+LOCK = ".lock"
+# What may change between runs that share a folder: these extend or narrow the run.
+EXTENDABLE = ("trials", "final_seeds")
+
+
+def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
+    """What the folder's outputs depend on (JSON-able). Ranks, methods, trial and final-model
+    counts are left out: each rank's record carries its own key for those."""
+    sweep = {k: v for k, v in asdict(plan.sweep).items() if k not in EXTENDABLE}
+    return {
+        "model": plan.model,
+        "weights": weights_id,
+        "demo": plan.demo,
+        "data": plan.source.fingerprint,
+        "split": asdict(plan.fractions),
+        "sweep": sweep,
+        "compressions": {name: c.describe() for name, c in plan.compressions.items()},
+        "adapter_dtype": plan.adapter_dtype,
+        "include_bias": plan.include_bias,
+        "device": plan.device.type,
+    }
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of the settings that differ; a method present in only one run is no conflict."""
+    found = []
+    for key in sorted(old.keys() | new.keys()):
+        if key == "compressions":
+            common = old.get(key, {}).keys() & new.get(key, {}).keys()
+            found += [f"compression of {m}" for m in sorted(common) if old[key][m] != new[key][m]]
+        elif old.get(key) != new.get(key):
+            found.append(key)
+    return found
+
+
+def holds_outputs(out: Path) -> bool:
+    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+
+
+def clear(out: Path) -> None:
+    for path in out.iterdir():
+        if path.name == LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def claim(out: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out`` this configuration's folder (the caller holds its lock), or refuse."""
+    if holds_outputs(out):
+        recorded = read_json(out / "run.json") or {}
+        if recorded.get("format") != FORMAT or not isinstance(recorded.get("config"), dict):
+            problem = "holds files that are not a run of this tool (no readable run.json)"
+        else:
+            changed = differences(recorded["config"], config)
+            problem = f"holds a run with another {', '.join(changed)}" if changed else None
+        if problem and not overwrite:
+            raise UsageError(
+                f"{out} {problem}; pass --overwrite to replace its outputs, or choose another --out"
+            )
+        if problem:
+            clear(out)
+    previous = read_json(out / "run.json") or {}
+    write_json(out / "run.json", {**previous, "format": FORMAT, "config": config})
+
+
+def finish(out: Path, config: dict[str, Any], results: dict[str, Any]) -> None:
+    write_json(out / "run.json", {"format": FORMAT, "config": config, **results})
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run: two runs writing one folder would fail each other's
+    Optuna trials (a resume marks trials left running as failed) and mix their files. The
+    operating system releases the lock when the process ends, killed or not."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise UsageError(
+                f"another run is writing to {out}; wait for it to finish or choose another --out"
+            ) from error
+        yield
