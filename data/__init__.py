@@ -13,7 +13,7 @@ from data.sources import (
     load_digits_source,
     scan_imagenet_folder,
 )
-from data.split import SPLITS, SplitFractions, split_indices, split_lists
+from data.split import SPLITS, SplitFractions, split_indices, split_lists, split_warnings
 
 __all__ = [
     "SPLITS",
@@ -26,4 +26,5 @@ __all__ = [
     "scan_imagenet_folder",
     "split_indices",
     "split_lists",
+    "split_warnings",
 ]

@@ -53,3 +53,28 @@ def split_indices(count: int, fractions: SplitFractions, seed: int) -> dict[str,
 def split_lists(ids: list[str] | tuple[str, ...], split: dict[str, torch.Tensor]) -> dict[str, str]:
     """The text of ``train.txt`` / ``val.txt`` / ``test.txt``: one image id per line."""
     return {name: "".join(f"{ids[i]}\n" for i in split[name].tolist()) for name in SPLITS}
+
+
+# Below this many val images, one image moves val accuracy by half a point or more.
+MIN_VAL_IMAGES = 200
+
+
+def split_warnings(labels: torch.Tensor, split: dict[str, torch.Tensor]) -> list[str]:
+    """What makes a split unfit for training an adapter, one line each (empty when sound)."""
+    warnings = []
+    seen = set(labels[split["train"]].tolist())
+    for name in ("val", "test"):
+        classes = set(labels[split[name]].tolist())
+        unseen = len(classes - seen)
+        if unseen:
+            warnings.append(
+                f"{unseen} of the {len(classes)} classes in {name} have no train image: the "
+                "adapter cannot learn them, so training can only trade their accuracy for others'"
+            )
+    count = len(split["val"])
+    if count < MIN_VAL_IMAGES:
+        warnings.append(
+            f"val has only {count} images (one image = {100 / count:.2f} points): the epoch and "
+            "trial chosen on it are noisy; use more images for a result that carries over to test"
+        )
+    return warnings

@@ -75,3 +75,9 @@ def demo_cache(tmp_path_factory) -> Path:
     assert main(["--epochs", "0", "--ranks", "2", "--results-dir", str(scratch),
                  "--cache-dir", str(cache)]) == 0  # fmt: skip
     return cache
+
+
+def run_folder(results: Path, init: str) -> Path:
+    """The one run folder of ``init`` under a results folder (<model>/<data>/<init>)."""
+    (folder,) = [p.parent for p in Path(results).glob(f"*/*/{init}/run.json")]
+    return folder

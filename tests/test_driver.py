@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_MODEL, run_driver, write_image
+from tests.conftest import TINY_MODEL, run_driver, run_folder, write_image
 from train_evaluate.checkpoint import read_packed
 from train_evaluate.report import COLUMNS, TIMING_COLUMNS
 
@@ -56,7 +56,7 @@ def svd_run(tmp_path_factory, image_folder, tiny_weights, shared_cache):
 
 
 def test_every_row_column_and_artifact_is_written(svd_run, image_folder):
-    out = svd_run / "svd_init"
+    out = run_folder(svd_run, "svd_init")
     frame = pd.read_csv(out / "evaluation.csv")
     assert list(frame.columns) == COLUMNS
     assert list(frame.columns[:3]) == ["quant", "lora_rank", "evaluation"]  # the original's
@@ -83,7 +83,7 @@ def test_every_row_column_and_artifact_is_written(svd_run, image_folder):
 
 def test_split_lists_are_disjoint_and_cover_every_image(svd_run, image_folder):
     lists = {
-        name: (svd_run / "svd_init" / "split" / f"{name}.txt").read_text().splitlines()
+        name: (run_folder(svd_run, "svd_init") / "split" / f"{name}.txt").read_text().splitlines()
         for name in ("train", "val", "test")
     }
     every = sorted(f"{p.parent.name}/{p.name}" for p in image_folder.glob("*/*.JPEG"))
@@ -93,7 +93,7 @@ def test_split_lists_are_disjoint_and_cover_every_image(svd_run, image_folder):
 
 
 def test_optuna_studies_are_in_sqlite_with_a_report_per_epoch(svd_run):
-    storage = f"sqlite:///{svd_run / 'svd_init' / 'optuna.sqlite3'}"
+    storage = f"sqlite:///{run_folder(svd_run, 'svd_init') / 'optuna.sqlite3'}"
     summaries = optuna.get_all_study_summaries(storage)
     assert sorted(s.study_name.rsplit("_", 1)[0] for s in summaries) == [
         "int1_r2", "int1_r4", "sparse_r2", "sparse_r4",
@@ -113,23 +113,30 @@ def test_the_same_seed_gives_the_same_evaluation_csv(
     args = tiny_args(image_folder, tiny_weights, tmp_path, shared_cache, "--init", "svd_init")
     code, out, _ = run_driver(capsys, *args)
     assert code == 0 and "reusing the feature cache" in out
-    first = pd.read_csv(svd_run / "svd_init" / "evaluation.csv").drop(columns=TIMING_COLUMNS)
-    second = pd.read_csv(tmp_path / "svd_init" / "evaluation.csv").drop(columns=TIMING_COLUMNS)
+    first = pd.read_csv(run_folder(svd_run, "svd_init") / "evaluation.csv").drop(
+        columns=TIMING_COLUMNS
+    )
+    second = pd.read_csv(run_folder(tmp_path, "svd_init") / "evaluation.csv").drop(
+        columns=TIMING_COLUMNS
+    )
     pd.testing.assert_frame_equal(first, second)
 
 
 def test_paper_init_afterwards_leaves_the_svd_init_results_intact(
     svd_run, image_folder, tiny_weights, shared_cache, capsys
 ):
-    before = digest(svd_run / "svd_init"), studies(svd_run / "svd_init")
+    before = digest(run_folder(svd_run, "svd_init")), studies(run_folder(svd_run, "svd_init"))
     args = tiny_args(image_folder, tiny_weights, svd_run, shared_cache, "--init", "paper_init")
     code, _, _ = run_driver(capsys, *args)
     assert code == 0
-    assert (digest(svd_run / "svd_init"), studies(svd_run / "svd_init")) == before
+    assert (
+        digest(run_folder(svd_run, "svd_init")),
+        studies(run_folder(svd_run, "svd_init")),
+    ) == before
     for init in ("svd_init", "paper_init"):
-        frame = pd.read_csv(svd_run / init / "evaluation.csv")
+        frame = pd.read_csv(run_folder(svd_run, init) / "evaluation.csv")
         assert (frame["init"] == init).all()
-        checkpoints = list((svd_run / init / "checkpoints").glob("*.safetensors"))
+        checkpoints = list((run_folder(svd_run, init) / "checkpoints").glob("*.safetensors"))
         assert len(checkpoints) == 4
         for checkpoint in checkpoints:
             assert read_packed(checkpoint).info["init"] == init
@@ -141,7 +148,7 @@ def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys)
     first_seconds = time.perf_counter() - started
     assert code == 0
     assert "DEMO RUN" in out and "--data-dir" in out
-    results = tmp_path / "svd_init"
+    results = run_folder(tmp_path, "svd_init")
     frame = pd.read_csv(results / "evaluation.csv")
     ranks = ["original", "quantized", "2", "4", "8"]  # ranks that fit the demo's 10 x 64 FC
     assert list(frame["lora_rank"].astype(str)) == ranks * 2
@@ -173,6 +180,12 @@ def a_file(tmp: Path) -> Path:
     return tmp / "a-file"
 
 
+def random_bytes(tmp: Path) -> Path:
+    path = tmp / "random.pth"
+    path.write_bytes(bytes(range(256)) * 64)
+    return path
+
+
 # case -> (arguments given the image folder and a scratch folder, what the message must say)
 BAD_INPUT = {
     "missing data dir": (lambda data, tmp: ["--data-dir", tmp / "nowhere"], "offline demo"),
@@ -198,6 +211,13 @@ BAD_INPUT = {
     "missing weights": (lambda data, tmp: ["--data-dir", data, "--model", TINY_MODEL,
                                            "--weights", tmp / "w.pth"], "weights"),
     "unknown flag": (lambda data, tmp: ["--colour", "blue"], "unrecognized arguments"),
+    "21k head": (lambda data, tmp: ["--data-dir", data, "--model",
+                                    "vit_base_patch16_224.augreg_in21k"], "21843 outputs"),
+    "10-class head": (lambda data, tmp: ["--data-dir", data, "--model", "digits_vit"],
+                      "10 outputs"),
+    "random weights": (lambda data, tmp: ["--data-dir", data, "--model", TINY_MODEL,
+                                          "--weights", random_bytes(tmp)], "weights"),
+    "negative threads": (lambda data, tmp: ["--threads", "0"], "--threads"),
 }  # fmt: skip
 
 
@@ -216,7 +236,7 @@ def test_bad_input_gives_one_line_and_exit_code_2_and_writes_nothing(
 
 
 def test_packed_checkpoints_reproduce_the_recorded_accuracy_and_size(svd_run, shared_cache, capsys):
-    out = svd_run / "svd_init"
+    out = run_folder(svd_run, "svd_init")
     frame = pd.read_csv(out / "evaluation.csv")
     ranked = frame[frame["lora_rank"].isin(["2", "4"])]
     # the model rebuilt from each file scores exactly what the trained one scored
@@ -256,7 +276,7 @@ def test_a_rerun_replaces_a_ranks_files_and_evaluate_refuses_a_foreign_split(
               "--init", "svd_init"]  # fmt: skip
     args = tiny_args(image_folder, tiny_weights, tmp_path, shared_cache, *common)
     assert run_driver(capsys, *args)[0] == 0
-    out = tmp_path / "svd_init"
+    out = run_folder(tmp_path, "svd_init")
     checkpoint = out / "checkpoints" / "quant=int1_r=2.safetensors"
     assert checkpoint.exists() and (out / "acc_quant=int1_r=2.png").exists()
     # the same folder again, another split, and a search where every trial diverges

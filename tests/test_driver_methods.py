@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.conftest import run_driver
+from tests.conftest import run_driver, run_folder
 from tests.test_driver import tiny_args
 from train_evaluate.checkpoint import read_packed
 from train_evaluate.report import TIMING_COLUMNS
@@ -25,12 +25,14 @@ def test_final_seeds_give_a_spread_and_intervals(tmp_path, demo_cache, capsys):
         "--cache-dir", demo_cache,
     )  # fmt: skip
     assert code == 0, err
-    frame = pd.read_csv(tmp_path / "paper_init" / "evaluation.csv")
+    frame = pd.read_csv(run_folder(tmp_path, "paper_init") / "evaluation.csv")
     row = frame[frame["lora_rank"] == "2"].iloc[0]
     assert row["final_seeds"] == 3 and row["evaluation_std"] > 0
     assert row["ci95_low"] < row["evaluation"] < row["ci95_high"]
     assert row["best_epochs"].count(";") == 2
-    record = json.loads((tmp_path / "paper_init" / "records" / "sparse_r2.json").read_text())
+    record = json.loads(
+        (run_folder(tmp_path, "paper_init") / "records" / "sparse_r2.json").read_text()
+    )
     tests = [final["test_acc"] for final in record["finals"]]
     assert row["evaluation"] == pytest.approx(sum(tests) / 3)
     assert len({final["seed"] for final in record["finals"]}) == 3
@@ -78,13 +80,17 @@ def test_kd_never_reads_a_train_label(
     code, _, _ = run_driver(capsys, *tiny_args(image_folder, tiny_weights, tmp_path / "a", cache),
                             *common)  # fmt: skip
     assert code == 0
-    train_ids = (tmp_path / "a" / "svd_init" / "split" / "train.txt").read_text().splitlines()
+    train_ids = (
+        (run_folder(tmp_path / "a", "svd_init") / "split" / "train.txt").read_text().splitlines()
+    )
     scramble_train_labels(cache, train_ids)
     code, out, _ = run_driver(capsys, *tiny_args(image_folder, tiny_weights, tmp_path / "b", cache),
                               *common)  # fmt: skip
     assert code == 0 and "reusing the feature cache" in out
-    first = pd.read_csv(tmp_path / "a" / "svd_init" / "evaluation.csv").drop(columns=TIMING_COLUMNS)
-    second = pd.read_csv(tmp_path / "b" / "svd_init" / "evaluation.csv").drop(
+    first = pd.read_csv(run_folder(tmp_path / "a", "svd_init") / "evaluation.csv").drop(
+        columns=TIMING_COLUMNS
+    )
+    second = pd.read_csv(run_folder(tmp_path / "b", "svd_init") / "evaluation.csv").drop(
         columns=TIMING_COLUMNS
     )
     # with kd the scrambled train labels change nothing; with ce (the control) they do

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tests.conftest import REPO, SYNSETS, run_driver
+from tests.conftest import REPO, SYNSETS, run_driver, run_folder
 from tests.test_driver import tiny_args
 from train_evaluate.report import TIMING_COLUMNS
 
@@ -125,7 +125,7 @@ def test_a_corrupt_jpeg_is_skipped_counted_and_left_out_of_the_split(
     code, out, _ = run_driver(capsys, *args, "--ranks", "2", "--methods", "int1", "--epochs", "0")
     assert code == 0
     assert "1 unreadable images were skipped" in out
-    results = tmp_path / "results" / "paper_init"
+    results = run_folder(tmp_path / "results", "paper_init")
     run = json.loads((results / "run.json").read_text())
     assert run["skipped_images"] == 1 and run["images"] == 39
     assert run["skipped_image_ids"] == [f"{SYNSETS[0]}/{SYNSETS[0]}_0.JPEG"]

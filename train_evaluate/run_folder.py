@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -31,7 +32,7 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
     """What the folder's outputs depend on (JSON-able). Ranks, methods, trial and final-model
     counts are left out: each rank's record carries its own key for those."""
     sweep = {k: v for k, v in asdict(plan.sweep).items() if k not in EXTENDABLE}
-    return {
+    config = {
         "model": plan.model,
         "weights": weights_id,
         "demo": plan.demo,
@@ -43,6 +44,7 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         "include_bias": plan.include_bias,
         "device": plan.device.type,
     }
+    return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -52,6 +54,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if key == "compressions":
             common = old.get(key, {}).keys() & new.get(key, {}).keys()
             found += [f"compression of {m}" for m in sorted(common) if old[key][m] != new[key][m]]
+        elif key == "sweep" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            inner = old[key].keys() | new[key].keys()
+            found += sorted(k for k in inner if old[key].get(k) != new[key].get(k))
         elif old.get(key) != new.get(key):
             found.append(key)
     return found

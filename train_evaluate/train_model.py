@@ -79,7 +79,7 @@ def sweep_all(plan) -> dict:
     import timm
     import torch
 
-    from data import split_lists
+    from data import split_lists, split_warnings
     from train_evaluate import compare, report
     from train_evaluate.backbone import classifier, tensor_bits, weights_id
     from train_evaluate.checkpoint import ADAPTER_DTYPES
@@ -92,6 +92,8 @@ def sweep_all(plan) -> dict:
     started = time.perf_counter()
     found, weights, split = load_features(plan)
     cached, out = found.cached, plan.out
+    for warning in split_warnings(cached.labels, split):
+        log.warning("warning: %s", warning)
     lists = split_lists(cached.ids, split)
     for name, text in lists.items():
         write_text(out / "split" / f"{name}.txt", text)

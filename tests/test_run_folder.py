@@ -1,0 +1,265 @@
+"""A run's folder: one configuration per folder, finished ranks reused only when their files
+verify, one-line errors for a damaged database or a full disk, progress without a terminal,
+and a command line that answers before the heavy libraries load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, run_driver, run_folder
+from tests.test_driver import tiny_args
+from train_evaluate.checkpoint import read_packed
+
+DRIVER = REPO / "train_evaluate" / "train_model.py"
+# A one-method, one-rank demo run: a real digits classifier, about a second of training.
+SMALL = ["--init", "svd_init", "--methods", "sparse", "--ranks", "2", "--trials", "2",
+         "--epochs", "1"]  # fmt: skip
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file's hash, but SQLite's (reading a WAL database rewrites its files) and the lock."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(("optuna.sqlite3", ".lock"))
+    }
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def small_run(tmp_path, demo_cache, capsys) -> tuple[Path, list[str]]:
+    out = tmp_path / "run"
+    args = [*SMALL, "--out", str(out), "--cache-dir", str(demo_cache), "--results-dir",
+            str(tmp_path / "results")]  # fmt: skip
+    code, _, err = run_driver(capsys, *args)
+    assert code == 0, err
+    return out, args
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["delete checkpoint", "corrupt checkpoint", "delete png", "edit png", "edit record"],
+)
+def test_a_finished_rank_is_reused_only_when_its_files_verify(small_run, capsys, damage):
+    out, args = small_run
+    checkpoint = out / "checkpoints" / "quant=sparse_r=2.safetensors"
+    png = out / "acc_quant=sparse_r=2.png"
+    record = out / "records" / "sparse_r2.json"
+    before = pd.read_csv(out / "evaluation.csv")
+    if damage == "delete checkpoint":
+        checkpoint.unlink()
+    elif damage == "corrupt checkpoint":
+        data = bytearray(checkpoint.read_bytes())
+        data[-3] ^= 0xFF
+        checkpoint.write_bytes(bytes(data))
+    elif damage == "delete png":
+        png.unlink()
+    elif damage == "edit png":
+        png.write_bytes(png.read_bytes() + b"\0")
+    else:  # a plausible edit: the JSON stays valid, the number changes
+        value = json.loads(record.read_text())
+        value["test_acc"] += 1.0
+        record.write_text(json.dumps(value))
+
+    code, out_text, err = run_driver(capsys, *args)
+    assert code == 0, err
+    assert "running the rank again" in out_text
+    assert "reusing its results" not in out_text
+    # the rank's files are back, whole, and the CSV describes the file that exists
+    after = pd.read_csv(out / "evaluation.csv")
+    row = after[after["lora_rank"].astype(str) == "2"].iloc[0]
+    assert checkpoint.stat().st_size == row["file_bytes"]
+    assert read_packed(checkpoint).info["metrics"]["test_acc"] == pytest.approx(
+        row["evaluation"], abs=1e-3
+    )
+    assert png.is_file()
+    # seeded: rerunning the rank gives the numbers it gave the first time
+    columns = ["evaluation", "file_evaluation", "best_epoch", "lr"]
+    pd.testing.assert_frame_equal(before[columns], after[columns])
+    # and a rerun on intact files reuses the rank
+    code, out_text, _ = run_driver(capsys, *args)
+    assert code == 0 and "reusing its results" in out_text
+
+
+def test_another_configuration_is_refused_in_one_line_then_overwritten(small_run, capsys):
+    out, args = small_run
+    before = tree_digest(out)
+    code, _, err = run_driver(capsys, *args, "--seed", "1")
+    assert code == 2
+    line = one_error_line(err)
+    assert "another seed" in line and "--overwrite" in line
+    assert tree_digest(out) == before  # nothing in the folder changed
+
+    code, _, err = run_driver(capsys, *args, "--seed", "1", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["config"]["sweep"]["seed"] == 1
+    # every file now belongs to the new configuration: no record of the old run is left
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["sparse_r2.json"]
+    assert json.loads((out / "records" / "sparse_r2.json").read_text())["seed"] == 1
+
+
+def test_more_trials_or_ranks_extend_the_run_in_its_folder(small_run, capsys):
+    out, args = small_run
+    code, _, err = run_driver(capsys, *args, "--ranks", "2", "4", "--trials", "3")
+    assert code == 0, err
+    frame = pd.read_csv(out / "evaluation.csv")
+    assert list(frame["lora_rank"].astype(str)) == ["original", "quantized", "2", "4"]
+
+
+def test_a_folder_of_foreign_files_is_refused(tmp_path, demo_cache, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    code, _, err = run_driver(capsys, *SMALL, "--out", out, "--cache-dir", demo_cache,
+                              "--results-dir", tmp_path / "results")  # fmt: skip
+    assert code == 2 and "not a run of this tool" in one_error_line(err)
+    assert (out / "notes.txt").read_text() == "my notes\n"
+
+
+def test_runs_of_other_models_and_data_get_their_own_folders(
+    tmp_path, demo_cache, image_folder, tiny_weights, shared_cache, capsys
+):
+    """The README's ImageNet command after the demo, into the same results folder."""
+    results = tmp_path / "results"
+    demo_args = [*SMALL, "--epochs", "0", "--results-dir", results, "--cache-dir", demo_cache]
+    assert run_driver(capsys, *demo_args)[0] == 0
+    demo_folder = run_folder(results, "svd_init")
+    before = tree_digest(demo_folder)
+    args = tiny_args(image_folder, tiny_weights, results, shared_cache, "--init", "svd_init",
+                     "--epochs", "0")  # fmt: skip
+    code, _, err = run_driver(capsys, *args)
+    assert code == 0, err
+    folders = sorted(p.parent.relative_to(results) for p in results.glob("*/*/*/run.json"))
+    assert [str(f) for f in folders] == [
+        "digits_vit/digits/svd_init",
+        f"test_vit/{image_folder.name}/svd_init",
+    ]
+    assert tree_digest(demo_folder) == before
+
+
+def test_a_damaged_optuna_database_is_one_line(small_run, capsys):
+    out, args = small_run
+    (out / "optuna.sqlite3").write_bytes(b"this is not a database" * 100)
+    for name in ("optuna.sqlite3-wal", "optuna.sqlite3-shm"):
+        (out / name).unlink(missing_ok=True)
+    code, _, err = run_driver(capsys, *args, "--ranks", "4")
+    assert code == 1
+    assert "optuna.sqlite3" in one_error_line(err)
+
+
+def test_a_full_disk_is_one_line(tmp_path, demo_cache, capsys):
+    """A real full file system: a 96 KiB tmpfs as the run folder (needs root to mount)."""
+    out = tmp_path / "small-disk"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(out)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        code, _, err = run_driver(capsys, *SMALL, "--out", out, "--cache-dir", demo_cache,
+                                  "--results-dir", tmp_path / "results")  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+    assert code == 1
+    line = one_error_line(err)
+    assert "no space left" in line and "rerun" in line
+
+
+def test_the_summary_goes_under_results_dir_only(tmp_path, demo_cache, capsys):
+    parent = tmp_path / "elsewhere"
+    results = tmp_path / "results"
+    args = [*SMALL, "--epochs", "0", "--out", parent / "run", "--results-dir", results,
+            "--cache-dir", demo_cache]  # fmt: skip
+    assert run_driver(capsys, *args)[0] == 0
+    assert sorted(p.name for p in parent.iterdir()) == ["run"]
+    assert (results / "summary.csv").is_file()
+
+
+def test_a_results_dir_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run_driver(capsys, "--results-dir", tmp_path / "a-file")
+    assert code == 2 and "--results-dir" in one_error_line(err)
+
+
+def test_progress_is_printed_per_trial_when_stderr_is_a_file(tmp_path, demo_cache):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        subprocess.run(
+            [sys.executable, str(DRIVER), *SMALL, "--out", str(tmp_path / "run"),
+             "--cache-dir", str(demo_cache), "--results-dir", str(tmp_path / "results")],
+            stdout=subprocess.DEVNULL, stderr=stderr, check=True, timeout=300,
+        )  # fmt: skip
+    lines = [line for line in log.read_text().splitlines() if line.startswith("progress ")]
+    # two trials and one final model: one line each
+    assert [line.split(" (")[0] for line in lines] == [f"progress {i}/3" for i in (1, 2, 3)]
+
+
+def test_help_parses_before_torch_is_imported():
+    code = (
+        "import sys\n"
+        "from train_evaluate.train_model import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'imported too early'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "(default: 10)" in done.stdout and "examples:" in done.stdout
+
+
+def test_the_names_the_help_lists_are_the_registries():
+    from compression import PRESETS, list_methods
+    from compression.binary import INT1_SCALES
+    from compression.sparse import KEEP_RULES
+    from lora import LORA_INITS
+    from train_evaluate import cli
+    from train_evaluate.checkpoint import ADAPTER_DTYPES
+    from train_evaluate.training import OBJECTIVES
+
+    assert list(cli.INIT_NAMES) == list(LORA_INITS)
+    assert sorted(cli.METHOD_NAMES) == sorted(list_methods())
+    assert list(cli.PRESET_NAMES) == list(PRESETS)
+    assert list(cli.KEEP_NAMES) == list(KEEP_RULES)
+    assert list(cli.INT1_SCALE_NAMES) == list(INT1_SCALES)
+    assert list(cli.ADAPTER_DTYPE_NAMES) == list(ADAPTER_DTYPES)
+    assert list(cli.OBJECTIVE_NAMES) == list(OBJECTIVES)
+
+
+def test_offline_without_weights_is_one_fast_line(image_folder, tmp_path, capsys):
+    from train_evaluate.plan import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the weights hub is reachable from here")
+    code, _, err = run_driver(capsys, "--data-dir", image_folder, "--model", "test_vit",
+                              "--results-dir", tmp_path / "results")  # fmt: skip
+    assert code == 2 and "no internet" in one_error_line(err) and "--weights" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_tiny_or_class_disjoint_splits_are_flagged():
+    import torch
+
+    from data import split_warnings
+
+    labels = torch.arange(10).repeat(50)  # 500 images, 10 classes
+    order = torch.arange(500)
+    sound = {"train": order[:300], "val": order[300:500], "test": order[300:500]}
+    assert split_warnings(labels, sound) == []
+    disjoint = {"train": order[labels < 5], "val": order[labels >= 5], "test": order[labels >= 5]}
+    warnings = split_warnings(labels, disjoint)
+    assert any("5 of the 5 classes in val have no train image" in w for w in warnings)
+    assert any("in test" in w for w in warnings)
+    small = {"train": order[:400], "val": order[400:432], "test": order[432:]}
+    assert any("val has only 32 images" in w for w in split_warnings(labels, small))
