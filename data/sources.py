@@ -7,6 +7,7 @@ fingerprint that changes whenever the images change (it keys the feature cache).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -54,7 +55,16 @@ class ImageFolderSource:
             return image.convert("RGB")
 
 
+def _stat(path: Path) -> os.stat_result:
+    """The file's own stat; the link's when it points nowhere."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
+
+
 def scan_imagenet_folder(root: Path) -> ImageFolderSource:
+    """Every image-named entry under ``root/<synset>/``, in sorted order, with its label."""
     root = Path(root)
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
@@ -71,10 +81,12 @@ def scan_imagenet_folder(root: Path) -> ImageFolderSource:
     ids, labels, digest = [], [], hashlib.sha256()
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            # Every entry named like an image is one, even a dangling link or a folder: loading
+            # it fails, so it is skipped and listed with its reason instead of vanishing.
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             image_id = f"{folder.name}/{path.name}"
-            stat = path.stat()
+            stat = _stat(path)
             ids.append(image_id)
             labels.append(known[folder.name])
             digest.update(f"{image_id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

@@ -53,6 +53,20 @@ def test_folders_that_are_not_synset_folders_are_refused(tmp_path, layout, fragm
         scan_imagenet_folder(tmp_path)
 
 
+def test_entries_named_like_images_are_kept_even_when_they_are_not_files(tmp_path):
+    # Loading them fails, so the feature pass skips and lists them (tests/test_features.py).
+    folder = tmp_path / SYNSETS[0]
+    folder.mkdir()
+    write_image(folder / "a.JPEG", seed=1)
+    (folder / "b.JPEG").symlink_to(tmp_path / "moved-away.JPEG")  # dangling
+    (folder / "c.png").mkdir()
+    (folder / "notes.txt").write_text("not an image\n")
+    source = scan_imagenet_folder(tmp_path)
+    assert source.ids == tuple(f"{SYNSETS[0]}/{name}" for name in ("a.JPEG", "b.JPEG", "c.png"))
+    with pytest.raises(FileNotFoundError):
+        source.load(1)
+
+
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         scan_imagenet_folder(tmp_path / "nowhere")

@@ -2,17 +2,22 @@
 detected, never trusted."""
 
 import shutil
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from data import scan_imagenet_folder
-from tests.conftest import SYNSETS, TINY_MODEL
-from train_evaluate.backbone import classifier, create_backbone, eval_transform
+from tests.conftest import SYNSETS, TINY_MODEL, write_image
+from train_evaluate.backbone import BackboneError, classifier, create_backbone, eval_transform
 from train_evaluate.features import cache_path, cached_features, extract_features, load_features
 
 CPU = torch.device("cpu")
+CLASSES = 1000  # test_vit's classifier
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +60,21 @@ def test_the_cache_is_reused_and_a_damaged_one_is_rebuilt(backbone, image_folder
         calls.append(1)
         return extract_features(backbone, source, eval_transform(backbone), CPU)
 
-    first, reused = cached_features(tmp_path, "key-a", compute)
+    first, reused = cached_features(tmp_path, "key-a", compute, CLASSES)
     assert not reused and len(calls) == 1
-    second, reused = cached_features(tmp_path, "key-a", compute)
+    second, reused = cached_features(tmp_path, "key-a", compute, CLASSES)
     assert reused and len(calls) == 1 and torch.equal(first.features, second.features)
 
     path = cache_path(tmp_path, "key-a")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated by a crash
-    assert load_features(path, "key-a") is None
+    assert load_features(path, "key-a", CLASSES) is None
     assert "damaged" in caplog.text
-    third, reused = cached_features(tmp_path, "key-a", compute)
+    third, reused = cached_features(tmp_path, "key-a", compute, CLASSES)
     assert not reused and len(calls) == 2 and torch.equal(third.features, first.features)
 
     # a file renamed into place for another key is not trusted either
     shutil.copy(path, cache_path(tmp_path, "key-b"))
-    assert load_features(cache_path(tmp_path, "key-b"), "key-b") is None
+    assert load_features(cache_path(tmp_path, "key-b"), "key-b", CLASSES) is None
 
 
 def test_unreadable_images_are_skipped_and_listed(backbone, image_folder, tmp_path, caplog):
@@ -78,8 +83,69 @@ def test_unreadable_images_are_skipped_and_listed(backbone, image_folder, tmp_pa
     broken = folder / SYNSETS[1] / f"{SYNSETS[1]}_3.JPEG"
     broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG
     (folder / SYNSETS[2] / "empty.jpg").write_bytes(b"")
+    (folder / SYNSETS[3] / "ghost.JPEG").symlink_to(tmp_path / "moved-away.JPEG")  # dangling
+    (folder / SYNSETS[4] / "album.png").mkdir()  # a folder named like an image
     source = scan_imagenet_folder(folder)
-    cached = extract_features(backbone, source, eval_transform(backbone), CPU, batch_size=8)
-    assert len(source.ids) == 41 and len(cached.ids) == 39 and len(cached.skipped) == 2
-    assert f"{SYNSETS[1]}/{SYNSETS[1]}_3.JPEG" in cached.skipped
-    assert "skipping unreadable image" in caplog.text
+    transform = eval_transform(backbone)
+    compute = lambda: extract_features(backbone, source, transform, CPU, batch_size=8)  # noqa: E731
+    cached, _ = cached_features(tmp_path / "cache", "key", compute, CLASSES)
+    cached, reused = cached_features(tmp_path / "cache", "key", compute, CLASSES)
+    assert reused and len(source.ids) == 43 and len(cached.ids) == 39
+    assert set(cached.skipped) == {
+        f"{SYNSETS[1]}/{SYNSETS[1]}_3.JPEG",
+        f"{SYNSETS[2]}/empty.jpg",
+        f"{SYNSETS[3]}/ghost.JPEG",
+        f"{SYNSETS[4]}/album.png",
+    }
+    assert (
+        "skipping unreadable image" in caplog.text
+        and "ghost.JPEG (FileNotFoundError" in caplog.text
+    )
+
+
+def test_a_huge_image_is_one_line_naming_it_not_pils_raw_warning(backbone, tmp_path, caplog):
+    folder = tmp_path / SYNSETS[0]
+    folder.mkdir()
+    huge = 10_000  # 10^8 pixels, over PIL's 89.5M threshold; one colour, tiny on disk
+    Image.new("P", (huge, huge), 0).save(folder / "poster.png")  # palette: quickest to decode
+    write_image(folder / "small.JPEG", seed=0)
+    source = scan_imagenet_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cached = extract_features(backbone, source, eval_transform(backbone), CPU)
+    assert cached.ids == source.ids and not cached.skipped  # decoded all the same
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    lines = [r.getMessage() for r in caplog.records if "very large" in r.getMessage()]
+    assert len(lines) == 1 and f"{SYNSETS[0]}/poster.png" in lines[0] and "\n" not in lines[0]
+
+
+def write_state(path: Path, model_name: str, **kwargs) -> Path:
+    torch.save(timm.create_model(model_name, **kwargs).state_dict(), path)
+    return path
+
+
+def test_random_bytes_as_weights_are_one_clear_line(tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(BackboneError) as raised:
+        create_backbone(TINY_MODEL, weights, CPU)
+    message = str(raised.value)
+    assert (
+        "is not a readable state dict or checkpoint" in message or "are not a readable" in message
+    )
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_weights_of_another_architecture_name_the_mismatching_keys(tmp_path):
+    other = write_state(tmp_path / "efficientnet.pth", "test_efficientnet")
+    with pytest.raises(BackboneError) as raised:
+        create_backbone(TINY_MODEL, other, CPU)
+    message = str(raised.value)
+    assert message.startswith(f"weights {other} do not fit {TINY_MODEL}: missing keys cls_token,")
+    assert "unexpected keys conv_stem.weight," in message and "\n" not in message
+
+    resized = write_state(tmp_path / "ten-classes.pth", TINY_MODEL, num_classes=10)
+    with pytest.raises(
+        BackboneError, match=r"shape mismatch head\.weight \[10, 64\] vs \[1000, 64\]"
+    ):
+        create_backbone(TINY_MODEL, resized, CPU)

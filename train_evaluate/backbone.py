@@ -51,14 +51,71 @@ def create_backbone(name: str, weights: Path | None, device: torch.device) -> nn
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as error:  # timm raises many types here; all mean "these weights won't do"
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if weights is not None:
-            raise BackboneError(f"cannot load weights {weights} into {name}: {detail}") from error
+            raise BackboneError(weights_problem(name, Path(weights), error)) from error
         raise BackboneError(
-            f"cannot fetch pretrained weights for {name} ({detail}); with no internet, pass a "
-            "local state dict with --weights FILE"
+            f"cannot fetch pretrained weights for {name} ({first_line(error)}); with no internet, "
+            "pass a local state dict with --weights FILE"
         ) from error
     return model.eval().requires_grad_(False).to(device)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def weights_problem(name: str, weights: Path, error: Exception) -> str:
+    """Why timm could not load ``weights`` into ``name``, in one line that says what to do.
+
+    Reads the file the way timm does (safetensors, or ``torch.load`` with ``weights_only``,
+    unwrapping ``state_dict`` / ``model`` entries) and compares it with the model's own keys
+    and shapes; timm's first line only when neither explains the failure.
+    """
+    try:
+        state = timm.models.load_state_dict(str(weights))
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+    except Exception:  # not safetensors, not a pickle of plain tensors, not a dict of tensors
+        return (
+            f"weights {weights} are not a readable state dict or checkpoint; pass a safetensors "
+            "file or a torch.save() of model.state_dict() (plain tensors only, no pickled code)"
+        )
+    try:
+        mismatch = describe_mismatch(name, shapes)
+    except Exception:  # a model that cannot be built bare: timm's own words will have to do
+        mismatch = ""
+    if mismatch:
+        return f"weights {weights} do not fit {name}: {mismatch}; pass weights of {name}"
+    return f"cannot load weights {weights} into {name}: {first_line(error)}"
+
+
+def describe_mismatch(name: str, shapes: dict[str, tuple[int, ...]], shown: int = 3) -> str:
+    """The first ``shown`` missing keys, unexpected keys and shape mismatches of a state dict
+    with these ``shapes`` against model ``name``; empty if keys and shapes all agree."""
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        expected = {k: tuple(v.shape) for k, v in timm.create_model(name).state_dict().items()}
+
+    def listed(what: str, items: list[str]) -> str:
+        more = f" (+{len(items) - shown} more)" if len(items) > shown else ""
+        return f"{what} {', '.join(items[:shown])}{more}"
+
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    resized = [
+        f"{k} {list(shapes[k])} vs {list(expected[k])}"
+        for k in expected
+        if k in shapes and shapes[k] != expected[k]
+    ]
+    parts = [
+        listed(what, items)
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", resized),
+        )
+        if items
+    ]
+    return "; ".join(parts)
 
 
 def weights_id(name: str, weights: Path | None) -> str:

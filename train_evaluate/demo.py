@@ -4,7 +4,8 @@ With no ImageNet folder the driver runs the whole study on scikit-learn's digits
 downloadable classifier for them, so the pipeline trains one (about ten seconds on two CPU
 cores), on the train split only, and caches its weights. From then on the demo takes the same
 path as ImageNet: the weights file is loaded through timm's pretrained-weight code, features are
-cached, and the classifier's FC (10 x 64) is compressed and adapted.
+cached, and the classifier's FC (10 x 64) is compressed and adapted. The weights file carries a
+digest of its tensors and key; a file that fails it is trained again, never trusted.
 
 The model is registered with timm as ``digits_vit`` (a 2-block ViT on 2x2 patches of the 8x8
 image), with its own pretrained config: 1 grey channel, mean 0.3 / std 0.4, no resize.
@@ -12,25 +13,30 @@ image), with its own pretrained config: 1 grey channel, mean 0.3 / std 0.4, no r
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from train_evaluate import interrupt
 from train_evaluate.backbone import eval_transform
 from train_evaluate.features import feature_key
-from train_evaluate.files import atomic_path
+from train_evaluate.files import atomic_path, digest_matches, with_digest
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "digits_vit"
+WEIGHTS_FORMAT = "lora-compression-demo-weights/1"
 
 default_cfgs = generate_default_cfgs(
     {
@@ -105,6 +111,31 @@ def train_digits_vit(
     return model.state_dict()
 
 
+def check_demo_weights(path: Path, key: str) -> None:
+    """Raise ValueError unless ``path`` holds the demo weights for ``key``, digest intact."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if metadata.get("format") != WEIGHTS_FORMAT or metadata.get("key") != key:
+        raise ValueError("it was written for other inputs")
+    if not digest_matches(tensors, metadata):
+        raise ValueError("its SHA-256 digest does not match its contents")
+
+
+def save_demo_weights(path: Path, key: str, state: dict[str, torch.Tensor]) -> None:
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    metadata = with_digest(tensors, {"format": WEIGHTS_FORMAT, "key": key})
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def _scratch_folder() -> Path:
+    """A private folder removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix="lora-compression-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def demo_weights(
     cache_dir: Path,
     source,
@@ -112,7 +143,11 @@ def demo_weights(
     seed: int,
     recipe: DemoRecipe | None = None,
 ) -> Path:
-    """The demo classifier's weights file, trained on ``train_indices`` once and then reused."""
+    """The demo classifier's weights file, trained on ``train_indices`` once and then reused.
+
+    A cache that cannot be written costs a warning: the weights go to a temporary file that
+    lives as long as this run.
+    """
     recipe = recipe or DemoRecipe()
     train_ids = [source.ids[i] for i in train_indices.tolist()]
     key = feature_key(
@@ -121,7 +156,7 @@ def demo_weights(
     path = Path(cache_dir) / f"{DEMO_MODEL}-{key[:20]}.safetensors"
     if path.exists():
         try:
-            load_file(str(path))
+            check_demo_weights(path, key)
             log.info("demo classifier: reusing %s", path)
             return path
         except Exception as error:  # any read error means: retrain rather than trust it
@@ -136,6 +171,14 @@ def demo_weights(
     images = torch.stack([transform(source.load(i)) for i in train_indices.tolist()])
     labels = torch.tensor([source.labels[i] for i in train_indices.tolist()])
     state = train_digits_vit(images, labels, seed, recipe)
-    with atomic_path(path) as temporary:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(temporary))
+    try:
+        save_demo_weights(path, key, state)
+    except OSError as error:
+        log.warning(
+            "demo classifier: cannot write %s (%s); using a temporary copy for this run only",
+            path,
+            error,
+        )
+        path = _scratch_folder() / path.name
+        save_demo_weights(path, key, state)
     return path

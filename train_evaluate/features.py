@@ -5,8 +5,10 @@ image), so they are computed once and every trial and final model trains on the 
 tensors. The cache file is named by a key over exactly those inputs; the split is not part of
 it (features are per image; the split only chooses rows).
 
-A file that is truncated, damaged or written for another key is never trusted: it is reported
-and rebuilt. Images that cannot be decoded are skipped, reported and listed with the features.
+A file that is truncated, damaged (its SHA-256 digest over tensors and metadata no longer
+matches), written for another key or holding labels the classifier cannot have is never trusted:
+it is reported and rebuilt. A cache that cannot be written costs a warning, not the run. Images
+that cannot be decoded are skipped, reported and listed with the features.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -32,12 +36,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from train_evaluate import interrupt
-from train_evaluate.backbone import create_backbone, eval_transform, pre_logits, weights_id
-from train_evaluate.files import atomic_path
+from train_evaluate.backbone import (
+    BackboneError,
+    classifier,
+    create_backbone,
+    eval_transform,
+    pre_logits,
+    weights_id,
+)
+from train_evaluate.files import atomic_path, digest_matches, with_digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lora-compression-features/1"
+# /2: a digest of the tensors and metadata; the key covers library versions and device.
+FORMAT = "lora-compression-features/2"
 # What a broken or non-image file raises while PIL decodes it.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -61,6 +73,30 @@ def feature_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def environment(device: torch.device) -> dict[str, str]:
+    """What else changes the features' last bits: the torch and timm versions (kernels and
+    layers change between releases) and the kind of device (CPU and each GPU model run other
+    kernels)."""
+    kind = device.type
+    if kind == "cuda":
+        kind = f"cuda:{torch.cuda.get_device_name(device)}"
+    return {"torch": torch.__version__, "timm": timm.__version__, "device": kind}
+
+
+def backbone_key(
+    model_name: str, weights: Path | None, source: Any, transform: Callable, device: torch.device
+) -> str:
+    """The feature cache's key for this backbone, its weights, the images and the device."""
+    return feature_key(
+        format=FORMAT,
+        model=model_name,
+        weights=weights_id(model_name, weights),
+        data=source.fingerprint,
+        transform=repr(transform),
+        environment=environment(device),
+    )
+
+
 class _Images(Dataset):
     def __init__(self, source: Any, transform: Callable) -> None:
         self.source, self.transform = source, transform
@@ -70,9 +106,26 @@ class _Images(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(self.source.load(index)), index, None
+            image = self.source.load(index)
+            _note_if_huge(self.source.ids[index], image)
+            return self.transform(image), index, None
         except UNREADABLE as error:
             return None, index, f"{type(error).__name__}: {error}"
+
+
+def _note_if_huge(image_id: str, image: Image.Image) -> None:
+    """One line for an image over PIL's decompression-bomb threshold, in place of PIL's raw
+    warning (silenced in ``extract_features``). It is decoded all the same: a large photo is
+    legitimate, and PIL itself refuses (an unreadable image) beyond twice the threshold."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        log.warning(
+            "image %s is very large (%d x %d pixels, over PIL's limit of %d); decoding it anyway",
+            image_id,
+            image.width,
+            image.height,
+            limit,
+        )
 
 
 def _collate(batch):
@@ -139,7 +192,11 @@ def extract_features(
     with (
         torch.inference_mode(),
         tqdm(total=len(source.ids), desc="features", unit="img", disable=None) as bar,
+        warnings.catch_warnings(),
     ):
+        # Set once here, in the main thread, so decoding threads and worker processes inherit
+        # it; _note_if_huge says the same in one line that names the image.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for images, indices, bad in batches:
             interrupt.check()
             for index, reason in bad:
@@ -161,6 +218,7 @@ def cache_path(cache_dir: Path, key: str) -> Path:
 
 
 def save_features(path: Path, key: str, cached: CachedFeatures) -> None:
+    """Write ``cached`` for ``key`` atomically, with a digest of its tensors and metadata."""
     metadata = {
         "format": FORMAT,
         "key": key,
@@ -169,43 +227,61 @@ def save_features(path: Path, key: str, cached: CachedFeatures) -> None:
     }
     tensors = {"features": cached.features.contiguous(), "labels": cached.labels.contiguous()}
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        save_file(tensors, str(temporary), metadata=with_digest(tensors, metadata))
 
 
-def load_features(path: Path, key: str) -> CachedFeatures | None:
-    """The cached features if ``path`` holds a sound file for ``key``; otherwise None."""
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT or metadata.get("key") != key:
-                raise ValueError("it was written for other inputs")
-            features, labels = handle.get_tensor("features"), handle.get_tensor("labels")
-        ids, skipped = tuple(json.loads(metadata["ids"])), tuple(json.loads(metadata["skipped"]))
-        if features.ndim != 2 or labels.shape != (len(ids),) or features.shape[0] != len(ids):
-            raise ValueError("its tensors do not match its image list")
-        if not torch.isfinite(features).all():
-            raise ValueError("it holds non-finite values")
-    except Exception as error:  # safetensors, JSON and shape errors all mean: do not trust it
-        log.warning("feature cache %s is damaged (%s); recomputing", path, error)
-        return None
+def _read_features(path: Path, key: str, num_classes: int) -> CachedFeatures:
+    """The features in ``path``; ValueError (or safetensors' and JSON's errors) if unsound."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT or metadata.get("key") != key:
+            raise ValueError("it was written for other inputs")
+        # A safe_open handle is not iterable: .keys() is needed.
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if not digest_matches(tensors, metadata):
+        raise ValueError("its SHA-256 digest does not match its contents")
+    features, labels = tensors["features"], tensors["labels"]
+    ids, skipped = tuple(json.loads(metadata["ids"])), tuple(json.loads(metadata["skipped"]))
+    if features.ndim != 2 or labels.shape != (len(ids),) or features.shape[0] != len(ids):
+        raise ValueError("its tensors do not match its image list")
+    if not torch.isfinite(features).all():
+        raise ValueError("it holds non-finite values")
+    if labels.dtype != torch.int64 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"its labels are not all in [0, {num_classes}), the classifier's classes")
     return CachedFeatures(features, labels, ids, skipped)
 
 
+def load_features(path: Path, key: str, num_classes: int) -> CachedFeatures | None:
+    """The cached features if ``path`` holds a sound file for ``key`` whose labels are classes
+    of a ``num_classes``-way classifier; otherwise None (and a warning if the file exists)."""
+    if not path.exists():
+        return None
+    try:
+        return _read_features(path, key, num_classes)
+    except Exception as error:  # safetensors, JSON, digest and shape errors all mean: rebuild
+        log.warning("feature cache %s is damaged (%s); recomputing", path, error)
+        return None
+
+
 def cached_features(
-    cache_dir: Path, key: str, compute: Callable[[], CachedFeatures]
+    cache_dir: Path, key: str, compute: Callable[[], CachedFeatures], num_classes: int
 ) -> tuple[CachedFeatures, bool]:
     """Load the features for ``key`` from ``cache_dir``, or compute and store them.
 
-    Returns the features and whether they came from the cache.
+    Returns the features and whether they came from the cache. A cache that cannot be written
+    (read-only or immutable folder or file, full disk) is a warning: the run goes on uncached.
     """
     path = cache_path(cache_dir, key)
-    cached = load_features(path, key)
+    cached = load_features(path, key, num_classes)
     if cached is not None:
         return cached, True
     cached = compute()
-    save_features(path, key, cached)
+    try:
+        save_features(path, key, cached)
+    except OSError as error:
+        log.warning("features: cannot write the cache %s (%s); going on uncached", path, error)
+    else:
+        log.info("features: cached in %s", path)
     return cached, False
 
 
@@ -215,6 +291,16 @@ class BackboneFeatures:
     key: str
     cached: CachedFeatures
     reused: bool
+
+
+def check_labels(source: Any, num_classes: int, model_name: str) -> None:
+    """The data's labels must be classes of the model's classifier (before any pass over it)."""
+    top = max(source.labels)
+    if min(source.labels) < 0 or top >= num_classes:
+        raise BackboneError(
+            f"the data has labels up to {top} but {model_name}'s classifier has {num_classes} "
+            "classes; use a model trained on the data's classes (ImageNet folders: 1000)"
+        )
 
 
 def backbone_features(
@@ -227,32 +313,28 @@ def backbone_features(
     workers: int = 0,
 ) -> BackboneFeatures:
     """The frozen backbone and the pre-logits features of every image of ``source``, from the
-    cache when they are there (logged either way). Raises BackboneError for unusable weights."""
+    cache when they are there (logged either way). Raises BackboneError for unusable weights or
+    labels the model's classifier does not have."""
     model = create_backbone(model_name, weights, device)
+    num_classes = classifier(model).out_features
+    check_labels(source, num_classes, model_name)
     transform = eval_transform(model)
-    key = feature_key(
-        format=FORMAT,
-        model=model_name,
-        weights=weights_id(model_name, weights),
-        data=source.fingerprint,
-        transform=repr(transform),
-    )
-    started = time.perf_counter()
-    cached, reused = cached_features(
-        cache_dir,
-        key,
-        lambda: extract_features(model, source, transform, device, batch_size, workers),
-    )
+    key = backbone_key(model_name, weights, source, transform, device)
+
+    def compute() -> CachedFeatures:
+        started = time.perf_counter()
+        cached = extract_features(model, source, transform, device, batch_size, workers)
+        log.info(
+            "features: computed for %d images in %.1f s",
+            len(cached.ids),
+            time.perf_counter() - started,
+        )
+        return cached
+
+    cached, reused = cached_features(cache_dir, key, compute, num_classes)
     if reused:
         log.info(
             "features: reusing the feature cache (%d images) in %s", len(cached.ids), cache_dir
-        )
-    else:
-        log.info(
-            "features: computed for %d images in %.1f s, cached in %s",
-            len(cached.ids),
-            time.perf_counter() - started,
-            cache_dir,
         )
     if cached.skipped:
         log.warning("%d unreadable images were skipped", len(cached.skipped))

@@ -1,23 +1,41 @@
-"""Writing result files so that a crash never leaves a half-written one behind.
+"""Writing result files so that a crash never leaves a half-written one behind, and checking
+what is read back.
 
 Every writer goes through ``atomic_path``: the content is written to a temporary file in the
-same folder and renamed over the target, which POSIX makes atomic.
+same folder and renamed over the target, which POSIX makes atomic. The temporary's name carries
+its writer's host and PID, so the temporaries of killed runs can be told from those of live
+ones and removed (``remove_orphan_temporaries``). Cached tensors carry a ``digest``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+log = logging.getLogger(__name__)
+
 # mkstemp creates files readable by their owner only; results are shared like any other file.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+
+# A PID only means something on the machine (PID namespace) that issued it: a cache folder
+# shared over a network or between containers holds temporaries of other hosts, which must be
+# left alone. Hostnames may hold dots, so the name carries a short hash of it.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# .<stem>.<host>-<pid>.<mkstemp's 8 random characters>.tmp<suffix>
+TEMPORARY = re.compile(r"^\..*\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
 
 
 @contextlib.contextmanager
@@ -26,7 +44,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
+        dir=target.parent,
+        prefix=f".{target.stem}.{HOST}-{os.getpid()}.",
+        suffix=f".tmp{target.suffix}",
     )
     os.close(handle)
     temporary = Path(name)
@@ -36,6 +56,66 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_orphan_temporaries(folder: Path) -> int:
+    """Delete the temporaries of ``atomic_path`` under ``folder`` (recursively) whose writer,
+    on this host, is no longer running; returns how many were deleted.
+
+    A live writer's temporary is never touched (several runs may share a cache folder), nor one
+    written on another host or by an older version (no PID in its name): neither can be judged.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp*"):
+        match = TEMPORARY.match(path.name)
+        if match is None or match["host"] != HOST or _alive(int(match["pid"])):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # another run cleaned it up first
+            continue
+        except OSError as error:
+            log.warning("cannot remove the orphan temporary file %s (%s)", path, error)
+            continue
+        removed += 1
+    return removed
+
+
+def digest(tensors: dict[str, torch.Tensor], info: str) -> str:
+    """SHA-256 over ``info`` (the file's metadata) and every tensor's name, dtype, shape and
+    bytes, in name order: any flipped bit, in a value or in the metadata, changes it."""
+    hasher = hashlib.sha256(info.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
+def _metadata_text(metadata: dict[str, str]) -> str:
+    """The metadata a digest covers: everything but the digest itself."""
+    return json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True)
+
+
+def with_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``metadata`` plus ``sha256``, the digest of the tensors and of the rest of the metadata
+    (a safetensors file's string map), so that a reader can verify both."""
+    return {**metadata, "sha256": digest(tensors, _metadata_text(metadata))}
+
+
+def digest_matches(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether ``metadata["sha256"]`` is the digest of these tensors and metadata."""
+    return metadata.get("sha256") == digest(tensors, _metadata_text(metadata))
 
 
 def write_text(target: Path, text: str) -> None:
