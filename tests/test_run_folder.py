@@ -263,3 +263,13 @@ def test_tiny_or_class_disjoint_splits_are_flagged():
     assert any("in test" in w for w in warnings)
     small = {"train": order[:400], "val": order[400:432], "test": order[432:]}
     assert any("val has only 32 images" in w for w in split_warnings(labels, small))
+
+
+def test_a_run_removes_the_temporaries_of_killed_runs(small_run, capsys):
+    from tests.test_cache_trust import dead_writers_temporary
+
+    out, args = small_run
+    orphan = dead_writers_temporary(out / "checkpoints")
+    code, text, _ = run_driver(capsys, *args)
+    assert code == 0 and not orphan.exists()
+    assert "removed 1 temporary files left by killed runs" in text

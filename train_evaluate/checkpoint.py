@@ -12,14 +12,17 @@ Metadata (safetensors' string map):
                     (model, weights, metrics)
   ``sha256``        digest of every tensor's bytes in name order: a flipped byte is detected
 
-Loading expands the parts back into W_c bit for bit (``compression.expand``), so with an fp32
-adapter the rebuilt layer computes exactly what the trained one did.
+Loading checks the metadata against itself and the tensors (a file edited with a recomputed
+digest is refused in one line too), then expands the parts back into W_c bit for bit
+(``compression.expand``), so with an fp32 adapter the rebuilt layer computes exactly what the
+trained one did. ``load_into(model, path)`` puts that layer into a user's own timm model.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +34,16 @@ from torch import nn
 
 from compression import (
     CompressedWeight,
-    StorageCost,
+    compress,
     expand,
+    list_methods,
     make_config,
     method_of,
     pack_codes,
     unpack_codes,
 )
 from lora import LoraLinear
-from train_evaluate.files import atomic_path
+from train_evaluate.files import atomic_path, digest
 
 FORMAT = "lora-compression-packed/1"
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,16 +57,6 @@ class CheckpointError(ValueError):
 class PackedCheckpoint:
     layer: LoraLinear
     info: dict[str, Any]
-
-
-def digest(tensors: dict[str, torch.Tensor], info: str) -> str:
-    """SHA-256 over the JSON metadata and every tensor's name, dtype, shape and bytes."""
-    hasher = hashlib.sha256(info.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        hasher.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        hasher.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return hasher.hexdigest()
 
 
 def write_packed(
@@ -107,62 +101,317 @@ def write_packed(
     return Path(path).stat().st_size
 
 
-def read_packed(path: Path, device: torch.device | str = "cpu") -> PackedCheckpoint:
-    """Rebuild the layer from a packed file; CheckpointError if the file is not sound."""
+class _Unsound(Exception):
+    """One reason the metadata and tensors of a file do not agree (read_packed adds the path)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise _Unsound(reason)
+
+
+def _check_tensor(
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    why: str,
+) -> None:
+    _require(name in tensors, f"tensor {name} is missing")
+    tensor = tensors[name]
+    _require(
+        tuple(tensor.shape) == shape,
+        f"{name} has shape {tuple(tensor.shape)}, but {why} needs {shape}",
+    )
+    _require(tensor.dtype == dtype, f"{name} is {tensor.dtype}, but {why} needs {dtype}")
+
+
+def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, torch.dtype]:
+    """(shape, rank, alpha, DoRA, adapter dtype), each checked for type and range."""
+    _require(isinstance(info, dict), "its metadata is not a JSON object")
+    shape = info.get("shape")
+    _require(
+        isinstance(shape, list) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape),
+        f"layer shape {shape!r} is not two positive integers (out, in)",
+    )
+    out_features, in_features = shape
+    rank = info.get("rank")
+    limit = min(out_features, in_features)
+    _require(
+        _is_int(rank) and 1 <= rank <= limit,
+        f"rank {rank!r} is not an integer in 1..{limit} (a {out_features} x {in_features} layer)",
+    )
+    alpha = info.get("lora_alpha")
+    _require(
+        isinstance(alpha, int | float)
+        and not isinstance(alpha, bool)
+        and math.isfinite(alpha)
+        and alpha > 0,
+        f"lora_alpha {alpha!r} is not a positive number",
+    )
+    use_dora = info.get("use_dora")
+    _require(isinstance(use_dora, bool), f"use_dora {use_dora!r} is not true or false")
+    adapter_dtype = info.get("adapter_dtype")
+    _require(
+        adapter_dtype in ADAPTER_DTYPES,
+        f"adapter dtype {adapter_dtype!r} is not one of {', '.join(ADAPTER_DTYPES)}",
+    )
+    return (out_features, in_features), rank, float(alpha), use_dora, ADAPTER_DTYPES[adapter_dtype]
+
+
+def _compressor_config(info: dict[str, Any]) -> Any:
+    """The compressor's config; it must be exactly what the writer stores for that method."""
+    method = info.get("method")
+    _require(
+        method in list_methods(),
+        f"unknown compression method {method!r} (valid: {', '.join(list_methods())})",
+    )
+    fields = info.get("compression")
+    _require(isinstance(fields, dict), f"compression config {fields!r} is not a JSON object")
+    try:
+        config = make_config(
+            method, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        )
+    except (ValueError, TypeError) as error:
+        raise _Unsound(f"compression config {fields} is not valid for {method}: {error}") from error
+    # make_config ignores unknown fields and fills in the ones a method name fixes (int4 ->
+    # bits=4): a config that does not round-trip was not written by write_packed
+    _require(
+        json.loads(json.dumps(asdict(config))) == fields and method_of(config) == method,
+        f"compression config {fields} is not what method {method} stores",
+    )
+    return config
+
+
+def _reference(config: Any, shape: tuple[int, int], dtype: torch.dtype) -> CompressedWeight:
+    try:
+        return compress(torch.zeros(shape, dtype=dtype), config)
+    except (ValueError, RuntimeError, MemoryError) as error:  # e.g. a block far past the layer
+        reason = f"{config} cannot compress a {shape[0]} x {shape[1]} layer ({error})"
+        raise _Unsound(reason) from error
+
+
+def _expected_parts(
+    info: dict[str, Any], tensors: dict[str, torch.Tensor], config: Any, shape: tuple[int, int]
+) -> CompressedWeight:
+    """What the compressor stores for this config and shape, checked against the file.
+
+    The names, shapes and code widths of a compressor's parts depend on the layer's shape and
+    the config only, never on the weight's values: compressing a zero matrix of that shape gives
+    the reference layout (and the storage cost) the file must match exactly.
+    """
+    parts = info.get("parts")
+    _require(
+        isinstance(parts, dict) and all(isinstance(e, dict) for e in parts.values()),
+        f"parts {parts!r} is not a JSON object of part entries",
+    )
+    stored = {name[len("base.") :]: t for name, t in tensors.items() if name.startswith("base.")}
+    expected = _reference(config, shape, torch.float32)
+    names = sorted(expected.parts)
+    _require(
+        sorted(parts) == names and sorted(stored) == names,
+        f"{info['method']} on a {shape[0]} x {shape[1]} layer stores parts {names}; the "
+        f"metadata lists {sorted(parts)} and the file holds {sorted(stored)}",
+    )
+    # the values and scales are stored at the weight's own dtype (fp32 from the driver)
+    float_dtypes = {stored[name].dtype for name in names if name not in expected.codes}
+    _require(
+        len(float_dtypes) <= 1 and all(d.is_floating_point for d in float_dtypes),
+        f"the stored values have dtypes {sorted(map(str, float_dtypes))}, not one float dtype",
+    )
+    dtype = next(iter(float_dtypes), torch.float32)
+    if dtype != torch.float32:
+        expected = _reference(config, shape, dtype)
+    for name, reference in expected.parts.items():
+        entry, tensor = parts[name], stored[name]
+        want = {
+            "dtype": str(reference.dtype).removeprefix("torch."),
+            "shape": list(reference.shape),
+        }
+        if name in expected.codes:
+            want["bits"] = expected.codes[name]
+            packed = (reference.numel() * want["bits"] + 7) // 8
+            _require(
+                tensor.dtype == torch.uint8 and tuple(tensor.shape) == (packed,),
+                f"part {name} should be {packed} packed bytes; it is {tensor.dtype} "
+                f"{tuple(tensor.shape)}",
+            )
+        else:
+            _require(
+                tuple(tensor.shape) == tuple(reference.shape),
+                f"part {name} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)}",
+            )
+        _require(entry == want, f"part {name} is described as {entry}; expected {want}")
+    cost = info.get("cost")
+    _require(
+        cost == asdict(expected.cost),
+        f"storage cost {cost} is not the {asdict(expected.cost)} that this layout takes",
+    )
+    return expected
+
+
+def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
+    """The layer a sound file describes; _Unsound with the first inconsistency otherwise."""
+    shape, rank, alpha, use_dora, adapter_dtype = _layer_fields(info)
+    out_features, in_features = shape
+    why = f"rank {rank} on a {out_features} x {in_features} layer ({info['adapter_dtype']})"
+    adapter = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+    if use_dora:
+        adapter["lora_magnitude"] = (out_features,)
+    for name, wanted in adapter.items():
+        _check_tensor(tensors, name, wanted, adapter_dtype, why)
+    if "bias" in tensors:
+        _check_tensor(tensors, "bias", (out_features,), torch.float32, "an fp32 bias")
+    config = _compressor_config(info)
+    expected = _expected_parts(info, tensors, config, shape)
+    known = {f"base.{n}" for n in expected.parts} | set(adapter) | {"bias"}
+    strangers = sorted(set(tensors) - known)
+    _require(not strangers, f"it holds tensors no packed layer has: {', '.join(strangers)}")
+    parts = {}
+    for name, reference in expected.parts.items():
+        stored = tensors[f"base.{name}"]
+        if name in expected.codes:
+            codes = unpack_codes(stored, expected.codes[name], reference.numel())
+            stored = codes.reshape(reference.shape).to(reference.dtype)
+        parts[name] = stored
+    try:
+        weight = expand(parts, config, shape)
+    except (ValueError, RuntimeError, IndexError) as error:  # e.g. a position past its block
+        raise _Unsound(f"its parts do not rebuild the compressed weight ({error})") from error
+    _require(tuple(weight.shape) == shape, f"its parts rebuild a {tuple(weight.shape)} weight")
+    base = nn.Linear(in_features, out_features, bias="bias" in tensors)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+        if "bias" in tensors:
+            base.bias.copy_(tensors["bias"])
+    layer = LoraLinear(base, rank, alpha, use_dora=use_dora)
+    layer.load_adapter_state({name: tensors[name].float() for name in adapter})
+    layer.base_compressed = CompressedWeight(
+        weight, expected.cost, parts, dict(expected.codes), config
+    )
+    return layer
+
+
+def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedCheckpoint:
+    """Rebuild the layer from a packed file; CheckpointError (one line) if it is not sound.
+
+    Beyond the digest, which catches damage, the metadata is checked against itself and the
+    tensors: a file edited with a recomputed digest (another rank, shape, method or parts) is
+    refused with the first inconsistency rather than failing somewhere inside the rebuild.
+    """
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors reports a bad header or a short file in many types
+        detail = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointError(
-            f"{path} is not a readable packed checkpoint (safetensors header: {error})"
+            f"{path} is not a readable packed checkpoint (safetensors header: {detail})"
         ) from error
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    if digest(tensors, metadata.get("checkpoint", "")) != metadata.get("sha256"):
+    text = metadata.get("checkpoint", "")
+    if digest(tensors, text) != metadata.get("sha256"):
         raise CheckpointError(
             f"{path} is corrupted: its tensors and metadata do not match their sha256"
         )
-    info = json.loads(metadata["checkpoint"])
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["compression"].items()}
-    config = make_config(info["method"], **fields)
-    shape = tuple(info["shape"])
-    parts = {}
-    for name, entry in info["parts"].items():
-        stored = tensors[f"base.{name}"]
-        if "bits" in entry:
-            count = int(torch.Size(entry["shape"]).numel())
-            stored = unpack_codes(stored, entry["bits"], count).reshape(entry["shape"])
-            stored = stored.to(getattr(torch, entry["dtype"]))
-        parts[name] = stored
-    weight = expand(parts, config, shape)
-    base = nn.Linear(shape[1], shape[0], bias="bias" in tensors)
-    with torch.no_grad():
-        base.weight.copy_(weight)
-        if "bias" in tensors:
-            base.bias.copy_(tensors["bias"])
-    layer = LoraLinear(base, info["rank"], info["lora_alpha"], use_dora=info["use_dora"])
-    adapter = {
-        k: tensors[k].float() for k in ("lora_A", "lora_B", "lora_magnitude") if k in tensors
-    }
-    layer.load_adapter_state(adapter)
-    codes = {name: entry["bits"] for name, entry in info["parts"].items() if "bits" in entry}
-    layer.base_compressed = CompressedWeight(
-        weight, StorageCost(**info["cost"]), parts, codes, config
-    )
+    try:
+        info = json.loads(text)
+        layer = _rebuild(info, tensors)
+    # _Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
+    # what no check foresaw, so that any inconsistency is still one line, never a traceback
+    except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write "
+            "it again with the driver)"
+        ) from error
     return PackedCheckpoint(layer.to(device).eval(), info)
 
 
-def write_merged(path: Path, layer: LoraLinear) -> int:
+def write_merged(path: Path, layer: LoraLinear, metadata: dict[str, str] | None = None) -> int:
     """One dense FC, W_c + (alpha/r) B @ A (with DoRA's magnitudes), and the bias, in fp32.
 
     For deployment without this tool: any framework can load it, and it gives up the
-    compression (the file is as large as the original FC).
+    compression (the file is as large as the original FC). ``metadata``: safetensors' string
+    map, to say which model, weights and layer the FC belongs to (see evaluate.py).
     """
     with torch.no_grad():
         tensors = {"weight": layer.merged_weight().detach().cpu().contiguous()}
         if layer.base_layer.bias is not None:
             tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
+    strings = {"format": "dense-linear", "note": "merged", **(metadata or {})}
     with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": "dense-linear", "note": "merged"})
+        save_file(tensors, str(temporary), metadata={k: str(v) for k, v in strings.items()})
     return Path(path).stat().st_size
+
+
+def merged_linear(layer: LoraLinear) -> nn.Linear:
+    """A plain ``nn.Linear`` computing what ``layer`` computes (one dense weight, fp32)."""
+    merged = nn.Linear(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.base_layer.bias is not None,
+        device=layer.base_layer.weight.device,
+    )
+    with torch.no_grad():
+        merged.weight.copy_(layer.merged_weight())
+        if layer.base_layer.bias is not None:
+            merged.bias.copy_(layer.base_layer.bias)
+    return merged.requires_grad_(False).eval()
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Where a timm model keeps its classifier (``fc``, ``head``, ``head.fc``...).
+
+    timm's pretrained config names it (``pretrained_cfg['classifier']``); the name is trusted
+    only if it leads to the very module ``get_classifier()`` returns, else it is looked up.
+    """
+    if not hasattr(model, "get_classifier"):
+        raise ValueError(f"{type(model).__name__} is not a timm model (it has no get_classifier)")
+    head = model.get_classifier()
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(named, str) and named:
+        with contextlib.suppress(AttributeError):
+            if model.get_submodule(named) is head:
+                return named
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name
+    raise ValueError("the classifier returned by get_classifier() is not a submodule of the model")
+
+
+def load_into(model: nn.Module, path: Path | str, *, merge: bool = False) -> nn.Module:
+    """Put a packed checkpoint's classifier into a timm model; returns the model.
+
+    The file is verified (read_packed), its layer shape must be the model's classifier's, and
+    its model name (when it records one) must be the same architecture. The classifier is then
+    replaced by the rebuilt ``LoraLinear`` (compressed base + adapter, exactly the trained
+    layer), or with ``merge=True`` by one dense ``nn.Linear`` (W_c + (alpha/r) B A, fp32).
+    """
+    name = classifier_name(model)
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"the model's classifier {name} is {type(head).__name__}, not nn.Linear "
+            "(create the model with its classes, num_classes > 0)"
+        )
+    packed = read_packed(path, head.weight.device)
+    wanted = tuple(packed.info["shape"])
+    if wanted != (head.out_features, head.in_features):
+        raise CheckpointError(
+            f"{path} holds a {wanted[0]} x {wanted[1]} classifier; this model's {name} is "
+            f"{head.out_features} x {head.in_features}"
+        )
+    recorded = packed.info.get("model")
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if isinstance(recorded, str) and architecture and recorded.split(".")[0] != architecture:
+        raise CheckpointError(f"{path} was trained for {recorded}; this model is {architecture}")
+    layer = merged_linear(packed.layer) if merge else packed.layer
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer.to(dtype=head.weight.dtype))
+    return model

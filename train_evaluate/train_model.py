@@ -59,6 +59,7 @@ def run(plan) -> None:
 
     from train_evaluate import run_folder
     from train_evaluate.backbone import weights_id
+    from train_evaluate.files import remove_orphan_temporaries
     from train_evaluate.plan import announce
 
     torch.set_num_threads(plan.threads)
@@ -66,6 +67,10 @@ def run(plan) -> None:
     config = run_folder.run_config(plan, identity)
     with run_folder.exclusive(plan.out):
         run_folder.claim(plan.out, config, plan.overwrite)
+        # Temporary files of killed runs (up to the feature cache's size); live writers' stay.
+        removed = remove_orphan_temporaries(plan.out) + remove_orphan_temporaries(plan.cache_dir)
+        if removed:
+            log.info("removed %d temporary files left by killed runs", removed)
         announce(plan)
         results = sweep_all(plan)
         run_folder.finish(plan.out, config, results)
@@ -102,7 +107,8 @@ def sweep_all(plan) -> dict:
         cached.features, cached.labels, split, plan.sweep.objective, head, plan.device
     )
     splits = Splits(parts["train"], parts["val"], parts["test"])
-    original_acc = evaluate(head, splits.test)["acc"]
+    original = evaluate(head, splits.test)
+    original_acc = original["acc"]
     log.info(
         "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
     )
@@ -129,9 +135,9 @@ def sweep_all(plan) -> dict:
         )
         for name, compression in plan.compressions.items():
             method = Method.create(name, compression, head, splits.train.features)
-            compressed_acc = evaluate(method.compressed_linear(), splits.test)["acc"]
+            compressed = evaluate(method.compressed_linear(), splits.test)
             log.info(
-                "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed_acc
+                "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed["acc"]
             )
             records = [rank_record(context, method, rank) for rank in plan.ranks]
             shared = {
@@ -141,10 +147,11 @@ def sweep_all(plan) -> dict:
                 "compression": compression.describe(),
             }
             rows += report.method_rows(
-                shared, original_acc, compressed_acc, method.cost, records, accounting
+                shared, original, compressed, method.cost, records, accounting
             )
     frame = report.evaluation_frame(rows)
     csv_path = report.write_evaluation(out, frame)
+    report.repair_plotly_bundle(out)
     title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
     report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
     comparison = compare.write_report(plan.results_dir)
@@ -156,7 +163,7 @@ def sweep_all(plan) -> dict:
     )
     log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
     if comparison:
-        log.info("comparison of every run in %s: %s", plan.results_dir, comparison[1])
+        log.info("comparison of every run in %s: %s", plan.results_dir, comparison[0])
     if plan.demo:
         log.info("(these are demo numbers on digits, not ImageNet; see README for the real study)")
     return {
