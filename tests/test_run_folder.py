@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +274,30 @@ def test_a_run_removes_the_temporaries_of_killed_runs(small_run, capsys):
     code, text, _ = run_driver(capsys, *args)
     assert code == 0 and not orphan.exists()
     assert "removed 1 temporary files left by killed runs" in text
+
+
+def test_the_packed_file_does_not_depend_on_where_data_and_weights_live(
+    tmp_path, image_folder, tiny_weights, shared_cache, capsys
+):
+    """The checkpoint names weights and data by id, not by path: the same run with its inputs
+    under a much longer path writes files of the same size."""
+    deep = tmp_path / ("a-much-longer-folder-name" * 3) / "inputs"
+    shutil.copytree(image_folder, deep / image_folder.name)  # copy2: same sizes and times
+    deep_weights = deep / "weights" / tiny_weights.name
+    deep_weights.parent.mkdir(parents=True)
+    shutil.copy2(tiny_weights, deep_weights)
+    sizes = []
+    for data, weights, results in (
+        (image_folder, tiny_weights, tmp_path / "r1"),
+        (deep / image_folder.name, deep_weights, tmp_path / "r2"),
+    ):
+        args = tiny_args(data, weights, results, shared_cache, "--methods", "sparse",
+                         "--ranks", "2", "--epochs", "0")  # fmt: skip
+        code, _, err = run_driver(capsys, *args)
+        assert code == 0, err
+        folder = run_folder(results, "paper_init")
+        checkpoint = folder / "checkpoints" / "quant=sparse_r=2.safetensors"
+        sizes.append(checkpoint.stat().st_size)
+        frame = pd.read_csv(folder / "evaluation.csv")
+        assert frame["file_bytes"].dropna().tolist() == [checkpoint.stat().st_size]
+    assert sizes[0] == sizes[1]

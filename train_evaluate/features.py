@@ -311,11 +311,13 @@ def backbone_features(
     cache_dir: Path,
     batch_size: int = 64,
     workers: int = 0,
+    model: nn.Module | None = None,
 ) -> BackboneFeatures:
     """The frozen backbone and the pre-logits features of every image of ``source``, from the
     cache when they are there (logged either way). Raises BackboneError for unusable weights or
-    labels the model's classifier does not have."""
-    model = create_backbone(model_name, weights, device)
+    labels the model's classifier does not have. ``model``: the backbone already loaded from
+    ``weights`` (it is not loaded twice)."""
+    model = model if model is not None else create_backbone(model_name, weights, device)
     num_classes = classifier(model).out_features
     check_labels(source, num_classes, model_name)
     transform = eval_transform(model)
