@@ -45,6 +45,7 @@ def load_features(plan):
             plan.cache_dir,
             plan.feature_batch_size,
             workers,
+            plan.backbone,
         )
         split = split_indices(len(found.cached.ids), plan.fractions, plan.sweep.seed)
     except ValueError as error:  # bad weights; a split emptied by skipped images
