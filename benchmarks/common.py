@@ -1,4 +1,9 @@
-"""Timing helpers shared by the benchmark scripts."""
+"""Timing helpers shared by the benchmark scripts.
+
+``synthetic_features`` (ImageNet-shaped cached features and a random classifier) lives in the
+product, ``train_evaluate/synthetic.py``, so that tests use it without importing benchmarks; it
+is re-exported here for the scripts.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from train_evaluate.synthetic import synthetic_features
+
+__all__ = ["image_folder", "machine", "seconds_per_call", "synthetic_features"]
 
 
 def seconds_per_call(fn: Callable[[], object], min_run_time: float = 1.0) -> float:
@@ -75,31 +84,3 @@ def image_folder(count: int, scratch: Path) -> tuple[Path, str]:
             picture.save(target, quality=90)
     what = "real ImageNet sample images" if real else "synthetic 500x375 JPEGs"
     return scratch, f"{count} {what}"
-
-
-def synthetic_features(
-    train: int, val: int, in_features: int = 512, classes: int = 1000, seed: int = 0
-):
-    """ImageNet-shaped cached features, a random classifier of the matching shape, and the
-    train / val / test splits the sweep uses.
-
-    The features are random (the cost of a step does not depend on them) and the labels are
-    the classifier's own predictions, so that compression costs accuracy and adapters win it
-    back, and Optuna's pruner sees trials that differ as on real data.
-    """
-    from torch import nn
-
-    from train_evaluate.sweep import Splits
-    from train_evaluate.training import FeatureSplit
-
-    generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(in_features, classes).requires_grad_(False)
-    with torch.no_grad():  # from the seed, not from torch's global generator
-        head.weight.copy_(torch.randn(classes, in_features, generator=generator) / in_features**0.5)
-        head.bias.copy_(0.1 * torch.randn(classes, generator=generator))
-
-    def split(rows: int) -> FeatureSplit:
-        features = torch.randn(rows, in_features, generator=generator).relu()
-        return FeatureSplit(features, head(features).argmax(dim=1))
-
-    return head, Splits(split(train), split(val), split(max(val // 4, 1)))

@@ -341,7 +341,9 @@ def test_the_readme_example_puts_the_checkpoint_into_the_model(tiny_checkpoint, 
     code = substituted(
         readme_example(),
         {
-            '"results/svd_init/checkpoints/quant=sparse_r=8.safetensors"': repr(str(path)),
+            '"results/digits_vit/digits/svd_init/checkpoints/quant=sparse_r=8.safetensors"': repr(
+                str(path)
+            ),
             '"resnet18.tv_in1k", pretrained=True': f'"{TINY_MODEL}", pretrained=True, '
             f"pretrained_cfg_overlay={{'file': {str(tiny_weights)!r}}}",
         },

@@ -18,7 +18,7 @@ from train_evaluate.report import COLUMNS, TIMING_COLUMNS
 RANK_COLUMNS = [
     "evaluation", "init_only", "drop", "ratio", "ratio_seed", "ratio_model", "compute_ratio",
     "bits", "best_val_acc", "best_epoch", "optimizer", "lr", "batch_size", "lora_alpha",
-    "trials_complete", "compression", "seed",
+    "trials_complete", "compression", "seed", "base_only",
 ]  # fmt: skip
 
 
@@ -64,6 +64,8 @@ def test_every_row_column_and_artifact_is_written(svd_run, image_folder):
     assert list(zip(frame["quant"], frame["lora_rank"].astype(str), strict=True)) == expected
     ranked = frame[frame["lora_rank"].isin(["2", "4"])]
     assert ranked[RANK_COLUMNS].notna().all().all()
+    # every row, original and quantized too: top-5 and the test-sampling interval
+    assert frame[["top5", "test_images", "ci95_test_low", "ci95_test_high"]].notna().all().all()
     assert (frame["init"] == "svd_init").all() and (frame["status"] == "ok").all()
     assert (frame.loc[frame["lora_rank"] == "original", "ratio"] == 1).all()
 
@@ -279,17 +281,19 @@ def test_a_rerun_replaces_a_ranks_files_and_evaluate_refuses_a_foreign_split(
     out = run_folder(tmp_path, "svd_init")
     checkpoint = out / "checkpoints" / "quant=int1_r=2.safetensors"
     assert checkpoint.exists() and (out / "acc_quant=int1_r=2.png").exists()
-    # the same folder again, another split, and a search where every trial diverges
-    code, _, _ = run_driver(capsys, *args, "--seed", "1", "--lr-range", "1e25", "1e30")
+    # the same folder again (replaced), another split, and a search where every trial diverges
+    code, _, _ = run_driver(
+        capsys, *args, "--seed", "1", "--lr-range", "1e25", "1e30", "--overwrite"
+    )
     assert code == 0
     assert pd.read_csv(out / "evaluation.csv")["status"].iloc[-1] == "no_complete_trial"
     assert not checkpoint.exists() and not (out / "acc_quant=int1_r=2.png").exists()
 
     # a checkpoint kept from the first run is not scored against the second run's split
-    assert run_driver(capsys, *args)[0] == 0
+    assert run_driver(capsys, *args, "--overwrite")[0] == 0
     kept = tmp_path / "kept.safetensors"
     kept.write_bytes(checkpoint.read_bytes())
-    assert run_driver(capsys, *args, "--seed", "1")[0] == 0
+    assert run_driver(capsys, *args, "--seed", "1", "--overwrite")[0] == 0
     foreign = out / "checkpoints" / "foreign.safetensors"
     foreign.write_bytes(kept.read_bytes())
     code = evaluate_main(["--checkpoint", str(foreign), "--cache-dir", str(shared_cache)])

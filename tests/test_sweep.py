@@ -3,7 +3,6 @@
 import optuna
 import torch
 
-from benchmarks.common import synthetic_features
 from compression import make_config
 from train_evaluate.sweep import (
     Method,
@@ -13,6 +12,7 @@ from train_evaluate.sweep import (
     open_storage,
     run_rank,
 )
+from train_evaluate.synthetic import synthetic_features
 
 
 def small_problem():

@@ -331,6 +331,7 @@ def announce(plan: Plan) -> None:
         plan.out,
     )
     if sweep.epochs == 0:
+        log.info("--epochs 0: every rank is the init only (no Optuna search, no training)")
         log.info(
             "size: %d images; %d ranks, init only (no search, no training)",
             len(plan.source.ids),

@@ -30,6 +30,9 @@ from train_evaluate.training import evaluate
 
 log = logging.getLogger(__name__)
 
+# Raised when a record gains fields: older records are then recomputed, not reused half-empty.
+RECORD_FORMAT = 2
+
 
 @dataclass
 class RunContext:
@@ -104,6 +107,7 @@ def identities(context: RunContext, method: Method, rank: int) -> tuple[str, str
     }
     study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
     key = feature_key(
+        record_format=RECORD_FORMAT,
         study=study_name,
         trials=plan.sweep.trials,
         finals=plan.sweep.final_seeds,

@@ -1,14 +1,18 @@
 """Everything a run writes into its results folder, and nothing else.
 
 Per rank (names as in the original study): ``acc_quant=<m>_r=<r>.png``,
-``loss_quant=<m>_r=<r>.png``, ``quant=<m>_r=<r>_optimization_history.html`` and a checkpoint
+``loss_quant=<m>_r=<r>.png``, ``quant=<m>_r=<r>_optimization_history.html``,
+``quant=<m>_r=<r>_param_importances.html`` and a checkpoint
 ``checkpoints/quant=<m>_r=<r>.safetensors`` (packed, see checkpoint.py). Per run:
-``evaluation.csv`` and ``accuracy_vs_rank.png``. Every file is written atomically (temp file +
-rename).
+``evaluation.csv``, ``accuracy_vs_rank.png`` and the ``plotly.min.js`` the pages load. Every
+file is written atomically (temp file + rename).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,13 +22,17 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+import plotly.offline
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from compression import LayerAccounting, StorageCost, account_layer, dense_cost, model_ratio
 from lora import LoraLinear
 from train_evaluate.checkpoint import write_packed
 from train_evaluate.files import atomic_path, write_text
+
+log = logging.getLogger(__name__)
 
 # evaluation.csv: the original study's three columns first, then ours (README explains each).
 COLUMNS = [
@@ -33,7 +41,12 @@ COLUMNS = [
     "evaluation",
     "init",
     "init_only",
+    "base_only",
     "drop",
+    "top5",
+    "test_images",
+    "ci95_test_low",
+    "ci95_test_high",
     "final_seeds",
     "evaluation_std",
     "ci95_low",
@@ -65,6 +78,37 @@ COLUMNS = [
     "seconds",
 ]
 TIMING_COLUMNS = ["seconds"]
+# Two-sided 95% normal quantile, for the Wilson score interval.
+Z95 = float(stats.norm.ppf(0.975))
+PLOTLY_BUNDLE = "plotly.min.js"
+# One (colour, marker) per series, distinct for the first 100 series: the marker index steps
+# once more every 10 series, so two series with the same colour never get the same marker.
+COLOURS = [f"C{i}" for i in range(10)]
+MARKERS = "osD^v<>ph*"
+
+
+def series_style(index: int) -> dict[str, str]:
+    return {"color": COLOURS[index % 10], "marker": MARKERS[(index + index // 10) % 10]}
+
+
+def wilson_interval(correct: float | None, n: int | None) -> tuple[float | None, float | None]:
+    """95% Wilson score interval (%, low and high) of a proportion of ``correct`` out of ``n``
+    test images: the uncertainty from having sampled these n images, not from training seeds.
+    Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 100] and is not empty at 0 or n correct.
+    ``correct`` may be a mean over seeds (fractional)."""
+    if correct is None or n is None or not n or math.isnan(correct):
+        return None, None
+    p, z2 = correct / n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # the bounds always hold p; min / max keep that true in floating point too (at k = n the
+    # sum comes out a rounding error below 1)
+    return 100 * max(0.0, min(p, centre - half)), 100 * min(1.0, max(p, centre + half))
+
+
+def test_interval_columns(correct: float | None, n: int | None) -> dict[str, Any]:
+    low, high = wilson_interval(correct, n)
+    return {"test_images": n, "ci95_test_low": low, "ci95_test_high": high}
 
 
 def stem(method: str, rank: int) -> str:
@@ -81,8 +125,43 @@ def rank_artifacts(out: Path, method: str, rank: int) -> list[Path]:
         out / f"acc_{name}.png",
         out / f"loss_{name}.png",
         out / f"{name}_optimization_history.html",
+        out / f"{name}_param_importances.html",
         checkpoint_path(out, method, rank),
     ]
+
+
+@functools.cache
+def plotly_bundle() -> tuple[bytes, str]:
+    """plotly's own bundled plotly.min.js (the bytes plotly itself would write) and its SHA-256."""
+    content = plotly.offline.get_plotlyjs().encode("utf-8")
+    return content, hashlib.sha256(content).hexdigest()
+
+
+def write_plotly_bundle(folder: Path) -> Path:
+    """``folder/plotly.min.js``, which the Optuna pages load (so they open offline), whole.
+
+    Plotly writes it itself only when it is absent, and not atomically: a copy cut short by a
+    full disk or a kill would stay forever. So it is written here through ``atomic_path``, and
+    an existing one is kept only when its size and SHA-256 are the bundled file's."""
+    target = Path(folder) / PLOTLY_BUNDLE
+    content, digest = plotly_bundle()
+    try:
+        # the size first (a cut copy is shorter), then the bytes
+        same_size = target.stat().st_size == len(content)
+        if same_size and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
+            return target
+    except OSError:  # missing or unreadable: write it
+        pass
+    with atomic_path(target) as path:
+        path.write_bytes(content)
+    return target
+
+
+def repair_plotly_bundle(folder: Path) -> None:
+    """Check the bundle of a run folder that holds pages: a rerun that reuses every rank writes
+    no page, and would otherwise leave a damaged bundle in place."""
+    if any(Path(folder).glob("*.html")):
+        write_plotly_bundle(folder)
 
 
 def save_figure(figure: Figure, target: Path) -> None:
@@ -120,11 +199,53 @@ def plot_epochs(finals: list[dict[str, Any]], metric: str, title: str) -> Figure
     best_epoch = finals[0]["best_epoch"]
     which = "selected" if len(finals) == 1 else "selected for seed 1"
     axes.axvline(best_epoch, color="grey", linestyle=":", label=f"{which} (epoch {best_epoch})")
+    # epochs are whole numbers: with few of them matplotlib would tick 0.5, 1.5, ...
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch (0 = init, before training)")
     axes.set_ylabel("top-1 accuracy (%)" if metric == "acc" else "cross-entropy loss")
     axes.set_title(title)
     axes.legend()
     return figure
+
+
+def run_title(info: dict[str, Any], init: str) -> str:
+    """``<model>, <init>`` (and the demo flag): what a figure belongs to, for figures that leave
+    the folder they were written in."""
+    return f"{info.get('model')}, {init}" + (" (digits demo)" if info.get("demo") else "")
+
+
+def write_optuna_pages(
+    out: Path, study: optuna.Study, method: str, rank: int, title: str, seed: int
+) -> None:
+    """The study's optimization history and, from 2 completed trials on, its parameter
+    importances (fANOVA, seeded: the same study gives the same importances)."""
+    name = stem(method, rank)
+    label = "val top-1 (%)"  # what every trial's value is (its best val accuracy)
+    pages = {
+        "optimization_history": optuna.visualization.plot_optimization_history(
+            study, target_name=label
+        ),
+    }
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) >= 2:
+        try:
+            pages["param_importances"] = optuna.visualization.plot_param_importances(
+                study,
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
+                target_name=label,
+            )
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            # e.g. every completed trial with the same value: there is nothing to attribute
+            log.info("%s: no parameter-importance page (%s)", name, error)
+    write_plotly_bundle(out)
+    for kind, figure in pages.items():
+        words = kind.replace("_", " ").capitalize()
+        figure.update_layout(title=f"{words}: quant={method}, rank={rank}; {title}")
+        if kind == "param_importances":
+            figure.update_xaxes(title_text=f"importance for {label} (fANOVA)")
+        with atomic_path(out / f"{name}_{kind}.html") as path:
+            # a script tag naming plotly.min.js beside the page; the bundle is ours (above)
+            figure.write_html(path, include_plotlyjs=PLOTLY_BUNDLE)
 
 
 def write_rank_artifacts(
@@ -135,23 +256,24 @@ def write_rank_artifacts(
     adapter_dtype: str,
     checkpoint_info: dict[str, Any],
 ) -> Path | None:
-    """The per-rank files: curves, Optuna history and the packed checkpoint (whatever the rank
-    produced). Returns the checkpoint's path, if one was written."""
+    """The per-rank files: curves, Optuna pages and the packed checkpoint (whatever the rank
+    produced). Returns the checkpoint's path, if one was written. Figures are titled with the
+    model (``checkpoint_info["model"]``) and the init, as well as the method and rank."""
     method, rank = record["method"], record["rank"]
     name = stem(method, rank)
+    title = run_title(checkpoint_info, record["init"])
     # A rerun replaces the rank's files; what it does not produce this time (no final model,
     # no study) must not stay behind from an earlier run, with another split or settings.
     for old in rank_artifacts(out, method, rank):
         old.unlink(missing_ok=True)
     if record["finals"]:
         for metric, word in (("acc", "Accuracy"), ("loss", "Loss")):
-            figure = plot_epochs(record["finals"], metric, f"{word}, quant={method}, rank={rank}")
+            figure = plot_epochs(
+                record["finals"], metric, f"{word}, quant={method}, rank={rank}\n{title}"
+            )
             save_figure(figure, out / f"{metric}_{name}.png")
     if study is not None and study.get_trials(deepcopy=False):
-        html = optuna.visualization.plot_optimization_history(study)
-        with atomic_path(out / f"{name}_optimization_history.html") as path:
-            # plotly.min.js is written once beside the pages, so they open offline
-            html.write_html(path, include_plotlyjs="directory")
+        write_optuna_pages(out, study, method, rank, title, record["seed"])
     if layer is None:
         return None
     metrics = {k: record.get(k) for k in ("status", "test_acc", "objective", "seed")}
@@ -211,25 +333,38 @@ def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, 
     }
 
 
+def level_row(metrics: dict[str, float]) -> dict[str, Any]:
+    """The accuracy columns of an ``original`` or ``quantized`` row, from ``evaluate``'s
+    metrics of that layer on the test split."""
+    return {
+        "evaluation": metrics["acc"],
+        "top5": metrics["top5"],
+        **test_interval_columns(metrics["correct"], metrics["n"]),
+    }
+
+
 def method_rows(
     shared: dict[str, Any],
-    original_acc: float,
-    compressed_acc: float,
+    original: dict[str, float],
+    compressed: dict[str, float],
     cost: StorageCost,
     records: Sequence[dict[str, Any]],
     accounting: Accounting,
 ) -> list[dict[str, Any]]:
     """The ``original`` and ``quantized`` rows of one method, then one row per rank record.
 
-    shared: the columns every row of the method carries (quant, init, seed, compression)."""
+    shared: the columns every row of the method carries (quant, init, seed, compression);
+    original, compressed: ``training.evaluate`` of the uncompressed and of the compressed layer
+    on the test split (top-1, top-5 and the counts behind them)."""
     rows = []
-    for lora_rank, level_cost, acc in (
-        ("original", dense_cost(*accounting.fc_shape), original_acc),
-        ("quantized", cost, compressed_acc),
+    original_acc = original["acc"]
+    for lora_rank, level_cost, metrics in (
+        ("original", dense_cost(*accounting.fc_shape), original),
+        ("quantized", cost, compressed),
     ):
         rows.append(
-            {**shared, "status": "ok", "lora_rank": lora_rank, "evaluation": acc,
-             "drop": original_acc - acc, **accounting.columns(level_cost, 0)}
+            {**shared, "status": "ok", "lora_rank": lora_rank, **level_row(metrics),
+             "drop": original_acc - metrics["acc"], **accounting.columns(level_cost, 0)}
         )  # fmt: skip
     for record in records:
         rows.append(
@@ -261,6 +396,31 @@ def seed_statistics(values: list[float]) -> dict[str, float]:
             "ci95_high": mean + half}  # fmt: skip
 
 
+def rank_test_columns(record: dict[str, Any]) -> dict[str, Any]:
+    """top5, base_only and the Wilson interval of a rank's test top-1. With several final seeds,
+    top5 and the count are their means (n is the same test split for every seed). Records
+    written before these numbers existed give empty columns."""
+    test = record.get("test") or {}
+    n = test.get("images")
+    finals = record["finals"]
+    if finals:
+        if all("test_correct" in f for f in finals):
+            correct = float(np.mean([f["test_correct"] for f in finals]))
+            top5 = float(np.mean([f["test_top5"] for f in finals]))
+        else:
+            correct = top5 = None
+    elif record["status"] == "init_only":
+        init = test.get("init_only") or {}
+        correct, top5 = init.get("correct"), init.get("top5")
+    else:  # no final model: no accuracy to put an interval on
+        correct = top5 = None
+    return {
+        "top5": top5,
+        "base_only": (test.get("base_only") or {}).get("acc"),
+        **test_interval_columns(correct, n),
+    }
+
+
 def rank_row(record: dict[str, Any], original_acc: float, dense_bytes: int) -> dict[str, Any]:
     """One evaluation.csv row from a rank's record (accounting added by the caller).
 
@@ -277,6 +437,7 @@ def rank_row(record: dict[str, Any], original_acc: float, dense_bytes: int) -> d
     test_acc = row["evaluation"]
     return {
         **row,
+        **rank_test_columns(record),
         "quant": record["method"],
         "lora_rank": record["rank"],
         "init": record["init"],
@@ -322,49 +483,82 @@ def write_evaluation(out: Path, frame: pd.DataFrame) -> Path:
     return target
 
 
-def plot_summary(frame: pd.DataFrame, title: str):
-    """Test accuracy vs rank per method; the original and compressed-only levels as lines."""
-    figure = Figure(figsize=(7, 4.5))
+def interval_bars(rows: pd.DataFrame, value: str, low: str, high: str) -> np.ndarray | None:
+    """``errorbar``'s yerr (2 x rows: below, above) from interval columns; None if all empty."""
+    if low not in rows or not rows[low].notna().any():
+        return None
+    values = pd.to_numeric(rows[value], errors="coerce").to_numpy(float)
+    below = values - pd.to_numeric(rows[low], errors="coerce").to_numpy(float)
+    above = pd.to_numeric(rows[high], errors="coerce").to_numpy(float) - values
+    # a bar never reaches negative length: rows written rounded (%.6g) may sit a hair outside
+    return np.clip(np.nan_to_num(np.vstack([below, above])), 0, None)
+
+
+def dodge(ranks: np.ndarray, index: int, count: int) -> np.ndarray:
+    """Ranks shifted a little (on the log2 axis) per series, so that error bars of series at
+    the same rank do not hide each other; all of them within 0.4 octave (x 1.32)."""
+    step = min(0.06, 0.4 / max(count - 1, 1))
+    return ranks * 2.0 ** (step * (index - (count - 1) / 2))
+
+
+def rank_ticks(axes, ranks: pd.Series) -> None:
+    axes.set_xscale("log", base=2)
+    ticks = sorted(ranks.astype(int).unique())
+    axes.set_xticks(ticks, [str(t) for t in ticks])
+    axes.minorticks_off()
+
+
+def plot_summary(frame: pd.DataFrame, title: str) -> Figure:
+    """Test accuracy vs rank per method, with 95% Wilson error bars (test sampling) and, with
+    several final seeds, the seeds' 95% interval as a wide pale bar; the original and
+    compressed-only levels as lines. ``title`` should name the model and the init."""
+    figure = Figure(figsize=(8.5, 4.5), layout="constrained")
     axes = figure.subplots()
+    legend = []  # in drawing order, method by method (matplotlib's own order groups by kind)
     ranked = frame[pd.to_numeric(frame["lora_rank"], errors="coerce").notna()]
     original = frame.loc[frame["lora_rank"] == "original", "evaluation"]
     if len(original):
-        axes.axhline(original.iloc[0], color="black", linestyle="--", label="original")
-    for index, (method, rows) in enumerate(ranked.groupby("quant", sort=False)):
-        color = f"C{index}"
-        ranks = rows["lora_rank"].astype(int)
-        spread = None
-        if rows["ci95_low"].notna().any():  # several final seeds: 95% intervals as error bars
-            spread = [rows["evaluation"] - rows["ci95_low"], rows["ci95_high"] - rows["evaluation"]]
-        axes.errorbar(
-            ranks, rows["evaluation"], yerr=spread, marker="o", color=color, capsize=3,
-            label=f"{method} + LoRA" + (" (95% CI)" if spread is not None else ""),
+        legend.append(
+            axes.axhline(original.iloc[0], color="black", linestyle="--", label="original")
+        )
+    methods = list(ranked.groupby("quant", sort=False))
+    for index, (method, rows) in enumerate(methods):
+        style = series_style(index)
+        ranks = dodge(rows["lora_rank"].astype(int).to_numpy(), index, len(methods))
+        bars = interval_bars(rows, "evaluation", "ci95_test_low", "ci95_test_high")
+        legend.append(
+            axes.errorbar(ranks, rows["evaluation"], yerr=bars, capsize=3,
+                          label=f"{method} + LoRA", **style)
         )  # fmt: skip
+        seeds = interval_bars(rows, "evaluation", "ci95_low", "ci95_high")
+        if seeds is not None:
+            legend.append(
+                axes.errorbar(ranks, rows["evaluation"], yerr=seeds, fmt="none", elinewidth=7,
+                              alpha=0.25, color=style["color"],
+                              label=f"{method}: 95% interval over final seeds")
+            )  # fmt: skip
         if rows["init_only"].notna().any():
-            axes.plot(
-                ranks,
-                rows["init_only"],
-                marker=".",
-                linestyle=":",
-                color=color,
-                alpha=0.6,
-                label=f"{method} + LoRA init only",
-            )
+            (line,) = axes.plot(ranks, rows["init_only"], marker=".", linestyle=":",
+                                color=style["color"], alpha=0.6,
+                                label=f"{method} + LoRA init only")  # fmt: skip
+            legend.append(line)
         level = frame.loc[(frame["quant"] == method) & (frame["lora_rank"] == "quantized")]
         if len(level):
-            axes.axhline(
-                level["evaluation"].iloc[0],
-                color=color,
-                linestyle="-.",
-                alpha=0.6,
-                label=f"{method} compressed only",
-            )
+            legend.append(
+                axes.axhline(level["evaluation"].iloc[0], color=style["color"], linestyle="-.",
+                             alpha=0.6, label=f"{method} compressed only")
+            )  # fmt: skip
     if len(ranked):
-        axes.set_xscale("log", base=2)
-        ticks = sorted(ranked["lora_rank"].astype(int).unique())
-        axes.set_xticks(ticks, [str(t) for t in ticks])
+        rank_ticks(axes, ranked["lora_rank"])
     axes.set_xlabel("LoRA rank")
     axes.set_ylabel("test top-1 accuracy (%)")
     axes.set_title(title)
-    axes.legend(fontsize=8)
+    # outside the data area: inside, it hides points wherever it is placed
+    figure.legend(
+        handles=legend,
+        loc="outside right upper",
+        fontsize=8,
+        title="error bars: 95% Wilson interval\nover the test images",
+        title_fontsize=8,
+    )
     return figure

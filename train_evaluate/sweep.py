@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +197,8 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def fail_interrupted(study: optuna.Study) -> None:
     """Trials a killed run left RUNNING are marked FAIL (they will be run again)."""
-    storage = study._storage  # the public Study API cannot end another process's trial
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
 
 
 def run_study(
@@ -245,6 +244,28 @@ def trial_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     }
 
 
+def test_scores(metrics: dict[str, float]) -> dict[str, float]:
+    """A final model's test numbers: top-1 and top-5 (%) and the top-1 count behind them."""
+    return {
+        "test_acc": metrics["acc"],
+        "test_top5": metrics["top5"],
+        "test_correct": metrics["correct"],
+    }
+
+
+def test_facts(init: dict[str, float], probe: LoraLinear, test: FeatureSplit) -> dict[str, Any]:
+    """Test-split numbers the rows of a rank need besides top-1: the split's size (the n of a
+    binomial interval), the init's top-5 and count (``init``: its metrics), and ``base_only``:
+    the stored base of this rank with no adapter. For loftq_init / act_loftq_init that base is
+    refitted per rank, so it is not the compressor's W_c that the ``quantized`` row scores."""
+    base = evaluate(probe.base_layer, replace(test, base_logits=None))
+    return {
+        "images": len(test),
+        "init_only": {"top5": init["top5"], "correct": init["correct"]},
+        "base_only": {"acc": base["acc"], "top5": base["top5"], "correct": base["correct"]},
+    }
+
+
 def run_rank(
     method: Method,
     rank: int,
@@ -260,6 +281,7 @@ def run_rank(
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
     probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
+    init_test = evaluate(probe, data.test)
     record: dict[str, Any] = {
         "method": method.name,
         "rank": rank,
@@ -268,10 +290,8 @@ def run_rank(
         "objective": sweep.objective,
         "dora": sweep.use_dora,
         "seed": sweep.seed,
-        "init_only": {
-            "val_acc": evaluate(probe, data.val)["acc"],
-            "test_acc": evaluate(probe, data.test)["acc"],
-        },
+        "init_only": {"val_acc": evaluate(probe, data.val)["acc"], "test_acc": init_test["acc"]},
+        "test": test_facts(init_test, probe, splits.test),
     }
     if sweep.epochs == 0:
         record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
@@ -337,7 +357,7 @@ def run_rank(
                 "best_val_acc": result.best_val_acc,
                 "diverged_at": result.diverged_at,
                 # the test split is read here, once, for the model that the val split selected
-                "test_acc": evaluate(layer, data.test)["acc"],
+                **test_scores(evaluate(layer, data.test)),
                 "history": result.history,
             }
         )

@@ -126,13 +126,21 @@ def forward(head: nn.Module, split: FeatureSplit) -> torch.Tensor:
     return head(split.features, base_out=split.base_logits)
 
 
+TOP_K = 5  # top-5 accuracy, ImageNet's second headline number
+
+
 @torch.inference_mode()
 def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy (%) of ``head`` on a split (NaN when the split
-    has no labels), and top-1 agreement (%) with the teacher (NaN when it has no teacher)."""
+    """Metrics of ``head`` on a split.
+
+    loss: mean cross-entropy; acc / top5: top-1 / top-5 accuracy (%); n: rows scored; correct /
+    correct_top5: how many of them were right (the counts a binomial interval needs); agree:
+    top-1 agreement (%) with the teacher. Label metrics are NaN (counts 0) when the split has no
+    labels, agree is NaN when it has no teacher. With fewer than 5 classes, top5 is top-C."""
     device = split.features.device
     loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    correct_top5 = torch.zeros((), device=device, dtype=torch.int64)
     agree = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, len(split), EVAL_CHUNK):
         part = split.rows(slice(start, start + EVAL_CHUNK))
@@ -141,6 +149,8 @@ def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
         if part.labels is not None:
             loss += F.cross_entropy(logits, part.labels, reduction="sum").double()
             correct += (predicted == part.labels).sum()
+            top = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices  # rows x 5
+            correct_top5 += (top == part.labels.unsqueeze(1)).any(dim=1).sum()
         if part.teacher_logits is not None:
             agree += (predicted == part.teacher_logits.argmax(dim=1)).sum()
     count = len(split)
@@ -148,6 +158,10 @@ def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
     return {
         "loss": loss.item() / count if labelled else math.nan,
         "acc": 100.0 * correct.item() / count if labelled else math.nan,
+        "top5": 100.0 * correct_top5.item() / count if labelled else math.nan,
+        "n": count,
+        "correct": correct.item(),
+        "correct_top5": correct_top5.item(),
         "agree": 100.0 * agree.item() / count if split.teacher_logits is not None else math.nan,
     }
 
