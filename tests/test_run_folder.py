@@ -181,11 +181,13 @@ def test_a_full_disk_is_one_line(tmp_path, demo_cache, capsys):
 def test_the_summary_goes_under_results_dir_only(tmp_path, demo_cache, capsys):
     parent = tmp_path / "elsewhere"
     results = tmp_path / "results"
-    args = [*SMALL, "--epochs", "0", "--out", parent / "run", "--results-dir", results,
-            "--cache-dir", demo_cache]  # fmt: skip
-    assert run_driver(capsys, *args)[0] == 0
+    common = [*SMALL, "--epochs", "0", "--results-dir", results, "--cache-dir", demo_cache]
+    assert run_driver(capsys, *common)[0] == 0
+    assert run_driver(capsys, *common, "--init", "paper_init", "--out", parent / "run")[0] == 0
+    # nothing beside a --out elsewhere; the summary under --results-dir holds its own runs
     assert sorted(p.name for p in parent.iterdir()) == ["run"]
-    assert (results / "summary.csv").is_file()
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(summary["run"]) == {"digits_vit/digits/svd_init"}
 
 
 def test_a_results_dir_that_is_a_file_is_named_as_such(tmp_path, capsys):
