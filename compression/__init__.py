@@ -1,8 +1,10 @@
-"""Compressors for a Linear layer's weight, found by name, with exact storage accounting.
+"""Compressors for a weight matrix, found by name, with exact storage accounting, and the
+compressed Linear / Conv2d modules that hold their results inside a model.
 
 >>> config = make_config("sparse", block=(1, 16))
 >>> result = compress(weight, config)        # result.weight: W_c, result.cost: bits
 >>> account_layer(*weight.shape, result.cost, rank=8).ratio
+>>> compress_(model, config)                 # every compressible Linear / Conv2d, in place
 """
 
 from compression import (  # noqa: F401  (importing registers the compressors)
@@ -20,6 +22,14 @@ from compression.accounting import (
 )
 from compression.binary import Int1Config
 from compression.integer import IntNConfig
+from compression.modules import (
+    CompressedConv2d,
+    CompressedLinear,
+    compress_,
+    compressible,
+    conv_options,
+    weight_matrix,
+)
 from compression.packing import pack_codes, unpack_codes
 from compression.presets import PRESETS, build_configs
 from compression.registry import (
@@ -38,6 +48,8 @@ from compression.sparse import SparseConfig, parse_block
 
 __all__ = [
     "PRESETS",
+    "CompressedConv2d",
+    "CompressedLinear",
     "CompressedWeight",
     "Int1Config",
     "IntNConfig",
@@ -49,6 +61,9 @@ __all__ = [
     "adapter_params",
     "build_configs",
     "compress",
+    "compress_",
+    "compressible",
+    "conv_options",
     "dense_cost",
     "expand",
     "list_methods",
@@ -61,4 +76,5 @@ __all__ = [
     "register_compressor",
     "register_method",
     "unpack_codes",
+    "weight_matrix",
 ]

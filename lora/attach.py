@@ -1,4 +1,5 @@
-"""Build a ``LoraLinear`` from a dense Linear layer, and put one into a timm model."""
+"""Build an adapter (``LoraLinear`` / ``LoraConv2d``) from a dense layer, and put one into a timm
+model."""
 
 from __future__ import annotations
 
@@ -8,17 +9,33 @@ import torch
 from torch import nn
 
 from compression import compress
+from compression.modules import CompressedConv2d, CompressedLinear, conv_options, weight_matrix
 from lora.config import LoraConfig
+from lora.conv import LoraConv2d
 from lora.inits import InitContext, get_init
 from lora.layer import LoraLinear, check_rank
 
 
 def make_init_context(
-    linear: nn.Linear, compression: Any, features: torch.Tensor | None = None
+    module: nn.Linear | nn.Conv2d,
+    compression: Any,
+    features: torch.Tensor | None = None,
+    moment: torch.Tensor | None = None,
 ) -> InitContext:
-    """Compress ``linear``'s weight once; the context is reused for every rank and trial."""
-    weight = linear.weight.detach()
-    return InitContext(weight, compress(weight, compression), compression, features)
+    """Compress ``module``'s weight (a conv's as its matrix view, out x in*kh*kw) once; the
+    context is reused for every rank and trial. ``features`` (N x in) or ``moment`` (in x in,
+    X^T X / N) feed the activation-aware inits."""
+    weight = weight_matrix(module).detach()
+    return InitContext(weight, compress(weight, compression), compression, features, moment)
+
+
+def _initialise(layer: LoraLinear | LoraConv2d, config: LoraConfig, context, generator) -> None:
+    get_init(config.init)(layer, context, config, generator)
+    if layer.use_dora:
+        # m = ||W_c + s * B @ A|| per output row (a conv's: over in, kh, kw): at init DoRA
+        # computes exactly what plain LoRA does.
+        with torch.no_grad():
+            layer.lora_magnitude.copy_(layer.direction().flatten(1).norm(dim=1))
 
 
 def make_lora_linear(
@@ -30,25 +47,45 @@ def make_lora_linear(
     """A ``LoraLinear`` whose frozen base holds W_c (and ``linear``'s bias, untouched) and whose
     adapter is initialised by ``config.init``. ``linear`` itself is not modified."""
     check_rank(config.r, linear.out_features, linear.in_features)
-    base = nn.Linear(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-    with torch.no_grad():
-        base.weight.copy_(context.base_weight)
-        if linear.bias is not None:
-            base.bias.copy_(linear.bias)
+    base = CompressedLinear.from_compressed(context.compressed, linear.bias)
+    base.to(linear.weight.device)
     layer = LoraLinear(base, config.r, config.lora_alpha, use_dora=config.use_dora)
-    layer.base_compressed = context.compressed
-    get_init(config.init)(layer, context, config, generator)
-    if layer.use_dora:
-        # m = ||W_c + s * B @ A|| per row: at init DoRA computes exactly what plain LoRA does.
-        with torch.no_grad():
-            layer.lora_magnitude.copy_(layer.direction().norm(dim=1))
+    _initialise(layer, config, context, generator)
     return layer
+
+
+def make_lora_conv2d(
+    conv: nn.Conv2d,
+    config: LoraConfig,
+    context: InitContext,
+    generator: torch.Generator | None = None,
+) -> LoraConv2d:
+    """A ``LoraConv2d`` whose frozen base holds W_c (``context`` is of ``conv``'s matrix view)
+    with ``conv``'s bias and geometry, and whose adapter is initialised by ``config.init``.
+    ``conv`` itself is not modified."""
+    out_channels = conv.out_channels
+    check_rank(config.r, out_channels, weight_matrix(conv).shape[1])
+    base = CompressedConv2d.from_compressed(context.compressed, conv.bias, **conv_options(conv))
+    base.to(conv.weight.device)
+    layer = LoraConv2d(base, config.r, config.lora_alpha, use_dora=config.use_dora)
+    _initialise(layer, config, context, generator)
+    return layer
+
+
+def make_adapter(
+    module: nn.Linear | nn.Conv2d,
+    config: LoraConfig,
+    context: InitContext,
+    generator: torch.Generator | None = None,
+) -> LoraLinear | LoraConv2d:
+    """``make_lora_linear`` or ``make_lora_conv2d``, whichever ``module`` needs. ``module`` may be
+    the dense layer or a compressed one (an adapter's ``base_layer``): only its bias and
+    geometry are read; the base weight comes from ``context``."""
+    if isinstance(module, nn.Conv2d):
+        return make_lora_conv2d(module, config, context, generator)
+    if isinstance(module, nn.Linear):
+        return make_lora_linear(module, config, context, generator)
+    raise ValueError(f"an adapter needs a Linear or Conv2d layer; got {type(module).__name__}")
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:

@@ -1,8 +1,9 @@
 """Adapter initialisations, registered by name. Adding one is adding one decorated function.
 
-An init sets ``lora_A`` and ``lora_B`` of a fresh ``LoraLinear`` from an ``InitContext`` (the
-uncompressed weight W, the compressed W_c and how it was made). Each keeps one invariant that the
-tests check:
+An init sets ``lora_A`` and ``lora_B`` of a fresh ``LoraLinear`` or ``LoraConv2d`` from an
+``InitContext`` (the uncompressed weight W, the compressed W_c and how it was made). Inits see
+only matrices: for a conv, W is the matrix view out x (in*kh*kw) and ``set_factors`` reshapes the
+factors into the conv's A and B. Each keeps one invariant that the tests check:
 
 - ``paper_init``: B = 0, so the layer's output equals the compressed layer's output exactly.
   A is drawn as PEFT's default ``init_lora_weights=True`` draws it: Kaiming-uniform with
@@ -19,9 +20,10 @@ tests check:
 - ``act_svd_init``: minimises the error on the layer's inputs, ||X (R - L)^T||_F, instead of
   ||R - L||_F (activation-aware low-rank compensation, as in EoRA, Liu et al. 2024, and QERA,
   Zhang et al. 2024): whiten R by C^(1/2), where C = X^T X / N is the second moment of the
-  training features, truncate its SVD, un-whiten. C's eigenvalues are raised by
-  ``RIDGE`` x their mean before the square roots, so the solution minimises
-  ||X M^T||^2 + ridge * N * ||M||^2 (M = R - L); it never has a larger input error than svd_init.
+  layer's inputs (for a conv, its unfolded input patches), truncate its SVD, un-whiten. C's
+  eigenvalues are raised by ``RIDGE`` x their mean before the square roots, so the solution
+  minimises ||X M^T||^2 + ridge * N * ||M||^2 (M = R - L); it never has a larger input error
+  than svd_init.
 - ``act_loftq_init``: LoftQ's alternation with the activation-aware low-rank step, starting from
   act_svd_init, keeping the iterate with the smallest input error.
 """
@@ -38,17 +40,24 @@ import torch
 from torch import nn
 
 from compression import CompressedWeight, compress
+from lora.conv import LoraConv2d
 from lora.layer import LoraLinear
 
-InitFn = Callable[[LoraLinear, "InitContext", Any, "torch.Generator | None"], None]
+Adapter = LoraLinear | LoraConv2d
+InitFn = Callable[[Adapter, "InitContext", Any, "torch.Generator | None"], None]
 RIDGE = 1e-4  # act-aware inits: eigenvalue floor, relative to the mean eigenvalue
 
 LORA_INITS: dict[str, InitFn] = {}
+# Inits that read the layer's inputs (``InitContext.moment`` or ``features``): a calibration
+# pass must run before them, and only before them.
+ACTIVATION_AWARE_INITS: set[str] = set()
 
 
-def register_init(name: str) -> Callable[[InitFn], InitFn]:
+def register_init(name: str, activation_aware: bool = False) -> Callable[[InitFn], InitFn]:
     def decorate(fn: InitFn) -> InitFn:
         LORA_INITS[name] = fn
+        if activation_aware:
+            ACTIVATION_AWARE_INITS.add(name)
         return fn
 
     return decorate
@@ -65,15 +74,19 @@ class InitContext:
     """What an init may look at. One context serves every rank and trial of one compressor,
     so that expensive pieces (the residual's SVD) are computed once.
 
-    weight: the uncompressed W (out x in); compressed: C(W), its W_c and stored parts;
-    compression: the config C (for inits that refit the base); features: training inputs of the
-    layer (N x in), for activation-aware inits; cache: results an init may reuse across trials.
+    weight: the uncompressed W (out x in; a conv's matrix view); compressed: C(W), its W_c and
+    stored parts; compression: the config C (for inits that refit the base); features: inputs of
+    the layer (N x in), for activation-aware inits; moment: their second moment X^T X / N
+    (in x in, float64), which activation-aware inits use instead of ``features`` when given
+    (a calibration pass accumulates it without holding X); cache: results an init may reuse
+    across trials.
     """
 
     weight: torch.Tensor
     compressed: CompressedWeight
     compression: Any = None
     features: torch.Tensor | None = None
+    moment: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -90,10 +103,16 @@ class InitContext:
     @cached_property
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
         """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged."""
-        if self.features is None:
-            raise ValueError("activation-aware inits need the layer's training inputs (features)")
-        x = self.features.double()
-        moment = x.T @ x / x.shape[0]
+        if self.moment is not None:
+            moment = self.moment.double()
+        elif self.features is not None:
+            x = self.features.double()
+            moment = x.T @ x / x.shape[0]
+        else:
+            raise ValueError(
+                "activation-aware inits need the layer's training inputs (features) or their "
+                "second moment (moment)"
+            )
         eigenvalues, vectors = torch.linalg.eigh(moment)
         eigenvalues = eigenvalues.clamp_min(0) + RIDGE * eigenvalues.clamp_min(0).mean()
         root = eigenvalues.sqrt()
@@ -151,49 +170,50 @@ def alternate(
 
 
 def set_factors(
-    layer: LoraLinear, left: torch.Tensor, singular: torch.Tensor, right: torch.Tensor
+    layer: Adapter, left: torch.Tensor, singular: torch.Tensor, right: torch.Tensor
 ) -> None:
     """Set B, A so that scaling * B @ A = left @ diag(singular) @ right.
 
-    left: out x r, singular: r, right: r x in. The singular values are divided by the scaling
-    and their square roots go to both factors, so B and A have the same scale.
+    left: out x r, singular: r, right: r x in (for a conv, in*kh*kw). The singular values are
+    divided by the scaling and their square roots go to both factors, so B and A have the same
+    scale. A conv's (out, r, 1, 1) B and (r, in, kh, kw) A are these matrices reshaped.
     """
     root = torch.sqrt(singular / layer.scaling)
     with torch.no_grad():
-        layer.lora_B.copy_(left * root)
-        layer.lora_A.copy_(root.unsqueeze(1) * right)
+        layer.lora_B.copy_((left * root).reshape(layer.lora_B.shape))
+        layer.lora_A.copy_((root.unsqueeze(1) * right).reshape(layer.lora_A.shape))
 
 
 @register_init("paper_init")
-def paper_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+def paper_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
+    # for a conv A, kaiming's fan_in is in*kh*kw: the same bound as A's matrix view
     with torch.no_grad():
         nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(layer.lora_B)
 
 
 @register_init("svd_init")
-def svd_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+def svd_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
     u, s, vh = ctx.residual_svd
     r = layer.r
     set_factors(layer, u[:, :r], s[:r], vh[:r])
 
 
-@register_init("act_svd_init")
-def act_svd_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+@register_init("act_svd_init", activation_aware=True)
+def act_svd_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
     residual = ctx.weight.double() - ctx.base_weight.double()
     fit = fit_low_rank(residual, layer.r, ctx.whitening)
     set_factors(layer, fit.left, fit.singular, fit.right)
 
 
-def _set_alternation(layer: LoraLinear, result: Alternation) -> None:
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(result.base.weight)
-    layer.base_compressed = result.base
+def _set_alternation(layer: Adapter, result: Alternation) -> None:
+    # the refitted base replaces the stored parts as well as W_c: a packed file holds it
+    layer.base_layer.set_compressed(result.base)
     set_factors(layer, result.fit.left, result.fit.singular, result.fit.right)
 
 
 @register_init("loftq_init")
-def loftq_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+def loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
     # alpha-independent, so one alternation serves every trial of a rank
     key = ("loftq", layer.r, config.loftq_iters)
     if key not in ctx.cache:
@@ -201,8 +221,8 @@ def loftq_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> N
     _set_alternation(layer, ctx.cache[key])
 
 
-@register_init("act_loftq_init")
-def act_loftq_init(layer: LoraLinear, ctx: InitContext, config: Any, generator) -> None:
+@register_init("act_loftq_init", activation_aware=True)
+def act_loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
     key = ("act_loftq", layer.r, config.loftq_iters)
     if key not in ctx.cache:
         ctx.cache[key] = alternate(

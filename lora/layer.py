@@ -1,5 +1,8 @@
 """``LoraLinear``: a frozen (compressed) Linear layer plus a trainable low-rank adapter.
 
+The base is a ``CompressedLinear`` (W_c and its stored parts) or, for backwards
+compatibility, a plain ``nn.Linear``.
+
 Shapes follow PEFT: the base weight W_c is out x in, ``lora_A`` is r x in, ``lora_B`` is out x r,
 ``scaling`` = lora_alpha / r, and
 
@@ -16,6 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression import CompressedWeight
+from compression.modules import CompressedConv2d, CompressedLinear
+
+
+def compressed_of(base: nn.Module) -> CompressedWeight | None:
+    """A base layer's stored parts: None for a plain layer, which has none."""
+    return base.compressed if isinstance(base, CompressedLinear | CompressedConv2d) else None
 
 
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
@@ -29,7 +38,11 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
 
 class LoraLinear(nn.Module):
     def __init__(
-        self, base_layer: nn.Linear, r: int, lora_alpha: float, use_dora: bool = False
+        self,
+        base_layer: CompressedLinear | nn.Linear,
+        r: int,
+        lora_alpha: float,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         out_features, in_features = base_layer.weight.shape
@@ -42,9 +55,12 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(weight.new_zeros(r, in_features))
         self.lora_B = nn.Parameter(weight.new_zeros(out_features, r))
         self.lora_magnitude = nn.Parameter(weight.new_ones(out_features)) if use_dora else None
-        # How the base is stored (a compressor's parts), when it was made by one: what a packed
-        # checkpoint writes. Not a tensor of the module: the base weight already is.
-        self.base_compressed: CompressedWeight | None = None
+
+    @property
+    def base_compressed(self) -> CompressedWeight | None:
+        """How the base is stored (a compressor's parts; what a packed checkpoint writes), or
+        None for a plain Linear base. The base layer owns it; LoftQ refits it there."""
+        return compressed_of(self.base_layer)
 
     @property
     def in_features(self) -> int:

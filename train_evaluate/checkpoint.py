@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compression import (
+    CompressedLinear,
     CompressedWeight,
     compress,
     expand,
@@ -283,16 +284,10 @@ def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     except (ValueError, RuntimeError, IndexError) as error:  # e.g. a position past its block
         raise _Unsound(f"its parts do not rebuild the compressed weight ({error})") from error
     _require(tuple(weight.shape) == shape, f"its parts rebuild a {tuple(weight.shape)} weight")
-    base = nn.Linear(in_features, out_features, bias="bias" in tensors)
-    with torch.no_grad():
-        base.weight.copy_(weight)
-        if "bias" in tensors:
-            base.bias.copy_(tensors["bias"])
+    stored = CompressedWeight(weight, expected.cost, parts, dict(expected.codes), config)
+    base = CompressedLinear.from_compressed(stored, tensors.get("bias"))
     layer = LoraLinear(base, rank, alpha, use_dora=use_dora)
     layer.load_adapter_state({name: tensors[name].float() for name in adapter})
-    layer.base_compressed = CompressedWeight(
-        weight, expected.cost, parts, dict(expected.codes), config
-    )
     return layer
 
 

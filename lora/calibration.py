@@ -1,0 +1,296 @@
+"""Calibrated, sequential, training-free initialisation of a whole network's adapters.
+
+Activation-aware inits (``act_svd_init``, ``act_loftq_init``) need the second moment
+C = X^T X / N of a layer's inputs. ``MomentAccumulator`` sums it from a forward pre-hook without
+ever holding X. ``calibrate_sequentially`` compresses and adapts the selected layers one at a
+time in forward order; with ``sequential=True`` layer k's moment is measured on the inputs that
+layers 1..k-1, already compressed and adapted, produce (as GPTQ and EoRA do), so each adapter
+also compensates the error that reaches its layer from upstream. Each of those passes stops as
+soon as layer k has seen its input, so it costs a prefix of the network, not all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.modules import compressible, weight_matrix
+from lora.attach import make_adapter, make_init_context
+from lora.config import LoraConfig
+from lora.inits import ACTIVATION_AWARE_INITS, InitContext
+from lora.layer import check_rank
+
+
+class MomentAccumulator:
+    """X^T X (float64) and the row count of one Linear / Conv2d layer's inputs.
+
+    Rows are what the layer's weight matrix multiplies: a Linear's input vectors, a conv's
+    unfolded input patches (in*kh*kw, in the order of ``weight.reshape(out, -1)``). A conv
+    contributes at most ``positions`` spatial positions per image and a Linear on token input
+    (N, tokens, in) at most ``positions`` tokens per sample, drawn from a generator seeded with
+    ``seed``: neighbouring positions are strongly correlated, so a few per image carry most of
+    what all of them would, at a fraction of the cost.
+
+    >>> with MomentAccumulator(layer) as accumulator:
+    ...     model(images)
+    >>> accumulator.moment()
+    """
+
+    def __init__(self, module: nn.Module, positions: int = 64, seed: int = 0) -> None:
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            raise ValueError(
+                f"moments are kept for Linear and Conv2d layers; got {type(module).__name__}"
+            )
+        if positions < 1:
+            raise ValueError(f"positions must be at least 1; got {positions}")
+        self.module = module
+        self.positions = positions
+        self.generator = torch.Generator().manual_seed(seed)
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+        self._handle = None
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) -> (N, min(L, positions), d): a random subset of positions per sample."""
+        samples, length = x.shape[:2]
+        if length <= self.positions:
+            return x
+        scores = torch.rand(samples, length, generator=self.generator)
+        chosen = scores.argsort(dim=1)[:, : self.positions].to(x.device)
+        return x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The input rows this layer's weight matrix multiplies, after subsampling."""
+        module = self.module
+        if isinstance(module, nn.Linear):
+            if x.ndim <= 2:
+                return x.reshape(-1, module.in_features)
+            return self._sample(x.reshape(x.shape[0], -1, module.in_features)).flatten(0, 1)
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            # pad as the conv does ('same', or a non-zero padding mode), then unfold unpadded
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        else:
+            padding = module.padding
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        return self._sample(patches.transpose(1, 2)).flatten(0, 1)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = self.rows_of(x.detach()).double()
+        product = rows.T @ rows
+        self.total = product if self.total is None else self.total + product
+        self.rows += rows.shape[0]
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        """The forward pre-hook: accumulate this call's input."""
+        self.update(args[0])
+
+    def attach(self) -> MomentAccumulator:
+        if self._handle is None:
+            self._handle = self.module.register_forward_pre_hook(self)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> MomentAccumulator:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def moment(self) -> torch.Tensor:
+        """X^T X / N (in x in, float64) over every row seen so far."""
+        if self.total is None:
+            raise ValueError("no input reached the layer: no moment to report")
+        return self.total / self.rows
+
+
+class _Reached(Exception):
+    """Raised from a hook once a pass has seen what it needs: the rest of the forward is
+    skipped."""
+
+
+def _batches(calibration: Iterable | Callable[[], Iterable]) -> Iterable:
+    return calibration() if callable(calibration) else calibration
+
+
+def _input(batch: Any, device: torch.device | None) -> torch.Tensor:
+    # a DataLoader yields (images, labels): the images are the model's input
+    x = batch[0] if isinstance(batch, tuple | list) else batch
+    return x if device is None else x.to(device)
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    parameter = next(model.parameters(), None)
+    return None if parameter is None else parameter.device
+
+
+def _run_until(model: nn.Module, x: torch.Tensor, last: nn.Module) -> None:
+    """Run ``model(x)`` but stop as soon as ``last`` is entered: its input is all a calibration
+    pass needs, so the layers after it are never run."""
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _Reached
+
+    # registered after any accumulator on the same module, so that it runs after them
+    handle = last.register_forward_pre_hook(stop)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+
+
+def forward_order(model: nn.Module, example_input: torch.Tensor, names: Iterable[str]) -> list[str]:
+    """``names`` in the order the forward pass first calls their modules (modules the pass never
+    calls are left out). Runs ``model`` once on ``example_input`` under no_grad, stopping as soon
+    as every named module has been called."""
+    wanted = list(dict.fromkeys(names))
+    order: list[str] = []
+
+    def entered(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in order:
+                order.append(name)
+            if len(order) == len(wanted):
+                raise _Reached
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(entered(n)) for n in wanted]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _moments(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    calibration: Iterable | Callable[[], Iterable],
+    positions: int,
+) -> dict[str, torch.Tensor]:
+    """The input moment of each of ``modules`` (given in forward order) over every calibration
+    batch, from passes that stop at the last of them."""
+    accumulators = {name: MomentAccumulator(m, positions) for name, m in modules.items()}
+    last = next(reversed(modules.values()))
+    device = _device(model)
+    for accumulator in accumulators.values():
+        accumulator.attach()
+    try:
+        for batch in _batches(calibration):
+            _run_until(model, _input(batch, device), last)
+    finally:
+        for accumulator in accumulators.values():
+            accumulator.detach()
+    return {name: accumulator.moment() for name, accumulator in accumulators.items()}
+
+
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child (a module may be reachable under several names)."""
+    places = [
+        (parent, child_name)
+        for parent in model.modules()
+        for child_name, child in parent.named_children()
+        if child is old
+    ]
+    for parent, child_name in places:
+        setattr(parent, child_name, new)
+
+
+def calibrate_sequentially(
+    model: nn.Module,
+    targets: dict[str, Any],
+    lora_config_for: Callable[[str, nn.Module], LoraConfig],
+    calibration: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+    *,
+    generator: torch.Generator | None = None,
+    sequential: bool = True,
+    positions: int = 64,
+) -> dict[str, tuple[nn.Module, InitContext]]:
+    """Compress and adapt the layers named in ``targets`` (name -> compressor config) in place.
+
+    ``lora_config_for(name, module)`` gives each layer's adapter config; a rank outside
+    1..min(out, in*kh*kw) raises check_rank's ValueError before anything is changed (clamping
+    is the caller's choice). ``calibration``: batches of model input (a tensor, or a tuple whose
+    first item is one, as a DataLoader yields), read several times: a list, a DataLoader, or a
+    callable returning a fresh iterable. ``positions``: at most this many positions (conv) or
+    tokens per sample feed each moment.
+
+    Layers are handled in forward order. A layer whose init is activation-aware gets the moment
+    of its inputs: with ``sequential`` measured with the layers before it already compressed
+    and adapted, one prefix pass over the calibration batches per such layer; otherwise from
+    the uncompressed model, in one pass before anything is replaced. Other inits need no
+    forward pass. Runs under no_grad with the model in eval mode (every module's mode is
+    restored afterwards; an adapter takes the mode of the layer it replaces); requires_grad
+    of the rest of the model is left alone.
+
+    Returns {name: (adapter, its InitContext)}; the contexts keep the moments, so adapters for
+    another lora_alpha can be rebuilt with ``make_adapter(adapter.base_layer, config, context)``
+    and no forward pass.
+    """
+    modules: dict[str, nn.Module] = {}
+    for name in targets:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"the model has no layer named {name!r}") from error
+        reason = compressible(modules[name])
+        if reason is not None:
+            raise ValueError(f"cannot compress {name}: {reason}")
+    configs = {name: lora_config_for(name, module) for name, module in modules.items()}
+    for name, module in modules.items():
+        check_rank(configs[name].r, *weight_matrix(module).shape)
+    aware = {name for name, config in configs.items() if config.init in ACTIVATION_AWARE_INITS}
+    if aware and not callable(calibration) and iter(calibration) is calibration:
+        raise ValueError(
+            "calibration batches are read several times: pass a list, a DataLoader or a "
+            "callable returning a fresh iterable, not a one-shot iterator"
+        )
+
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    results: dict[str, tuple[nn.Module, InitContext]] = {}
+    try:
+        with torch.no_grad():
+            order = list(modules)
+            if aware:
+                # order matters only when a layer's moment depends on the layers before it
+                first = next(iter(_batches(calibration)), None)
+                if first is None:
+                    raise ValueError("activation-aware inits need calibration batches; got none")
+                order = forward_order(model, _input(first, _device(model)), modules)
+                unseen = sorted(set(modules) - set(order))
+                if unseen:
+                    raise ValueError(f"the forward pass never calls {', '.join(unseen)}")
+            moments: dict[str, torch.Tensor] = {}
+            if aware and not sequential:
+                chosen = {name: modules[name] for name in order if name in aware}
+                moments = _moments(model, chosen, calibration, positions)
+            for name in order:
+                module = modules[name]
+                if name in aware and sequential:
+                    moments[name] = _moments(model, {name: module}, calibration, positions)[name]
+                context = make_init_context(module, targets[name], moment=moments.get(name))
+                adapter = make_adapter(module, configs[name], context, generator).eval()
+                modes.update(dict.fromkeys(adapter.modules(), modes[module]))
+                _swap(model, module, adapter)
+                results[name] = (adapter, context)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return results

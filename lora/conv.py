@@ -1,0 +1,118 @@
+"""``LoraConv2d``: a frozen (compressed) Conv2d plus a trainable low-rank adapter.
+
+Shapes follow PEFT's conv LoRA: ``lora_A`` (r, in, kh, kw) is a conv in -> r with the layer's
+kernel, stride, padding and dilation; ``lora_B`` (out, r, 1, 1) is a 1x1 conv r -> out; and
+
+    y = conv(x, W_c) + b + scaling * conv1x1(conv(x, A), B),     scaling = lora_alpha / r.
+
+Seen as matrices (``weight.reshape(out, -1)``), A is r x (in*kh*kw) and B is out x r, and the
+adapter adds scaling * B @ A to the matrix view of W_c: conv(x, A) at one output position is
+A's matrix times the input patch there, flattened in the order of ``weight.reshape(out, -1)``.
+So every init written for matrices works here through a reshape. Only groups == 1.
+
+With ``use_dora`` a magnitude m (one per output channel) rescales the channels of the merged
+direction V: W' = m * V / ||V|| with the norm over (in, kh, kw), the row norm of the matrix view.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compression import CompressedWeight
+from compression.modules import CompressedConv2d
+from lora.layer import check_rank, compressed_of
+
+
+class LoraConv2d(nn.Module):
+    def __init__(
+        self,
+        base_layer: CompressedConv2d | nn.Conv2d,
+        r: int,
+        lora_alpha: float,
+        use_dora: bool = False,
+    ) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA for a conv needs groups == 1; this one has groups={base_layer.groups}"
+            )
+        out_channels, in_channels, kh, kw = base_layer.weight.shape
+        check_rank(r, out_channels, in_channels * kh * kw)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.scaling = self.lora_alpha / r
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(weight.new_zeros(r, in_channels, kh, kw))
+        self.lora_B = nn.Parameter(weight.new_zeros(out_channels, r, 1, 1))
+        self.lora_magnitude = nn.Parameter(weight.new_ones(out_channels)) if use_dora else None
+
+    @property
+    def base_compressed(self) -> CompressedWeight | None:
+        """The base's stored parts (of its matrix view), or None for a plain Conv2d base."""
+        return compressed_of(self.base_layer)
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the matrix view: in * kh * kw."""
+        return self.base_layer.weight[0].numel()
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A as a conv weight (out, in, kh, kw)."""
+        product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
+        return self.scaling * product.view_as(self.base_layer.weight)
+
+    def direction(self) -> torch.Tensor:
+        """W_c + scaling * B @ A (4-D): the merged weight of plain LoRA, DoRA's direction."""
+        return self.base_layer.weight + self.delta_weight()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The single dense conv weight this layer computes with (bias: ``base_layer.bias``)."""
+        direction = self.direction()
+        if not self.use_dora:
+            return direction
+        # an all-zero output channel (sparse base, B = 0) has norm 0 and magnitude 0: the floor
+        # keeps 0 / 0 at 0
+        norm = direction.flatten(1).norm(dim=1).clamp_min(torch.finfo(direction.dtype).tiny)
+        scale = self.lora_magnitude / norm
+        return scale.view(-1, 1, 1, 1) * direction
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        # the base's own conv call, so that A sees the same padding (mode included), stride and
+        # dilation as W_c and the two outputs line up position by position
+        return self.base_layer._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed (not
+        used with DoRA, which rescales whole channels of the merged weight)."""
+        if self.use_dora:
+            return self._conv(x, self.merged_weight(), self.base_layer.bias)
+        if base_out is None:
+            base_out = self.base_layer(x)
+        # scale the r-channel hidden map, not the out-channel one
+        hidden = self._conv(x, self.lora_A, None) * self.scaling
+        return base_out + nn.functional.conv2d(hidden, self.lora_B)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
+        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.use_dora:
+            state["lora_magnitude"] = self.lora_magnitude
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in state.items():
+                getattr(self, name).copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"
