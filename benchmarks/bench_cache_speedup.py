@@ -2,7 +2,7 @@
 every trial) against cache-first training, on the same images, model and device, in one run;
 and both projected to the full protocol.
 
-    python benchmarks/bench_cache_speedup.py [--images 128] [--rank 32] [--batch-size 128]
+    python -m benchmarks.bench_cache_speedup [--images 128] [--rank 32] [--batch-size 128]
 
 An epoch is one training pass over 80% of the images and one evaluation of the other 20%, with
 a rank-``--rank`` adapter on resnet18's (random) sparse-compressed FC at 224 px:

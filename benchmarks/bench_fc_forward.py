@@ -1,6 +1,6 @@
 """Forward time of a compressed FC + adapter against the dense FC, on CPU, batch 1 and 256.
 
-    python benchmarks/bench_fc_forward.py [--rank 32]
+    python -m benchmarks.bench_fc_forward [--rank 32]
 
 The layer is resnet18's FC shape (1000 x 512) with random weights (the time does not depend on
 their values). Forms, each timed in this one run:

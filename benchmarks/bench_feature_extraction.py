@@ -1,25 +1,26 @@
 """Efficiency of the caching pass: images/s of decode + transform + forward, against the bare
 forward pass on the same batches already decoded.
 
-    python benchmarks/bench_feature_extraction.py [--images 256] [--model resnet18]
+    python -m benchmarks.bench_feature_extraction [--images 256] [--model resnet18]
+        [--workers 0 2] [--decode cpu gpu] [--repeats 5]
 
-The caching pass is the driver's own (``extract_features``: a DataLoader decoding with
-``--workers`` processes while the main process runs the backbone). Efficiency = caching-pass
-images/s / bare-forward images/s: 1.0 would mean decoding costs nothing. Random weights (the
-time does not depend on them).
+The caching pass is the driver's own (``extract_features``): ``--decode cpu`` decodes with PIL
+(``--workers`` processes, or threads with 0), ``--decode gpu`` with nvJPEG and resizes on the
+CUDA device. Efficiency = caching-pass images/s / bare-forward images/s: 1.0 would mean decoding
+costs nothing. Each figure is the median of interleaved repetitions (bare, pass, bare, pass...).
+Random weights (the time does not depend on them).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import timm
 import torch
 
-from benchmarks.common import image_folder, machine
+from benchmarks.common import REPEATS, image_folder, interleaved, machine
 from data import scan_imagenet_folder
 from train_evaluate.backbone import eval_transform, pre_logits
 from train_evaluate.features import default_workers, extract_features
@@ -31,12 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--workers", type=int, nargs="+", help="settings to compare (default: the driver's, 0, 2)"
+        "--workers", type=int, nargs="+", help="CPU-decode settings (default: the driver's)"
     )
+    parser.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "gpu"])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "gpu" in args.decode and device.type != "cuda":
+        parser.error("--decode gpu needs a CUDA device")
     default = default_workers(device)
-    settings = args.workers or list(dict.fromkeys([default, 0, 2]))
+    settings = args.workers or [default]
     model = timm.create_model(args.model, pretrained=False).eval().requires_grad_(False).to(device)
     transform = eval_transform(model)
     with tempfile.TemporaryDirectory() as scratch:
@@ -45,24 +50,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model}, {what}, batch {args.batch_size}; {machine()}")
         batches = torch.stack([transform(source.load(i)) for i in range(len(source.ids))])
         batches = batches.split(args.batch_size)
-        with torch.inference_mode():
-            pre_logits(model, batches[0].to(device))  # warm-up
-            started = time.perf_counter()
+
+        @torch.inference_mode()
+        def bare() -> None:
             for batch in batches:
                 pre_logits(model, batch.to(device)).cpu()
-            bare = args.images / (time.perf_counter() - started)
-        print(f"bare forward on decoded tensors: {bare:8.1f} images/s")
-        efficiency = {}
-        for workers in settings:
-            started = time.perf_counter()
-            extract_features(model, source, transform, device, args.batch_size, workers)
-            rate = args.images / (time.perf_counter() - started)
-            efficiency[workers] = rate / bare
-            how = "decoding in threads" if workers == 0 else f"{workers} decoding processes"
-            print(f"caching pass, {how}: {rate:8.1f} images/s (efficiency {rate / bare:.2f})")
-    headline = efficiency.get(default, max(efficiency.values()))
-    print(f"feature-extraction efficiency (caching pass / bare forward, the driver's default "
-          f"of {default} workers): {headline:.2f}")  # fmt: skip
+
+        variants = {"bare forward on decoded tensors": bare}
+        for decode in args.decode:
+            for workers in settings if decode == "cpu" else [0]:
+                how = (
+                    "gpu decode (nvJPEG)"
+                    if decode == "gpu"
+                    else "cpu decode in threads"
+                    if workers == 0
+                    else f"cpu decode, {workers} processes"
+                )
+                variants[f"caching pass, {how}"] = lambda d=decode, w=workers: extract_features(
+                    model, source, transform, device, args.batch_size, w, d
+                )
+        timings = interleaved(variants, args.repeats)
+    rates = {name: args.images / t.median for name, t in timings.items()}
+    for name, timing in timings.items():
+        per_image = timing.line(scale=1e3 / args.images, unit="ms/image")
+        print(f"{per_image}; {rates[name]:.1f} images/s at the median")
+    bare_rate = rates["bare forward on decoded tensors"]
+    for name, rate in rates.items():
+        if name.startswith("caching pass"):
+            print(f"efficiency of the {name[14:]} (caching pass / bare forward, medians): "
+                  f"{rate / bare_rate:.2f}")  # fmt: skip
     return 0
 
 

@@ -13,6 +13,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,77 @@ from PIL import Image
 
 from train_evaluate.synthetic import synthetic_features
 
-__all__ = ["image_folder", "machine", "seconds_per_call", "synthetic_features"]
+__all__ = [
+    "Timing",
+    "image_folder",
+    "interleaved",
+    "machine",
+    "ratio_line",
+    "seconds_per_call",
+    "synthetic_features",
+]
+
+REPEATS = 5  # every figure is the median of at least this many interleaved repetitions
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall seconds of each repetition of one variant."""
+
+    name: str
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def line(self, scale: float = 1.0, unit: str = "s") -> str:
+        """median [min, max] over n repetitions, and the thread count, e.g. for 1 / seconds."""
+        values = sorted(scale * s for s in self.seconds)
+        return (
+            f"{self.name}: median {statistics.median(values):.4g} {unit} "
+            f"[min {values[0]:.4g}, max {values[-1]:.4g}] over {len(values)} interleaved "
+            f"repetitions, {torch.get_num_threads()} threads"
+        )
+
+
+def _synchronise() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int = REPEATS, warmup: bool = True
+) -> dict[str, Timing]:
+    """Time each variant ``repeats`` times in turn (A, B, A, B, ...), so a busy moment of a
+    shared machine hits every variant alike instead of one; an untimed warm-up call each first
+    (one-off costs: allocation, kernel selection, graph capture)."""
+    if repeats < 1:
+        raise ValueError(f"at least one repetition; got {repeats} (figures use {REPEATS})")
+    if warmup:
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _synchronise()
+            started = time.perf_counter()
+            fn()
+            _synchronise()
+            times[name].append(time.perf_counter() - started)
+            # as it goes, so a run cut short by a timeout still shows what it measured
+            print(f"  {name}, repetition {len(times[name])}: {times[name][-1]:.4g} s", flush=True)
+    return {name: Timing(name, tuple(values)) for name, values in times.items()}
+
+
+def ratio_line(slow: Timing, fast: Timing, what: str = "speedup") -> str:
+    """slow / fast per repetition pair (each measured back to back), median [min, max]."""
+    ratios = sorted(a / b for a, b in zip(slow.seconds, fast.seconds, strict=True))
+    return (
+        f"{what} ({slow.name} / {fast.name}): median {statistics.median(ratios):.2f}x "
+        f"[min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x] over {len(ratios)} interleaved pairs, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def seconds_per_call(fn: Callable[[], object], min_run_time: float = 1.0) -> float:

@@ -51,8 +51,12 @@ class ImageFolderSource:
         return f"ImageNet folder {self.root} ({len(self.ids)} images, {classes} classes)"
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.root / self.ids[index]) as image:
+        with Image.open(self.path(index)) as image:
             return image.convert("RGB")
+
+    def path(self, index: int) -> Path:
+        """The image's file: ``--decode gpu`` reads its bytes and decodes them on the device."""
+        return self.root / self.ids[index]
 
 
 def _stat(path: Path) -> os.stat_result:

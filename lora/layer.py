@@ -99,7 +99,9 @@ class LoraLinear(nn.Module):
         adapter then costs r * (in + out) multiply-adds per row. DoRA rescales whole rows of
         the merged weight, so it always recomputes.
         """
-        if self.use_dora:
+        if self.use_dora or (base_out is None and x.ndim > 2):
+            # DoRA; and token inputs (a Linear inside a network): many rows per weight, where
+            # one product with the merged W_c + s B A costs fewer kernels than three
             return F.linear(x, self.merged_weight(), self.base_layer.bias)
         if base_out is None:
             base_out = self.base_layer(x)

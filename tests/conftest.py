@@ -20,6 +20,34 @@ SYNSETS = ("n01440764", "n01443537", "n01860187", "n03042490", "n15075141")
 TINY_MODEL = "test_vit"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="device of the tests that take the `device` fixture (default: cpu)",
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need CUDA: skipped, each with its reason, on a machine without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device ``--device`` names; a CUDA request without CUDA skips the test."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """``test_vit`` (64 -> 1000 classifier, 160 px) with fixed random weights, saved to a file."""

@@ -43,7 +43,7 @@ from compression import (
     pack_codes,
     unpack_codes,
 )
-from lora import LoraLinear
+from lora import LoraConv2d, LoraLinear
 from train_evaluate.files import atomic_path, digest
 
 FORMAT = "lora-compression-packed/1"
@@ -60,10 +60,12 @@ class PackedCheckpoint:
     info: dict[str, Any]
 
 
-def write_packed(
-    path: Path, layer: LoraLinear, adapter_dtype: str = "fp32", extra: dict | None = None
-) -> int:
-    """Write ``layer`` (its compressed base and adapter) to ``path``; returns the file's bytes."""
+def pack_layer(
+    layer: nn.Module, adapter_dtype: str = "fp32"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of one compressed layer with its adapter. A conv's adapter is
+    stored as its matrix factors (A: r x in*kh*kw, B: out x r), the same numbers as PEFT's
+    conv shapes; its geometry is in ``conv``."""
     compressed = layer.base_compressed
     if compressed is None:
         raise ValueError("the layer's base was not made by a compressor: nothing to pack")
@@ -80,11 +82,12 @@ def write_packed(
         parts[name] = entry
     dtype = ADAPTER_DTYPES[adapter_dtype]
     for name, value in layer.adapter_state().items():
+        if name in ("lora_A", "lora_B"):
+            value = value.flatten(1)
         tensors[name] = value.to(dtype).cpu().contiguous()
     if layer.base_layer.bias is not None:
         tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     info = {
-        **(extra or {}),
         "method": method_of(config),
         "compression": asdict(config),
         "shape": [layer.out_features, layer.in_features],
@@ -95,11 +98,36 @@ def write_packed(
         "cost": asdict(compressed.cost),
         "parts": parts,
     }
+    if isinstance(layer, LoraConv2d):
+        conv = layer.base_layer
+        info["conv"] = {
+            "in_channels": conv.in_channels,
+            "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride),
+            "padding": list(conv.padding) if not isinstance(conv.padding, str) else conv.padding,
+            "dilation": list(conv.dilation),
+            "padding_mode": conv.padding_mode,
+        }
+    return tensors, info
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: str) -> int:
     text = json.dumps(info)
-    metadata = {"format": FORMAT, "checkpoint": text, "sha256": digest(tensors, text)}
+    metadata = {"format": fmt, "checkpoint": text, "sha256": digest(tensors, text)}
     with atomic_path(Path(path)) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return Path(path).stat().st_size
+
+
+def write_packed(
+    path: Path, layer: nn.Module, adapter_dtype: str = "fp32", extra: dict | None = None
+) -> int:
+    """Write ``layer`` (its compressed base and adapter) to ``path``; returns the file's bytes.
+    A whole adapted network (``network.AdaptedNetwork``) is written as a network file."""
+    if hasattr(layer, "adapters"):
+        return write_packed_network(path, layer, adapter_dtype, extra)
+    tensors, info = pack_layer(layer, adapter_dtype)
+    return _save(path, tensors, {**(extra or {}), **info}, FORMAT)
 
 
 class _Unsound(Exception):
@@ -410,3 +438,144 @@ def load_into(model: nn.Module, path: Path | str, *, merge: bool = False) -> nn.
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, layer.to(dtype=head.weight.dtype))
     return model
+
+
+# --------------------------------------------------------------------- whole-network checkpoints
+#
+# One file for every compressed layer of a network: layer ``name``'s tensors are stored as
+# ``<name>/base.<part>``, ``<name>/lora_A``... exactly as a one-layer file stores them, and its
+# metadata under ``layers[name]``; one sha256 covers all tensors and the metadata. The rest of
+# the network is not in the file: it comes from the backbone's own weights.
+
+NETWORK_FORMAT = "lora-compression-packed-network/1"
+
+
+@dataclass
+class PackedNetwork:
+    layers: dict[str, nn.Module]  # name -> rebuilt LoraLinear / LoraConv2d
+    info: dict[str, Any]
+
+
+def write_packed_network(
+    path: Path, network: Any, adapter_dtype: str = "fp32", extra: dict | None = None
+) -> int:
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, adapter in network.adapters().items():
+        layer_tensors, info = pack_layer(adapter, adapter_dtype)
+        tensors.update({f"{name}/{key}": value for key, value in layer_tensors.items()})
+        layers[name] = info
+    return _save(path, tensors, {**(extra or {}), "layers": layers}, NETWORK_FORMAT)
+
+
+def _conv_layer(linear: LoraLinear, conv: Any) -> LoraConv2d:
+    """The conv layer whose matrix view ``linear`` (rebuilt from the file) is."""
+    from compression import CompressedConv2d
+
+    _require(isinstance(conv, dict), f"conv geometry {conv!r} is not a JSON object")
+    try:
+        options = {key: tuple(conv[key]) for key in ("kernel_size", "stride", "dilation")} | {
+            "in_channels": conv["in_channels"],
+            "padding": conv["padding"]
+            if isinstance(conv["padding"], str)
+            else tuple(conv["padding"]),
+            "padding_mode": conv["padding_mode"],
+        }
+        base = CompressedConv2d.from_compressed(
+            linear.base_compressed, linear.base_layer.bias, **options
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise _Unsound(f"conv geometry {conv} does not fit the layer ({error})") from error
+    layer = LoraConv2d(base, linear.r, linear.lora_alpha, use_dora=linear.use_dora)
+    state = linear.adapter_state()
+    state["lora_A"] = state["lora_A"].view_as(layer.lora_A)
+    state["lora_B"] = state["lora_B"].view_as(layer.lora_B)
+    layer.load_adapter_state(state)
+    return layer
+
+
+def _read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors reports a bad header or a short file in many types
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise CheckpointError(
+            f"{path} is not a readable packed checkpoint (safetensors header: {detail})"
+        ) from error
+    if metadata.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a {fmt} checkpoint")
+    if digest(tensors, metadata.get("checkpoint", "")) != metadata.get("sha256"):
+        raise CheckpointError(
+            f"{path} is corrupted: its tensors and metadata do not match their sha256"
+        )
+    return metadata, tensors
+
+
+def read_packed_network(path: Path | str, device: torch.device | str = "cpu") -> PackedNetwork:
+    """Every layer of a whole-network file, rebuilt and checked as ``read_packed`` checks one;
+    CheckpointError (one line) if the file is not sound."""
+    metadata, tensors = _read_verified(path, NETWORK_FORMAT)
+    try:
+        info = json.loads(metadata["checkpoint"])
+        _require(isinstance(info, dict) and isinstance(info.get("layers"), dict) and info["layers"],
+                 "its metadata lists no layers")  # fmt: skip
+        layers, claimed = {}, set()
+        for name, layer_info in info["layers"].items():
+            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+            claimed.update(f"{name}/{k}" for k in own)
+            try:
+                linear = _rebuild(layer_info, own)
+                conv = layer_info.get("conv")
+                layers[name] = linear if conv is None else _conv_layer(linear, conv)
+            except _Unsound as error:
+                raise _Unsound(f"layer {name}: {error}") from error
+        strangers = sorted(set(tensors) - claimed)
+        _require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
+    except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write "
+            "it again with the driver)"
+        ) from error
+    return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
+
+
+def packed_format(path: Path | str) -> str | None:
+    """The ``format`` a packed file declares (None when it cannot be read at all)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception:  # any unreadable header: the readers say why in their own words
+        return None
+
+
+def verify_packed(path: Path | str) -> None:
+    """Read a packed file of either kind; CheckpointError if it is not sound."""
+    if packed_format(path) == NETWORK_FORMAT:
+        read_packed_network(path)
+    else:
+        read_packed(path)
+
+
+def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
+    """``model`` (a copy is made) with every layer of ``packed`` put in place of its module;
+    each module must exist and have the layer's shape."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, layer in packed.layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as error:
+            raise CheckpointError(f"the model has no layer {name} (the checkpoint has)") from error
+        shape = tuple(getattr(current, "weight", torch.empty(0)).shape)
+        if shape != tuple(layer.base_layer.weight.shape):
+            raise CheckpointError(
+                f"the checkpoint's {name} is {tuple(layer.base_layer.weight.shape)}; the "
+                f"model's is {shape}"
+            )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(current.weight.device))
+    return model.eval()

@@ -57,6 +57,8 @@ ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 DEFAULT_MODEL = "resnet18.tv_in1k"
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
+DEFAULT_CALIB_IMAGES = 512
+DEFAULT_CACHE_LIMIT_GB = 16.0
 
 EXAMPLES = """\
 examples:
@@ -66,6 +68,19 @@ examples:
   python train_evaluate/train_model.py --init svd_init --model tf_efficientnet_lite0 \\
       --weights weights/tf_efficientnet_lite0.safetensors --data-dir ../shared/imagenet-sample
 """
+
+
+def decode_mode(value: str) -> str:
+    """``--decode``: ``gpu`` is refused while parsing (one line, exit code 2, before any work)
+    when no CUDA device is available. Imports torch only for ``gpu``."""
+    if value not in ("cpu", "gpu"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from cpu, gpu)")
+    if value == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("gpu needs a CUDA device, and none is available")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="count the (uncompressed) bias on both sides of the ratios",
     )
 
+    network = parser.add_argument_group("whole network")
+    network.add_argument(
+        "--layers",
+        nargs="+",
+        default=["head"],
+        metavar="PATTERN",
+        help="layers to compress: head (the classifier, default), all (every Linear and every "
+        "non-depthwise Conv2d), or fnmatch patterns over module names, e.g. 'blocks.*.mlp.*'",
+    )
+    network.add_argument(
+        "--calib-images",
+        type=int,
+        default=DEFAULT_CALIB_IMAGES,
+        help="train images the activation-aware inits see, layer by layer (default: "
+        f"{DEFAULT_CALIB_IMAGES})",
+    )
+    network.add_argument(
+        "--cache-limit",
+        type=float,
+        default=DEFAULT_CACHE_LIMIT_GB,
+        metavar="GB",
+        help="refuse a whole-network run whose image cache would exceed this many GB "
+        f"(default: {DEFAULT_CACHE_LIMIT_GB:g})",
+    )
+
     data = parser.add_argument_group("data and model")
     data.add_argument(
         "--data-dir",
@@ -219,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="image decoding processes (default: 0 on CPU, decoding in threads; up to 8 on GPU)",
+    )
+    data.add_argument(
+        "--decode",
+        default="cpu",
+        type=decode_mode,
+        metavar="{cpu,gpu}",
+        help="where the feature pass decodes and resizes JPEGs: cpu (PIL, default) or gpu "
+        "(nvJPEG and torchvision's resize on the CUDA device; its pixels differ slightly)",
     )
 
     output = parser.add_argument_group("output")

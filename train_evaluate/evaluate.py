@@ -28,7 +28,14 @@ import torch
 
 from data import DataError, load_digits_source, scan_imagenet_folder
 from train_evaluate.backbone import BackboneError, weights_id
-from train_evaluate.checkpoint import CheckpointError, classifier_name, read_packed, write_merged
+from train_evaluate.checkpoint import (
+    NETWORK_FORMAT,
+    CheckpointError,
+    classifier_name,
+    packed_format,
+    read_packed,
+    write_merged,
+)
 from train_evaluate.cli import (
     DEFAULT_RESULTS,
     OneLineParser,
@@ -251,10 +258,83 @@ def run_paths(checkpoint: Path) -> tuple[Path | None, Path | None]:
     return found[0], found[1]
 
 
+def image_rows(cached, wanted: list[str] | None, described: str) -> tuple[list[str], torch.Tensor]:
+    """The requested ids and their rows in the cached tensors."""
+    ids = list(cached.ids) if wanted is None else wanted
+    position = {image_id: row for row, image_id in enumerate(cached.ids)}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise UsageError(f"{len(missing)} ids are not among the images, e.g. {missing[0]!r}")
+    if not ids:
+        raise UsageError(f"no image ids to evaluate in {described}")
+    return ids, torch.tensor([position[i] for i in ids])
+
+
+def report_accuracy(accuracy: float, count: int, described: str, info: dict, args) -> None:
+    log.info("top-1 %.4f%% on %d images (%s)", accuracy, count, described)
+    metrics = info.get("metrics")
+    recorded = metrics.get("this_model_test_acc") if isinstance(metrics, dict) else None
+    if isinstance(recorded, int | float) and args.ids is None and not args.all:
+        verdict = (
+            "reproduced exactly"
+            if accuracy == recorded
+            else f"differs by {accuracy - recorded:+.4f}"
+        )
+        log.info("recorded test top-1 of the trained model: %.4f%%: %s", recorded, verdict)
+
+
+def run_network(args: argparse.Namespace, device: torch.device) -> None:
+    """A whole-network checkpoint: the backbone from its weights, every compressed layer and
+    adapter from the file, evaluated on the decoded images (from the image cache)."""
+    from train_evaluate import network
+    from train_evaluate.backbone import create_backbone, eval_transform
+    from train_evaluate.checkpoint import install_network, read_packed_network
+
+    packed = read_packed_network(args.checkpoint, device)
+    info = packed.info
+    if recorded_string(info, "model") is None:
+        raise UsageError(f"{args.checkpoint} names no timm model; evaluate.py needs it")
+    if args.merge is not None:
+        raise UsageError(
+            "--merge writes one dense classifier; a whole-network checkpoint holds "
+            f"{len(packed.layers)} layers and cannot be merged into one file yet; drop --merge"
+        )
+    log.info(
+        "checkpoint: whole network, %d compressed layers (%s), %d bytes",
+        len(packed.layers),
+        recorded_string(info, "init") or "init unrecorded",
+        args.checkpoint.stat().st_size,
+    )
+    run_data, run_weights = run_paths(args.checkpoint)
+    demo = info.get("demo") is True
+    source = image_source(info, args.data_dir or (None if demo else run_data))
+    weights = backbone_weights(info, args.weights or run_weights, args.cache_dir)
+    wanted, described = requested_ids(args, info)
+    model = create_backbone(info["model"], weights, device)
+    transform = eval_transform(model)
+    cached, _, _ = network.cached_images(
+        source,
+        network.uint8_transform(transform),
+        args.cache_dir,
+        model.get_classifier().out_features,
+    )
+    ids, rows = image_rows(cached, wanted, described)
+    mean, std = network.normalisation(transform)
+    adapted = network.AdaptedNetwork(
+        network.ImageModel(install_network(model, packed), mean, std).to(device),
+        list(packed.layers),
+    )
+    split = FeatureSplit(cached.features[rows].to(device), cached.labels[rows].to(device))
+    report_accuracy(evaluate(adapted, split)["acc"], len(ids), described, info, args)
+
+
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {args.checkpoint} does not exist or is not a file")
+    if packed_format(args.checkpoint) == NETWORK_FORMAT:
+        run_network(args, device)
+        return
     packed = read_packed(args.checkpoint, device)
     info = packed.info
     if recorded_string(info, "model") is None:
@@ -285,28 +365,11 @@ def run(args: argparse.Namespace) -> None:
         inputs += [(f"the run's {name} split", split / f"{name}.txt") for name in SPLIT_NAMES]
         check_merge_target(args.merge, inputs, getattr(source, "root", None))
     found = backbone_features(info["model"], weights, source, device, args.cache_dir)
-    ids = list(found.cached.ids) if wanted is None else wanted
-    position = {image_id: row for row, image_id in enumerate(found.cached.ids)}
-    missing = [i for i in ids if i not in position]
-    if missing:
-        raise UsageError(f"{len(missing)} ids are not among the images, e.g. {missing[0]!r}")
-    if not ids:
-        raise UsageError(f"no image ids to evaluate in {described}")
-    rows = torch.tensor([position[i] for i in ids])
+    ids, rows = image_rows(found.cached, wanted, described)
     split = FeatureSplit(
         found.cached.features[rows].to(device), found.cached.labels[rows].to(device)
     ).with_base(packed.layer)
-    accuracy = evaluate(packed.layer, split)["acc"]
-    log.info("top-1 %.4f%% on %d images (%s)", accuracy, len(ids), described)
-    metrics = info.get("metrics")
-    recorded = metrics.get("this_model_test_acc") if isinstance(metrics, dict) else None
-    if isinstance(recorded, int | float) and args.ids is None and not args.all:
-        verdict = (
-            "reproduced exactly"
-            if accuracy == recorded
-            else f"differs by {accuracy - recorded:+.4f}"
-        )
-        log.info("recorded test top-1 of the trained model: %.4f%%: %s", recorded, verdict)
+    report_accuracy(evaluate(packed.layer, split)["acc"], len(ids), described, info, args)
     if args.merge:
         metadata = merge_metadata(info, weights, found.model)
         size = write_merged(args.merge, packed.layer, metadata)

@@ -13,6 +13,7 @@ that cannot be decoded are skipped, reported and listed with the features.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,10 +85,17 @@ def environment(device: torch.device) -> dict[str, str]:
 
 
 def backbone_key(
-    model_name: str, weights: Path | None, source: Any, transform: Callable, device: torch.device
+    model_name: str,
+    weights: Path | None,
+    source: Any,
+    transform: Callable,
+    device: torch.device,
+    decode: str = "cpu",
 ) -> str:
-    """The feature cache's key for this backbone, its weights, the images and the device."""
-    return feature_key(
+    """The feature cache's key for this backbone, its weights, the images, the device and the
+    decode mode. ``cpu`` (PIL) adds nothing, so caches written before ``--decode`` existed stay
+    valid; ``gpu`` decodes and resizes with other code, so its features are keyed apart."""
+    parts = dict(
         format=FORMAT,
         model=model_name,
         weights=weights_id(model_name, weights),
@@ -95,6 +103,9 @@ def backbone_key(
         transform=repr(transform),
         environment=environment(device),
     )
+    if decode != "cpu":
+        parts["decode"] = decode
+    return feature_key(**parts)
 
 
 class _Images(Dataset):
@@ -177,6 +188,95 @@ def _batches(images: _Images, batch_size: int, workers: int, pin_memory: bool):
             yield _collate(list(pool.map(images.__getitem__, indices)))
 
 
+DECODES = ("cpu", "gpu")
+
+
+class DeviceTransform:
+    """timm's eval transform (Resize, CenterCrop, ToTensor, Normalize) applied on the device to
+    decoded uint8 images, for ``--decode gpu``.
+
+    The steps are read from the transform itself, so the sizes, interpolation and statistics are
+    the model's. Resizing runs torchvision's tensor kernel (antialiased), not PIL's: the pixels
+    differ slightly, which is why ``gpu`` is an option and not the default."""
+
+    def __init__(self, transform: Callable) -> None:
+        from torchvision import transforms as T
+
+        self.steps = []
+        for step in getattr(transform, "transforms", [transform]):
+            name = type(step).__name__
+            if isinstance(step, T.Resize | T.CenterCrop | T.Normalize) or name in (
+                "ToTensor",
+                "MaybeToTensor",
+            ):
+                self.steps.append(step)
+            else:
+                raise ValueError(
+                    f"--decode gpu cannot apply the transform step {name} on the device"
+                )
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """One C x H x W uint8 image (on the device) -> the model's float input."""
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
+
+        for step in self.steps:
+            if isinstance(step, T.Resize):
+                image = TF.resize(image, step.size, step.interpolation, step.max_size, True)
+            elif isinstance(step, T.CenterCrop):
+                image = TF.center_crop(image, step.size)
+            elif isinstance(step, T.Normalize):
+                image = TF.normalize(image, step.mean, step.std)
+            else:  # ToTensor: uint8 0..255 -> float 0..1
+                image = image.float().div_(255)
+        return image
+
+
+def _device_batches(source: Any, transform: DeviceTransform, batch_size: int, device):
+    """(images on the device, indices, unreadable) per batch: file bytes are read on the CPU,
+    JPEGs decoded in one batched nvJPEG call on the device (torchvision.io.decode_jpeg with
+    device="cuda"); other formats, or a JPEG nvJPEG refuses, are decoded by PIL and moved."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.functional import pil_to_tensor
+
+    for start in range(0, len(source.ids), batch_size):
+        indices = list(range(start, min(start + batch_size, len(source.ids))))
+        decoded: dict[int, torch.Tensor] = {}
+        bad = []
+        jpegs = []
+        for index in indices:
+            path = source.path(index)
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                bad.append((index, f"{type(error).__name__}: {error}"))
+                continue
+            if data[:3] == b"\xff\xd8\xff":  # the JPEG start-of-image marker
+                jpegs.append((index, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+            else:
+                jpegs.append((index, None))
+        pending = [(i, d) for i, d in jpegs if d is not None]
+        if pending:
+            try:
+                images = decode_jpeg([d for _, d in pending], mode=ImageReadMode.RGB, device=device)
+                decoded.update({i: image for (i, _), image in zip(pending, images, strict=True)})
+            except RuntimeError:  # one bad file fails the batch: decode these one by one
+                for i, d in pending:
+                    # one nvJPEG refuses is left to PIL below
+                    with contextlib.suppress(RuntimeError):
+                        decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
+        for index in indices:
+            if index in decoded or any(index == i for i, _ in bad):
+                continue
+            try:  # not a JPEG, or one nvJPEG could not decode: PIL, as the CPU path
+                decoded[index] = pil_to_tensor(source.load(index)).to(device)
+            except UNREADABLE as error:
+                bad.append((index, f"{type(error).__name__}: {error}"))
+        good = [i for i in indices if i in decoded]
+        batch = torch.stack([transform(decoded[i]) for i in good]) if good else None
+        yield batch, good, sorted(bad)
+
+
 def extract_features(
     model: nn.Module,
     source: Any,
@@ -184,9 +284,20 @@ def extract_features(
     device: torch.device,
     batch_size: int = 64,
     workers: int = 0,
+    decode: str = "cpu",
 ) -> CachedFeatures:
-    """Run the backbone once over every image of ``source`` (with a progress bar)."""
-    batches = _batches(_Images(source, transform), batch_size, workers, device.type == "cuda")
+    """Run the backbone once over every image of ``source`` (with a progress bar).
+
+    ``decode="gpu"``: JPEGs decoded and transformed on ``device`` (CUDA only; see
+    ``DeviceTransform``); ``workers`` is then unused."""
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode mode {decode!r}; valid: {', '.join(DECODES)}")
+    if decode == "gpu":
+        if device.type != "cuda":
+            raise ValueError("--decode gpu needs a CUDA device")
+        batches = _device_batches(source, DeviceTransform(transform), batch_size, device)
+    else:
+        batches = _batches(_Images(source, transform), batch_size, workers, device.type == "cuda")
     chunks, kept, skipped = [], [], []
     model.eval()
     with (
@@ -242,7 +353,8 @@ def _read_features(path: Path, key: str, num_classes: int) -> CachedFeatures:
         raise ValueError("its SHA-256 digest does not match its contents")
     features, labels = tensors["features"], tensors["labels"]
     ids, skipped = tuple(json.loads(metadata["ids"])), tuple(json.loads(metadata["skipped"]))
-    if features.ndim != 2 or labels.shape != (len(ids),) or features.shape[0] != len(ids):
+    # 2-D: pre-logits features; 4-D uint8: the decoded images of whole-network mode
+    if features.ndim not in (2, 4) or labels.shape != (len(ids),) or features.shape[0] != len(ids):
         raise ValueError("its tensors do not match its image list")
     if not torch.isfinite(features).all():
         raise ValueError("it holds non-finite values")
@@ -312,6 +424,7 @@ def backbone_features(
     batch_size: int = 64,
     workers: int = 0,
     model: nn.Module | None = None,
+    decode: str = "cpu",
 ) -> BackboneFeatures:
     """The frozen backbone and the pre-logits features of every image of ``source``, from the
     cache when they are there (logged either way). Raises BackboneError for unusable weights or
@@ -321,11 +434,11 @@ def backbone_features(
     num_classes = classifier(model).out_features
     check_labels(source, num_classes, model_name)
     transform = eval_transform(model)
-    key = backbone_key(model_name, weights, source, transform, device)
+    key = backbone_key(model_name, weights, source, transform, device, decode)
 
     def compute() -> CachedFeatures:
         started = time.perf_counter()
-        cached = extract_features(model, source, transform, device, batch_size, workers)
+        cached = extract_features(model, source, transform, device, batch_size, workers, decode)
         log.info(
             "features: computed for %d images in %.1f s",
             len(cached.ids),

@@ -75,6 +75,24 @@ class Plan:
     out: Path
     cache_dir: Path
     overwrite: bool
+    network: NetworkPlan | None = None
+    decode: str = "cpu"
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Whole-network mode (any selection but the classifier alone). layers: the selected
+    module names; selection: the --layers text; input_size: the model's (C, H, W), at which
+    the images are cached as uint8; cache_bytes: that cache's size; epoch_seconds: a rough
+    cost of one training epoch on this machine."""
+
+    layers: tuple[str, ...]
+    selection: str
+    calib_images: int
+    input_size: tuple[int, ...]
+    cache_bytes: int
+    epoch_seconds: float
+    left_out: dict[str, list[str]]
 
 
 def unique(values) -> list:
@@ -99,6 +117,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--ranks must be at least 1; got {min(args.ranks)}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1; got {args.threads}")
+    if args.calib_images < 1:
+        raise UsageError(f"--calib-images must be at least 1; got {args.calib_images}")
+    if not (args.cache_limit > 0 and math.isfinite(args.cache_limit)):
+        raise UsageError(f"--cache-limit must be a positive number of GB; got {args.cache_limit}")
 
 
 def folder_name(text: str) -> str:
@@ -182,7 +204,8 @@ def resolve_data_and_model(args: argparse.Namespace) -> tuple[bool, str, Any, st
 def choose_ranks(
     requested: list[int] | None, shape: tuple[int, int], model: str
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(ranks to run, default ranks left out because they exceed min(out, in))."""
+    """(ranks to run, default ranks left out because they exceed min(out, in)). In
+    whole-network mode ``shape`` is the largest layer's: each layer clamps the rank itself."""
     out_features, in_features = shape
     limit = min(shape)
     if requested is None:
@@ -233,6 +256,54 @@ def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.
         raise UsageError(str(error)) from error
 
 
+def plan_network(
+    args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
+) -> NetworkPlan | None:
+    """The whole-network plan for ``--layers``, or None when it selects the classifier alone.
+    Selection, cache size and epoch cost are worked out on a bare model (random weights: the
+    structure and the compute are those of the pretrained one)."""
+    from timm.data import resolve_data_config
+
+    from train_evaluate import network
+    from train_evaluate.backbone import eval_transform
+
+    patterns = unique(args.layers)
+    if patterns == [network.HEAD]:
+        return None
+    with torch.random.fork_rng():
+        bare = timm.create_model(model, pretrained=False).eval()
+    try:
+        names = network.select_layers(bare, patterns)
+    except network.SelectionError as error:
+        raise UsageError(str(error)) from error
+    if network.is_head_only(bare, names):
+        return None
+    input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
+    cache_bytes = network.image_bytes(len(source.ids), input_size)
+    limit = args.cache_limit * 1e9
+    if cache_bytes > limit:
+        raise UsageError(
+            f"the image cache for --layers {' '.join(patterns)} would take "
+            f"{cache_bytes / 1e9:.1f} GB ({len(source.ids)} images at {input_size}), over "
+            f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
+        )
+    transform = eval_transform(bare)
+    mean, std = network.normalisation(transform)
+    train_images = max(1, int(len(source.ids) * fractions.train))
+    seconds = network.epoch_seconds(
+        network.ImageModel(bare, mean, std).to(device), input_size, train_images
+    )
+    return NetworkPlan(
+        layers=tuple(names),
+        selection=" ".join(patterns),
+        calib_images=args.calib_images,
+        input_size=input_size,
+        cache_bytes=cache_bytes,
+        epoch_seconds=seconds,
+        left_out=network.left_out(bare, names) if network.ALL in patterns else {},
+    )
+
+
 def plan_run(args: argparse.Namespace) -> Plan:
     """Check every argument and the data; raise UsageError with a one-line reason."""
     if args.init not in LORA_INITS:
@@ -255,7 +326,16 @@ def plan_run(args: argparse.Namespace) -> Plan:
     device = resolve_device(args.device)
     demo, reason, source, model, weights = resolve_data_and_model(args)
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
-    out = args.out or args.results_dir / folder_name(model) / data_name / args.init
+    network_plan = plan_network(args, model, source, fractions, device)
+    if network_plan is not None and args.decode != "cpu":
+        raise UsageError(
+            "--decode gpu applies to the feature pass of --layers head; whole-network runs "
+            "decode their image cache with PIL: drop --decode"
+        )
+    run_name = args.init
+    if network_plan is not None:
+        run_name += f"_layers-{folder_name(network_plan.selection)}"
+    out = args.out or args.results_dir / folder_name(model) / data_name / run_name
     cache_dir = args.cache_dir or args.results_dir / "cache"
     check_folders(args, out, cache_dir)
     try:
@@ -265,7 +345,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
         raise UsageError(str(error)) from error
     if not demo:
         check_imagenet_head(model, fc_shape[0])
-    ranks, skipped = choose_ranks(args.ranks, fc_shape, model)
+    rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
+    ranks, skipped = choose_ranks(args.ranks, rank_shape, model)
     backbone = None if demo else load_backbone(model, weights, device)
     return Plan(
         demo=demo,
@@ -291,7 +372,17 @@ def plan_run(args: argparse.Namespace) -> Plan:
         out=out,
         cache_dir=cache_dir,
         overwrite=args.overwrite,
+        network=network_plan,
+        decode=args.decode,
     )
+
+
+def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:
+    """The (out, in*kh*kw) matrix of the selected layer that can hold the largest rank."""
+    with torch.device("meta"):
+        bare = timm.create_model(model, pretrained=False)
+    shapes = [tuple(bare.get_submodule(n).weight.flatten(1).shape) for n in names]
+    return max(shapes, key=min)
 
 
 def announce(plan: Plan) -> None:
@@ -314,9 +405,28 @@ def announce(plan: Plan) -> None:
     )
     if plan.default_ranks_skipped:
         log.info(
-            "ranks %s do not fit this classifier; running %s",
+            "ranks %s do not fit %s; running %s",
             list(plan.default_ranks_skipped),
+            "this classifier" if plan.network is None else "any selected layer",
             list(plan.ranks),
+        )
+    if plan.network is not None:
+        net = plan.network
+        log.info(
+            "layers: %d selected by --layers %s (ranks clamped per layer to min(out, in*kh*kw); "
+            "the list with each layer's rank and bits goes to layers.csv)",
+            len(net.layers),
+            net.selection,
+        )
+        for reason, names in net.left_out.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            log.info("left out by 'all' (%s): %s", reason, shown)
+        log.info(
+            "cache: cut at the input (the decoded images, uint8 at %s): %.1f MB on disk; every "
+            "step runs the whole network, about %.0f s per training epoch here (estimated)",
+            "x".join(map(str, net.input_size)),
+            net.cache_bytes / 1e6,
+            net.epoch_seconds,
         )
     sweep = plan.sweep
     runs = len(plan.compressions) * len(plan.ranks)

@@ -20,7 +20,7 @@ import optuna
 from torch import nn
 
 from train_evaluate import report
-from train_evaluate.checkpoint import CheckpointError, read_packed
+from train_evaluate.checkpoint import CheckpointError, read_packed, verify_packed
 from train_evaluate.features import feature_key
 from train_evaluate.files import read_json, write_json
 from train_evaluate.plan import Plan
@@ -82,7 +82,7 @@ def record_problem(out: Path, record: dict[str, Any]) -> str | None:
     }
     for name in checkpoint:
         try:
-            read_packed(out / name)
+            verify_packed(out / name)
         except CheckpointError as error:
             return str(error)
     return None
@@ -155,7 +155,12 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     )
     if checkpoint is not None:
         # Read the file back and score the model it holds: the number a user of the file gets.
-        rebuilt = read_packed(checkpoint, plan.device).layer
+        if plan.network is None:
+            rebuilt = read_packed(checkpoint, plan.device).layer
+        else:
+            from train_evaluate.network import load_adapted
+
+            rebuilt = load_adapted(context.head, checkpoint, plan.device)
         test = context.splits.test.with_base(rebuilt)
         record["file"] = {
             "bytes": checkpoint.stat().st_size,

@@ -56,6 +56,8 @@ COLUMNS = [
     "ratio_model",
     "compute_ratio",
     "bits",
+    "bits_per_weight",
+    "layers",
     "file_bytes",
     "ratio_file",
     "file_evaluation",
@@ -313,7 +315,15 @@ class Accounting:
             extra_adapter_params=self.fc_shape[0] if self.dora and rank else 0,
             include_bias=self.include_bias,
         )
-        return accounting_columns(layer, model_ratio(self.backbone_bits, layer))
+        return {
+            **accounting_columns(layer, model_ratio(self.backbone_bits, layer)),
+            "layers": "head (1 layer)",
+            "bits_per_weight": layer.compressed_bits / (self.fc_shape[0] * self.fc_shape[1]),
+        }
+
+    def original_cost(self) -> StorageCost:
+        """The uncompressed layer's cost, for the ``original`` row."""
+        return dense_cost(*self.fc_shape)
 
     @property
     def dense_bytes(self) -> int:
@@ -359,7 +369,7 @@ def method_rows(
     rows = []
     original_acc = original["acc"]
     for lora_rank, level_cost, metrics in (
-        ("original", dense_cost(*accounting.fc_shape), original),
+        ("original", accounting.original_cost(), original),
         ("quantized", cost, compressed),
     ):
         rows.append(

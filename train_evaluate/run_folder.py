@@ -44,6 +44,14 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         "include_bias": plan.include_bias,
         "device": plan.device.type,
     }
+    if getattr(plan, "decode", "cpu") != "cpu":  # absent for the default: older runs match
+        config["decode"] = plan.decode
+    network = getattr(plan, "network", None)
+    if network is not None:  # absent for the classifier alone: older FC runs still match
+        config["network"] = {
+            "layers": list(network.layers),
+            "calib_images": network.calib_images,
+        }
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 

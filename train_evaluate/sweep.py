@@ -34,9 +34,11 @@ from torch import nn
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
 from train_evaluate import interrupt
+from train_evaluate.batched import Run, batchable, train_adapters
 from train_evaluate.training import (
     FeatureSplit,
     TrainConfig,
+    TrainResult,
     derive_seed,
     evaluate,
     train_adapter,
@@ -201,23 +203,116 @@ def fail_interrupted(study: optuna.Study) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
 
 
-def run_study(
+# Train TPE's start-up trials of a rank together (``batched.train_adapters``), and every other
+# run with the batched engine too (one run at a time). False: today's loop, one
+# ``train_adapter`` per trial. None: batched on CUDA only. On 2 CPU cores the two measured the
+# same (benchmarks/bench_full_protocol.py, scaled down: 1.01x, min 0.82x, max 1.62x), so the
+# CPU keeps today's loop; on CUDA the batched path removes per-step host work.
+BATCHED: bool | None = None
+
+
+def use_batched(data: Splits) -> bool:
+    if BATCHED is not None:
+        return BATCHED
+    return data.train.features.device.type == "cuda"
+
+
+Objective = Callable[[optuna.Trial, int], float]
+
+
+@dataclass(frozen=True)
+class StartupBatch:
+    """How ``run_study`` trains start-up trials together.
+
+    prepare(trial, index): called right after the trial is asked (so it samples with the
+    sampler seeded for its index): suggests its parameters and returns what ``train`` needs.
+    train(prepared): trains them all and returns, per trial, a replay that reports its epochs to
+    the trial and returns its value (or raises TrialPruned), as the sequential objective would."""
+
+    prepare: Callable[[optuna.Trial, int], Any]
+    train: Callable[[list[Any]], list[Callable[[], float]]]
+
+
+def seeded_sampler(seed_parts: tuple, index: int) -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(
+        seed=derive_seed(*seed_parts, "sampler", index),
+        n_startup_trials=SAMPLER_STARTUP_TRIALS,
+    )
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, replay: Callable[[], float]) -> None:
+    """Finish ``trial`` as ``study.optimize`` would: its value, PRUNED, or FAIL and re-raise."""
+    try:
+        value = replay()
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    else:
+        study.tell(trial, value)
+
+
+def run_startup_batch(
     study: optuna.Study,
-    objective: Callable[[optuna.Trial, int], float],
-    trials: int,
+    batch: StartupBatch,
+    first: int,
+    count: int,
     seed_parts: tuple,
     on_trial: Callable[[], None],
 ) -> None:
-    """Run trials until ``trials`` of them have finished, each with its own derived seed."""
+    """Ask ``count`` start-up trials at once, train them together, then tell them in order.
+
+    Each is asked with its own seeded sampler; TPE samples start-up trials at random from that
+    seed alone, so their parameters are those a sequential study draws. Reports are replayed
+    trial after trial, each trial told before the next replays, so the median pruner decides on
+    exactly the finished trials it would have seen sequentially: the study's records are the
+    sequential ones (up to float summation order). The cost: a trial the pruner stops is
+    trained to its last epoch in the batch anyway."""
+    asked: list[optuna.Trial] = []
+    try:
+        prepared = []
+        for index in range(first, first + count):
+            study.sampler = seeded_sampler(seed_parts, index)
+            asked.append(study.ask())
+            prepared.append(batch.prepare(asked[-1], index))
+        replays = batch.train(prepared)
+    except BaseException:
+        for trial in asked:
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+    for position, (trial, replay) in enumerate(zip(asked, replays, strict=True)):
+        try:
+            tell(study, trial, replay)
+        except BaseException:
+            for later in asked[position + 1 :]:
+                study.tell(later, state=TrialState.FAIL)
+            raise
+        on_trial()
+
+
+def run_study(
+    study: optuna.Study,
+    objective: Objective,
+    trials: int,
+    seed_parts: tuple,
+    on_trial: Callable[[], None],
+    batch: StartupBatch | None = None,
+) -> None:
+    """Run trials until ``trials`` of them have finished, each with its own derived seed.
+
+    With ``batch``, the start-up trials not yet finished (indices below
+    SAMPLER_STARTUP_TRIALS) are asked at once and trained together; later ones one by one."""
     fail_interrupted(study)
     for _ in range(len(finished(study))):
         on_trial()
     while (index := len(finished(study))) < trials:
         interrupt.check()
-        study.sampler = optuna.samplers.TPESampler(
-            seed=derive_seed(*seed_parts, "sampler", index),
-            n_startup_trials=SAMPLER_STARTUP_TRIALS,
-        )
+        startup = min(trials, SAMPLER_STARTUP_TRIALS) - index
+        if batch is not None and startup > 1:
+            run_startup_batch(study, batch, index, startup, seed_parts, on_trial)
+            continue
+        study.sampler = seeded_sampler(seed_parts, index)
         study.optimize(lambda trial, i=index: objective(trial, i), n_trials=1)
         on_trial()
 
@@ -244,6 +339,15 @@ def trial_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     }
 
 
+def same_base(layer: nn.Module, probe: nn.Module) -> bool:
+    """Whether two adapted models hold the same stored base (every compressed weight equal):
+    a final model must be trained on the base its rank's baseline was scored with."""
+    bases = [dict(m.base_layer.named_parameters()) for m in (layer, probe)]
+    return bases[0].keys() == bases[1].keys() and all(
+        torch.equal(t, bases[1][name]) for name, t in bases[0].items()
+    )
+
+
 def test_scores(metrics: dict[str, float]) -> dict[str, float]:
     """A final model's test numbers: top-1 and top-5 (%) and the top-1 count behind them."""
     return {
@@ -264,6 +368,24 @@ def test_facts(init: dict[str, float], probe: LoraLinear, test: FeatureSplit) ->
         "init_only": {"top5": init["top5"], "correct": init["correct"]},
         "base_only": {"acc": base["acc"], "top5": base["top5"], "correct": base["correct"]},
     }
+
+
+def train_one(
+    layer: LoraLinear,
+    data: Splits,
+    config: TrainConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+    curves: bool = True,
+) -> TrainResult:
+    """One training run: the batched engine with one run when ``use_batched`` (not DoRA),
+    else ``train_adapter``; the same numbers up to float summation order. An exception raised
+    by ``on_epoch`` (a pruned trial) propagates, as from ``train_adapter``."""
+    if not (use_batched(data) and batchable(layer)):
+        return train_adapter(layer, data.train, data.val, config, on_epoch, curves)
+    (outcome,) = train_adapters([Run(layer, config, on_epoch)], data.train, data.val)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
 
 
 def run_rank(
@@ -299,24 +421,50 @@ def run_rank(
         on_step()
         return RankOutcome(record, probe, None)
 
-    def objective(trial: optuna.Trial, index: int) -> float:
+    def prepare(trial: optuna.Trial, index: int) -> Run:
         params = sweep.space.suggest(trial)
         seed = derive_seed(*seed_parts, "trial", index)
         trial.set_user_attr("seed", seed)
         layer = method.layer(rank, params["lora_alpha"], sweep, seed)
-        config = sweep.train_config(params, seed)
+        return Run(layer, sweep.train_config(params, seed))
 
+    def reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
         def report(epoch: int, val_acc: float) -> None:
             trial.report(val_acc, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        result = train_adapter(layer, data.train, data.val, config, report)
+        return report
+
+    def conclude(trial: optuna.Trial, result: TrainResult) -> float:
         trial.set_user_attr("best_epoch", result.best_epoch)
         if result.diverged_at is not None:
             trial.set_user_attr("diverged_at_epoch", result.diverged_at)
             raise optuna.TrialPruned(f"loss diverged in epoch {result.diverged_at}")
         return result.best_val_acc
+
+    def objective(trial: optuna.Trial, index: int) -> float:
+        run = prepare(trial, index)
+        # a trial's train curve is never drawn: it is not measured
+        result = train_one(run.layer, data, run.config, reporter(trial), curves=False)
+        return conclude(trial, result)
+
+    def prepare_startup(trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
+        return trial, prepare(trial, index)
+
+    def train_startup(prepared: list[tuple[optuna.Trial, Run]]) -> list[Callable[[], float]]:
+        outcomes = train_adapters([run for _, run in prepared], data.train, data.val)
+
+        def replay(trial: optuna.Trial, result: TrainResult) -> float:
+            report = reporter(trial)
+            for epoch, val_acc in enumerate(result.history["val_acc"]):
+                report(epoch, val_acc)
+            return conclude(trial, result)
+
+        return [
+            lambda t=trial, o=outcome: replay(t, o.result)
+            for (trial, _), outcome in zip(prepared, outcomes, strict=True)
+        ]
 
     study = optuna.create_study(
         storage=storage,
@@ -327,7 +475,10 @@ def run_rank(
         if sweep.pruning
         else optuna.pruners.NopPruner(),
     )
-    run_study(study, objective, sweep.trials, seed_parts, on_step)
+    # a whole adapted network (not one LoraLinear) trains its trials one at a time
+    batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
+    batch = StartupBatch(prepare_startup, train_startup) if batched else None
+    run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
     trials = counted_trials(study, sweep.trials)
     record["trials"] = trial_counts(trials)
     record["study"] = study_name
@@ -348,8 +499,8 @@ def run_rank(
     for index in range(sweep.final_seeds):
         seed = derive_seed(*seed_parts, "final", index)
         layer = method.layer(rank, best.params["lora_alpha"], sweep, seed)
-        assert torch.equal(layer.base_layer.weight, probe.base_layer.weight)
-        result = train_adapter(layer, data.train, data.val, sweep.train_config(best.params, seed))
+        assert same_base(layer, probe)
+        result = train_one(layer, data, sweep.train_config(best.params, seed))
         finals.append(
             {
                 "seed": seed,

@@ -46,6 +46,7 @@ def load_features(plan):
             plan.feature_batch_size,
             workers,
             plan.backbone,
+            plan.decode,
         )
         split = split_indices(len(found.cached.ids), plan.fractions, plan.sweep.seed)
     except ValueError as error:  # bad weights; a split emptied by skipped images
@@ -53,6 +54,60 @@ def load_features(plan):
     if found.cached.skipped:
         log.warning("the unreadable images are listed in run.json")
     return found, weights, split
+
+
+def load_images(plan):
+    """Whole-network mode: the model, the decoded uint8 images (cached), the split and the
+    weights file. Same split, same demo classifier as ``load_features``."""
+    from data import split_indices
+    from train_evaluate import network
+    from train_evaluate.backbone import BackboneError, create_backbone, eval_transform, weights_id
+    from train_evaluate.demo import demo_weights
+    from train_evaluate.features import (
+        BackboneFeatures,
+        check_labels,
+        default_workers,
+        environment,
+        feature_key,
+    )
+
+    weights, model = plan.weights, plan.backbone
+    if plan.demo:
+        split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
+        weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
+        model = create_backbone(plan.model, weights, plan.device)
+    workers = plan.workers if plan.workers is not None else default_workers(plan.device)
+    try:
+        num_classes = model.get_classifier().out_features
+        check_labels(plan.source, num_classes, plan.model)
+        transform = eval_transform(model)
+        cached, key, reused = network.cached_images(
+            plan.source,
+            network.uint8_transform(transform),
+            plan.cache_dir,
+            num_classes,
+            plan.feature_batch_size,
+            workers,
+        )
+        split = split_indices(len(cached.ids), plan.fractions, plan.sweep.seed)
+    except (ValueError, BackboneError) as error:
+        raise UsageError(str(error)) from error
+    if cached.skipped:
+        log.warning("%d unreadable images were skipped; they are listed in run.json",
+                    len(cached.skipped))  # fmt: skip
+    mean, std = network.normalisation(transform)
+    wrapped = network.ImageModel(model, mean, std).to(plan.device).eval().requires_grad_(False)
+    # what the studies and records depend on besides the pixels: the model, its weights, the
+    # selected layers and the calibration set's size
+    identity = feature_key(
+        images=key,
+        model=plan.model,
+        weights=weights_id(plan.model, weights),
+        environment=environment(plan.device),
+        layers=list(plan.network.layers),
+        calib_images=plan.network.calib_images,
+    )
+    return BackboneFeatures(wrapped, identity, cached, reused), weights, split
 
 
 def run(plan) -> None:
@@ -86,7 +141,7 @@ def sweep_all(plan) -> dict:
     import torch
 
     from data import split_lists, split_warnings
-    from train_evaluate import compare, report
+    from train_evaluate import compare, network, report
     from train_evaluate.backbone import classifier, tensor_bits, weights_id
     from train_evaluate.checkpoint import ADAPTER_DTYPES
     from train_evaluate.files import write_text
@@ -96,14 +151,17 @@ def sweep_all(plan) -> dict:
     from train_evaluate.training import evaluate, split_tensors
 
     started = time.perf_counter()
-    found, weights, split = load_features(plan)
+    whole = plan.network is not None
+    found, weights, split = load_images(plan) if whole else load_features(plan)
     cached, out = found.cached, plan.out
     for warning in split_warnings(cached.labels, split):
         log.warning("warning: %s", warning)
     lists = split_lists(cached.ids, split)
     for name, text in lists.items():
         write_text(out / "split" / f"{name}.txt", text)
-    head = classifier(found.model)
+    # the module the study compresses: the classifier on features, or the whole network on
+    # the cached images
+    head = found.model if whole else classifier(found.model)
     parts = split_tensors(
         cached.features, cached.labels, split, plan.sweep.objective, head, plan.device
     )
@@ -113,15 +171,19 @@ def sweep_all(plan) -> dict:
     log.info(
         "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
     )
-    accounting = report.Accounting(
-        plan.fc_shape,
-        ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8,
-        plan.sweep.use_dora,
-        plan.include_bias,
-        tensor_bits(found.model) - tensor_bits(head),
-    )
+    adapter_bits = ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8
+    if whole:
+        setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits)
+    else:
+        accounting = report.Accounting(
+            plan.fc_shape,
+            adapter_bits,
+            plan.sweep.use_dora,
+            plan.include_bias,
+            tensor_bits(found.model) - tensor_bits(head),
+        )
     total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
-    rows = []
+    rows, layer_rows = [], []
     with Progress(total) as progress:
         context = RunContext(
             plan,
@@ -135,8 +197,13 @@ def sweep_all(plan) -> dict:
             progress,
         )
         for name, compression in plan.compressions.items():
-            method = Method.create(name, compression, head, splits.train.features)
-            compressed = evaluate(method.compressed_linear(), splits.test)
+            if whole:
+                method = setup.method(name, compression)
+                accounting = setup.accounting(method)
+                compressed = evaluate(method.compressed_model(), splits.test)
+            else:
+                method = Method.create(name, compression, head, splits.train.features)
+                compressed = evaluate(method.compressed_linear(), splits.test)
             log.info(
                 "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed["acc"]
             )
@@ -150,8 +217,12 @@ def sweep_all(plan) -> dict:
             rows += report.method_rows(
                 shared, original, compressed, method.cost, records, accounting
             )
+            if whole:
+                layer_rows += [row for r in plan.ranks for row in accounting.layer_rows(name, r)]
     frame = report.evaluation_frame(rows)
     csv_path = report.write_evaluation(out, frame)
+    if whole:
+        write_text(out / "layers.csv", network.layers_csv(layer_rows))
     report.repair_plotly_bundle(out)
     title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
     report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")

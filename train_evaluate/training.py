@@ -81,7 +81,8 @@ class FeatureSplit:
     def with_base(self, layer: LoraLinear) -> FeatureSplit:
         """This split with ``layer.base_layer``'s logits precomputed (not for DoRA, whose
         forward does not separate base and adapter)."""
-        if layer.use_dora:
+        # a whole adapted network (not one layer) has no separate base output to reuse
+        if layer.use_dora or not isinstance(layer, LoraLinear):
             return replace(self, base_logits=None)
         return replace(self, base_logits=linear_logits(layer.base_layer, self.features))
 
@@ -115,9 +116,14 @@ def split_tensors(
     return {name: part(name) for name in ("train", "val", "test")}
 
 
+def eval_chunk(module: nn.Module) -> int:
+    """Rows per evaluation step: a whole network on images says how many it takes at once."""
+    return getattr(module, "eval_chunk", EVAL_CHUNK)
+
+
 @torch.inference_mode()
 def linear_logits(linear: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    return torch.cat([linear(chunk) for chunk in features.split(EVAL_CHUNK)])
+    return torch.cat([linear(chunk) for chunk in features.split(eval_chunk(linear))])
 
 
 def forward(head: nn.Module, split: FeatureSplit) -> torch.Tensor:
@@ -142,8 +148,9 @@ def evaluate(head: nn.Module, split: FeatureSplit) -> dict[str, float]:
     correct = torch.zeros((), device=device, dtype=torch.int64)
     correct_top5 = torch.zeros((), device=device, dtype=torch.int64)
     agree = torch.zeros((), device=device, dtype=torch.int64)
-    for start in range(0, len(split), EVAL_CHUNK):
-        part = split.rows(slice(start, start + EVAL_CHUNK))
+    chunk = eval_chunk(head)
+    for start in range(0, len(split), chunk):
+        part = split.rows(slice(start, start + chunk))
         logits = forward(head, part)
         predicted = logits.argmax(dim=1)
         if part.labels is not None:
@@ -234,14 +241,32 @@ class TrainResult:
 EpochCallback = Callable[[int, float], None]
 
 
+def curve_sample(train: FeatureSplit) -> FeatureSplit:
+    """The train rows the train curves are measured on: all of them up to TRAIN_CURVE_ROWS,
+    else a fixed random sample (the same rows for every run).
+
+    At ImageNet scale a full pass would cost more than the epoch's training steps, and the
+    curves only need to show the trend. Not the first rows: split ids are sorted, so those
+    would be the first classes only."""
+    if len(train) <= TRAIN_CURVE_ROWS:
+        return train
+    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    return train.rows(sample[:TRAIN_CURVE_ROWS].sort().values.to(train.features.device))
+
+
 def train_adapter(
     layer: LoraLinear,
     train: FeatureSplit,
     val: FeatureSplit,
     config: TrainConfig,
     on_epoch: EpochCallback | None = None,
+    curves: bool = True,
 ) -> TrainResult:
     """Train ``layer``'s adapter; see the module doc for epoch 0 and best-epoch selection.
+
+    ``curves=False``: the train curve is not measured (its history entries are NaN). Nothing
+    else changes: Optuna's trials use it, since only the final models' curves are drawn, and
+    scoring the train sample every epoch costs as much as a third of a whole network's epoch.
 
     ``on_epoch(epoch, val_acc)`` is called after every evaluation, epoch 0 included (Optuna
     reports and prunes there; raising stops the run). A run whose loss turns NaN or infinite
@@ -257,18 +282,13 @@ def train_adapter(
         "val_acc": [],
     }
 
-    # Train curves are measured on a fixed random sample of the train split (the same rows for
-    # every run): at ImageNet scale a full pass would cost more than the epoch's training steps,
-    # and the curves only need to show the trend. Not the first rows: split ids are sorted, so
-    # those would be the first classes only.
-    train_sample = train
-    if len(train) > TRAIN_CURVE_ROWS:
-        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-        train_sample = train.rows(sample[:TRAIN_CURVE_ROWS].sort().values.to(train.features.device))
+    train_sample = curve_sample(train) if curves else None
 
     def measure() -> float:
         for name, split in (("train", train_sample), ("val", val)):
-            metrics = evaluate(layer, split)
+            metrics = (
+                {"loss": math.nan, "acc": math.nan} if split is None else evaluate(layer, split)
+            )
             history[f"{name}_loss"].append(metrics["loss"])
             history[f"{name}_acc"].append(metrics["acc"])
         return history["val_acc"][-1]

@@ -1,0 +1,287 @@
+"""Whole-network mode: layer selection, the uint8 image path, accounting by hand, the packed
+network checkpoint, frozen BatchNorm, the driver end to end on a small resnet, and the FC study
+unchanged (``--layers head`` against an evaluation.csv recorded before this mode existed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from compression import CompressedConv2d, compress, make_config
+from tests.conftest import run_driver, run_folder
+from train_evaluate import network
+from train_evaluate.backbone import eval_transform
+from train_evaluate.checkpoint import CheckpointError, write_packed
+from train_evaluate.report import TIMING_COLUMNS
+from train_evaluate.sweep import SweepConfig
+from train_evaluate.training import FeatureSplit, TrainConfig, train_adapter
+
+# Written by commit 0e3bab8 (the FC-only tool) with: train_model.py --init paper_init --ranks 2 4
+# --trials 3 --epochs 2 --threads 1 (the offline demo); paper_init, so that training moves the
+# numbers away from the init and a change in the training path shows.
+REFERENCE = Path(__file__).parent / "data" / "demo_head_before_whole_network.csv"
+RESNET = "test_resnet"
+
+
+def bare(name: str) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory) -> Path:
+    """``test_resnet`` (BatchNorm, 3x3 and 1x1 convs, a 96 -> 1000 FC) with fixed weights."""
+    path = tmp_path_factory.mktemp("resnet") / "test_resnet.pth"
+    model = bare(RESNET)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        # the images' five classes ahead of the other 995, so that accuracies are not all 0
+        model.get_classifier().bias[[0, 1, 100, 500, 999]] += 3.0
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def image_model(model: nn.Module) -> network.ImageModel:
+    mean, std = network.normalisation(eval_transform(model))
+    return network.ImageModel(model, mean, std).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------ selection
+
+
+def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classifier():
+    model = bare("test_efficientnet")
+    names = network.select_layers(model, ["all"])
+    modules = dict(model.named_modules())
+    expected = [
+        n
+        for n, m in modules.items()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    ]
+    assert names == expected and "classifier" in names
+    assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in modules.values())
+    assert network.select_layers(model, ["head"]) == ["classifier"]
+    assert network.is_head_only(model, network.select_layers(model, ["classifier"]))
+    assert not network.is_head_only(model, names)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("nothing.*", "matches no module"),
+        ("blocks.3.0.conv_dw", "groups=128"),
+        ("bn1", "not a Linear or Conv2d"),
+        ("blocks.3.*", "groups=128"),
+    ],
+)
+def test_a_bad_selection_is_refused_by_name(pattern, fragment):
+    with pytest.raises(network.SelectionError, match=fragment):
+        network.select_layers(bare("test_efficientnet"), [pattern])
+
+
+BAD_SELECTIONS = {
+    "matches nothing": (["--layers", "nothing.*"], "matches no module"),
+    "depthwise conv": (["--layers", "blocks.3.0.conv_dw"], "groups=128"),
+    "not a layer": (["--layers", "bn1"], "not a Linear or Conv2d"),
+    "cache over the limit": (["--layers", "all", "--cache-limit", "0.000001"], "--cache-limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SELECTIONS))
+def test_bad_selections_stop_in_one_line_before_any_work(case, tmp_path, image_folder, capsys):
+    extra, fragment = BAD_SELECTIONS[case]
+    results = tmp_path / "results"
+    code, _, err = run_driver(
+        capsys, "--data-dir", image_folder, "--model", "test_efficientnet", *extra,
+        "--results-dir", results,
+    )  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0] and "Traceback" not in err
+    assert not results.exists()
+
+
+# ------------------------------------------------------------------------ images and accounting
+
+
+def test_uint8_images_give_the_float_pipelines_logits_exactly():
+    model = bare(RESNET)
+    transform = eval_transform(model)
+    pixels = torch.randint(0, 256, (40, 50, 3), generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.to(torch.uint8).numpy())
+    stored = network.uint8_transform(transform)(image)
+    assert stored.dtype == torch.uint8
+    with torch.no_grad():
+        expected = model(transform(image).unsqueeze(0))
+        got = image_model(model)(stored.unsqueeze(0))
+    assert torch.equal(got, expected)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
+    model = TwoLayers()
+    infos = network.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
+    config = make_config("int4")
+    costs = tuple(compress(m.weight.flatten(1), config).cost for m in (model.conv, model.fc))
+    accounting = network.NetworkAccounting(infos, costs, 16, False, False, 1000, "all (2)")
+    columns = accounting.columns(costs[0], 4)
+    # int4: 4 bits per weight and one fp32 scale per row; conv rank min(4, 8, 27) = 4 and fc
+    # rank min(4, 5, 8) = 4; adapters r * (out + in*kh*kw) at 16 bits
+    conv_bits = 8 * 27 * 4 + 8 * 32 + 4 * (8 + 27) * 16
+    fc_bits = 5 * 8 * 4 + 5 * 32 + 4 * (5 + 8) * 16
+    assert columns["bits"] == conv_bits + fc_bits
+    assert columns["bits_per_weight"] == (conv_bits + fc_bits) / (8 * 27 + 5 * 8)
+    assert columns["ratio"] == 32 * (8 * 27 + 5 * 8) / (conv_bits + fc_bits)
+    original = accounting.columns(accounting.original_cost(), 0)
+    assert original["bits_per_weight"] == 32 and original["ratio"] == 1
+    assert [info.positions for info in infos] == [36, 1]
+    rows = accounting.layer_rows("int4", 40)
+    assert [row["rank"] for row in rows] == [8, 5]  # clamped to min(out, in*kh*kw)
+
+
+# ------------------------------------------------------------ adapted networks and checkpoints
+
+
+def resnet_method(init: str = "svd_init") -> tuple[network.NetworkMethod, SweepConfig]:
+    model = image_model(bare(RESNET))
+    names = network.select_layers(model.model, ["all"])
+    calibration = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
+    method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, calibration)
+    return method, SweepConfig(init=init)
+
+
+def test_a_packed_network_reloads_to_identical_logits(tmp_path):
+    method, sweep = resnet_method()
+    adapted = method.layer(4, 16, sweep, seed=1)
+    assert any(isinstance(a.base_layer, CompressedConv2d) for a in adapted.adapters().values())
+    with torch.no_grad():  # trained-looking adapters: nothing about them is an init identity
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.01 * torch.randn_like(parameter))
+    path = tmp_path / "network.safetensors"
+    write_packed(path, adapted, "fp32", {"model": RESNET})
+    rebuilt = network.load_adapted(method.model, path)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), adapted(images))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        network.load_adapted(method.model, path)
+
+
+def test_training_moves_only_the_adapters_and_never_the_batchnorm_statistics():
+    method, sweep = resnet_method()
+    adapted = method.layer(2, 8, sweep, seed=0)
+    before = {k: v.clone() for k, v in adapted.network.state_dict().items()}
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.randint(0, 1000, (16,))
+    split = FeatureSplit(images, labels)
+    seen = {}
+
+    def snapshot(epoch: int, _val_acc: float) -> None:
+        # after epoch 1, before the loop puts the best epoch's adapter back (epoch 0 may win)
+        if epoch == 1:
+            seen.update({k: v.clone() for k, v in adapted.network.state_dict().items()})
+
+    train_adapter(adapted, split, split, TrainConfig(epochs=2, batch_size=8, lr=1e-2), snapshot)
+    after = seen
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
+    assert not any(m.training for m in adapted.network.modules())
+
+
+def test_activation_aware_init_is_computed_once_per_rank_and_is_deterministic():
+    method, sweep = resnet_method("act_svd_init")
+    first = method.layer(2, 8, sweep, seed=0).adapter_state()
+    assert len(method._contexts) == 1
+    again = method.layer(2, 8, sweep, seed=0).adapter_state()
+    assert len(method._contexts) == 1
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    plain = resnet_method("svd_init")[0].layer(2, 8, SweepConfig(init="svd_init"), 0)
+    plain_state = plain.adapter_state()
+    assert any(not torch.allclose(first[k], plain_state[k]) for k in first)
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def test_layers_all_end_to_end_on_a_small_resnet(
+    tmp_path, image_folder, resnet_weights, shared_cache, capsys
+):
+    from train_evaluate.evaluate import main as evaluate_main
+
+    results = tmp_path / "results"
+    code, _, err = run_driver(
+        capsys, "--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
+        "--layers", "all", "--methods", "int4", "--ranks", "2", "64", "--trials", "2",
+        "--epochs", "1", "--init", "act_svd_init", "--calib-images", "8",
+        "--results-dir", results, "--cache-dir", shared_cache,
+    )  # fmt: skip
+    assert code == 0, err
+    out = run_folder(results, "act_svd_init_layers-all")
+    frame = pd.read_csv(out / "evaluation.csv")
+    layers = pd.read_csv(out / "layers.csv")
+    model = bare(RESNET)
+    names = network.select_layers(model, ["all"])
+    assert set(layers["layer"]) == set(names) and len(layers) == 2 * len(names)
+    for row in layers.itertuples():
+        weight = model.get_submodule(row.layer).weight
+        assert row.rank == min(row.lora_rank, weight.shape[0], weight[0].numel())
+    ranks = frame[frame["lora_rank"].isin(["2", "64"])]
+    assert (ranks["file_evaluation"] == ranks["evaluation"]).all()
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    # the CSV keeps 6 significant digits
+    assert (frame["bits_per_weight"] * weights).tolist() == pytest.approx(
+        frame["bits"].tolist(), rel=1e-5
+    )
+    for rank in (2, 64):
+        bits = frame.loc[frame["lora_rank"] == str(rank), "bits"].item()
+        assert bits == layers.loc[layers["lora_rank"] == rank, "bits"].sum()
+    checkpoint = out / "checkpoints" / "quant=int4_r=2.safetensors"
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--cache-dir", str(shared_cache)]) == 0
+    assert "reproduced exactly" in capsys.readouterr().out
+    assert frame["evaluation"].max() > 0
+
+
+def comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    dropped = [*TIMING_COLUMNS, "bits_per_weight", "layers"]
+    return frame.drop(columns=[c for c in dropped if c in frame]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("selection", [[], ["--layers", "head"]], ids=["default", "head"])
+def test_the_fc_study_gives_the_evaluation_csv_recorded_before_whole_network_mode(
+    selection, tmp_path, capsys
+):
+    code, _, err = run_driver(
+        capsys, "--init", "paper_init", "--ranks", "2", "4", "--trials", "3", "--epochs", "2",
+        "--threads", "1", "--results-dir", tmp_path / "results", *selection,
+    )  # fmt: skip
+    assert code == 0, err
+    got = pd.read_csv(run_folder(tmp_path / "results", "paper_init") / "evaluation.csv")
+    assert got["layers"].eq("head (1 layer)").all()
+    assert math.isclose(got["bits_per_weight"].iloc[0], 32)
+    expected = pd.read_csv(REFERENCE)
+    pd.testing.assert_frame_equal(comparable(got), comparable(expected), rtol=1e-6)

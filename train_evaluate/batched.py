@@ -1,0 +1,454 @@
+"""Several adapter trainings of one rank at once, as one batched model.
+
+Each run is what ``training.train_adapter`` does with its own layer and ``TrainConfig``: the same
+batches (its own seeded permutation and batch size), the same updates, the same evaluations and
+best-epoch choice. Runs are grouped by what the steps must share (rank, batch size, epochs,
+objective); within a group the T adapters are stacked, A as (T, r, in) and B as (T, out, r), and
+every step is a handful of batched matmuls (``torch.bmm`` / ``torch.baddbmm``) over all T runs.
+Learning rate, alpha and optimizer (Adam or SGD) are per run: the gradients are written out by
+hand (no autograd) and so is the optimizer's update, in the form ``torch.optim.Adam`` and
+``torch.optim.SGD`` document with their defaults (betas 0.9 / 0.999, eps 1e-8, no momentum, no
+weight decay), so a run's numbers equal its lone run's up to float summation order.
+
+What is not batched: DoRA (its forward renormalises the merged weight's rows; ``batchable`` says
+no, and callers fall back to ``train_adapter``).
+
+On CUDA the data stays on the device and a step does no host synchronisation: losses are summed
+on the device and read once per epoch. With ``CUDA_GRAPHS`` the fixed-shape step (every batch but
+an epoch's last, shorter one) is captured once per group as a CUDA graph and replayed, which
+removes the per-kernel launch cost; if capture fails the group runs eagerly (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lora import LoraLinear
+from train_evaluate import interrupt
+from train_evaluate.training import (
+    EVAL_CHUNK,
+    EpochCallback,
+    FeatureSplit,
+    TrainConfig,
+    TrainResult,
+    curve_sample,
+    linear_logits,
+)
+
+log = logging.getLogger(__name__)
+
+# torch.optim.Adam's defaults, which training.py's optimizer uses.
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+# Capture the fixed-shape training step as a CUDA graph (CUDA only; the CPU path never does).
+# benchmarks/gpu_check.sh measures both settings; see README "GPU".
+CUDA_GRAPHS = True
+
+
+@dataclass
+class Run:
+    """One training run: its layer (trained in place, left at its best epoch as
+    ``train_adapter`` leaves it), its config and an optional per-epoch callback (raising stops
+    this run only; the exception is kept in its outcome)."""
+
+    layer: LoraLinear
+    config: TrainConfig
+    on_epoch: EpochCallback | None = None
+
+
+@dataclass
+class RunOutcome:
+    """result: as ``train_adapter`` returns it; None when ``on_epoch`` raised ``error``."""
+
+    result: TrainResult | None
+    error: Exception | None = None
+
+
+def batchable(layer: LoraLinear) -> bool:
+    """Whether ``train_adapters`` can train this layer: one LoraLinear without DoRA (DoRA, and
+    a whole adapted network, train alone)."""
+    return isinstance(layer, LoraLinear) and not layer.use_dora
+
+
+def group_key(run: Run) -> tuple:
+    """Runs with equal keys step in lockstep: same rank, batch size, epochs and objective."""
+    c = run.config
+    return (run.layer.r, c.batch_size, c.epochs, c.objective, c.kd_temperature, c.kd_weight)
+
+
+def train_adapters(runs: Sequence[Run], train: FeatureSplit, val: FeatureSplit) -> list[RunOutcome]:
+    """Train every run, in groups of ``group_key``; outcomes in the order of ``runs``.
+
+    All layers must share one base (the same W_c and bias: the trials of one rank)."""
+    for run in runs:
+        if not batchable(run.layer):
+            raise ValueError("DoRA layers cannot be batched; train them with train_adapter")
+    if not runs:
+        return []
+    base = runs[0].layer.base_layer
+    for run in runs[1:]:
+        other = run.layer.base_layer
+        same_bias = (base.bias is None) == (other.bias is None) and (
+            base.bias is None or torch.equal(base.bias, other.bias)
+        )
+        if not (torch.equal(base.weight, other.weight) and same_bias):
+            raise ValueError("batched runs must share one base layer (one rank of one method)")
+    if train.base_logits is None:
+        train = FeatureSplit(
+            train.features, train.labels, linear_logits(base, train.features), train.teacher_logits
+        )
+    if val.base_logits is None:
+        val = FeatureSplit(val.features, val.labels, linear_logits(base, val.features))
+    groups: dict[tuple, list[int]] = {}
+    for index, run in enumerate(runs):
+        groups.setdefault(group_key(run), []).append(index)
+    outcomes: list[RunOutcome | None] = [None] * len(runs)
+    sample = curve_sample(train)
+    for members in groups.values():
+        group = _Group([runs[i] for i in members], train, sample, val)
+        for index, outcome in zip(members, group.train(), strict=True):
+            outcomes[index] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+# ---- pure tensor functions: one step's gradients and the optimizers' updates ----
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss as weights of its parts: ce_weight * CE + kd_weight * KD(temperature)."""
+
+    ce_weight: float
+    kd_weight: float
+    temperature: float
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Objective:
+        if config.objective == "ce":
+            return cls(1.0, 0.0, config.kd_temperature)
+        if config.objective == "kd":
+            return cls(0.0, 1.0, config.kd_temperature)
+        return cls(1.0 - config.kd_weight, config.kd_weight, config.kd_temperature)
+
+
+def logits_and_hidden(
+    x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (T, n, out) = base + scale * (x @ A^T) @ B^T, and the scaled hidden (T, n, r).
+
+    x: (T, n, in) or (n, in) shared by all runs; base: (T, n, out) or (n, out); scale: (T, 1, 1).
+    """
+    hidden = torch.matmul(x, a.transpose(1, 2)) * scale
+    if base.ndim == 2:
+        base = base.unsqueeze(0).expand(a.shape[0], -1, -1)
+    return torch.baddbmm(base, hidden, b.transpose(1, 2)), hidden
+
+
+def loss_and_logit_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_log_probs: torch.Tensor | None,
+    objective: Objective,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-run mean loss (T,) and its gradient with respect to ``logits`` (T, n, out).
+
+    CE: d/dz = softmax(z) - onehot(y), over n rows. KD (Hinton et al. 2015, as
+    ``training.distillation_loss``: KL(p || q) with q = softmax(z / tau), times tau^2, mean over
+    rows): d/dz = tau * (q - p). ``logits`` is overwritten (it becomes the gradient)."""
+    rows = logits.shape[1]
+    loss = logits.new_zeros(logits.shape[0])
+    grad = None
+    if objective.kd_weight > 0:
+        tau = objective.temperature
+        scaled = logits / tau
+        log_q = scaled - scaled.logsumexp(dim=2, keepdim=True)
+        p = teacher_log_probs.exp()
+        kl = (p * (teacher_log_probs - log_q)).sum(dim=(1, 2)) / rows * tau**2
+        loss += objective.kd_weight * kl
+        grad = log_q.exp_().sub_(p).mul_(objective.kd_weight * tau / rows)
+    if objective.ce_weight > 0:
+        target = labels.unsqueeze(2)
+        lse = logits.logsumexp(dim=2, keepdim=True)
+        picked = logits.gather(2, target)
+        loss += objective.ce_weight * (lse - picked).sum(dim=(1, 2)) / rows
+        probs = logits.sub_(lse).exp_()
+        probs.scatter_add_(2, target, probs.new_full(target.shape, -1.0))
+        probs.mul_(objective.ce_weight / rows)
+        grad = probs if grad is None else grad.add_(probs)
+    return loss, grad
+
+
+def adapter_grads(
+    x: torch.Tensor,
+    hidden: torch.Tensor,
+    logit_grad: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dA (T, r, in) and dB (T, out, r) from the logits' gradient, for z = base + h @ B^T with
+    h = scale * x @ A^T (the chain rule through the two products)."""
+    grad_b = torch.bmm(logit_grad.transpose(1, 2), hidden)
+    grad_hidden = torch.bmm(logit_grad, b) * scale
+    if x.ndim == 2:
+        x = x.unsqueeze(0).expand(b.shape[0], -1, -1)
+    grad_a = torch.bmm(grad_hidden.transpose(1, 2), x)
+    return grad_a, grad_b
+
+
+def optimizer_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    adam: torch.Tensor | None,
+) -> None:
+    """One update of stacked parameters (T, ...), in place.
+
+    Adam (Kingma and Ba 2015, in torch.optim.Adam's form): m <- lerp(m, g, 1 - b1), v <- b2 v +
+    (1 - b2) g^2, p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); SGD:
+    p <- p - lr g. ``step`` is t (a tensor, so a captured CUDA graph sees it change); ``lr``
+    (T, 1, 1); ``adam``: (T, 1, 1) bools, True: Adam, False: SGD, None: all Adam."""
+    exp_avg.lerp_(grad, 1 - BETA1)
+    exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+    step_size = lr / (1 - BETA1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - BETA2**step).sqrt()).add_(EPS)
+    update = step_size * exp_avg / denom
+    if adam is not None:
+        update = torch.where(adam, update, lr * grad)
+    param.sub_(update)
+
+
+@torch.inference_mode()
+def evaluate_stacked(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, split: FeatureSplit
+) -> tuple[list[float], list[float]]:
+    """Each run's mean cross-entropy and top-1 accuracy (%) on ``split`` (which carries its
+    base logits), as ``training.evaluate`` computes them; NaN without labels."""
+    runs = a.shape[0]
+    count = len(split)
+    if split.labels is None:
+        return [math.nan] * runs, [math.nan] * runs
+    loss = torch.zeros(runs, dtype=torch.float64, device=a.device)
+    correct = torch.zeros(runs, dtype=torch.int64, device=a.device)
+    chunk = max(1, EVAL_CHUNK // runs)  # bounds memory at EVAL_CHUNK x classes logits
+    for start in range(0, count, chunk):
+        part = split.rows(slice(start, start + chunk))
+        logits, _ = logits_and_hidden(part.features, part.base_logits, a, b, scale)
+        labels = part.labels.unsqueeze(0).expand(runs, -1)
+        picked = logits.gather(2, labels.unsqueeze(2)).squeeze(2)
+        loss += (logits.logsumexp(dim=2) - picked).sum(dim=1).double()
+        correct += (logits.argmax(dim=2) == labels).sum(dim=1)
+    loss_values = (loss / count).tolist()
+    accuracy = (100.0 * correct.double() / count).tolist()
+    return loss_values, accuracy
+
+
+# ---- one group of runs in lockstep ----
+
+
+@dataclass
+class _Track:
+    """The bookkeeping of one run of a group (its ``train_adapter`` locals)."""
+
+    run: Run
+    generator: torch.Generator
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    )
+    best_epoch: int = 0
+    best_acc: float = math.nan
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    diverged_at: int | None = None
+    error: Exception | None = None
+
+
+class _Group:
+    def __init__(
+        self, runs: list[Run], train: FeatureSplit, sample: FeatureSplit, val: FeatureSplit
+    ) -> None:
+        self.train_split, self.sample, self.val = train, sample, val
+        self.config = runs[0].config
+        self.objective = Objective.of(self.config)
+        self.device = train.features.device
+        self.tracks = [_Track(run, torch.Generator().manual_seed(run.config.seed)) for run in runs]
+        layers = [run.layer for run in runs]
+        self.a = torch.stack([layer.lora_A.detach() for layer in layers]).clone()
+        self.b = torch.stack([layer.lora_B.detach() for layer in layers]).clone()
+        column = lambda values, dtype=torch.float32: torch.tensor(  # noqa: E731
+            values, dtype=dtype, device=self.device
+        ).view(-1, 1, 1)
+        self.scale = column([layer.scaling for layer in layers])
+        self.lr = column([run.config.lr for run in runs])
+        kinds = {run.config.optimizer for run in runs}
+        self.adam = column([run.config.optimizer == "Adam" for run in runs], torch.bool)
+        self.adam_mask = self.adam if len(kinds) > 1 else None
+        self.all_sgd = kinds == {"SGD"}
+        self.moments = [torch.zeros_like(t) for t in (self.a, self.a, self.b, self.b)]
+        self.step = torch.zeros((), device=self.device)
+        self.total = torch.zeros(len(runs), device=self.device)
+        self.teacher_log_probs = None
+        if self.objective.kd_weight > 0:
+            tau = self.objective.temperature
+            self.teacher_log_probs = torch.log_softmax(train.teacher_logits / tau, dim=1)
+        self.graph = None  # (CUDAGraph, static index buffer) once captured
+
+    # -- the step --
+
+    def _step(self, index: torch.Tensor) -> None:
+        """One optimizer step of every run on its rows ``index`` (T, n); no host sync."""
+        train = self.train_split
+        x = train.features[index]
+        logits, hidden = logits_and_hidden(x, train.base_logits[index], self.a, self.b, self.scale)
+        labels = None if train.labels is None else train.labels[index]
+        teacher = None if self.teacher_log_probs is None else self.teacher_log_probs[index]
+        loss, grad = loss_and_logit_grad(logits, labels, teacher, self.objective)
+        grad_a, grad_b = adapter_grads(x, hidden, grad, self.b, self.scale)
+        self.step += 1
+        if self.all_sgd:
+            self.a.sub_(self.lr * grad_a)
+            self.b.sub_(self.lr * grad_b)
+        else:
+            m_a, v_a, m_b, v_b = self.moments
+            optimizer_step_(self.a, grad_a, m_a, v_a, self.step, self.lr, self.adam_mask)
+            optimizer_step_(self.b, grad_b, m_b, v_b, self.step, self.lr, self.adam_mask)
+        self.total += loss
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.a, self.b, *self.moments, self.step, self.total]
+
+    def _capture(self, shape: tuple[int, int]) -> None:
+        """Record the full-batch step as a CUDA graph (warm-up on a side stream, as the CUDA
+        graphs notes of PyTorch ask; the warm-up's updates are undone)."""
+        saved = [t.clone() for t in self._state()]
+        static = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._step(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(static)
+            self.graph = (graph, static)
+        except RuntimeError as error:
+            log.warning("CUDA graph capture failed (%s); training this group eagerly", error)
+            self.graph = False
+        for tensor, value in zip(self._state(), saved, strict=True):
+            tensor.copy_(value)
+
+    def _run_step(self, index: torch.Tensor, full: bool) -> None:
+        if full and self.device.type == "cuda" and CUDA_GRAPHS and self.graph is not False:
+            if self.graph is None:
+                self._capture(tuple(index.shape))
+            if self.graph:
+                graph, static = self.graph
+                static.copy_(index)
+                graph.replay()
+                return
+        self._step(index)
+
+    # -- epochs --
+
+    def _keep(self, alive: list[bool]) -> None:
+        """Drop the runs that stopped (pruned, diverged): later steps skip them."""
+        if all(alive):
+            return
+        keep = torch.tensor(alive, device=self.device)
+        self.tracks = [t for t, a in zip(self.tracks, alive, strict=True) if a]
+        for name in ("a", "b", "scale", "lr", "adam", "total"):
+            setattr(self, name, getattr(self, name)[keep])
+        if self.adam_mask is not None:
+            self.adam_mask = self.adam
+        self.moments = [m[keep] for m in self.moments]
+        self.graph = None  # shapes changed: capture again
+
+    def _measure(self, tracks: list[_Track], rows: torch.Tensor) -> list[float]:
+        a, b, scale = self.a[rows], self.b[rows], self.scale[rows]
+        for name, split in (("train", self.sample), ("val", self.val)):
+            losses, accuracies = evaluate_stacked(a, b, scale, split)
+            for track, loss, accuracy in zip(tracks, losses, accuracies, strict=True):
+                track.history[f"{name}_loss"].append(loss)
+                track.history[f"{name}_acc"].append(accuracy)
+        return [track.history["val_acc"][-1] for track in tracks]
+
+    def _state_of(self, row: int) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.a[row].clone(), "lora_B": self.b[row].clone()}
+
+    def _notify(self, epoch: int, accuracies: list[float]) -> list[bool]:
+        """Call each run's on_epoch; a run whose callback raised stops."""
+        alive = []
+        for track, accuracy in zip(self.tracks, accuracies, strict=True):
+            callback = track.run.on_epoch
+            try:
+                if callback is not None and track.diverged_at is None:
+                    callback(epoch, accuracy)
+            except Exception as error:  # e.g. optuna.TrialPruned: this run ends here
+                track.error = error
+            alive.append(track.error is None and track.diverged_at is None)
+        return alive
+
+    def train(self) -> list[RunOutcome]:
+        every = list(self.tracks)
+        all_rows = torch.arange(len(self.tracks), device=self.device)
+        for track, accuracy, row in zip(self.tracks, self._measure(self.tracks, all_rows),
+                                        range(len(self.tracks)), strict=True):  # fmt: skip
+            track.best_acc, track.best_state = accuracy, self._state_of(row)
+        self._keep(self._notify(0, [t.best_acc for t in self.tracks]))
+        size, rows = self.config.batch_size, len(self.train_split)
+        for epoch in range(1, self.config.epochs + 1):
+            if not self.tracks:
+                break
+            order = torch.stack(
+                [torch.randperm(rows, generator=t.generator) for t in self.tracks]
+            ).to(self.device)
+            self.total.zero_()
+            for start in range(0, rows, size):
+                interrupt.check()
+                index = order[:, start : start + size]
+                self._run_step(index, full=index.shape[1] == size)
+            finite = torch.isfinite(self.total).tolist()  # the one sync of an epoch
+            measured = [i for i, ok in enumerate(finite) if ok]
+            tracks = [self.tracks[i] for i in measured]
+            accuracies = dict(
+                zip(
+                    measured,
+                    self._measure(tracks, torch.tensor(measured, device=self.device))
+                    if measured
+                    else [],
+                    strict=True,
+                )
+            )
+            for row, track in enumerate(self.tracks):
+                accuracy = accuracies.get(row, math.nan)
+                if math.isnan(accuracy) or not math.isfinite(track.history["val_loss"][-1]):
+                    if not math.isnan(accuracy):
+                        for values in track.history.values():
+                            values.pop()
+                    track.diverged_at = epoch
+                elif accuracy > track.best_acc:
+                    track.best_epoch, track.best_acc = epoch, accuracy
+                    track.best_state = self._state_of(row)
+            self._keep(self._notify(epoch, [accuracies.get(i, math.nan)
+                                            for i in range(len(self.tracks))]))  # fmt: skip
+        outcomes = []
+        for track in every:
+            layer = track.run.layer
+            if track.error is not None:
+                outcomes.append(RunOutcome(None, track.error))
+                continue
+            layer.load_adapter_state(track.best_state)
+            layer.eval()
+            result = TrainResult(
+                track.history, track.best_epoch, track.best_acc, track.best_state,
+                track.diverged_at,
+            )  # fmt: skip
+            outcomes.append(RunOutcome(result))
+        return outcomes

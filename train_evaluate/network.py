@@ -1,0 +1,648 @@
+"""Whole-network mode: compress any chosen set of a timm model's Linear and Conv2d layers.
+
+The FC-only study is the case of one selected layer, the classifier, and keeps its own path
+(pre-logits features cached, base logits computed once). Any other selection runs here:
+
+- ``select_layers``: ``--layers`` patterns (fnmatch over ``named_modules()`` names, plus ``head``
+  and ``all``) resolved to module names, refused in one line when a pattern selects nothing or
+  something no compressor handles (a depthwise conv, a LayerNorm);
+- the cache is cut at the input: the decoded, resized and cropped images, stored as uint8 at the
+  model's input size, so that no image is decoded twice (``ImageModel`` scales and normalises
+  them exactly as timm's eval transform does). A cut at a deeper block boundary, which would
+  save the frozen prefix's compute, is not implemented yet: every step runs the whole network;
+- ``NetworkMethod``: one compressor applied to every selected layer; per rank, the layers are
+  compressed and their adapters initialised in forward order, an activation-aware init seeing
+  the inputs that the already compressed prefix produces (``lora.calibration``);
+- ``AdaptedNetwork``: the compressed network with its adapters, trained together by the shared
+  training loop (the frozen part stays in eval mode: BatchNorm statistics never move);
+- ``NetworkAccounting``: every bit of the selected layers (values, indices, scales, adapters at
+  their dtype) against their dense fp32 size, per layer and in total (``bits_per_weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from compression import StorageCost, compress, compressible, weight_matrix
+from compression.accounting import account_layer, dense_cost
+from lora import LoraConfig, make_adapter
+from lora.calibration import calibrate_sequentially, forward_order
+
+log = logging.getLogger(__name__)
+
+HEAD, ALL = "head", "all"
+IMAGES_FORMAT = "lora-compression-images/1"
+EVAL_CHUNK = 256  # images per forward pass when a whole network is evaluated
+CALIBRATION_BATCH = 32
+
+
+class SelectionError(ValueError):
+    """A ``--layers`` selection that cannot be run; the message says what to change."""
+
+
+def classifier_module_name(model: nn.Module) -> str:
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name
+    raise SelectionError("the model's classifier is not one of its submodules")
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The module names ``patterns`` select, in the model's order.
+
+    ``head``: the classifier; ``all``: every Linear and every Conv2d with groups == 1 (a
+    depthwise conv is left out: no compressor here handles it); anything else: an fnmatch
+    pattern over ``named_modules()`` names, which must select at least one Linear or Conv2d and
+    no module that cannot be compressed.
+    """
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if n and isinstance(m, nn.Linear | nn.Conv2d)}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == HEAD:
+            chosen.add(classifier_module_name(model))
+            continue
+        if pattern == ALL:
+            chosen.update(n for n, m in layers.items() if compressible(m) is None)
+            continue
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            examples = ", ".join(list(layers)[:3])
+            raise SelectionError(
+                f"--layers {pattern!r} matches no module of the model; names look like "
+                f"{examples} (or use 'head' or 'all')"
+            )
+        selected = [n for n in matched if n in layers]
+        if not selected:
+            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in matched[:3])
+            raise SelectionError(
+                f"--layers {pattern!r} matches {kinds}, not a Linear or Conv2d layer; "
+                "select Linear or Conv2d layers"
+            )
+        for name in selected:
+            reason = compressible(layers[name])
+            if reason is not None:
+                raise SelectionError(
+                    f"--layers {pattern!r} selects {name}: {reason}; narrow the pattern"
+                )
+        chosen.update(selected)
+    return [n for n in layers if n in chosen]
+
+
+def left_out(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
+    """The Linear and Conv2d layers a selection does not compress, grouped by why they cannot
+    be (depthwise convs, layers with a forward of their own), for the run's announcement."""
+    chosen = set(names)
+    reasons: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name in chosen or not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        reason = compressible(module)
+        if reason is not None:
+            reasons.setdefault(reason.split(";")[0], []).append(name)
+    return reasons
+
+
+def is_head_only(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether the selection is the classifier alone: today's FC path."""
+    return list(names) == [classifier_module_name(model)]
+
+
+# ----------------------------------------------------------------------------- the image cache
+
+
+def uint8_transform(transform: T.Compose) -> T.Compose:
+    """timm's eval transform up to the crop, ending in uint8 pixels instead of normalised floats.
+
+    The float transform is ``... crop, ToTensor (x / 255), Normalize``; ``ImageModel`` applies
+    the last two to the stored pixels with the same operations, so nothing is lost by storing
+    uint8 (ToTensor itself divides the uint8 pixels by 255).
+    """
+    steps = list(transform.transforms)
+    kinds = [type(step).__name__ for step in steps[-2:]]
+    if kinds[-1] != "Normalize" or "ToTensor" not in kinds[0]:
+        raise SelectionError(f"unexpected preprocessing {kinds}: cannot cache uint8 images")
+    return T.Compose([*steps[:-2], T.PILToTensor()])
+
+
+def normalisation(transform: T.Compose) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    last = transform.transforms[-1]
+    return tuple(float(v) for v in last.mean), tuple(float(v) for v in last.std)
+
+
+class ImageModel(nn.Module):
+    """A classifier that takes cached uint8 images: x / 255, normalised, then the model."""
+
+    eval_chunk = EVAL_CHUNK
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        # the same two operations, in the same order, as ToTensor and Normalize
+        return images.float().div(255).sub(self.mean).div(self.std)
+
+    def forward(self, images: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        if images.is_cuda:
+            # bf16 autocast on a GPU (mixed precision: parameters, gradients and optimizer
+            # state stay fp32); on CPU everything is fp32
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(self.preprocess(images)).float()
+        return self.model(self.preprocess(images))
+
+
+def image_bytes(count: int, input_size: Sequence[int]) -> int:
+    return count * math.prod(input_size)
+
+
+# --------------------------------------------------------------------------- layers and costs
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw) and the
+    spatial positions (tokens, pixels) of its output per image, which multiply its compute."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    positions: int
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def rank(self, requested: int) -> int:
+        """The requested rank, clamped to what the layer can hold: min(out, in*kh*kw)."""
+        return min(requested, min(self.matrix))
+
+
+def describe_layers(
+    model: nn.Module, names: Sequence[str], example: torch.Tensor
+) -> list[LayerInfo]:
+    """The selected layers in forward order, with their output positions on ``example``."""
+    order = forward_order(model, example, list(names))
+    positions: dict[str, int] = {}
+    hooks = []
+    for name in order:
+        module = model.get_submodule(name)
+
+        def record(_module, _inputs, output, name=name) -> None:
+            shape = output.shape
+            positions[name] = (
+                math.prod(shape[2:]) if output.ndim == 4 else math.prod(shape[1:-1]) or 1
+            )
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    infos = []
+    for name in order:
+        module = model.get_submodule(name)
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        infos.append(LayerInfo(name, kind, tuple(module.weight.shape), positions.get(name, 1)))
+    return infos
+
+
+@dataclass(frozen=True)
+class NetworkAccounting:
+    """How a whole-network run prices its rows: every selected layer with its own clamped rank,
+    its compressor's exact cost and its adapter at the stored dtype; the rest of the model at
+    its own dtype for ``ratio_model``."""
+
+    layers: tuple[LayerInfo, ...]
+    costs: tuple[StorageCost, ...]
+    adapter_dtype_bits: int
+    dora: bool
+    include_bias: bool
+    backbone_bits: int  # every other parameter and buffer of the model
+    selection: str
+
+    def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
+        costs = self.costs if costs is None else costs
+        for info, cost in zip(self.layers, costs, strict=True):
+            r = info.rank(rank) if rank else 0
+            yield (
+                info,
+                r,
+                account_layer(
+                    *info.matrix,
+                    cost,
+                    r,
+                    adapter_dtype_bits=self.adapter_dtype_bits,
+                    extra_adapter_params=info.shape[0] if self.dora and r else 0,
+                    include_bias=self.include_bias,
+                ),
+            )
+
+    def weights(self) -> int:
+        return sum(math.prod(info.matrix) for info in self.layers)
+
+    def original_cost(self) -> StorageCost:
+        """The selected layers uncompressed (fp32), for the ``original`` row."""
+        costs = [dense_cost(*info.matrix) for info in self.layers]
+        return StorageCost(*(sum(getattr(c, f) for c in costs) for f in StorageCost.__match_args__))
+
+    def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
+        """The ratio columns of a row: ``cost`` is ``original_cost()`` for the ``original`` row;
+        every other row prices each layer with its own compressor cost (``costs``)."""
+        original = cost == self.original_cost()
+        costs = [dense_cost(*info.matrix) for info in self.layers] if original else None
+        rows = list(self.per_layer(rank, costs))
+        dense_bits = sum(a.dense_bits for _, _, a in rows)
+        bits = sum(a.compressed_bits for _, _, a in rows)
+        seed_bits = sum(a.seed_bits for _, _, a in rows)
+        dense_macs = sum(a.dense_macs * info.positions for info, _, a in rows)
+        macs = sum(a.compressed_macs * info.positions for info, _, a in rows)
+        return {
+            "ratio": dense_bits / bits,
+            "ratio_seed": dense_bits / seed_bits,
+            "ratio_model": (self.backbone_bits + dense_bits) / (self.backbone_bits + bits),
+            "compute_ratio": dense_macs / macs,
+            "bits": bits,
+            "bias_counted": self.include_bias,
+            "layers": self.selection,
+            "bits_per_weight": bits / self.weights(),
+        }
+
+    @property
+    def dense_bytes(self) -> int:
+        """The selected layers' weights and biases at fp32: what ``ratio_file`` divides."""
+        return 4 * sum(math.prod(info.matrix) + info.shape[0] for info in self.layers)
+
+    def layer_rows(self, method: str, rank: int) -> list[dict[str, Any]]:
+        """``layers.csv`` rows of one (method, rank): each layer's shape, clamped rank, bits and
+        ratio."""
+        return [
+            {
+                "quant": method,
+                "lora_rank": rank,
+                "layer": info.name,
+                "kind": info.kind,
+                "shape": "x".join(map(str, info.shape)),
+                "rank": r,
+                "bits": a.compressed_bits,
+                "bits_per_weight": a.compressed_bits / math.prod(info.matrix),
+                "ratio": a.ratio,
+            }
+            for info, r, a in self.per_layer(rank)
+        ]
+
+
+# ------------------------------------------------------------------ compressed, adapted networks
+
+
+class AdaptedNetwork(nn.Module):
+    """The compressed network with an adapter in each selected layer.
+
+    It takes the cached uint8 images and answers logits. Only the adapters train: ``train()``
+    marks this module as training but leaves the frozen network in eval mode, so BatchNorm
+    keeps its running statistics and dropout stays off, as in the FC study.
+    """
+
+    eval_chunk = EVAL_CHUNK
+
+    def __init__(self, network: ImageModel, names: Sequence[str]) -> None:
+        super().__init__()
+        self.network = network
+        self.names = tuple(names)
+
+    def adapters(self) -> dict[str, nn.Module]:
+        return {name: self.network.model.get_submodule(name) for name in self.names}
+
+    @property
+    def use_dora(self) -> bool:
+        return any(a.use_dora for a in self.adapters().values())
+
+    def forward(self, images: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.network(images)
+
+    def train(self, mode: bool = True) -> AdaptedNetwork:
+        self.training = mode
+        self.network.eval()
+        return self
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}:{key}": value
+            for name, adapter in self.adapters().items()
+            for key, value in adapter.adapter_state().items()
+        }
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, adapter in self.adapters().items():
+            prefix = f"{name}:"
+            adapter.load_adapter_state(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+
+    @property
+    def base_layer(self) -> ImageModel:
+        """The stored compressed network without its adapters (what ``base_only`` scores)."""
+        base = copy.deepcopy(self.network)
+        for name in self.names:
+            parent, _, child = name.rpartition(".")
+            adapter = base.model.get_submodule(name)
+            setattr(base.model.get_submodule(parent), child, adapter.base_layer)
+        return base.eval()
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+@dataclass(eq=False)
+class NetworkMethod:
+    """One compressor on every selected layer; shared by all ranks and trials of a run.
+
+    ``model``: the uncompressed classifier on uint8 images (frozen, eval); ``calibration``: the
+    train-split images the activation-aware inits see. Per rank, the layers are compressed and
+    initialised in forward order once (``contexts``); every trial and final model rebuilds its
+    adapters from those contexts (no further forward passes), with its own alpha and seed.
+    """
+
+    name: str
+    config: Any
+    model: ImageModel
+    layers: tuple[LayerInfo, ...]
+    calibration: torch.Tensor
+    costs: tuple[StorageCost, ...]
+    positions: int = 64
+    _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        config: Any,
+        model: ImageModel,
+        layers: Sequence[LayerInfo],
+        calibration: torch.Tensor,
+    ) -> NetworkMethod:
+        costs = tuple(
+            compress(weight_matrix(model.model.get_submodule(info.name)), config).cost
+            for info in layers
+        )
+        return cls(name, config, model, tuple(layers), calibration, costs)
+
+    @property
+    def cost(self) -> StorageCost:
+        """The compressor's storage over every selected layer (no adapters)."""
+        return StorageCost(
+            sum(c.value_bits for c in self.costs),
+            sum(c.index_bits for c in self.costs),
+            sum(c.scale_bits for c in self.costs),
+            sum(c.macs for c in self.costs),
+        )
+
+    def names(self) -> list[str]:
+        return [info.name for info in self.layers]
+
+    def compressed_model(self) -> ImageModel:
+        """Every selected layer compressed, no adapters: the ``quantized`` row."""
+        from compression import CompressedConv2d, CompressedLinear
+
+        network = copy.deepcopy(self.model)
+        for info in self.layers:
+            dense = network.model.get_submodule(info.name)
+            kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear
+            replace_module(network.model, info.name, kind.from_dense(dense, self.config))
+        return network.requires_grad_(False).eval()
+
+    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+        device = next(self.model.parameters()).device
+        for chunk in self.calibration.split(CALIBRATION_BATCH):
+            yield self.model.preprocess(chunk.to(device))
+
+    def lora_config(self, info: LayerInfo, rank: int, alpha: float, sweep: Any) -> LoraConfig:
+        return LoraConfig(
+            r=info.rank(rank),
+            lora_alpha=alpha,
+            init=sweep.init,
+            use_dora=sweep.use_dora,
+            loftq_iters=sweep.loftq_iters,
+        )
+
+    def contexts(self, rank: int, sweep: Any) -> dict[str, Any]:
+        """Each layer's InitContext for ``rank``, computed sequentially in forward order once."""
+        key = (rank, sweep.init, sweep.loftq_iters)
+        if key not in self._contexts:
+            started = time.perf_counter()
+            scratch = copy.deepcopy(self.model.model).eval()
+            by_name = {info.name: info for info in self.layers}
+            adapted = calibrate_sequentially(
+                scratch,
+                {info.name: self.config for info in self.layers},
+                lambda name, _module: self.lora_config(by_name[name], rank, 8.0, sweep),
+                lambda: self._calibration_batches(),
+                generator=torch.Generator().manual_seed(0),
+                positions=self.positions,
+            )
+            self._contexts[key] = {name: context for name, (_, context) in adapted.items()}
+            log.info(
+                "%s r=%d: %d layers compressed and initialised (%s) in %.1f s",
+                self.name,
+                rank,
+                len(self.layers),
+                sweep.init,
+                time.perf_counter() - started,
+            )
+        return self._contexts[key]
+
+    def layer(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
+        """A fresh compressed network with adapters of ``rank`` (clamped per layer), ``alpha``
+        and ``seed`` (the random draws of paper_init, in forward order)."""
+        contexts = self.contexts(rank, sweep)
+        network = copy.deepcopy(self.model).requires_grad_(False).eval()
+        device = next(network.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for info in self.layers:
+            dense = network.model.get_submodule(info.name)
+            config = self.lora_config(info, rank, alpha, sweep)
+            adapter = make_adapter(dense, config, contexts[info.name], generator)
+            replace_module(network.model, info.name, adapter)
+        return AdaptedNetwork(network, self.names())
+
+
+# ----------------------------------------------------------------------------- caching images
+
+
+def images_key(source: Any, transform: T.Compose) -> str:
+    """The image cache's key: the data and the uint8 transform (no model, no device: the
+    pixels do not depend on them)."""
+    from train_evaluate.features import feature_key
+
+    return feature_key(format=IMAGES_FORMAT, data=source.fingerprint, transform=repr(transform))
+
+
+def decode_images(source: Any, transform: T.Compose, batch_size: int, workers: int):
+    """Every readable image of ``source`` as uint8 (N x C x H x W), with a progress bar."""
+    import warnings
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from train_evaluate import interrupt
+    from train_evaluate.features import CachedFeatures, _batches, _Images
+
+    chunks, kept, skipped = [], [], []
+    with (
+        tqdm(total=len(source.ids), desc="images", unit="img", disable=None) as bar,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for images, indices, bad in _batches(
+            _Images(source, transform), batch_size, workers, False
+        ):
+            interrupt.check()
+            for index, reason in bad:
+                log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)
+                skipped.append(source.ids[index])
+            if images is not None:
+                chunks.append(images)
+                kept.extend(indices)
+            bar.update(len(indices) + len(bad))
+    if not kept:
+        raise ValueError("no image could be read; check the data folder")
+    labels = torch.tensor([source.labels[i] for i in kept], dtype=torch.int64)
+    ids = tuple(source.ids[i] for i in kept)
+    return CachedFeatures(torch.cat(chunks), labels, ids, tuple(skipped))
+
+
+def cached_images(
+    source: Any,
+    transform: T.Compose,
+    cache_dir,
+    num_classes: int,
+    batch_size: int = 64,
+    workers: int = 0,
+):
+    """The decoded images of ``source`` from the cache, or decoded now and cached; returns the
+    CachedFeatures (``features`` holds the uint8 images), the key and whether it was reused."""
+    from train_evaluate.features import cached_features
+
+    key = images_key(source, transform)
+
+    def compute():
+        started = time.perf_counter()
+        cached = decode_images(source, transform, batch_size, workers)
+        log.info(
+            "images: decoded %d images in %.1f s", len(cached.ids), time.perf_counter() - started
+        )
+        return cached
+
+    cached, reused = cached_features(cache_dir, key, compute, num_classes)
+    if reused:
+        log.info("images: reusing the image cache (%d images) in %s", len(cached.ids), cache_dir)
+    return cached, key, reused
+
+
+def epoch_seconds(model: ImageModel, input_size: Sequence[int], images: int) -> float:
+    """A rough cost of one training epoch over ``images``: one timed forward and backward pass
+    of a batch of 8 through the whole network, scaled. Printed before any work."""
+    example = torch.randint(0, 256, (8, *input_size), dtype=torch.uint8)
+    device = next(model.parameters()).device
+    probe = copy.deepcopy(model).eval()
+    inputs = probe.preprocess(example.to(device)).requires_grad_(True)
+    started = time.perf_counter()
+    probe.model(inputs).sum().backward()
+    return (time.perf_counter() - started) / 8 * images
+
+
+# ------------------------------------------------------------------------------ a run's setup
+
+
+def calibration_rows(train_rows: int, count: int, seed: int) -> torch.Tensor:
+    """Which train rows the activation-aware inits see: ``count`` of them at random (seeded),
+    in their split order."""
+    from train_evaluate.training import derive_seed
+
+    generator = torch.Generator().manual_seed(derive_seed(seed, "calibration"))
+    return torch.randperm(train_rows, generator=generator)[:count].sort().values
+
+
+@dataclass
+class NetworkSetup:
+    """What every method of a whole-network run shares: the model on images, the selected
+    layers in forward order, the calibration images and how rows are priced."""
+
+    model: ImageModel
+    layers: tuple[LayerInfo, ...]
+    calibration: torch.Tensor
+    template: NetworkAccounting
+
+    @classmethod
+    def create(cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int) -> NetworkSetup:
+        from train_evaluate.backbone import tensor_bits
+
+        net = plan.network
+        rows = calibration_rows(len(train), net.calib_images, plan.sweep.seed)
+        calibration = train.features[rows.to(train.features.device)]
+        example = model.preprocess(calibration[:1])
+        layers = tuple(describe_layers(model.model, net.layers, example))
+        selected_bits = 0
+        for info in layers:
+            module = model.model.get_submodule(info.name)
+            selected_bits += sum(
+                t.numel() * t.element_size() * 8 for t in module.state_dict().values()
+            )
+        template = NetworkAccounting(
+            layers,
+            (),
+            adapter_bits,
+            plan.sweep.use_dora,
+            plan.include_bias,
+            tensor_bits(model) - selected_bits,
+            f"{net.selection} ({len(layers)} layers)",
+        )
+        return cls(model, layers, calibration, template)
+
+    def method(self, name: str, config: Any) -> NetworkMethod:
+        return NetworkMethod.create(name, config, self.model, self.layers, self.calibration)
+
+    def accounting(self, method: NetworkMethod) -> NetworkAccounting:
+        return replace(self.template, costs=method.costs)
+
+
+LAYER_COLUMNS = (
+    "quant", "lora_rank", "layer", "kind", "shape", "rank", "bits", "bits_per_weight", "ratio",
+)  # fmt: skip
+
+
+def layers_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """``layers.csv``: one line per (method, rank, layer)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows), columns=list(LAYER_COLUMNS))
+    return frame.to_csv(index=False, float_format="%.6g")
+
+
+def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNetwork:
+    """The adapted network a whole-network checkpoint holds, on the uncompressed ``model``
+    (whose other layers come from the backbone's weights)."""
+    from train_evaluate.checkpoint import install_network, read_packed_network
+
+    packed = read_packed_network(path, device)
+    mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
+    network = ImageModel(install_network(model.model, packed), mean, std).to(model.mean.device)
+    return AdaptedNetwork(network, list(packed.layers))
