@@ -285,3 +285,39 @@ def test_the_fc_study_gives_the_evaluation_csv_recorded_before_whole_network_mod
     assert math.isclose(got["bits_per_weight"].iloc[0], 32)
     expected = pd.read_csv(REFERENCE)
     pd.testing.assert_frame_equal(comparable(got), comparable(expected), rtol=1e-6)
+
+
+def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_layout():
+    from train_evaluate.plan import selection_name
+
+    names = " ".join(f"stages.0.blocks.{i}.mlp.fc1" for i in range(30))
+    short = selection_name(names)
+    assert len(short) <= 57 and short != selection_name(names.replace("30", "31") + " x")
+    assert selection_name("all") == "all"
+
+    class ChannelsLast(nn.Module):  # a Linear on NHWC maps, as ConvNeXt's MLPs
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.fc(x.permute(0, 2, 3, 1))
+
+    (info,) = network.describe_layers(ChannelsLast(), ["fc"], torch.zeros(1, 4, 5, 7))
+    assert info.positions == 35
+
+
+def test_the_summary_front_compares_an_fc_run_and_a_whole_network_run_separately():
+    from train_evaluate.compare import with_pareto
+
+    frame = pd.DataFrame(
+        {
+            "group": ["g", "g", "g"],
+            "layers": ["head (1 layer)", "all (10 layers)", "all (10 layers)"],
+            "accuracy": [90.0, 80.0, 70.0],
+            "ratio": [6.0, 5.0, 4.0],
+        }
+    )
+    # the FC row dominates both network rows on (accuracy, ratio), but its ratio is over one
+    # layer and theirs over ten: each selection has its own front
+    assert with_pareto(frame)["pareto"].tolist() == [True, True, False]

@@ -326,22 +326,8 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
     tensors: a file edited with a recomputed digest (another rank, shape, method or parts) is
     refused with the first inconsistency rather than failing somewhere inside the rebuild.
     """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as error:  # safetensors reports a bad header or a short file in many types
-        detail = " ".join(str(error).split()) or type(error).__name__
-        raise CheckpointError(
-            f"{path} is not a readable packed checkpoint (safetensors header: {detail})"
-        ) from error
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    metadata, tensors = _read_verified(path, FORMAT)
     text = metadata.get("checkpoint", "")
-    if digest(tensors, text) != metadata.get("sha256"):
-        raise CheckpointError(
-            f"{path} is corrupted: its tensors and metadata do not match their sha256"
-        )
     try:
         info = json.loads(text)
         layer = _rebuild(info, tensors)

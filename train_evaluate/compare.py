@@ -185,7 +185,9 @@ def with_pareto(frame: pd.DataFrame) -> pd.DataFrame:
     """``pareto``: on the front of its own (model, data) group, on ``accuracy`` and ``ratio``."""
     frame = frame.copy()
     frame["pareto"] = False
-    for _, rows in frame.groupby("group", sort=False):
+    # an FC run's ratio covers the FC, a whole-network run's every selected layer: one front each
+    keys = ["group", "layers"] if "layers" in frame else ["group"]
+    for _, rows in frame.groupby(keys, sort=False, dropna=False):
         front = pareto_front(rows["accuracy"], pd.to_numeric(rows["ratio"], errors="coerce"))
         frame.loc[rows.index, "pareto"] = front
     return frame

@@ -283,12 +283,24 @@ def report_accuracy(accuracy: float, count: int, described: str, info: dict, arg
         log.info("recorded test top-1 of the trained model: %.4f%%: %s", recorded, verdict)
 
 
+def settle_inputs(args: argparse.Namespace, info: dict):
+    """(image source, weights file, wanted ids, their description): every input of the
+    evaluation, checked before the backbone runs (it writes a cache) or --merge writes."""
+    run_data, run_weights = run_paths(args.checkpoint)
+    demo = info.get("demo") is True
+    source = image_source(info, args.data_dir or (None if demo else run_data))
+    weights = backbone_weights(info, args.weights or run_weights, args.cache_dir)
+    wanted, described = requested_ids(args, info)
+    return source, weights, wanted, described
+
+
 def run_network(args: argparse.Namespace, device: torch.device) -> None:
     """A whole-network checkpoint: the backbone from its weights, every compressed layer and
     adapter from the file, evaluated on the decoded images (from the image cache)."""
     from train_evaluate import network
     from train_evaluate.backbone import create_backbone, eval_transform
     from train_evaluate.checkpoint import install_network, read_packed_network
+    from train_evaluate.features import check_labels
 
     packed = read_packed_network(args.checkpoint, device)
     info = packed.info
@@ -305,12 +317,9 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
         recorded_string(info, "init") or "init unrecorded",
         args.checkpoint.stat().st_size,
     )
-    run_data, run_weights = run_paths(args.checkpoint)
-    demo = info.get("demo") is True
-    source = image_source(info, args.data_dir or (None if demo else run_data))
-    weights = backbone_weights(info, args.weights or run_weights, args.cache_dir)
-    wanted, described = requested_ids(args, info)
+    source, weights, wanted, described = settle_inputs(args, info)
     model = create_backbone(info["model"], weights, device)
+    check_labels(source, model.get_classifier().out_features, info["model"])
     transform = eval_transform(model)
     cached, _, _ = network.cached_images(
         source,
@@ -350,13 +359,7 @@ def run(args: argparse.Namespace) -> None:
         info["adapter_dtype"],
         args.checkpoint.stat().st_size,
     )
-    # Every input is settled and every check made before the backbone runs (it writes the
-    # feature cache) and before --merge writes anything.
-    run_data, run_weights = run_paths(args.checkpoint)
-    demo = info.get("demo") is True
-    source = image_source(info, args.data_dir or (None if demo else run_data))
-    weights = backbone_weights(info, args.weights or run_weights, args.cache_dir)
-    wanted, described = requested_ids(args, info)
+    source, weights, wanted, described = settle_inputs(args, info)
     if args.merge is not None:
         split = run_folder(args.checkpoint) / "split"
         inputs = [("the checkpoint", args.checkpoint)]

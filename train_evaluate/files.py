@@ -139,8 +139,11 @@ def check_writable(folder: Path) -> str | None:
     """None if ``folder`` (or the nearest existing parent) can be written; else the reason."""
     folder = Path(folder).absolute()
     existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as error:  # e.g. a name longer than the file system allows
+        return f"{error.strerror or error}"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):

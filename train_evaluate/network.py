@@ -202,11 +202,10 @@ def describe_layers(
     for name in order:
         module = model.get_submodule(name)
 
-        def record(_module, _inputs, output, name=name) -> None:
-            shape = output.shape
-            positions[name] = (
-                math.prod(shape[2:]) if output.ndim == 4 else math.prod(shape[1:-1]) or 1
-            )
+        def record(module, _inputs, output, name=name) -> None:
+            # one image's output holds positions x out values, whatever its layout (NCHW
+            # convs, tokens, NHWC or window-partitioned Linears)
+            positions[name] = max(1, output.numel() // module.weight.shape[0])
 
         hooks.append(module.register_forward_hook(record))
     try:
@@ -458,7 +457,9 @@ class NetworkMethod:
                 generator=torch.Generator().manual_seed(0),
                 positions=self.positions,
             )
-            self._contexts[key] = {name: context for name, (_, context) in adapted.items()}
+            # ranks run one after another: only the current one's contexts are kept (their
+            # float64 moments can take a gigabyte per rank on a large model)
+            self._contexts = {key: {name: context for name, (_, context) in adapted.items()}}
             log.info(
                 "%s r=%d: %d layers compressed and initialised (%s) in %.1f s",
                 self.name,

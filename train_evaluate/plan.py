@@ -202,21 +202,22 @@ def resolve_data_and_model(args: argparse.Namespace) -> tuple[bool, str, Any, st
 
 
 def choose_ranks(
-    requested: list[int] | None, shape: tuple[int, int], model: str
+    requested: list[int] | None, shape: tuple[int, int], model: str, whole: bool = False
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(ranks to run, default ranks left out because they exceed min(out, in)). In
     whole-network mode ``shape`` is the largest layer's: each layer clamps the rank itself."""
     out_features, in_features = shape
     limit = min(shape)
+    what = "largest selected layer" if whole else "classifier"
     if requested is None:
         ranks = tuple(r for r in DEFAULT_RANKS if r <= limit)
         if not ranks:
-            raise UsageError(f"no default rank fits the {out_features} x {in_features} classifier")
+            raise UsageError(f"no default rank fits the {out_features} x {in_features} {what}")
         return ranks, tuple(r for r in DEFAULT_RANKS if r > limit)
     ranks = tuple(sorted(unique(requested)))
     if max(ranks) > limit:
         raise UsageError(
-            f"rank {max(ranks)} does not fit the {out_features} x {in_features} classifier of "
+            f"rank {max(ranks)} does not fit the {out_features} x {in_features} {what} of "
             f"{model}: ranks must be between 1 and {limit}"
         )
     return ranks, ()
@@ -256,6 +257,16 @@ def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.
         raise UsageError(str(error)) from error
 
 
+def selection_name(selection: str, limit: int = 48) -> str:
+    """--layers as part of a folder name: long lists are cut and told apart by a hash."""
+    import hashlib
+
+    name = folder_name(selection)
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit]}-{hashlib.sha256(selection.encode()).hexdigest()[:8]}"
+
+
 def plan_network(
     args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
 ) -> NetworkPlan | None:
@@ -270,8 +281,11 @@ def plan_network(
     patterns = unique(args.layers)
     if patterns == [network.HEAD]:
         return None
-    with torch.random.fork_rng():
-        bare = timm.create_model(model, pretrained=False).eval()
+    try:
+        with torch.random.fork_rng():
+            bare = timm.create_model(model, pretrained=False).eval()
+    except Exception as error:  # a model that cannot be built without extra arguments
+        raise UsageError(f"cannot build timm model {model}: {error}") from error
     try:
         names = network.select_layers(bare, patterns)
     except network.SelectionError as error:
@@ -334,7 +348,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         )
     run_name = args.init
     if network_plan is not None:
-        run_name += f"_layers-{folder_name(network_plan.selection)}"
+        run_name += f"_layers-{selection_name(network_plan.selection)}"
     out = args.out or args.results_dir / folder_name(model) / data_name / run_name
     cache_dir = args.cache_dir or args.results_dir / "cache"
     check_folders(args, out, cache_dir)
@@ -346,7 +360,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if not demo:
         check_imagenet_head(model, fc_shape[0])
     rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
-    ranks, skipped = choose_ranks(args.ranks, rank_shape, model)
+    ranks, skipped = choose_ranks(args.ranks, rank_shape, model, network_plan is not None)
     backbone = None if demo else load_backbone(model, weights, device)
     return Plan(
         demo=demo,
