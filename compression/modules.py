@@ -180,30 +180,11 @@ class CompressedConv2d(_StoresParts, nn.Conv2d):
 
     @classmethod
     def from_compressed(
-        cls,
-        compressed: CompressedWeight,
-        bias: torch.Tensor | None,
-        *,
-        in_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
+        cls, compressed: CompressedWeight, bias: torch.Tensor | None, **geometry: Any
     ) -> CompressedConv2d:
-        """``compressed`` is the matrix view; ``conv_options(conv)`` gives the keywords."""
-        return cls(
-            compressed,
-            bias,
-            in_channels=in_channels,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            padding_mode=padding_mode,
-        )
+        """``compressed`` is the matrix view; ``geometry``: the constructor's keywords
+        (``conv_options(conv)`` gives them for an existing conv)."""
+        return cls(compressed, bias, **geometry)
 
 
 def _own_forward(module: nn.Module) -> str | None:

@@ -21,10 +21,10 @@ from torch import nn
 
 from compression import CompressedWeight
 from compression.modules import CompressedConv2d
-from lora.layer import check_rank, compressed_of
+from lora.layer import AdapterState, check_rank, compressed_of
 
 
-class LoraConv2d(nn.Module):
+class LoraConv2d(AdapterState, nn.Module):
     def __init__(
         self,
         base_layer: CompressedConv2d | nn.Conv2d,
@@ -101,18 +101,3 @@ class LoraConv2d(nn.Module):
         # scale the r-channel hidden map, not the out-channel one
         hidden = self._conv(x, self.lora_A, None) * self.scaling
         return base_out + nn.functional.conv2d(hidden, self.lora_B)
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
-        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
-        if self.use_dora:
-            state["lora_magnitude"] = self.lora_magnitude
-        return {k: v.detach().clone() for k, v in state.items()}
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, value in state.items():
-                getattr(self, name).copy_(value)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"

@@ -36,7 +36,27 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
         )
 
 
-class LoraLinear(nn.Module):
+class AdapterState:
+    """What every adapter layer shares: the trained tensors as a detached copy, loading them
+    back, and its repr (``lora_A``, ``lora_B``, DoRA's ``lora_magnitude``, ``r``, alpha)."""
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
+        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.use_dora:
+            state["lora_magnitude"] = self.lora_magnitude
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in state.items():
+                getattr(self, name).copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"
+
+
+class LoraLinear(AdapterState, nn.Module):
     def __init__(
         self,
         base_layer: CompressedLinear | nn.Linear,
@@ -110,18 +130,3 @@ class LoraLinear(nn.Module):
         if hidden.ndim == 2:
             return torch.addmm(base_out, hidden, self.lora_B.T)
         return base_out + hidden @ self.lora_B.T
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
-        state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
-        if self.use_dora:
-            state["lora_magnitude"] = self.lora_magnitude
-        return {k: v.detach().clone() for k, v in state.items()}
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, value in state.items():
-                getattr(self, name).copy_(value)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"

@@ -130,6 +130,14 @@ def write_packed(
     return _save(path, tensors, {**(extra or {}), **info}, FORMAT)
 
 
+def _inconsistent(path: Path | str, error: Exception) -> CheckpointError:
+    reason = " ".join(str(error).split())
+    return CheckpointError(
+        f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write it "
+        "again with the driver)"
+    )
+
+
 class _Unsound(Exception):
     """One reason the metadata and tensors of a file do not agree (read_packed adds the path)."""
 
@@ -334,11 +342,7 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
     # _Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
     # what no check foresaw, so that any inconsistency is still one line, never a traceback
     except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-        reason = " ".join(str(error).split())
-        raise CheckpointError(
-            f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write "
-            "it again with the driver)"
-        ) from error
+        raise _inconsistent(path, error) from error
     return PackedCheckpoint(layer.to(device).eval(), info)
 
 
@@ -520,11 +524,7 @@ def read_packed_network(path: Path | str, device: torch.device | str = "cpu") ->
         strangers = sorted(set(tensors) - claimed)
         _require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
     except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-        reason = " ".join(str(error).split())
-        raise CheckpointError(
-            f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write "
-            "it again with the driver)"
-        ) from error
+        raise _inconsistent(path, error) from error
     return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
 
 
