@@ -5,6 +5,13 @@ Scales (``alpha``):
 - ``tensor``: alpha = mean |W|, one number for the matrix;
 - ``row``: alpha_i = mean_j |W_ij| for each output row i. For a fixed sign pattern this is the
   alpha that minimises ||W_i - alpha * sign(W_i)||_2 (XNOR-Net, Rastegari et al. 2016, eq. 4).
+- ``rowcol``: W_c = diag(a) sign(W) diag(b), a row and a column scale from the rank-1
+  approximation of |W| (OneBit, Xu et al. 2024, arXiv:2402.11295, "SVID"): with sigma, u, v the
+  leading singular triple of |W|, a = sqrt(sigma) u and b = sqrt(sigma) v. Because
+  W = sign(W) * |W| element-wise and flipping signs keeps the norm,
+  ||W - diag(a) sign(W) diag(b)||_F = || |W| - a b^T ||_F, and by Eckart-Young no rank-1 matrix
+  is closer to |W|; ``row``'s alpha 1^T is one such matrix, so rowcol's error is never larger
+  than row's. It stores both scales in fp32: (rows + cols) * 32 bits.
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ from compression.registry import (
     register_expander,
 )
 
-INT1_SCALES = ("none", "tensor", "row")
+INT1_SCALES = ("none", "tensor", "row", "rowcol")
 
 
 @dataclass(frozen=True)
 class Int1Config:
-    """Sign of each weight times a scale: ``none``, ``tensor`` or ``row`` (see module doc)."""
+    """Sign of each weight times a scale: none, tensor, row or rowcol (see module doc)."""
 
     name: ClassVar[str] = "int1"
     scale: str = "row"
@@ -46,6 +53,17 @@ def signs(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight >= 0, one, -one)
 
 
+def rank1_scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row scale a (rows x 1) and column scale b (1 x cols) with a b^T the best rank-1 of |W|."""
+    # at least fp32: the SVD has no half-precision kernels
+    magnitude = weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
+    u, sigma, vh = torch.linalg.svd(magnitude, full_matrices=False)
+    root = sigma[0].sqrt()
+    # |W| is non-negative, so a leading pair can be taken non-negative (Perron-Frobenius); the
+    # SVD returns it up to a common sign, which abs removes
+    return (root * u[:, :1].abs()).to(weight.dtype), (root * vh[:1, :].abs()).to(weight.dtype)
+
+
 def scale_of(weight: torch.Tensor, scale: str) -> torch.Tensor:
     if scale == "none":
         return torch.ones((), dtype=weight.dtype, device=weight.device)
@@ -57,19 +75,25 @@ def scale_of(weight: torch.Tensor, scale: str) -> torch.Tensor:
 @register_compressor(Int1Config, "int1")
 def binarize(weight: torch.Tensor, config: Int1Config) -> CompressedWeight:
     rows, cols = weight.shape
-    alpha = scale_of(weight, config.scale)
-    # stored: one bit per weight (1 = +), and the scale unless it is the constant 1
+    # stored: one bit per weight (1 = +), and the scale(s) unless the scale is the constant 1
     parts = {"signs": (weight >= 0).to(torch.uint8).flatten()}
-    if config.scale != "none":
-        parts["scale"] = alpha
+    if config.scale == "rowcol":
+        row_scale, col_scale = rank1_scales(weight)
+        parts["scale"], parts["col_scale"] = row_scale, col_scale
+        compressed = row_scale * signs(weight) * col_scale
+    else:
+        alpha = scale_of(weight, config.scale)
+        if config.scale != "none":
+            parts["scale"] = alpha
+        compressed = alpha * signs(weight)
+    scale_count = sum(part.numel() for name, part in parts.items() if name != "signs")
     # Every weight is read, sign-flipped and added: in * out adds per input row, no fewer.
     cost = StorageCost(
         value_bits=rows * cols,
         index_bits=0,
-        scale_bits=0 if config.scale == "none" else alpha.numel() * dtype_bits(weight.dtype),
+        scale_bits=scale_count * dtype_bits(weight.dtype),
         macs=rows * cols,
     )
-    compressed = alpha * signs(weight)
     return CompressedWeight(compressed, cost, parts, codes={"signs": 1})
 
 
@@ -79,5 +103,8 @@ def expand_int1(parts: dict[str, torch.Tensor], config: Int1Config, shape) -> to
     dtype = parts["scale"].dtype if "scale" in parts else torch.float32
     one = torch.ones((), dtype=dtype, device=positive.device)
     alpha = parts.get("scale", one)
-    # the same product the compressor formed, so the same bits
-    return alpha * torch.where(positive, one, -one)
+    # the same products, in the same order, as the compressor formed, so the same bits
+    compressed = alpha * torch.where(positive, one, -one)
+    if "col_scale" in parts:
+        compressed = compressed * parts["col_scale"]
+    return compressed

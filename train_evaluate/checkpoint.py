@@ -21,6 +21,7 @@ trained one did. ``load_into(model, path)`` puts that layer into a user's own ti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -216,9 +217,20 @@ def _compressor_config(info: dict[str, Any]) -> Any:
     except (ValueError, TypeError) as error:
         raise _Unsound(f"compression config {fields} is not valid for {method}: {error}") from error
     # make_config ignores unknown fields and fills in the ones a method name fixes (int4 ->
-    # bits=4): a config that does not round-trip was not written by write_packed
+    # bits=4): a config that does not round-trip was not written by write_packed. A field the
+    # file lacks must hold its default: files written before the field existed (int_scale).
+    written = json.loads(json.dumps(asdict(config)))
+    defaults = {
+        f.name: json.loads(json.dumps(f.default))
+        for f in dataclasses.fields(config)
+        if f.default is not dataclasses.MISSING
+    }
+    absent = written.keys() - fields.keys()
+    absent_at_default = all(name in defaults and written[name] == defaults[name] for name in absent)
     _require(
-        json.loads(json.dumps(asdict(config))) == fields and method_of(config) == method,
+        {k: v for k, v in written.items() if k in fields} == fields
+        and absent_at_default
+        and method_of(config) == method,
         f"compression config {fields} is not what method {method} stores",
     )
     return config

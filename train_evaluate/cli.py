@@ -52,7 +52,8 @@ INIT_NAMES = ("paper_init", "svd_init", "act_svd_init", "loftq_init", "act_loftq
 METHOD_NAMES = ("int1", "int2", "int4", "int8", "sparse", "nm")
 PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
-INT1_SCALE_NAMES = ("none", "tensor", "row")
+INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
+INT_SCALE_NAMES = ("max", "mse")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 DEFAULT_MODEL = "resnet18.tv_in1k"
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--block", help="sparse block shape HxW, e.g. 4x4 or 1x16")
     compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_NAMES)}")
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALE_NAMES)}")
+    compress_group.add_argument(
+        "--int-scale", help=f"int2/int4/int8 row scale: {', '.join(INT_SCALE_NAMES)} (default: max)"
+    )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(
         "--adapter-dtype",

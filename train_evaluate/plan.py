@@ -329,6 +329,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
             block=parse_block(args.block) if args.block else None,
             keep=args.keep,
             scale=args.int1_scale,
+            int_scale=args.int_scale,
             pattern=args.nm,
         )
         fractions = SplitFractions(*args.split)
