@@ -376,7 +376,11 @@ def load_features(path: Path, key: str, num_classes: int) -> CachedFeatures | No
 
 
 def cached_features(
-    cache_dir: Path, key: str, compute: Callable[[], CachedFeatures], num_classes: int
+    cache_dir: Path,
+    key: str,
+    compute: Callable[[], CachedFeatures],
+    num_classes: int,
+    what: str = "features",
 ) -> tuple[CachedFeatures, bool]:
     """Load the features for ``key`` from ``cache_dir``, or compute and store them.
 
@@ -391,9 +395,9 @@ def cached_features(
     try:
         save_features(path, key, cached)
     except OSError as error:
-        log.warning("features: cannot write the cache %s (%s); going on uncached", path, error)
+        log.warning("%s: cannot write the cache %s (%s); going on uncached", what, path, error)
     else:
-        log.info("features: cached in %s", path)
+        log.info("%s: cached in %s", what, path)
     return cached, False
 
 

@@ -552,7 +552,7 @@ def cached_images(
         )
         return cached
 
-    cached, reused = cached_features(cache_dir, key, compute, num_classes)
+    cached, reused = cached_features(cache_dir, key, compute, num_classes, "images")
     if reused:
         log.info("images: reusing the image cache (%d images) in %s", len(cached.ids), cache_dir)
     return cached, key, reused
@@ -601,6 +601,14 @@ class NetworkSetup:
         calibration = train.features[rows.to(train.features.device)]
         example = model.preprocess(calibration[:1])
         layers = tuple(describe_layers(model.model, net.layers, example))
+        unused = [n for n in net.layers if n not in {info.name for info in layers}]
+        if unused:
+            log.warning(
+                "warning: %d selected layers are never called by the model's forward pass and "
+                "stay uncompressed (not counted): %s",
+                len(unused),
+                ", ".join(unused[:3]) + (" ..." if len(unused) > 3 else ""),
+            )
         selected_bits = 0
         for info in layers:
             module = model.model.get_submodule(info.name)
