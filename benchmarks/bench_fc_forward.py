@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, seconds_per_call
+from benchmarks.common import REPEATS, interleaved, machine, ratio_line, seconds_per_call
 from compression import make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
 from train_evaluate.checkpoint import read_packed, write_packed
@@ -37,7 +37,8 @@ def adapter(x: torch.Tensor, layer) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per load timing")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="interleaved repetitions")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     torch.manual_seed(0)
@@ -78,28 +79,24 @@ def main(argv: list[str] | None = None) -> int:
             torch.testing.assert_close(unpacked(check), simulated(check), rtol=1e-4, atol=1e-4)
 
         print(f"\nforward time, {machine()}")
-        results = {}
-        for batch in (1, 256):
+        # A repetition is a block of calls (one call takes microseconds); every variant runs
+        # its block in turn, repetition after repetition, so a busy moment hits all alike.
+        summary = []
+        for batch, calls in ((1, 2000), (256, 200)):
             x = torch.randn(batch, IN_FEATURES)
-            results[("dense FC", batch)] = seconds_per_call(lambda x=x: dense(x), args.min_run_time)
+            variants = {"dense FC": lambda x=x, n=calls: [dense(x) for _ in range(n)]}
             for name, fn in rows:
-                results[(name, batch)] = seconds_per_call(lambda f=fn, x=x: f(x), args.min_run_time)
-    width = max(len(name) for name, _ in rows)
-    print(
-        f"{'form':{width}s} {'batch 1':>11s} {'vs dense':>9s} {'batch 256':>11s} {'vs dense':>9s}"
-    )
-    ratios = {}
-    for name in ["dense FC"] + [name for name, _ in rows]:
-        cells = []
-        for batch in (1, 256):
-            value = results[(name, batch)]
-            ratios[(name, batch)] = value / results[("dense FC", batch)]
-            cells.append(f"{value * 1e6:9.1f}us {ratios[(name, batch)]:8.2f}x")
-        print(f"{name:{width}s} {cells[0]} {cells[1]}")
-    summary = "; ".join(
-        f"{name} {ratios[(name, 1)]:.2f}x / {ratios[(name, 256)]:.2f}x" for name, _ in rows
-    )
-    print(f"forward time vs the dense FC (batch 1 / batch 256): {summary}")
+                variants[name] = lambda f=fn, x=x, n=calls: [f(x) for _ in range(n)]
+            print(f"batch {batch}: {calls} calls per repetition")
+            timings = interleaved(variants, args.repeats)
+            for timing in timings.values():
+                print("  " + timing.line(1e6 / calls, "us per call"))
+            for name, _ in rows:
+                line = ratio_line(timings[name], timings["dense FC"], "time vs the dense FC")
+                print("  " + line)
+                median = timings[name].median / timings["dense FC"].median
+                summary.append(f"{name}, batch {batch}: {median:.2f}x")
+    print(f"forward time vs the dense FC (ratio of medians): {'; '.join(summary)}")
     return 0
 
 
