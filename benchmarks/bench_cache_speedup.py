@@ -17,6 +17,7 @@ train + val images; its cache-first cost is one caching pass plus 1,400 epochs m
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import image_folder, machine, seconds_per_call, synthetic_features
+from benchmarks.common import REPEATS, image_folder, interleaved, machine, synthetic_features
 from compression import make_config
 from data import scan_imagenet_folder
 from lora import LoraConfig, make_init_context, make_lora_linear
@@ -61,10 +62,11 @@ def original_epoch(model, images, labels, layer, batch_size, device, workers) ->
                 layer(features[~train_rows]).argmax(dim=1)
 
 
-def cached_epoch_seconds(head, train, val, rank, batch_size, min_run_time) -> float:
+def cached_epochs(head, train, val, rank: int, batch_size: int, count: int):
+    """``count`` cache-first epochs (``train_adapter`` with one epoch each): one repetition."""
     layer = adapter_for(head, rank)
     config = TrainConfig(epochs=1, batch_size=batch_size)
-    return seconds_per_call(lambda: train_adapter(layer, train, val, config), min_run_time)
+    return lambda: [train_adapter(layer, train, val, config) for _ in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="interleaved repetitions")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     workers = default_workers(device)
     model = timm.create_model("resnet18", pretrained=False).eval().requires_grad_(False).to(device)
     transform = eval_transform(model)
     head = classifier(model)
+    # a repetition of the cache-first variant is this many epochs (one takes milliseconds)
+    cached_block = 20
     with tempfile.TemporaryDirectory() as scratch:
         folder, what = image_folder(args.images, Path(scratch))
         source = scan_imagenet_folder(folder)
@@ -85,21 +90,35 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.tensor(source.labels)
         print(f"resnet18 (random weights), {what}, rank {args.rank}, batch {args.batch_size}; "
               f"{machine()}")  # fmt: skip
-        original_epoch(model, images, labels, adapter_for(head, args.rank), 64, device, workers)
-        started = time.perf_counter()
-        original_epoch(model, images, labels, adapter_for(head, args.rank), 64, device, workers)
-        original = time.perf_counter() - started
-
         started = time.perf_counter()
         cached = extract_features(model, source, transform, device, 64, workers)
         caching_pass = time.perf_counter() - started
-    rows = int(0.8 * args.images)
-    features = cached.features.to(device)
-    train = FeatureSplit(features[:rows], cached.labels[:rows].to(device))
-    val = FeatureSplit(features[rows:], cached.labels[rows:].to(device))
-    layer = adapter_for(head, args.rank)
-    train, val = train.with_base(layer), val.with_base(layer)
-    epoch = cached_epoch_seconds(head, train, val, args.rank, args.batch_size, 2.0)
+        rows = int(0.8 * args.images)
+        features = cached.features.to(device)
+        train = FeatureSplit(features[:rows], cached.labels[:rows].to(device))
+        val = FeatureSplit(features[rows:], cached.labels[rows:].to(device))
+        layer = adapter_for(head, args.rank)
+        train, val = train.with_base(layer), val.with_base(layer)
+        timings = interleaved(
+            {
+                "original epoch": lambda: original_epoch(
+                    model, images, labels, adapter_for(head, args.rank), 64, device, workers
+                ),
+                f"cache-first, {cached_block} epochs": cached_epochs(
+                    head, train, val, args.rank, args.batch_size, cached_block
+                ),
+            },
+            args.repeats,
+        )
+    original_timing, cached_timing = timings.values()
+    print(original_timing.line())
+    print(cached_timing.line(1e3 / cached_block, "ms per epoch"))
+    speedups = sorted(
+        a / (b / cached_block)
+        for a, b in zip(original_timing.seconds, cached_timing.seconds, strict=True)
+    )
+    original = original_timing.median
+    epoch = cached_timing.median / cached_block
     print(
         f"one epoch on these {args.images} images: original {original:.3f} s, "
         f"cache-first {epoch * 1e3:.3f} ms (after one caching pass of {caching_pass:.2f} s)"
@@ -109,21 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     head = head.to(device)
     layer = adapter_for(head, args.rank)
     big_train, big_val = (s.to(device).with_base(layer) for s in (splits.train, splits.val))
-    big_epoch = cached_epoch_seconds(head, big_train, big_val, args.rank, args.batch_size, 5.0)
+    (big,) = interleaved(
+        {"cache-first epoch, 40,000 features": cached_epochs(
+            head, big_train, big_val, args.rank, args.batch_size, 1
+        )},
+        args.repeats,
+    ).values()  # fmt: skip
+    print(big.line())
+    big_epoch = big.median
     per_image_original = original / args.images
     hours_original = PROTOCOL_EPOCHS * PROTOCOL_IMAGES * per_image_original / 3600
     hours_cached = (
         PROTOCOL_IMAGES * caching_pass / args.images + PROTOCOL_EPOCHS * big_epoch
     ) / 3600
-    print(f"cache-first epoch on 40,000 cached features: {big_epoch:.3f} s")
     print(
         f"full protocol ({PROTOCOL_EPOCHS} epochs, {PROTOCOL_IMAGES:,} images): original "
-        f"{hours_original:,.1f} h; cache-first {hours_cached:.2f} h (one caching pass "
-        f"{PROTOCOL_IMAGES * caching_pass / args.images / 3600:.2f} h + training "
+        f"{hours_original:,.1f} h; cache-first {hours_cached:.2f} h (one caching pass, timed "
+        f"once, {PROTOCOL_IMAGES * caching_pass / args.images / 3600:.2f} h + training "
         f"{PROTOCOL_EPOCHS * big_epoch / 3600:.2f} h); {hours_original / hours_cached:,.0f}x"
     )
-    print(f"per-epoch speedup of cache-first training on the same {args.images} images: "
-          f"{original / epoch:,.0f}x")  # fmt: skip
+    print(
+        f"per-epoch speedup of cache-first training on the same {args.images} images: median "
+        f"{statistics.median(speedups):,.0f}x [min {speedups[0]:,.0f}x, max {speedups[-1]:,.0f}x]"
+        f" over {len(speedups)} interleaved pairs, {torch.get_num_threads()} threads"
+    )
     return 0
 
 
