@@ -37,6 +37,7 @@ from train_evaluate.report import (
     COLUMNS,
     dodge,
     interval_bars,
+    outside_legend,
     rank_ticks,
     save_figure,
     series_style,
@@ -270,13 +271,7 @@ def plot_group(rows: pd.DataFrame, title: str) -> Figure:
         title="accuracy vs compression (circled: Pareto front)",
     )
     figure.suptitle(title)
-    figure.legend(
-        handles=legend,
-        loc="outside right upper",
-        fontsize=8,
-        title="error bars: 95% Wilson interval\nover the test images",
-        title_fontsize=8,
-    )
+    outside_legend(figure, legend)
     return figure
 
 

@@ -298,11 +298,21 @@ def extract_features(
         batches = _device_batches(source, DeviceTransform(transform), batch_size, device)
     else:
         batches = _batches(_Images(source, transform), batch_size, workers, device.type == "cuda")
-    chunks, kept, skipped = [], [], []
     model.eval()
+    with torch.inference_mode():
+        return collect(
+            source, batches, lambda images: pre_logits(model, images.to(device)).float().cpu()
+        )
+
+
+def collect(
+    source: Any, batches, encode: Callable[[torch.Tensor], torch.Tensor], desc: str = "features"
+) -> CachedFeatures:
+    """``encode`` of every readable image of ``source`` from ``batches`` ((images, indices,
+    unreadable) each), with a progress bar; unreadable images are skipped and listed."""
+    chunks, kept, skipped = [], [], []
     with (
-        torch.inference_mode(),
-        tqdm(total=len(source.ids), desc="features", unit="img", disable=None) as bar,
+        tqdm(total=len(source.ids), desc=desc, unit="img", disable=None) as bar,
         warnings.catch_warnings(),
     ):
         # Set once here, in the main thread, so decoding threads and worker processes inherit
@@ -314,7 +324,7 @@ def extract_features(
                 log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)
                 skipped.append(source.ids[index])
             if images is not None:
-                chunks.append(pre_logits(model, images.to(device)).float().cpu())
+                chunks.append(encode(images))
                 kept.extend(indices)
             bar.update(len(indices) + len(bad))
     if not kept:

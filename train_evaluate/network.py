@@ -498,36 +498,10 @@ def images_key(source: Any, transform: T.Compose) -> str:
 
 def decode_images(source: Any, transform: T.Compose, batch_size: int, workers: int):
     """Every readable image of ``source`` as uint8 (N x C x H x W), with a progress bar."""
-    import warnings
+    from train_evaluate.features import _batches, _Images, collect
 
-    from PIL import Image
-    from tqdm import tqdm
-
-    from train_evaluate import interrupt
-    from train_evaluate.features import CachedFeatures, _batches, _Images
-
-    chunks, kept, skipped = [], [], []
-    with (
-        tqdm(total=len(source.ids), desc="images", unit="img", disable=None) as bar,
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for images, indices, bad in _batches(
-            _Images(source, transform), batch_size, workers, False
-        ):
-            interrupt.check()
-            for index, reason in bad:
-                log.warning("skipping unreadable image %s (%s)", source.ids[index], reason)
-                skipped.append(source.ids[index])
-            if images is not None:
-                chunks.append(images)
-                kept.extend(indices)
-            bar.update(len(indices) + len(bad))
-    if not kept:
-        raise ValueError("no image could be read; check the data folder")
-    labels = torch.tensor([source.labels[i] for i in kept], dtype=torch.int64)
-    ids = tuple(source.ids[i] for i in kept)
-    return CachedFeatures(torch.cat(chunks), labels, ids, tuple(skipped))
+    batches = _batches(_Images(source, transform), batch_size, workers, False)
+    return collect(source, batches, lambda images: images, "images")
 
 
 def cached_images(

@@ -563,12 +563,17 @@ def plot_summary(frame: pd.DataFrame, title: str) -> Figure:
     axes.set_xlabel("LoRA rank")
     axes.set_ylabel("test top-1 accuracy (%)")
     axes.set_title(title)
-    # outside the data area: inside, it hides points wherever it is placed
+    outside_legend(figure, legend)
+    return figure
+
+
+def outside_legend(figure, handles) -> None:
+    """The legend outside the data area (inside, it hides points wherever it is placed), with
+    what the error bars are."""
     figure.legend(
-        handles=legend,
+        handles=handles,
         loc="outside right upper",
         fontsize=8,
         title="error bars: 95% Wilson interval\nover the test images",
         title_fontsize=8,
     )
-    return figure
