@@ -363,8 +363,8 @@ def _read_features(path: Path, key: str, num_classes: int) -> CachedFeatures:
         raise ValueError("its SHA-256 digest does not match its contents")
     features, labels = tensors["features"], tensors["labels"]
     ids, skipped = tuple(json.loads(metadata["ids"])), tuple(json.loads(metadata["skipped"]))
-    # 2-D: pre-logits features; 4-D uint8: the decoded images of whole-network mode
-    if features.ndim not in (2, 4) or labels.shape != (len(ids),) or features.shape[0] != len(ids):
+    # 2-D: pre-logits features; whole-network mode: 4-D uint8 images or a cut's float states
+    if features.ndim < 2 or labels.shape != (len(ids),) or features.shape[0] != len(ids):
         raise ValueError("its tensors do not match its image list")
     if not torch.isfinite(features).all():
         raise ValueError("it holds non-finite values")

@@ -6,10 +6,11 @@ The FC-only study is the case of one selected layer, the classifier, and keeps i
 - ``select_layers``: ``--layers`` patterns (fnmatch over ``named_modules()`` names, plus ``head``
   and ``all``) resolved to module names, refused in one line when a pattern selects nothing or
   something no compressor handles (a depthwise conv, a LayerNorm);
-- the cache is cut at the input: the decoded, resized and cropped images, stored as uint8 at the
-  model's input size, so that no image is decoded twice (``ImageModel`` scales and normalises
-  them exactly as timm's eval transform does). A cut at a deeper block boundary, which would
-  save the frozen prefix's compute, is not implemented yet: every step runs the whole network;
+- the decoded, resized and cropped images are cached as uint8 at the model's input size, so
+  that no image is decoded twice (``ImageModel`` scales and normalises them exactly as timm's
+  eval transform does). When a block boundary precedes every selected layer, its output (the
+  state) is cached as well, once, and every step runs the network from there on
+  (``StateModel``; ``train_evaluate.cut`` finds and verifies the boundary);
 - ``NetworkMethod``: one compressor applied to every selected layer; per rank, the layers are
   compressed and their adapters initialised in forward order, an activation-aware init seeing
   the inputs that the already compressed prefix produces (``lora.calibration``);
@@ -21,6 +22,7 @@ The FC-only study is the case of one selected layer, the classifier, and keeps i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
@@ -142,6 +144,14 @@ def normalisation(transform: T.Compose) -> tuple[tuple[float, ...], tuple[float,
     return tuple(float(v) for v in last.mean), tuple(float(v) for v in last.std)
 
 
+def precision(inputs: torch.Tensor) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU (mixed precision: parameters, gradients and optimizer state stay
+    fp32); on CPU everything is fp32."""
+    if inputs.is_cuda:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class ImageModel(nn.Module):
     """A classifier that takes cached uint8 images: x / 255, normalised, then the model."""
 
@@ -158,12 +168,35 @@ class ImageModel(nn.Module):
         return images.float().div(255).sub(self.mean).div(self.std)
 
     def forward(self, images: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        if images.is_cuda:
-            # bf16 autocast on a GPU (mixed precision: parameters, gradients and optimizer
-            # state stay fp32); on CPU everything is fp32
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(self.preprocess(images)).float()
-        return self.model(self.preprocess(images))
+        with precision(images):
+            return self.model(self.preprocess(images)).float()
+
+    def wrap(self, model: nn.Module) -> ImageModel:
+        """``model`` (this one's network with other layers) taking the same inputs as this."""
+        return ImageModel(model, self.mean.flatten().tolist(), self.std.flatten().tolist())
+
+
+class StateModel(ImageModel):
+    """The network from a cache cut on (``train_evaluate.cut``): it takes the cached state, the
+    float32 output of a block boundary (``state_shape`` per image), which needs no scaling; the
+    modules before the boundary are skipped."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        state_shape: Sequence[int],
+    ) -> None:
+        super().__init__(model, mean, std)
+        self.state_shape = tuple(state_shape)
+
+    def preprocess(self, states: torch.Tensor) -> torch.Tensor:
+        return states
+
+    def wrap(self, model: nn.Module) -> StateModel:
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        return StateModel(model, mean, std, self.state_shape)
 
 
 def image_bytes(count: int, input_size: Sequence[int]) -> int:
@@ -532,16 +565,69 @@ def cached_images(
     return cached, key, reused
 
 
-def epoch_seconds(model: ImageModel, input_size: Sequence[int], images: int) -> float:
+def example_inputs(model: ImageModel, input_size: Sequence[int], count: int) -> torch.Tensor:
+    """``count`` random inputs of what ``model`` takes: uint8 images, or float32 states."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(model, StateModel):
+        return torch.randn((count, *model.state_shape), generator=generator)
+    return torch.randint(0, 256, (count, *input_size), dtype=torch.uint8, generator=generator)
+
+
+def cached_states(
+    images: Any,
+    model: ImageModel,
+    cut: Any,
+    cache_dir,
+    key: str,
+    num_classes: int,
+    batch_size: int = 64,
+):
+    """The state at ``cut`` of every cached image (``images``: the image cache's
+    CachedFeatures), from the cache under ``key`` or computed now by ``model``'s prefix alone
+    (uncompressed, on its device) and cached; returns the CachedFeatures and whether they were
+    reused. Same images, labels and ids as ``images``."""
+    from tqdm import tqdm
+
+    from train_evaluate import interrupt
+    from train_evaluate.cut import state_of
+    from train_evaluate.features import CachedFeatures, cached_features
+
+    device = next(model.parameters()).device
+
+    def compute():
+        started = time.perf_counter()
+        chunks = []
+        with tqdm(total=len(images.ids), desc="states", unit="img", disable=None) as bar:
+            for chunk in images.features.split(batch_size):
+                interrupt.check()
+                batch = model.preprocess(chunk.to(device))
+                with torch.no_grad(), precision(batch):
+                    chunks.append(state_of(model.model, cut.module, batch).cpu())
+                bar.update(len(chunk))
+        log.info(
+            "states: %d images through the prefix up to %s in %.1f s",
+            len(images.ids),
+            cut.module,
+            time.perf_counter() - started,
+        )
+        return CachedFeatures(torch.cat(chunks), images.labels, images.ids, images.skipped)
+
+    cached, reused = cached_features(cache_dir, key, compute, num_classes, "states")
+    if reused:
+        log.info("states: reusing the cache of %s's output in %s", cut.module, cache_dir)
+    return cached, reused
+
+
+def epoch_seconds(model: ImageModel, example: torch.Tensor, images: int) -> float:
     """A rough cost of one training epoch over ``images``: one timed forward and backward pass
-    of a batch of 8 through the whole network, scaled. Printed before any work."""
-    example = torch.randint(0, 256, (8, *input_size), dtype=torch.uint8)
+    of ``example`` (a small batch of the model's inputs) from the cache on, scaled. Printed
+    before any work."""
     device = next(model.parameters()).device
     probe = copy.deepcopy(model).eval()
-    inputs = probe.preprocess(example.to(device)).requires_grad_(True)
+    inputs = probe.preprocess(example.to(device)).float().requires_grad_(True)
     started = time.perf_counter()
     probe.model(inputs).sum().backward()
-    return (time.perf_counter() - started) / 8 * images
+    return (time.perf_counter() - started) / len(example) * images
 
 
 # ------------------------------------------------------------------------------ a run's setup
@@ -626,6 +712,5 @@ def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNe
     from train_evaluate.checkpoint import install_network, read_packed_network
 
     packed = read_packed_network(path, device)
-    mean, std = model.mean.flatten().tolist(), model.std.flatten().tolist()
-    network = ImageModel(install_network(model.model, packed), mean, std).to(model.mean.device)
+    network = model.wrap(install_network(model.model, packed)).to(model.mean.device)
     return AdaptedNetwork(network, list(packed.layers))

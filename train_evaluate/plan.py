@@ -37,6 +37,7 @@ from train_evaluate.cli import (
     available_cores,
     resolve_device,
 )
+from train_evaluate.cut import Cut
 from train_evaluate.demo import DEMO_MODEL
 from train_evaluate.files import check_writable
 from train_evaluate.sweep import SearchSpace, SweepConfig
@@ -83,16 +84,25 @@ class Plan:
 class NetworkPlan:
     """Whole-network mode (any selection but the classifier alone). layers: the selected
     module names; selection: the --layers text; input_size: the model's (C, H, W), at which
-    the images are cached as uint8; cache_bytes: that cache's size; epoch_seconds: a rough
-    cost of one training epoch on this machine."""
+    the images are cached as uint8; cut: the block boundary whose output is cached and trained
+    from (None: the images themselves, for the reason ``why_input`` gives); image_bytes,
+    state_bytes: those caches' sizes; epoch_seconds: a rough cost of one training epoch on
+    this machine."""
 
     layers: tuple[str, ...]
     selection: str
     calib_images: int
     input_size: tuple[int, ...]
-    cache_bytes: int
+    cut: Cut | None
+    image_bytes: int
+    state_bytes: int
+    why_input: str
     epoch_seconds: float
     left_out: dict[str, list[str]]
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.image_bytes + self.state_bytes
 
 
 def unique(values) -> list:
@@ -275,7 +285,7 @@ def plan_network(
     structure and the compute are those of the pretrained one)."""
     from timm.data import resolve_data_config
 
-    from train_evaluate import network
+    from train_evaluate import cut, network
     from train_evaluate.backbone import eval_transform
 
     patterns = unique(args.layers)
@@ -293,26 +303,49 @@ def plan_network(
     if network.is_head_only(bare, names):
         return None
     input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
-    cache_bytes = network.image_bytes(len(source.ids), input_size)
+    images = len(source.ids)
+    image_bytes = network.image_bytes(images, input_size)
     limit = args.cache_limit * 1e9
-    if cache_bytes > limit:
+    if image_bytes > limit:
         raise UsageError(
             f"the image cache for --layers {' '.join(patterns)} would take "
-            f"{cache_bytes / 1e9:.1f} GB ({len(source.ids)} images at {input_size}), over "
+            f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
             f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
         )
+    # the deepest block boundary before every selected layer whose states fit beside the images
+    # (which stay cached: the states are computed from them, and evaluate.py reads them)
+    found = cut.find_cut(
+        bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
+    )
+    why_input = "no block boundary before every selected layer carries the whole state"
+    if found is None:
+        unlimited = cut.find_cut(bare, names, input_size)
+        if unlimited is not None:
+            why_input = (
+                f"the states at {unlimited.module} would take "
+                f"{unlimited.state_bytes(images) / 1e9:.2f} GB more, over --cache-limit"
+            )
     transform = eval_transform(bare)
     mean, std = network.normalisation(transform)
-    train_images = max(1, int(len(source.ids) * fractions.train))
+    if found is None:
+        model = network.ImageModel(bare, mean, std)
+    else:
+        model = network.StateModel(
+            cut.cut_model(bare, found, input_size), mean, std, found.state_shape
+        )
+    train_images = max(1, int(images * fractions.train))
     seconds = network.epoch_seconds(
-        network.ImageModel(bare, mean, std).to(device), input_size, train_images
+        model.to(device), network.example_inputs(model, input_size, 8), train_images
     )
     return NetworkPlan(
         layers=tuple(names),
         selection=" ".join(patterns),
         calib_images=args.calib_images,
         input_size=input_size,
-        cache_bytes=cache_bytes,
+        cut=found,
+        image_bytes=image_bytes,
+        state_bytes=0 if found is None else found.state_bytes(images),
+        why_input=why_input if found is None else "",
         epoch_seconds=seconds,
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
     )
@@ -436,13 +469,30 @@ def announce(plan: Plan) -> None:
         for reason, names in net.left_out.items():
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             log.info("left out by 'all' (%s): %s", reason, shown)
-        log.info(
-            "cache: cut at the input (the decoded images, uint8 at %s): %.1f MB on disk; every "
-            "step runs the whole network, about %.0f s per training epoch here (estimated)",
-            "x".join(map(str, net.input_size)),
-            net.cache_bytes / 1e6,
-            net.epoch_seconds,
-        )
+        size = "x".join(map(str, net.input_size))
+        if net.cut is None:
+            log.info(
+                "cache: cut at the input (the decoded images, uint8 at %s): %.1f MB on disk "
+                "(%s); every step runs the whole network, about %.0f s per training epoch here "
+                "(estimated)",
+                size,
+                net.image_bytes / 1e6,
+                net.why_input,
+                net.epoch_seconds,
+            )
+        else:
+            log.info(
+                "cache: cut at %s, %.1f MB on disk, beside the decoded images (uint8 at %s, "
+                "%.1f MB); every step runs the network from %s on (%d modules before it are "
+                "skipped), about %.0f s per training epoch here (estimated)",
+                net.cut.describe(),
+                net.state_bytes / 1e6,
+                size,
+                net.image_bytes / 1e6,
+                net.cut.module,
+                len(net.cut.skipped),
+                net.epoch_seconds,
+            )
     sweep = plan.sweep
     runs = len(plan.compressions) * len(plan.ranks)
     log.info(

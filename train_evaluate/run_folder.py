@@ -52,6 +52,8 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
             "layers": list(network.layers),
             "calib_images": network.calib_images,
         }
+        if network.cut is not None:  # the states trained on: absent for the images
+            config["network"]["cut"] = network.cut.module
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 

@@ -62,6 +62,7 @@ def load_images(plan):
     from data import split_indices
     from train_evaluate import network
     from train_evaluate.backbone import BackboneError, create_backbone, eval_transform, weights_id
+    from train_evaluate.cut import cut_model
     from train_evaluate.demo import demo_weights
     from train_evaluate.features import (
         BackboneFeatures,
@@ -97,6 +98,25 @@ def load_images(plan):
                     len(cached.skipped))  # fmt: skip
     mean, std = network.normalisation(transform)
     wrapped = network.ImageModel(model, mean, std).to(plan.device).eval().requires_grad_(False)
+    found = plan.network.cut
+    if found is not None:
+        # the prefix before the cut is never compressed: its output is cached once, and every
+        # step, calibration pass and evaluation runs from there on
+        states_key = feature_key(
+            images=key,
+            model=plan.model,
+            weights=weights_id(plan.model, weights),
+            environment=environment(plan.device),
+            cut=found.module,
+        )
+        cached, reused = network.cached_states(
+            cached, wrapped, found, plan.cache_dir, states_key, num_classes,
+            plan.feature_batch_size,
+        )  # fmt: skip
+        key = states_key
+        suffix = cut_model(model, found, plan.network.input_size)
+        wrapped = network.StateModel(suffix, mean, std, found.state_shape).to(plan.device)
+        wrapped.eval().requires_grad_(False)
     # what the studies and records depend on besides the pixels: the model, its weights, the
     # selected layers and the calibration set's size
     identity = feature_key(
