@@ -22,8 +22,20 @@ import torch
 
 from benchmarks.common import REPEATS, image_folder, interleaved, machine
 from data import scan_imagenet_folder
+from train_evaluate import features
 from train_evaluate.backbone import eval_transform, pre_logits
 from train_evaluate.features import default_workers, extract_features
+
+
+def caching_pass(model, source, transform, device, batch_size, workers, decode) -> None:
+    ahead = features.DECODE_AHEAD
+    features.DECODE_AHEAD = 0 if decode == "gpu-serial" else ahead
+    try:
+        extract_features(
+            model, source, transform, device, batch_size, workers, decode.removesuffix("-serial")
+        )
+    finally:
+        features.DECODE_AHEAD = ahead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", help="CPU-decode settings (default: the driver's)"
     )
-    parser.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        default=["cpu"],
+        choices=["cpu", "gpu", "gpu-serial"],
+        help="gpu-serial: --decode gpu without the read-ahead thread (DECODE_AHEAD = 0)",
+    )
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "gpu" in args.decode and device.type != "cuda":
+    if any(d.startswith("gpu") for d in args.decode) and device.type != "cuda":
         parser.error("--decode gpu needs a CUDA device")
     default = default_workers(device)
     settings = args.workers or [default]
@@ -59,14 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"bare forward on decoded tensors": bare}
         for decode in args.decode:
             for workers in settings if decode == "cpu" else [0]:
-                how = (
-                    "gpu decode (nvJPEG)"
-                    if decode == "gpu"
-                    else "cpu decode in threads"
-                    if workers == 0
-                    else f"cpu decode, {workers} processes"
-                )
-                variants[f"caching pass, {how}"] = lambda d=decode, w=workers: extract_features(
+                cpu = f"cpu decode, {workers} processes" if workers else "cpu decode in threads"
+                how = {
+                    "gpu": "gpu decode (nvJPEG), read ahead",
+                    "gpu-serial": "gpu decode (nvJPEG), serial",
+                }.get(decode, cpu)
+                variants[f"caching pass, {how}"] = lambda d=decode, w=workers: caching_pass(
                     model, source, transform, device, args.batch_size, w, d
                 )
         timings = interleaved(variants, args.repeats)

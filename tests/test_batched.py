@@ -124,8 +124,10 @@ def test_dora_is_refused():
         train_adapters([Run(layer, TrainConfig(epochs=1))], train, val)
 
 
-def test_the_startup_batch_records_the_study_a_sequential_sweep_records(tmp_path, monkeypatch):
-    """Same parameters, values, states and pruning decisions, trial by trial."""
+def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path, monkeypatch):
+    """The 5 start-up trials and the first trial after them: same parameters, values, states
+    and pruning decisions, trial by trial. The 7th trial is asked together with the 6th, before
+    the 6th finishes (the constant liar sees it running), and told after it."""
     head, splits = synthetic_features(600, 200, in_features=32, classes=20)
     method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     config = sweep.SweepConfig(
@@ -140,11 +142,15 @@ def test_the_startup_batch_records_the_study_a_sequential_sweep_records(tmp_path
     (plain, plain_trials), (fast, fast_trials) = studies[False], studies[True]
     assert len(plain_trials) == len(fast_trials) == 7
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in plain_trials[:5])
-    for a, b in zip(plain_trials, fast_trials, strict=True):
+    sixth, seventh = fast_trials[5], fast_trials[6]
+    assert seventh.datetime_start < sixth.datetime_complete <= seventh.datetime_complete
+    assert seventh.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for a, b in zip(plain_trials[:6], fast_trials[:6], strict=True):
         assert (a.number, a.state, a.params, a.user_attrs) == (b.number, b.state, b.params,
                                                                b.user_attrs)  # fmt: skip
         assert a.intermediate_values.keys() == b.intermediate_values.keys()
         for step, value in a.intermediate_values.items():
             assert math.isclose(b.intermediate_values[step], value, abs_tol=1e-9)
-    assert fast.record["best_trial"] == plain.record["best_trial"]
-    assert fast.record["test_acc"] == pytest.approx(plain.record["test_acc"], abs=1e-9)
+    if fast.record["best_trial"]["number"] != 6 and plain.record["best_trial"]["number"] != 6:
+        assert fast.record["best_trial"] == plain.record["best_trial"]
+        assert fast.record["test_acc"] == pytest.approx(plain.record["test_acc"], abs=1e-9)

@@ -2,6 +2,7 @@
 detected, never trusted."""
 
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -149,3 +150,38 @@ def test_weights_of_another_architecture_name_the_mismatching_keys(tmp_path):
         BackboneError, match=r"shape mismatch head\.weight \[10, 64\] vs \[1000, 64\]"
     ):
         create_backbone(TINY_MODEL, resized, CPU)
+
+
+def test_the_device_transform_of_a_batch_equals_each_image_transformed_alone():
+    """``--decode gpu``'s grouped resize (one call per image size) changes no pixel; checked
+    on CPU tensors, which the same torchvision kernels handle."""
+    from train_evaluate.features import DeviceTransform
+
+    transform = DeviceTransform(eval_transform(timm.create_model(TINY_MODEL, pretrained=False)))
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(70, 90), (120, 64), (70, 90), (33, 47), (120, 64), (70, 90)]
+    images = [torch.randint(0, 256, (3, *s), dtype=torch.uint8, generator=generator) for s in sizes]
+    alone = torch.stack([transform(image) for image in images])
+    together = transform.batch(images)
+    assert together.shape == alone.shape and torch.equal(together, alone)
+
+
+def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the_consumer():
+    from train_evaluate.features import _ahead
+
+    assert list(_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in _ahead(failing(), depth=2):
+            seen.append(item)
+    assert seen == [1]
+    # a consumer that stops early leaves no producer blocked behind it
+    for item in _ahead(iter(range(1000)), depth=1):
+        if item == 3:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "decode-ahead"]

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # extended with more trials repeats its first ones exactly. Optuna's default is 10, which with
 # the original 10 trials per rank would make the whole search random.
 SAMPLER_STARTUP_TRIALS = 5
+# trials after the start-up ones that the batched path asks and trains together: few enough
+# that TPE still learns from one batch to the next
+TRIAL_BATCH = 5
 # Median pruning: compare only once 3 trials have finished and 2 epochs have trained.
 PRUNER = dict(n_startup_trials=3, n_warmup_steps=2)
 
@@ -203,8 +206,9 @@ def fail_interrupted(study: optuna.Study) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
 
 
-# Train TPE's start-up trials of a rank together (``batched.train_adapters``), and every other
-# run with the batched engine too (one run at a time). False: today's loop, one
+# Train TPE's start-up trials of a rank together (``batched.train_adapters``), then its other
+# trials together (asked with the constant liar), and the final models with the batched engine
+# too (one run at a time). False: today's loop, one
 # ``train_adapter`` per trial. None: batched on CUDA only. On 2 CPU cores the two measured the
 # same (benchmarks/bench_full_protocol.py, scaled down: 1.01x, min 0.82x, max 1.62x), so the
 # CPU keeps today's loop; on CUDA the batched path removes per-step host work.
@@ -221,8 +225,8 @@ Objective = Callable[[optuna.Trial, int], float]
 
 
 @dataclass(frozen=True)
-class StartupBatch:
-    """How ``run_study`` trains start-up trials together.
+class TrialBatch:
+    """How ``run_study`` trains trials together (the start-up trials, then the others).
 
     prepare(trial, index): called right after the trial is asked (so it samples with the
     sampler seeded for its index): suggests its parameters and returns what ``train`` needs.
@@ -233,10 +237,16 @@ class StartupBatch:
     train: Callable[[list[Any]], list[Callable[[], float]]]
 
 
-def seeded_sampler(seed_parts: tuple, index: int) -> optuna.samplers.TPESampler:
+def seeded_sampler(
+    seed_parts: tuple, index: int, constant_liar: bool = False
+) -> optuna.samplers.TPESampler:
+    """TPE seeded for trial ``index``. ``constant_liar``: trials still running count as the
+    worst value so far, so trials asked together do not all sample the same place (without
+    running trials it changes nothing)."""
     return optuna.samplers.TPESampler(
         seed=derive_seed(*seed_parts, "sampler", index),
         n_startup_trials=SAMPLER_STARTUP_TRIALS,
+        constant_liar=constant_liar,
     )
 
 
@@ -253,27 +263,30 @@ def tell(study: optuna.Study, trial: optuna.Trial, replay: Callable[[], float]) 
         study.tell(trial, value)
 
 
-def run_startup_batch(
+def run_trial_batch(
     study: optuna.Study,
-    batch: StartupBatch,
+    batch: TrialBatch,
     first: int,
     count: int,
     seed_parts: tuple,
     on_trial: Callable[[], None],
 ) -> None:
-    """Ask ``count`` start-up trials at once, train them together, then tell them in order.
+    """Ask ``count`` trials at once, train them together, then tell them in order.
 
-    Each is asked with its own seeded sampler; TPE samples start-up trials at random from that
-    seed alone, so their parameters are those a sequential study draws. Reports are replayed
-    trial after trial, each trial told before the next replays, so the median pruner decides on
-    exactly the finished trials it would have seen sequentially: the study's records are the
-    sequential ones (up to float summation order). The cost: a trial the pruner stops is
+    Each is asked with its own seeded sampler. TPE samples start-up trials at random from that
+    seed alone, so their parameters are those a sequential study draws. Later trials are asked
+    with the constant liar: the first of a batch sees what a sequential study would, the others
+    also see the batch's earlier trials as running (TPE's usual way to ask in parallel), so
+    their parameters differ from a sequential study's. Reports are replayed trial after trial,
+    each trial told before the next replays, so the median pruner decides on exactly the
+    finished trials it would have seen sequentially. The cost: a trial the pruner stops is
     trained to its last epoch in the batch anyway."""
     asked: list[optuna.Trial] = []
     try:
         prepared = []
         for index in range(first, first + count):
-            study.sampler = seeded_sampler(seed_parts, index)
+            liar = index >= SAMPLER_STARTUP_TRIALS
+            study.sampler = seeded_sampler(seed_parts, index, constant_liar=liar)
             asked.append(study.ask())
             prepared.append(batch.prepare(asked[-1], index))
         replays = batch.train(prepared)
@@ -297,20 +310,22 @@ def run_study(
     trials: int,
     seed_parts: tuple,
     on_trial: Callable[[], None],
-    batch: StartupBatch | None = None,
+    batch: TrialBatch | None = None,
 ) -> None:
     """Run trials until ``trials`` of them have finished, each with its own derived seed.
 
     With ``batch``, the start-up trials not yet finished (indices below
-    SAMPLER_STARTUP_TRIALS) are asked at once and trained together; later ones one by one."""
+    SAMPLER_STARTUP_TRIALS) are asked at once and trained together, and then the rest, up to
+    TRIAL_BATCH at a time (``run_trial_batch``); without, one by one."""
     fail_interrupted(study)
     for _ in range(len(finished(study))):
         on_trial()
     while (index := len(finished(study))) < trials:
         interrupt.check()
         startup = min(trials, SAMPLER_STARTUP_TRIALS) - index
-        if batch is not None and startup > 1:
-            run_startup_batch(study, batch, index, startup, seed_parts, on_trial)
+        count = startup if startup > 0 else min(trials - index, TRIAL_BATCH)
+        if batch is not None and count > 1:
+            run_trial_batch(study, batch, index, count, seed_parts, on_trial)
             continue
         study.sampler = seeded_sampler(seed_parts, index)
         study.optimize(lambda trial, i=index: objective(trial, i), n_trials=1)
@@ -449,10 +464,10 @@ def run_rank(
         result = train_one(run.layer, data, run.config, reporter(trial), curves=False)
         return conclude(trial, result)
 
-    def prepare_startup(trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
+    def prepare_batched(trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
         return trial, prepare(trial, index)
 
-    def train_startup(prepared: list[tuple[optuna.Trial, Run]]) -> list[Callable[[], float]]:
+    def train_batched(prepared: list[tuple[optuna.Trial, Run]]) -> list[Callable[[], float]]:
         outcomes = train_adapters([run for _, run in prepared], data.train, data.val)
 
         def replay(trial: optuna.Trial, result: TrainResult) -> float:
@@ -477,7 +492,7 @@ def run_rank(
     )
     # a whole adapted network (not one LoraLinear) trains its trials one at a time
     batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
-    batch = StartupBatch(prepare_startup, train_startup) if batched else None
+    batch = TrialBatch(prepare_batched, train_batched) if batched else None
     run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
     trials = counted_trials(study, sweep.trials)
     record["trials"] = trial_counts(trials)
