@@ -21,6 +21,7 @@ from compression.accounting import (
     model_ratio,
 )
 from compression.binary import Int1Config
+from compression.gptq import second_moment
 from compression.integer import IntNConfig
 from compression.modules import (
     CompressedConv2d,
@@ -42,6 +43,7 @@ from compression.registry import (
     method_of,
     register_compressor,
     register_method,
+    uses_inputs,
 )
 from compression.semistructured import NMConfig, parse_nm
 from compression.sparse import SparseConfig, parse_block
@@ -75,6 +77,8 @@ __all__ = [
     "parse_nm",
     "register_compressor",
     "register_method",
+    "second_moment",
     "unpack_codes",
+    "uses_inputs",
     "weight_matrix",
 ]

@@ -12,6 +12,11 @@ Scales (``alpha``):
   ||W - diag(a) sign(W) diag(b)||_F = || |W| - a b^T ||_F, and by Eckart-Young no rank-1 matrix
   is closer to |W|; ``row``'s alpha 1^T is one such matrix, so rowcol's error is never larger
   than row's. It stores both scales in fp32: (rows + cols) * 32 bits.
+
+``quantizer="gptq"`` picks the signs with GPTQ's error feedback when the layer's inputs are
+known (``compression.gptq``): the scales are computed from W first, as above, and each column's
+signs then round the error-corrected column, keeping per row GPTQ's signs or the weight's own,
+whichever leaves the smaller output error; same parts, same bits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import ClassVar
 
 import torch
 
+from compression.gptq import gptq
+from compression.integer import QUANTIZERS, better_rows
 from compression.registry import (
     CompressedWeight,
     StorageCost,
@@ -38,13 +45,26 @@ class Int1Config:
 
     name: ClassVar[str] = "int1"
     scale: str = "row"
+    quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         if self.scale not in INT1_SCALES:
             raise ValueError(f"unknown int1 scale {self.scale!r}; valid: {', '.join(INT1_SCALES)}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(
+                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(QUANTIZERS)}"
+            )
+
+    @property
+    def uses_inputs(self) -> bool:
+        """Whether the result depends on the layer's inputs when they are given."""
+        return self.quantizer == "gptq"
 
     def describe(self) -> str:
-        return f"int1(scale={self.scale})"
+        # the rtn form's text is part of run identities made before the quantizer existed
+        if self.quantizer == "rtn":
+            return f"int1(scale={self.scale})"
+        return f"int1(scale={self.scale}, {self.quantizer})"
 
 
 def signs(weight: torch.Tensor) -> torch.Tensor:
@@ -72,20 +92,51 @@ def scale_of(weight: torch.Tensor, scale: str) -> torch.Tensor:
     return weight.abs().mean(dim=1, keepdim=True)
 
 
-@register_compressor(Int1Config, "int1")
-def binarize(weight: torch.Tensor, config: Int1Config) -> CompressedWeight:
+def gptq_signs(
+    weight: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, moment: torch.Tensor
+) -> torch.Tensor:
+    """+1 / -1 (rows x cols, the weight's dtype) that GPTQ picks for W_c = a * signs * b, with
+    the row scale ``row_scale`` (rows x 1 or a scalar) and ``col_scale`` (1 x cols or a
+    scalar) fixed."""
     rows, cols = weight.shape
-    # stored: one bit per weight (1 = +), and the scale(s) unless the scale is the constant 1
-    parts = {"signs": (weight >= 0).to(torch.uint8).flatten()}
+    picked = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    rows_scale = row_scale.double().expand(rows, 1).squeeze(1)
+    cols_scale = col_scale.double().expand(1, cols).squeeze(0)
+
+    def round_column(column: torch.Tensor, j: int) -> torch.Tensor:
+        picked[:, j] = signs(column)
+        return rows_scale * picked[:, j] * cols_scale[j]
+
+    gptq(weight, moment, round_column)
+    return picked.to(weight.dtype)
+
+
+@register_compressor(Int1Config, "int1")
+def binarize(
+    weight: torch.Tensor, config: Int1Config, moment: torch.Tensor | None = None
+) -> CompressedWeight:
+    """``moment``: the layer's input second moment, used by GPTQ (without it, or with
+    ``rtn``, each sign is the weight's own)."""
+    rows, cols = weight.shape
+    one = torch.ones((), dtype=weight.dtype, device=weight.device)
     if config.scale == "rowcol":
         row_scale, col_scale = rank1_scales(weight)
-        parts["scale"], parts["col_scale"] = row_scale, col_scale
-        compressed = row_scale * signs(weight) * col_scale
     else:
-        alpha = scale_of(weight, config.scale)
+        row_scale, col_scale = scale_of(weight, config.scale), one
+    chosen = signs(weight)
+    if config.quantizer == "gptq" and moment is not None:
+        # per row, GPTQ's signs or the weight's own, whichever leaves the smaller output error
+        fed_back = gptq_signs(weight, row_scale, col_scale, moment)
+        chosen = better_rows(weight, chosen, fed_back, row_scale, moment, col_scale)
+    # stored: one bit per weight (1 = +), and the scale(s) unless the scale is the constant 1
+    parts = {"signs": (chosen > 0).to(torch.uint8).flatten()}
+    if config.scale == "rowcol":
+        parts["scale"], parts["col_scale"] = row_scale, col_scale
+        compressed = row_scale * chosen * col_scale
+    else:
         if config.scale != "none":
-            parts["scale"] = alpha
-        compressed = alpha * signs(weight)
+            parts["scale"] = row_scale
+        compressed = row_scale * chosen
     scale_count = sum(part.numel() for name, part in parts.items() if name != "signs")
     # Every weight is read, sign-flipped and added: in * out adds per input row, no fewer.
     cost = StorageCost(

@@ -15,6 +15,12 @@ Scales (``int_scale``):
   arXiv:2106.08295, here per row and on the weights alone). The grid includes c = 1, so mse is
   never worse than max on any row; the storage (codes and one scale per row) is the same.
 
+When the layer's inputs are known (their second moment H, see ``compression.gptq``), ``mse``
+minimises the row's output error (W_i - s_i q_i) H (W_i - s_i q_i)^T instead, over a coarser
+grid (CLIP_RATIOS_WEIGHTED: each candidate costs a product with H), and ``quantizer="gptq"``
+rounds the codes with GPTQ's error feedback on that grid instead of to the nearest level,
+keeping per row whichever of the two leaves the smaller output error (``better_rows``).
+
 The field is ``int_scale`` rather than ``scale``: config fields are filled from one pool of
 options by name (``make_config``), and ``scale`` is already int1's (``none``/``tensor``/...).
 """
@@ -26,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from compression.gptq import gptq, weighted_row_errors
 from compression.registry import (
     CompressedWeight,
     StorageCost,
@@ -37,8 +44,11 @@ from compression.registry import (
 
 INT_BITS = (2, 4, 8)
 INT_SCALES = ("max", "mse")
+QUANTIZERS = ("rtn", "gptq")  # round to nearest; GPTQ's error feedback (needs the inputs)
 # mse's clip ratios: 0.01, 0.02, ..., 1.00; the last is exactly 1, the max scale itself
 CLIP_RATIOS = tuple(k / 100 for k in range(1, 101))
+# with the inputs: 0.05, 0.10, ..., 1.00 (a product with H per candidate)
+CLIP_RATIOS_WEIGHTED = tuple(k / 20 for k in range(1, 21))
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class IntNConfig:
     name: ClassVar[str] = "int"
     bits: int = 4
     int_scale: str = "max"
+    quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS:
@@ -56,12 +67,24 @@ class IntNConfig:
             raise ValueError(
                 f"unknown int scale {self.int_scale!r}; valid: {', '.join(INT_SCALES)}"
             )
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(
+                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(QUANTIZERS)}"
+            )
+
+    @property
+    def uses_inputs(self) -> bool:
+        """Whether the result depends on the layer's inputs when they are given."""
+        return self.int_scale == "mse" or self.quantizer == "gptq"
 
     def describe(self) -> str:
-        # the max form's text is part of run identities made before int_scale existed
-        if self.int_scale == "max":
-            return f"int{self.bits}(per-row symmetric)"
-        return f"int{self.bits}(per-row symmetric, {self.int_scale} scale)"
+        # the max, rtn form's text is part of run identities made before these options existed
+        options = ["per-row symmetric"]
+        if self.int_scale != "max":
+            options.append(f"{self.int_scale} scale")
+        if self.quantizer != "rtn":
+            options.append(self.quantizer)
+        return f"int{self.bits}({', '.join(options)})"
 
 
 def _codes(weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
@@ -70,31 +93,84 @@ def _codes(weight: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tens
     return codes + 0.0  # -0.0 -> +0.0: the stored code cannot carry a sign for zero
 
 
-def mse_scale(weight: torch.Tensor, levels: int) -> torch.Tensor:
-    """Per-row scale (rows x 1) minimising ||W_i - s_i q_i||^2 over the CLIP_RATIOS grid."""
+def mse_scale(
+    weight: torch.Tensor, levels: int, moment: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row scale (rows x 1) minimising ||W_i - s_i q_i||^2 over the CLIP_RATIOS grid, or,
+    given the inputs' ``moment`` H, the output error (W_i - s_i q_i) H (...)^T over
+    CLIP_RATIOS_WEIGHTED."""
+
+    def row_errors(scale: torch.Tensor) -> torch.Tensor:
+        delta = weight - _codes(weight, scale, levels) * scale
+        if moment is None:
+            return (delta**2).sum(dim=1)
+        return weighted_row_errors(delta, moment)
+
+    ratios = CLIP_RATIOS if moment is None else CLIP_RATIOS_WEIGHTED
     peak = weight.abs().amax(dim=1, keepdim=True)
     best_scale = peak / levels  # c = 1: the max scale, bit for bit
-    best_error = ((weight - _codes(weight, best_scale, levels) * best_scale) ** 2).sum(dim=1)
+    best_error = row_errors(best_scale)
     # one candidate at a time, all rows at once: a (ratios x rows x cols) tensor would need
     # 100 copies of the layer
-    for ratio in reversed(CLIP_RATIOS[:-1]):
+    for ratio in reversed(ratios[:-1]):
         scale = peak * ratio / levels
-        error = ((weight - _codes(weight, scale, levels) * scale) ** 2).sum(dim=1)
+        error = row_errors(scale)
         better = error < best_error  # strict: a tie keeps the larger ratio, tried first
         best_scale = torch.where(better.unsqueeze(1), scale, best_scale)
         best_error = torch.where(better, error, best_error)
     return best_scale
 
 
+def gptq_codes(
+    weight: torch.Tensor, scale: torch.Tensor, levels: int, moment: torch.Tensor
+) -> torch.Tensor:
+    """The codes (rows x cols) GPTQ picks on the grid of ``scale`` (rows x 1)."""
+    codes = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    step = scale.double()
+
+    def round_column(column: torch.Tensor, j: int) -> torch.Tensor:
+        codes[:, j] = _codes(column.unsqueeze(1), step, levels).squeeze(1)
+        return codes[:, j] * step.squeeze(1)
+
+    gptq(weight, moment, round_column)
+    return codes.to(weight.dtype)
+
+
+def better_rows(
+    weight: torch.Tensor,
+    nearest: torch.Tensor,
+    fed_back: torch.Tensor,
+    scale: torch.Tensor,
+    moment: torch.Tensor,
+    col_scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Per row, GPTQ's codes or the nearest ones (W_c = scale * codes * col_scale), whichever
+    leaves the smaller output error.
+    GPTQ is greedy: on a coarse grid its fed-back error can push later columns past the
+    largest level, and a row can end up worse than rounding it to nearest. Rows add up
+    independently in the output error, so the choice is made row by row."""
+    errors = [
+        weighted_row_errors(weight - scale * codes * col_scale, moment)
+        for codes in (nearest, fed_back)
+    ]
+    return torch.where((errors[1] <= errors[0]).unsqueeze(1), fed_back, nearest)
+
+
 @register_compressor(IntNConfig)
-def quantize(weight: torch.Tensor, config: IntNConfig) -> CompressedWeight:
+def quantize(
+    weight: torch.Tensor, config: IntNConfig, moment: torch.Tensor | None = None
+) -> CompressedWeight:
+    """``moment``: the layer's input second moment H (cols x cols), used by the mse scale and
+    GPTQ; without it both work on the weights alone (GPTQ is then round-to-nearest)."""
     rows, cols = weight.shape
     levels = 2 ** (config.bits - 1) - 1
     if config.int_scale == "mse":
-        scale = mse_scale(weight, levels)
+        scale = mse_scale(weight, levels, moment)
     else:
         scale = weight.abs().amax(dim=1, keepdim=True) / levels
     codes = _codes(weight, scale, levels)
+    if config.quantizer == "gptq" and moment is not None:
+        codes = better_rows(weight, codes, gptq_codes(weight, scale, levels, moment), scale, moment)
     cost = StorageCost(
         value_bits=rows * cols * config.bits,
         index_bits=0,

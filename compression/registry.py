@@ -125,15 +125,30 @@ def make_config(method: str, **options: Any) -> Any:
     return config_cls(**kwargs)
 
 
-def compress(weight: torch.Tensor, config: Any) -> CompressedWeight:
-    """Compress a weight matrix (out x in) with the compressor that ``config`` belongs to."""
+def uses_inputs(config: Any) -> bool:
+    """Whether ``config``'s compressor gives another result once it knows the layer's inputs
+    (a calibrated compressor: GPTQ, the input-weighted mse scale)."""
+    return bool(getattr(config, "uses_inputs", False))
+
+
+def compress(
+    weight: torch.Tensor, config: Any, moment: torch.Tensor | None = None
+) -> CompressedWeight:
+    """Compress a weight matrix (out x in) with the compressor that ``config`` belongs to.
+
+    ``moment``: the second moment X^T X / N (in x in) of the layer's inputs, for calibrated
+    compressors (``uses_inputs``); the others ignore it."""
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight (out x in), got shape {tuple(weight.shape)}")
     fn = _COMPRESS_FNS.get(type(config))
     if fn is None:
         raise ValueError(f"no compressor is registered for {type(config).__name__}")
     with torch.no_grad():
-        return dataclasses.replace(fn(weight.detach(), config), config=config)
+        if moment is not None and uses_inputs(config):
+            result = fn(weight.detach(), config, moment=moment)
+        else:
+            result = fn(weight.detach(), config)
+        return dataclasses.replace(result, config=config)
 
 
 def expand(parts: dict[str, torch.Tensor], config: Any, shape: tuple[int, int]) -> torch.Tensor:

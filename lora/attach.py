@@ -24,9 +24,12 @@ def make_init_context(
 ) -> InitContext:
     """Compress ``module``'s weight (a conv's as its matrix view, out x in*kh*kw) once; the
     context is reused for every rank and trial. ``features`` (N x in) or ``moment`` (in x in,
-    X^T X / N) feed the activation-aware inits."""
+    X^T X / N) feed the activation-aware inits and calibrated compressors."""
     weight = weight_matrix(module).detach()
-    return InitContext(weight, compress(weight, compression), compression, features, moment)
+    context = InitContext(weight, None, compression, features, moment)
+    # a calibrated compressor (GPTQ, the input-weighted mse scale) sees the same inputs
+    context.compressed = compress(weight, compression, context.compress_moment)
+    return context
 
 
 def _initialise(layer: LoraLinear | LoraConv2d, config: LoraConfig, context, generator) -> None:

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.modules import compressible, weight_matrix
+from compression.modules import (
+    CompressedConv2d,
+    CompressedLinear,
+    compressible,
+    conv_options,
+    weight_matrix,
+)
+from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
 from lora.config import LoraConfig
 from lora.inits import ACTIVATION_AWARE_INITS, InitContext
@@ -255,7 +262,12 @@ def calibrate_sequentially(
     configs = {name: lora_config_for(name, module) for name, module in modules.items()}
     for name, module in modules.items():
         check_rank(configs[name].r, *weight_matrix(module).shape)
-    aware = {name for name, config in configs.items() if config.init in ACTIVATION_AWARE_INITS}
+    # layers whose init or compressor reads the inputs
+    aware = {
+        name
+        for name, config in configs.items()
+        if config.init in ACTIVATION_AWARE_INITS or uses_inputs(targets[name])
+    }
     if aware and not callable(calibration) and iter(calibration) is calibration:
         raise ValueError(
             "calibration batches are read several times: pass a list, a DataLoader or a "
@@ -294,3 +306,45 @@ def calibrate_sequentially(
         for module, training in modes.items():
             module.training = training
     return results
+
+
+def compress_sequentially(
+    model: nn.Module,
+    targets: dict[str, Any],
+    calibration: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+    *,
+    positions: int = 64,
+) -> None:
+    """Replace each layer named in ``targets`` (name -> compressor config) by its compressed
+    module, in place and in forward order, no adapters. A calibrated compressor (GPTQ, the
+    input-weighted mse scale) sees the moment of the inputs that the already compressed layers
+    before it produce, as GPTQ does it; the others need no forward pass."""
+    modules = {name: model.get_submodule(name) for name in targets}
+    calibrated = {name for name in modules if uses_inputs(targets[name])}
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            order = list(modules)
+            if calibrated:
+                first = next(iter(_batches(calibration)), None)
+                if first is None:
+                    raise ValueError("calibrated compressors need calibration batches; got none")
+                order = forward_order(model, _input(first, _device(model)), modules)
+            for name in order:
+                module = modules[name]
+                moment = None
+                if name in calibrated:
+                    moment = _moments(model, {name: module}, calibration, positions)[name]
+                result = compress(weight_matrix(module).detach(), targets[name], moment)
+                if isinstance(module, nn.Conv2d):
+                    replacement = CompressedConv2d.from_compressed(
+                        result, module.bias, **conv_options(module)
+                    )
+                else:
+                    replacement = CompressedLinear.from_compressed(result, module.bias)
+                replacement = replacement.to(module.weight.device).eval()
+                _swap(model, module, replacement)
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression import CompressedWeight, compress
+from compression import CompressedWeight, compress, second_moment, uses_inputs
 from lora.conv import LoraConv2d
 from lora.layer import LoraLinear
 
@@ -101,14 +101,26 @@ class InitContext:
         return torch.linalg.svd(residual, full_matrices=False)
 
     @cached_property
+    def input_moment(self) -> torch.Tensor | None:
+        """C = X^T X / N (in x in, float64): ``moment``, or computed from ``features``; None
+        when neither is known."""
+        if self.moment is not None:
+            return self.moment.double()
+        if self.features is not None:
+            return second_moment(self.features)
+        return None
+
+    @property
+    def compress_moment(self) -> torch.Tensor | None:
+        """What a calibrated compressor sees when an init refits the base: the inputs' moment
+        (the same the stored base was compressed with), or None for the others."""
+        return self.input_moment if uses_inputs(self.compression) else None
+
+    @cached_property
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
         """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged."""
-        if self.moment is not None:
-            moment = self.moment.double()
-        elif self.features is not None:
-            x = self.features.double()
-            moment = x.T @ x / x.shape[0]
-        else:
+        moment = self.input_moment
+        if moment is None:
             raise ValueError(
                 "activation-aware inits need the layer's training inputs (features) or their "
                 "second moment (moment)"
@@ -151,13 +163,18 @@ class Alternation:
 
 
 def alternate(
-    weight: torch.Tensor, compression: Any, rank: int, iterations: int, whitening=None
+    weight: torch.Tensor,
+    compression: Any,
+    rank: int,
+    iterations: int,
+    whitening=None,
+    moment: torch.Tensor | None = None,
 ) -> Alternation:
     """LoftQ's alternation: W_c = C(W - L), L = best rank-r fit of W - W_c, ``iterations``
     times from W_c = C(W). Returns the iterate with the smallest error (the first is svd_init,
-    or act_svd_init with ``whitening``)."""
+    or act_svd_init with ``whitening``). ``moment``: the inputs a calibrated C sees."""
     target = weight.double()
-    base = compress(weight, compression)
+    base = compress(weight, compression, moment)
     best, errors = None, []
     for _ in range(iterations):
         fit = fit_low_rank(target - base.weight.double(), rank, whitening)
@@ -165,7 +182,7 @@ def alternate(
         if best is None or fit.error < best.fit.error:
             best = Alternation(base, fit, errors)
         low_rank = (fit.left * fit.singular) @ fit.right
-        base = compress((target - low_rank).to(weight.dtype), compression)
+        base = compress((target - low_rank).to(weight.dtype), compression, moment)
     return best
 
 
@@ -217,7 +234,9 @@ def loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None
     # alpha-independent, so one alternation serves every trial of a rank
     key = ("loftq", layer.r, config.loftq_iters)
     if key not in ctx.cache:
-        ctx.cache[key] = alternate(ctx.weight, ctx.compression, layer.r, config.loftq_iters)
+        ctx.cache[key] = alternate(
+            ctx.weight, ctx.compression, layer.r, config.loftq_iters, moment=ctx.compress_moment
+        )
     _set_alternation(layer, ctx.cache[key])
 
 
@@ -226,6 +245,11 @@ def act_loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> 
     key = ("act_loftq", layer.r, config.loftq_iters)
     if key not in ctx.cache:
         ctx.cache[key] = alternate(
-            ctx.weight, ctx.compression, layer.r, config.loftq_iters, ctx.whitening
+            ctx.weight,
+            ctx.compression,
+            layer.r,
+            config.loftq_iters,
+            ctx.whitening,
+            ctx.compress_moment,
         )
     _set_alternation(layer, ctx.cache[key])

@@ -156,11 +156,11 @@ def test_packed_checkpoint_round_trip(compression, tmp_path):
         assert torch.equal(loaded.layer(features), layer(features))
 
 
-def test_a_file_written_before_int_scale_loads_as_max(tmp_path):
+def test_a_file_written_before_int_scale_and_quantizer_loads_as_max_rtn(tmp_path):
     layer, features = lora_layer(IntNConfig(4))
     tensors, info = pack_layer(layer)
-    assert info["compression"] == {"bits": 4, "int_scale": "max"}
-    info["compression"] = {"bits": 4}  # what write_packed stored before the field existed
+    assert info["compression"] == {"bits": 4, "int_scale": "max"}  # quantizer rtn: left out
+    info["compression"] = {"bits": 4}  # what write_packed stored before the fields existed
     path = tmp_path / "old.safetensors"
     _save(path, tensors, info, FORMAT)
     loaded = read_packed(path)

@@ -321,3 +321,29 @@ def test_the_summary_front_compares_an_fc_run_and_a_whole_network_run_separately
     # the FC row dominates both network rows on (accuracy, ratio), but its ratio is over one
     # layer and theirs over ten: each selection has its own front
     assert with_pareto(frame)["pareto"].tolist() == [True, True, False]
+
+
+def test_a_calibrated_compressor_sees_each_layers_calibration_inputs():
+    """GPTQ in whole-network mode: the adapters' bases (per rank) and the compressed-only
+    model are quantized with the moments of the calibration images' inputs, not to nearest."""
+    from compression import IntNConfig
+
+    method, sweep = resnet_method()
+    gptq = network.NetworkMethod.create(
+        "int4", IntNConfig(4, quantizer="gptq"), method.model, method.layers, method.calibration
+    )
+    nearest, fed_back = method.contexts(2, sweep), gptq.contexts(2, sweep)
+    differ = [
+        n for n in nearest if not torch.equal(nearest[n].base_weight, fed_back[n].base_weight)
+    ]
+    assert len(differ) > len(nearest) / 2
+    quantized = gptq.compressed_model().model
+    rounded = method.compressed_model().model
+    differ = [
+        info.name
+        for info in method.layers
+        if not torch.equal(
+            quantized.get_submodule(info.name).weight, rounded.get_submodule(info.name).weight
+        )
+    ]
+    assert len(differ) > len(method.layers) / 2

@@ -90,7 +90,7 @@ def pack_layer(
         tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     info = {
         "method": method_of(config),
-        "compression": asdict(config),
+        "compression": stored_fields(config),
         "shape": [layer.out_features, layer.in_features],
         "rank": layer.r,
         "lora_alpha": layer.lora_alpha,
@@ -234,6 +234,18 @@ def _compressor_config(info: dict[str, Any]) -> Any:
         f"compression config {fields} is not what method {method} stores",
     )
     return config
+
+
+# Config fields added after files of their method were first written: written only when not
+# at their default, so that a file of the default compressor keeps the bytes it had before.
+LATER_FIELDS = ("quantizer",)
+
+
+def stored_fields(config: Any) -> dict[str, Any]:
+    """The compressor's config as a file stores it (``read`` fills in what is left out)."""
+    fields = asdict(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return {k: v for k, v in fields.items() if k not in LATER_FIELDS or v != defaults[k]}
 
 
 def _reference(config: Any, shape: tuple[int, int], dtype: torch.dtype) -> CompressedWeight:

@@ -54,6 +54,7 @@ PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
 INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
 INT_SCALE_NAMES = ("max", "mse")
+QUANTIZER_NAMES = ("rtn", "gptq")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 DEFAULT_MODEL = "resnet18.tv_in1k"
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALE_NAMES)}")
     compress_group.add_argument(
         "--int-scale", help=f"int2/int4/int8 row scale: {', '.join(INT_SCALE_NAMES)} (default: max)"
+    )
+    compress_group.add_argument(
+        "--quantizer",
+        help="int1/int2/int4/int8 rounding: rtn (to nearest, the default) or gptq (error "
+        "feedback through the layer's input moment, from the train split)",
     )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(

@@ -39,7 +39,7 @@ from torchvision import transforms as T
 from compression import StorageCost, compress, compressible, weight_matrix
 from compression.accounting import account_layer, dense_cost
 from lora import LoraConfig, make_adapter
-from lora.calibration import calibrate_sequentially, forward_order
+from lora.calibration import calibrate_sequentially, compress_sequentially, forward_order
 
 log = logging.getLogger(__name__)
 
@@ -451,10 +451,19 @@ class NetworkMethod:
         return [info.name for info in self.layers]
 
     def compressed_model(self) -> ImageModel:
-        """Every selected layer compressed, no adapters: the ``quantized`` row."""
-        from compression import CompressedConv2d, CompressedLinear
+        """Every selected layer compressed, no adapters: the ``quantized`` row. A calibrated
+        compressor compresses in forward order on the calibration images' inputs."""
+        from compression import CompressedConv2d, CompressedLinear, uses_inputs
 
         network = copy.deepcopy(self.model)
+        if uses_inputs(self.config):
+            compress_sequentially(
+                network.model,
+                {info.name: self.config for info in self.layers},
+                lambda: self._calibration_batches(),
+                positions=self.positions,
+            )
+            return network.requires_grad_(False).eval()
         for info in self.layers:
             dense = network.model.get_submodule(info.name)
             kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear

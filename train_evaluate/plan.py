@@ -363,6 +363,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
             keep=args.keep,
             scale=args.int1_scale,
             int_scale=args.int_scale,
+            quantizer=args.quantizer,
             pattern=args.nm,
         )
         fractions = SplitFractions(*args.split)

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from compression import uses_inputs
 from train_evaluate import report
 from train_evaluate.checkpoint import CheckpointError, read_packed, verify_packed
 from train_evaluate.features import feature_key
@@ -105,6 +106,10 @@ def identities(context: RunContext, method: Method, rank: int) -> tuple[str, str
         # another order: a study is not continued across devices.
         "device": plan.device.type,
     }
+    if uses_inputs(method.config):
+        # calibrated compressors read the layer's inputs (the mse scale did not, before): a
+        # study or record made on the weights alone is not theirs
+        identity["compressor_inputs"] = "input second moment"
     study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
     key = feature_key(
         record_format=RECORD_FORMAT,

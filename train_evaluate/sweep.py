@@ -129,9 +129,10 @@ class Method:
     @classmethod
     def create(cls, name: str, config: Any, head: nn.Linear, features: torch.Tensor) -> Method:
         weight = head.weight.detach()
-        compressed = compress(weight, config)
-        context = InitContext(weight, compressed, config, features)
-        return cls(name, config, head, context, compressed.cost)
+        context = InitContext(weight, None, config, features)
+        # a calibrated compressor sees the train features' moment (never val or test)
+        context.compressed = compress(weight, config, context.compress_moment)
+        return cls(name, config, head, context, context.compressed.cost)
 
     def compressed_linear(self) -> nn.Linear:
         """The compressed layer alone (W_c and the original bias): the "quantized" row."""

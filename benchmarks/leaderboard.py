@@ -1,0 +1,130 @@
+"""The README's leaderboard: EfficientNet-Lite0's top-1 against bits per weight for each
+compressor, data-blind and calibrated, on the real ImageNet sample, training-free.
+
+    python train_evaluate/convert_efficientnet_lite0.py          # once: the real weights
+    python -m benchmarks.leaderboard [--data-dir ../shared/imagenet-sample] [--layers all head]
+
+For each selection (``all``: every pointwise conv and the FC; ``head``: the FC alone), each
+rounding (``rtn`` with the ``max`` scale: data-blind; ``rtn`` with the ``mse`` scale and
+``gptq``: calibrated on the layers' inputs) and each method, it runs the driver with
+``--epochs 0`` (the init only: no training) and ``--init svd_init``, and prints one markdown
+table per selection: the compressed-only row and each rank's row, with bits per weight (every
+stored bit of the selected layers, adapters at fp16) and test top-1, the Pareto-optimal rows
+(no other row has at least the accuracy with fewer bits) marked. The split is 40% train (the
+calibration images and, for the FC, the features the calibrated compressors see), 10% val,
+50% test: 100 test images, so one image is one point of accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from train_evaluate.train_model import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tf_efficientnet_lite0"
+# (label, driver options): data-blind first
+ROUNDINGS = (
+    ("rtn, max scale", ["--int-scale", "max", "--quantizer", "rtn"]),
+    ("rtn, mse scale", ["--int-scale", "mse", "--quantizer", "rtn"]),
+    ("gptq, max scale", ["--int-scale", "max", "--quantizer", "gptq"]),
+)
+
+
+def run(selection: str, options: list[str], args: argparse.Namespace, results: Path):
+    code = train_main(
+        [
+            "--model", MODEL, "--weights", str(args.weights), "--data-dir", str(args.data_dir),
+            "--layers", selection, "--epochs", "0", "--init", "svd_init",
+            "--methods", *args.methods, "--ranks", *map(str, args.ranks),
+            "--adapter-dtype", "fp16", "--split", "0.4", "0.1", "0.5",
+            "--calib-images", str(args.calib_images), "--results-dir", str(results), *options,
+        ]
+    )  # fmt: skip
+    if code != 0:
+        raise SystemExit(f"the driver failed for --layers {selection} {options} (exit {code})")
+    folder = "svd_init" if selection == "head" else f"svd_init_layers-{selection}"
+    (csv,) = results.glob(f"*/*/{folder}/evaluation.csv")
+    return pd.read_csv(csv)
+
+
+def pareto(rows: pd.DataFrame) -> pd.Series:
+    """Rows no other row beats: at least the accuracy with fewer bits, or more accuracy with
+    at most the bits."""
+    bits, accuracy = rows["bits_per_weight"].to_numpy(), rows["evaluation"].to_numpy()
+    return pd.Series(
+        [
+            not any(
+                (b <= bits[i] and a >= accuracy[i]) and (b < bits[i] or a > accuracy[i])
+                for b, a in zip(bits, accuracy, strict=True)
+            )
+            for i in range(len(rows))
+        ],
+        index=rows.index,
+    )
+
+
+def table(selection: str, frames: dict[str, pd.DataFrame]) -> str:
+    rows = []
+    for label, frame in frames.items():
+        for _, row in frame.iterrows():
+            if row["lora_rank"] == "original" and rows:
+                continue  # the fp32 row once
+            rank = {"original": "-", "quantized": "none"}.get(row["lora_rank"], row["lora_rank"])
+            rows.append(
+                {
+                    "compression": "fp32" if rank == "-" else row["quant"],
+                    "rounding": "-" if rank == "-" else label,
+                    "rank": rank,
+                    "bits_per_weight": row["bits_per_weight"],
+                    "evaluation": row["evaluation"],
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["front"] = pareto(frame)
+    frame = frame.sort_values(["bits_per_weight", "evaluation"], ascending=[True, False])
+    lines = [
+        f"`--layers {selection}`:",
+        "",
+        "| compression | rounding | rank | bits/weight | top-1 | on the front |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in frame.itertuples():
+        lines.append(
+            f"| {row.compression} | {row.rounding} | {row.rank} | {row.bits_per_weight:.2f} | "
+            f"{row.evaluation:.1f} | {'yes' if row.front else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/imagenet-sample")
+    parser.add_argument("--weights", type=Path, default=REPO / f"weights/{MODEL}.safetensors")
+    parser.add_argument("--layers", nargs="+", default=["all", "head"], choices=["all", "head"])
+    parser.add_argument("--methods", nargs="+", default=["int4", "int2"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[16])
+    parser.add_argument("--calib-images", type=int, default=512)
+    args = parser.parse_args(argv)
+    for path, what in ((args.data_dir, "the image folder"), (args.weights, "the weights")):
+        if not path.exists():
+            print(f"error: {what} {path} is missing (see the module doc)", file=sys.stderr)
+            return 2
+    tables = []
+    for selection in args.layers:
+        frames = {}
+        for label, options in ROUNDINGS:
+            with tempfile.TemporaryDirectory() as scratch:
+                frames[label] = run(selection, options, args, Path(scratch))
+        tables.append(table(selection, frames))
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
