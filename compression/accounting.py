@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from compression.registry import StorageCost
 
 SEED_BITS = 32  # the original formula counts every stored float at 32 bits
+ADAPTER_SCALE_BITS = 32  # integer adapters: one fp32 scale per row of each factor
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,26 @@ def account_layer(
     extra_adapter_params: int = 0,
     include_bias: bool = False,
     dense_dtype_bits: int = 32,
+    adapter_code_bits: int = 0,
 ) -> LayerAccounting:
     """Bits and multiply-adds of a compressed layer plus a rank-``rank`` adapter (0 = none).
 
     ``extra_adapter_params``: trained parameters beyond A and B (DoRA's magnitude vector),
-    stored at ``adapter_dtype_bits`` like the factors.
+    stored at ``adapter_dtype_bits`` like the factors. ``adapter_code_bits`` > 0: the factors
+    are stored as codes of that many bits with one fp32 scale per row of A (rank) and of B
+    (out), the extra parameters at fp32 (``--adapter-dtype int8`` / ``int4``).
     """
     adapter = adapter_params(out_features, in_features, rank) + extra_adapter_params
     bias_bits = out_features * dense_dtype_bits if include_bias else 0
     dense_bits = out_features * in_features * dense_dtype_bits + bias_bits
-    adapter_bits = adapter * adapter_dtype_bits
+    if adapter_code_bits:
+        scales = (rank + out_features) if rank else 0
+        adapter_bits = (
+            adapter_params(out_features, in_features, rank) * adapter_code_bits
+            + (scales + extra_adapter_params) * ADAPTER_SCALE_BITS
+        )
+    else:
+        adapter_bits = adapter * adapter_dtype_bits
     return LayerAccounting(
         out_features=out_features,
         in_features=in_features,

@@ -228,7 +228,7 @@ def test_the_names_the_help_lists_are_the_registries():
     from compression.sparse import KEEP_RULES
     from lora import LORA_INITS
     from train_evaluate import cli
-    from train_evaluate.checkpoint import ADAPTER_DTYPES
+    from train_evaluate.checkpoint import ADAPTER_FORMATS
     from train_evaluate.training import OBJECTIVES
 
     assert list(cli.INIT_NAMES) == list(LORA_INITS)
@@ -236,7 +236,7 @@ def test_the_names_the_help_lists_are_the_registries():
     assert list(cli.PRESET_NAMES) == list(PRESETS)
     assert list(cli.KEEP_NAMES) == list(KEEP_RULES)
     assert list(cli.INT1_SCALE_NAMES) == list(INT1_SCALES)
-    assert list(cli.ADAPTER_DTYPE_NAMES) == list(ADAPTER_DTYPES)
+    assert list(cli.ADAPTER_DTYPE_NAMES) == list(ADAPTER_FORMATS)
     assert list(cli.OBJECTIVE_NAMES) == list(OBJECTIVES)
 
 

@@ -45,10 +45,13 @@ from compression import (
     unpack_codes,
 )
 from lora import LoraConv2d, LoraLinear
+from lora.rounding import ADAPTER_INT_BITS, factor_config, rounded_factors
 from train_evaluate.files import atomic_path, digest
 
 FORMAT = "lora-compression-packed/1"
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# float dtypes, then integer codes with row scales (lora.rounding)
+ADAPTER_FORMATS = (*ADAPTER_DTYPES, *ADAPTER_INT_BITS)
 
 
 class CheckpointError(ValueError):
@@ -81,11 +84,7 @@ def pack_layer(
         else:
             tensors[f"base.{name}"] = part.detach().cpu().contiguous()
         parts[name] = entry
-    dtype = ADAPTER_DTYPES[adapter_dtype]
-    for name, value in layer.adapter_state().items():
-        if name in ("lora_A", "lora_B"):
-            value = value.flatten(1)
-        tensors[name] = value.to(dtype).cpu().contiguous()
+    tensors.update(pack_adapter(layer, adapter_dtype))
     if layer.base_layer.bias is not None:
         tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     info = {
@@ -110,6 +109,56 @@ def pack_layer(
             "padding_mode": conv.padding_mode,
         }
     return tensors, info
+
+
+def pack_adapter(layer: nn.Module, adapter_dtype: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: A and B as matrices at a float dtype, or (int8 / int4) each as
+    ``<name>.codes`` (packed at exactly N bits) and ``<name>.scale`` (fp32, one per row): the
+    factors rounded, which leaves the ones ``round_adapter_`` rounded as they are; DoRA's
+    magnitudes at the float dtype, or fp32."""
+    tensors = {}
+    state = layer.adapter_state()
+    bits = ADAPTER_INT_BITS.get(adapter_dtype)
+    if bits is not None:
+        for name, rounded in rounded_factors(layer, bits).items():
+            tensors[f"{name}.codes"] = pack_codes(rounded.parts["codes"], bits)
+            tensors[f"{name}.scale"] = rounded.parts["scale"].detach().float().cpu().contiguous()
+            del state[name]
+    dtype = ADAPTER_DTYPES.get(adapter_dtype, torch.float32)
+    for name, value in state.items():
+        if name in ("lora_A", "lora_B"):
+            value = value.flatten(1)
+        tensors[name] = value.to(dtype).cpu().contiguous()
+    return tensors
+
+
+def _unpack_adapter(
+    tensors: dict[str, torch.Tensor], adapter: dict[str, tuple[int, ...]], adapter_dtype: str, why
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The adapter state a file holds (float32) and the names of its tensors."""
+    bits = ADAPTER_INT_BITS.get(adapter_dtype)
+    state, names = {}, set()
+    for name, shape in adapter.items():
+        if bits is None or name not in ("lora_A", "lora_B"):
+            dtype = ADAPTER_DTYPES.get(adapter_dtype, torch.float32)
+            _check_tensor(tensors, name, shape, dtype, why)
+            state[name] = tensors[name].float()
+            names.add(name)
+            continue
+        rows, cols = shape
+        codes, scale = f"{name}.codes", f"{name}.scale"
+        _check_tensor(tensors, scale, (rows, 1), torch.float32, why)
+        _check_tensor(tensors, codes, (-(-rows * cols * bits // 8),), torch.uint8, why)
+        levels = 2 ** (bits - 1) - 1
+        values = unpack_codes(tensors[codes], bits, rows * cols)
+        _require(
+            values.numel() == 0 or int(values.max()) <= 2 * levels,
+            f"{codes} holds codes past the {bits}-bit range",
+        )
+        parts = {"codes": values.reshape(rows, cols).to(torch.uint8), "scale": tensors[scale]}
+        state[name] = expand(parts, factor_config(bits), (rows, cols))
+        names.update((codes, scale))
+    return state, names
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: str) -> int:
@@ -168,7 +217,7 @@ def _check_tensor(
     _require(tensor.dtype == dtype, f"{name} is {tensor.dtype}, but {why} needs {dtype}")
 
 
-def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, torch.dtype]:
+def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     """(shape, rank, alpha, DoRA, adapter dtype), each checked for type and range."""
     _require(isinstance(info, dict), "its metadata is not a JSON object")
     shape = info.get("shape")
@@ -195,10 +244,10 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, torch.d
     _require(isinstance(use_dora, bool), f"use_dora {use_dora!r} is not true or false")
     adapter_dtype = info.get("adapter_dtype")
     _require(
-        adapter_dtype in ADAPTER_DTYPES,
-        f"adapter dtype {adapter_dtype!r} is not one of {', '.join(ADAPTER_DTYPES)}",
+        adapter_dtype in ADAPTER_FORMATS,
+        f"adapter dtype {adapter_dtype!r} is not one of {', '.join(ADAPTER_FORMATS)}",
     )
-    return (out_features, in_features), rank, float(alpha), use_dora, ADAPTER_DTYPES[adapter_dtype]
+    return (out_features, in_features), rank, float(alpha), use_dora, adapter_dtype
 
 
 def _compressor_config(info: dict[str, Any]) -> Any:
@@ -323,13 +372,12 @@ def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     adapter = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
     if use_dora:
         adapter["lora_magnitude"] = (out_features,)
-    for name, wanted in adapter.items():
-        _check_tensor(tensors, name, wanted, adapter_dtype, why)
+    state, adapter_tensors = _unpack_adapter(tensors, adapter, adapter_dtype, why)
     if "bias" in tensors:
         _check_tensor(tensors, "bias", (out_features,), torch.float32, "an fp32 bias")
     config = _compressor_config(info)
     expected = _expected_parts(info, tensors, config, shape)
-    known = {f"base.{n}" for n in expected.parts} | set(adapter) | {"bias"}
+    known = {f"base.{n}" for n in expected.parts} | adapter_tensors | {"bias"}
     strangers = sorted(set(tensors) - known)
     _require(not strangers, f"it holds tensors no packed layer has: {', '.join(strangers)}")
     parts = {}
@@ -347,7 +395,7 @@ def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     stored = CompressedWeight(weight, expected.cost, parts, dict(expected.codes), config)
     base = CompressedLinear.from_compressed(stored, tensors.get("bias"))
     layer = LoraLinear(base, rank, alpha, use_dora=use_dora)
-    layer.load_adapter_state({name: tensors[name].float() for name in adapter})
+    layer.load_adapter_state(state)
     return layer
 
 

@@ -55,7 +55,7 @@ KEEP_NAMES = ("absmax", "max")
 INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
 INT_SCALE_NAMES = ("max", "mse")
 QUANTIZER_NAMES = ("rtn", "gptq")
-ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16")
+ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 DEFAULT_MODEL = "resnet18.tv_in1k"
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument(
         "--trials", type=int, default=10, help="Optuna trials per rank (default: 10)"
+    )
+    study.add_argument(
+        "--search",
+        default="rank",
+        choices=("rank", "pareto"),
+        help="rank: one Optuna study per (method, rank) (default); pareto: one multi-objective "
+        "study over method, rank and training settings, val accuracy against stored bits, "
+        "with --trials trials in all (pareto.csv)",
     )
     study.add_argument(
         "--epochs",
@@ -207,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-dtype",
         default="fp32",
         choices=ADAPTER_DTYPE_NAMES,
-        help="dtype of the adapter in the packed checkpoint and the ratios; training is fp32 "
-        "(default: fp32)",
+        help="dtype of the adapter in the packed checkpoint and the ratios; training is fp32; "
+        "int8 / int4: the trained factors rounded once to codes with fp32 row scales, and the "
+        "rounded model is the one scored (default: fp32)",
     )
     compress_group.add_argument(
         "--include-bias",

@@ -268,6 +268,7 @@ class NetworkAccounting:
     include_bias: bool
     backbone_bits: int  # every other parameter and buffer of the model
     selection: str
+    adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
 
     def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
         costs = self.costs if costs is None else costs
@@ -283,6 +284,7 @@ class NetworkAccounting:
                     adapter_dtype_bits=self.adapter_dtype_bits,
                     extra_adapter_params=info.shape[0] if self.dora and r else 0,
                     include_bias=self.include_bias,
+                    adapter_code_bits=self.adapter_code_bits,
                 ),
             )
 
@@ -662,7 +664,9 @@ class NetworkSetup:
     template: NetworkAccounting
 
     @classmethod
-    def create(cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int) -> NetworkSetup:
+    def create(
+        cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int, adapter_code_bits: int = 0
+    ) -> NetworkSetup:
         from train_evaluate.backbone import tensor_bits
 
         net = plan.network
@@ -692,6 +696,7 @@ class NetworkSetup:
             plan.include_bias,
             tensor_bits(model) - selected_bits,
             f"{net.selection} ({len(layers)} layers)",
+            adapter_code_bits,
         )
         return cls(model, layers, calibration, template)
 

@@ -78,6 +78,7 @@ class Plan:
     overwrite: bool
     network: NetworkPlan | None = None
     decode: str = "cpu"
+    search: str = "rank"
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--trials must be at least 1; got {args.trials}")
     if args.epochs < 0:
         raise UsageError(f"--epochs must be 0 (init only) or more; got {args.epochs}")
+    if args.search == "pareto" and args.epochs == 0:
+        raise UsageError("--search pareto searches training settings: it needs --epochs >= 1")
     if args.final_seeds < 1 or args.loftq_iters < 1:
         raise UsageError("--final-seeds and --loftq-iters must be at least 1")
     low, high = args.lr_range
@@ -384,6 +387,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     run_name = args.init
     if network_plan is not None:
         run_name += f"_layers-{selection_name(network_plan.selection)}"
+    if args.search == "pareto":
+        run_name += "_pareto"
     out = args.out or args.results_dir / folder_name(model) / data_name / run_name
     cache_dir = args.cache_dir or args.results_dir / "cache"
     check_folders(args, out, cache_dir)
@@ -423,6 +428,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         overwrite=args.overwrite,
         network=network_plan,
         decode=args.decode,
+        search=args.search,
     )
 
 

@@ -152,7 +152,7 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     context.progress.label = f"{method.name} r={rank}"
     outcome = run_rank(
         method, rank, context.splits, plan.sweep, context.storage, study_name,
-        context.progress.step,
+        context.progress.step, plan.adapter_dtype,
     )  # fmt: skip
     record = {**outcome.record, "key": key}
     checkpoint = report.write_rank_artifacts(

@@ -296,14 +296,15 @@ def write_rank_artifacts(
 
 @dataclass(frozen=True)
 class Accounting:
-    """How a run prices its rows: the FC's shape, the adapter's stored dtype, whether DoRA's
-    magnitudes and the bias are counted, and the bits of the rest of the model."""
+    """How a run prices its rows: the FC's shape, the adapter's stored dtype (or its code bits),
+    whether DoRA's magnitudes and the bias are counted, and the bits of the rest of the model."""
 
     fc_shape: tuple[int, int]
     adapter_dtype_bits: int
     dora: bool
     include_bias: bool
     backbone_bits: int
+    adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
 
     def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
         """The ratio columns of a row: this layer, and the whole model around it."""
@@ -314,6 +315,7 @@ class Accounting:
             adapter_dtype_bits=self.adapter_dtype_bits,
             extra_adapter_params=self.fc_shape[0] if self.dora and rank else 0,
             include_bias=self.include_bias,
+            adapter_code_bits=self.adapter_code_bits,
         )
         return {
             **accounting_columns(layer, model_ratio(self.backbone_bits, layer)),

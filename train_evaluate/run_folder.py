@@ -46,6 +46,8 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
     }
     if getattr(plan, "decode", "cpu") != "cpu":  # absent for the default: older runs match
         config["decode"] = plan.decode
+    if getattr(plan, "search", "rank") != "rank":
+        config["search"] = plan.search
     network = getattr(plan, "network", None)
     if network is not None:  # absent for the classifier alone: older FC runs still match
         config["network"] = {

@@ -33,6 +33,7 @@ from torch import nn
 
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
+from lora.rounding import ADAPTER_INT_BITS, round_adapter_
 from train_evaluate import interrupt
 from train_evaluate.batched import Run, batchable, train_adapters
 from train_evaluate.training import (
@@ -412,13 +413,21 @@ def run_rank(
     storage: optuna.storages.BaseStorage | None,
     study_name: str,
     on_step: Callable[[], None] = lambda: None,
+    adapter_dtype: str = "fp32",
 ) -> RankOutcome:
-    """Init-only baseline, Optuna study and final model for one (method, rank)."""
+    """Init-only baseline, Optuna study and final model for one (method, rank).
+
+    ``adapter_dtype`` int8 / int4: the init and each final model are scored with their
+    factors rounded to integer codes (``round_adapter_``), as the packed file stores them;
+    training and the choice of the best epoch see the float factors."""
     started = time.perf_counter()
     seed_parts = (sweep.seed, method.name, rank)
+    code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
     probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
+    if code_bits:
+        round_adapter_(probe, code_bits)
     init_test = evaluate(probe, data.test)
     record: dict[str, Any] = {
         "method": method.name,
@@ -517,6 +526,8 @@ def run_rank(
         layer = method.layer(rank, best.params["lora_alpha"], sweep, seed)
         assert same_base(layer, probe)
         result = train_one(layer, data, sweep.train_config(best.params, seed))
+        if code_bits:
+            round_adapter_(layer, code_bits)
         finals.append(
             {
                 "seed": seed,

@@ -161,7 +161,8 @@ def sweep_all(plan) -> dict:
     import torch
 
     from data import split_lists, split_warnings
-    from train_evaluate import compare, network, report
+    from lora.rounding import ADAPTER_INT_BITS
+    from train_evaluate import compare, network, pareto, report
     from train_evaluate.backbone import classifier, tensor_bits, weights_id
     from train_evaluate.checkpoint import ADAPTER_DTYPES
     from train_evaluate.files import write_text
@@ -191,9 +192,11 @@ def sweep_all(plan) -> dict:
     log.info(
         "original classifier: test top-1 %.2f%% (%d test images)", original_acc, len(splits.test)
     )
-    adapter_bits = ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8
+    # int8 / int4 adapters: codes and fp32 row scales; float ones at their dtype
+    code_bits = ADAPTER_INT_BITS.get(plan.adapter_dtype, 0)
+    adapter_bits = 32 if code_bits else ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8
     if whole:
-        setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits)
+        setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits, code_bits)
     else:
         accounting = report.Accounting(
             plan.fc_shape,
@@ -201,9 +204,13 @@ def sweep_all(plan) -> dict:
             plan.sweep.use_dora,
             plan.include_bias,
             tensor_bits(found.model) - tensor_bits(head),
+            code_bits,
         )
-    total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
-    rows, layer_rows = [], []
+    if plan.search == "pareto":
+        total = plan.sweep.trials
+    else:
+        total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
+    rows, layer_rows, candidates = [], [], {}
     with Progress(total) as progress:
         context = RunContext(
             plan,
@@ -227,6 +234,14 @@ def sweep_all(plan) -> dict:
             log.info(
                 "%s: compressed only, test top-1 %.2f%%", compression.describe(), compressed["acc"]
             )
+            if plan.search == "pareto":
+                candidates[name] = pareto.Candidate(method, accounting, compressed["acc"])
+                rows += report.method_rows(
+                    {"quant": name, "init": plan.sweep.init, "seed": plan.sweep.seed,
+                     "compression": compression.describe()},
+                    original, compressed, method.cost, [], accounting,
+                )  # fmt: skip
+                continue
             records = [rank_record(context, method, rank) for rank in plan.ranks]
             shared = {
                 "quant": name,
@@ -239,6 +254,8 @@ def sweep_all(plan) -> dict:
             )
             if whole:
                 layer_rows += [row for r in plan.ranks for row in accounting.layer_rows(name, r)]
+        if candidates:
+            pareto_search(plan, context, candidates, found, out)
     frame = report.evaluation_frame(rows)
     csv_path = report.write_evaluation(out, frame)
     if whole:
@@ -275,6 +292,51 @@ def sweep_all(plan) -> dict:
         },
         "seconds": time.perf_counter() - started,
     }
+
+
+def pareto_search(plan, context, candidates, found, out) -> None:
+    """``--search pareto``: the study, the front's final models and pareto.csv."""
+    from lora.rounding import ADAPTER_INT_BITS, round_adapter_
+    from train_evaluate import pareto, report
+    from train_evaluate.checkpoint import read_packed, write_packed
+    from train_evaluate.records import checkpoint_info
+    from train_evaluate.sweep import train_one
+
+    sweep, splits = plan.sweep, context.splits
+    context.progress.label = "pareto search"
+    study = pareto.run_search(
+        candidates, list(plan.ranks), splits, sweep, context.storage, train_one,
+        context.progress.step,
+    )  # fmt: skip
+    chosen = pareto.front(study, sweep.trials)
+    info = checkpoint_info(context)
+    bits = ADAPTER_INT_BITS.get(plan.adapter_dtype)
+
+    def write(path, layer, metrics):
+        extra = {**info, "init": sweep.init, "metrics": metrics}
+        return write_packed(path, layer, plan.adapter_dtype, extra)
+
+    def read(path):
+        if plan.network is None:
+            return read_packed(path, plan.device).layer
+        from train_evaluate.network import load_adapted
+
+        return load_adapted(found.model, path, plan.device)
+
+    rows = pareto.final_rows(
+        chosen, candidates, splits, sweep, train_one, out, write, read,
+        (lambda layer: round_adapter_(layer, bits)) if bits else (lambda layer: None),
+    )  # fmt: skip
+    title = report.run_title(info, sweep.init)
+    frame = pareto.write_outputs(out, study, rows, candidates, context.original_acc, title)
+    log.info(
+        "pareto search: %d trials, %d on the front (val top-1 against bits):\n%s",
+        sweep.trials,
+        len(frame),
+        frame[["trial", "quant", "lora_rank", "val_acc", "bits_per_weight", "test_acc"]].to_string(
+            index=False, float_format="{:.2f}".format
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
