@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,3 +156,13 @@ def image_folder(count: int, scratch: Path) -> tuple[Path, str]:
             picture.save(target, quality=90)
     what = "real ImageNet sample images" if real else "synthetic 500x375 JPEGs"
     return scratch, f"{count} {what}"
+
+
+def missing_inputs(paths: dict[str, Path]) -> int:
+    """0 when every path exists; else 2, after one line on stderr naming the first missing
+    one (``paths``: what it is -> where)."""
+    for what, path in paths.items():
+        if not path.exists():
+            print(f"error: {what} {path} is missing (see the module doc)", file=sys.stderr)
+            return 2
+    return 0

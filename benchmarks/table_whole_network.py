@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.common import missing_inputs
 from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,10 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--calib-images", type=int, default=512)
     args = parser.parse_args(argv)
-    for path, what in ((args.data_dir, "the image folder"), (args.weights, "the weights")):
-        if not path.exists():
-            print(f"error: {what} {path} is missing (see the module doc)", file=sys.stderr)
-            return 2
+    if missing := missing_inputs({"the image folder": args.data_dir, "the weights": args.weights}):
+        return missing
     with tempfile.TemporaryDirectory() as scratch:
         frames = {init: run(init, args, Path(scratch)) for init in INITS}
     print(table(frames))

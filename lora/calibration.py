@@ -207,6 +207,21 @@ def _moments(
     return {name: accumulator.moment() for name, accumulator in accumulators.items()}
 
 
+def _calibration_order(
+    model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable | Callable[[], Iterable]
+) -> list[str]:
+    """The names of ``modules`` in the order the forward pass on the first calibration batch
+    calls them; ValueError when there is no batch or the pass never calls one of them."""
+    first = next(iter(_batches(calibration)), None)
+    if first is None:
+        raise ValueError("calibrated inits and compressors need calibration batches; got none")
+    order = forward_order(model, _input(first, _device(model)), modules)
+    unseen = sorted(set(modules) - set(order))
+    if unseen:
+        raise ValueError(f"the forward pass never calls {', '.join(unseen)}")
+    return order
+
+
 def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is a child (a module may be reachable under several names)."""
     places = [
@@ -279,16 +294,8 @@ def calibrate_sequentially(
     results: dict[str, tuple[nn.Module, InitContext]] = {}
     try:
         with torch.no_grad():
-            order = list(modules)
-            if aware:
-                # order matters only when a layer's moment depends on the layers before it
-                first = next(iter(_batches(calibration)), None)
-                if first is None:
-                    raise ValueError("activation-aware inits need calibration batches; got none")
-                order = forward_order(model, _input(first, _device(model)), modules)
-                unseen = sorted(set(modules) - set(order))
-                if unseen:
-                    raise ValueError(f"the forward pass never calls {', '.join(unseen)}")
+            # order matters only when a layer's moment depends on the layers before it
+            order = _calibration_order(model, modules, calibration) if aware else list(modules)
             moments: dict[str, torch.Tensor] = {}
             if aware and not sequential:
                 chosen = {name: modules[name] for name in order if name in aware}
@@ -327,10 +334,7 @@ def compress_sequentially(
         with torch.no_grad():
             order = list(modules)
             if calibrated:
-                first = next(iter(_batches(calibration)), None)
-                if first is None:
-                    raise ValueError("calibrated compressors need calibration batches; got none")
-                order = forward_order(model, _input(first, _device(model)), modules)
+                order = _calibration_order(model, modules, calibration)
             for name in order:
                 module = modules[name]
                 moment = None

@@ -143,3 +143,17 @@ def test_a_gptq_layer_round_trips_through_its_packed_file(config, tmp_path):
     assert loaded.layer.base_compressed.config == config
     with torch.no_grad():
         assert torch.equal(loaded.layer(features), layer(features))
+
+
+def test_a_calibrated_layer_the_forward_never_calls_is_refused_not_left_uncompressed():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    config = IntNConfig(4, quantizer="gptq")
+    with pytest.raises(ValueError, match="never calls spare"):
+        compress_sequentially(Unused(), {"used": config, "spare": config}, [torch.randn(4, 8)])
