@@ -6,8 +6,9 @@ compressor, data-blind and calibrated, on the real ImageNet sample, training-fre
 
 For each selection (``all``: every pointwise conv and the FC; ``head``: the FC alone), each
 rounding (``rtn`` with the ``max`` scale: data-blind; ``rtn`` with the ``mse`` scale and
-``gptq``: calibrated on the layers' inputs) and each method, it runs the driver with
-``--epochs 0`` (the init only: no training) and ``--init svd_init``, and prints one markdown
+``gptq``: calibrated on the layers' inputs), each init (``--inits``: ``svd_init``, the SVD of
+each layer's residual, and ``act_svd_init``, its activation-aware form) and each method, it
+runs the driver with ``--epochs 0`` (the init only: no training), and prints one markdown
 table per selection: the compressed-only row and each rank's row, with bits per weight (every
 stored bit of the selected layers, adapters at fp16) and test top-1, the Pareto-optimal rows
 (no other row has at least the accuracy with fewer bits) marked. The split is 40% train (the
@@ -37,11 +38,11 @@ ROUNDINGS = (
 )
 
 
-def run(selection: str, options: list[str], args: argparse.Namespace, results: Path):
+def run(selection: str, init: str, options: list[str], args: argparse.Namespace, results: Path):
     code = train_main(
         [
             "--model", MODEL, "--weights", str(args.weights), "--data-dir", str(args.data_dir),
-            "--layers", selection, "--epochs", "0", "--init", "svd_init",
+            "--layers", selection, "--epochs", "0", "--init", init,
             "--methods", *args.methods, "--ranks", *map(str, args.ranks),
             "--adapter-dtype", "fp16", "--split", "0.4", "0.1", "0.5",
             "--calib-images", str(args.calib_images), "--results-dir", str(results), *options,
@@ -49,7 +50,7 @@ def run(selection: str, options: list[str], args: argparse.Namespace, results: P
     )  # fmt: skip
     if code != 0:
         raise SystemExit(f"the driver failed for --layers {selection} {options} (exit {code})")
-    folder = "svd_init" if selection == "head" else f"svd_init_layers-{selection}"
+    folder = init if selection == "head" else f"{init}_layers-{selection}"
     (csv,) = results.glob(f"*/*/{folder}/evaluation.csv")
     return pd.read_csv(csv)
 
@@ -70,17 +71,21 @@ def pareto(rows: pd.DataFrame) -> pd.Series:
     )
 
 
-def table(selection: str, frames: dict[str, pd.DataFrame]) -> str:
-    rows = []
-    for label, frame in frames.items():
+def table(selection: str, frames: dict[tuple[str, str], pd.DataFrame]) -> str:
+    rows, seen = [], set()
+    for (init, label), frame in frames.items():
         for _, row in frame.iterrows():
-            if row["lora_rank"] == "original" and rows:
-                continue  # the fp32 row once
             rank = {"original": "-", "quantized": "none"}.get(row["lora_rank"], row["lora_rank"])
+            # the fp32 row once; a compressed-only row once per rounding (no init involved)
+            key = (row["quant"] if rank != "-" else "", label if rank != "-" else "", rank)
+            if rank in ("-", "none") and key in seen:
+                continue
+            seen.add(key)
             rows.append(
                 {
                     "compression": "fp32" if rank == "-" else row["quant"],
                     "rounding": "-" if rank == "-" else label,
+                    "init": init if rank not in ("-", "none") else "-",
                     "rank": rank,
                     "bits_per_weight": row["bits_per_weight"],
                     "evaluation": row["evaluation"],
@@ -92,13 +97,13 @@ def table(selection: str, frames: dict[str, pd.DataFrame]) -> str:
     lines = [
         f"`--layers {selection}`:",
         "",
-        "| compression | rounding | rank | bits/weight | top-1 | on the front |",
-        "|---|---|---|---|---|---|",
+        "| compression | rounding | init | rank | bits/weight | top-1 | on the front |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in frame.itertuples():
         lines.append(
-            f"| {row.compression} | {row.rounding} | {row.rank} | {row.bits_per_weight:.2f} | "
-            f"{row.evaluation:.1f} | {'yes' if row.front else ''} |"
+            f"| {row.compression} | {row.rounding} | {row.init} | {row.rank} | "
+            f"{row.bits_per_weight:.2f} | {row.evaluation:.1f} | {'yes' if row.front else ''} |"
         )
     return "\n".join(lines)
 
@@ -111,15 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["int4", "int2"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[16])
     parser.add_argument("--calib-images", type=int, default=512)
+    parser.add_argument("--inits", nargs="+", default=["svd_init", "act_svd_init"])
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        help="keep the driver's run folders here (a rerun then reuses every finished rank); "
+        "default: a temporary folder per run",
+    )
     args = parser.parse_args(argv)
     if missing := missing_inputs({"the image folder": args.data_dir, "the weights": args.weights}):
         return missing
     tables = []
     for selection in args.layers:
         frames = {}
-        for label, options in ROUNDINGS:
-            with tempfile.TemporaryDirectory() as scratch:
-                frames[label] = run(selection, options, args, Path(scratch))
+        for init in args.inits:
+            for label, options in ROUNDINGS:
+                if args.results_dir is not None:
+                    where = args.results_dir / f"{selection}-{label.replace(', ', '-')}"
+                    frames[init, label] = run(selection, init, options, args, where)
+                    continue
+                with tempfile.TemporaryDirectory() as scratch:
+                    frames[init, label] = run(selection, init, options, args, Path(scratch))
         tables.append(table(selection, frames))
     print("\n\n".join(tables))
     return 0

@@ -271,7 +271,11 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in dropped if c in frame]).reset_index(drop=True)
 
 
-@pytest.mark.parametrize("selection", [[], ["--layers", "head"]], ids=["default", "head"])
+@pytest.mark.parametrize(
+    "selection",
+    [[], ["--layers", "head"], ["--workers", "1"]],
+    ids=["default", "head", "workers-1"],
+)
 def test_the_fc_study_gives_the_evaluation_csv_recorded_before_whole_network_mode(
     selection, tmp_path, capsys
 ):

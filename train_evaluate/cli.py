@@ -193,6 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--kd-weight", type=float, default=0.5, help="weight of kd in ce+kd, 0..1 (default: 0.5)"
     )
 
+    many = parser.add_argument_group("many workers")
+    many.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine sharing the sweep through --storage (one GPU "
+        "each when there are several); default 1",
+    )
+    many.add_argument(
+        "--storage",
+        help="Optuna storage URL (postgresql+psycopg://..., mysql+pymysql://..., sqlite:///...); "
+        "processes with the same URL and the same settings share one sweep (default: the run "
+        "folder's optuna.sqlite3)",
+    )
+    many.add_argument("--study-prefix", default="", help="prefix of the study names in the storage")
+    many.add_argument(
+        "--heartbeat",
+        type=int,
+        default=10,
+        help="with several workers: seconds between a running trial's heartbeats; a trial "
+        "silent for 3 of them is failed and run again (default: 10)",
+    )
+    many.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+
     compress_group = parser.add_argument_group("compression")
     compress_group.add_argument(
         "--preset",
@@ -274,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: 64)",
     )
     data.add_argument(
-        "--workers",
+        "--decode-workers",
         type=int,
         default=None,
         help="image decoding processes (default: 0 on CPU, decoding in threads; up to 8 on GPU)",

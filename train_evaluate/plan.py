@@ -69,7 +69,7 @@ class Plan:
     device: torch.device
     threads: int
     feature_batch_size: int
-    workers: int | None
+    decode_workers: int | None
     adapter_dtype: str
     include_bias: bool
     results_dir: Path
@@ -79,6 +79,21 @@ class Plan:
     network: NetworkPlan | None = None
     decode: str = "cpu"
     search: str = "rank"
+    # many workers (train_evaluate.workers): the storage URL (None: the run folder's SQLite
+    # file), study-name prefix, worker processes on this machine, heartbeat seconds, the
+    # launcher's pid in a worker, and the command's own arguments (to start workers with)
+    storage: str | None = None
+    study_prefix: str = ""
+    workers: int = 1
+    heartbeat: int = 10
+    worker_of: int | None = None
+    argv: tuple[str, ...] = ()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may work on the same studies: then nothing running may be
+        taken for dead at start, and trials beat a heartbeat."""
+        return self.storage is not None or self.workers > 1 or self.worker_of is not None
 
 
 @dataclass(frozen=True)
@@ -124,8 +139,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr-range needs 0 < LOW <= HIGH; got {low:g} {high:g}")
     if min(args.batch_sizes) < 1 or min(args.alphas) < 1:
         raise UsageError("--batch-sizes and --alphas must be positive integers")
-    if args.feature_batch_size < 1 or (args.workers is not None and args.workers < 0):
-        raise UsageError("--feature-batch-size must be >= 1 and --workers >= 0")
+    if args.feature_batch_size < 1 or (args.decode_workers is not None and args.decode_workers < 0):
+        raise UsageError("--feature-batch-size must be >= 1 and --decode-workers >= 0")
+    if args.workers < 1 or args.heartbeat < 1:
+        raise UsageError("--workers and --heartbeat must be at least 1")
     if args.ranks is not None and min(args.ranks) < 1:
         raise UsageError(f"--ranks must be at least 1; got {min(args.ranks)}")
     if args.threads is not None and args.threads < 1:
@@ -378,6 +395,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
     device = resolve_device(args.device)
     demo, reason, source, model, weights = resolve_data_and_model(args)
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
+    if args.storage is not None and args.worker_of is None:
+        from train_evaluate.workers import check_storage
+
+        problem = check_storage(args.storage)
+        if problem is not None:
+            raise UsageError(f"{problem}; check the URL, that the server runs, and the user")
     network_plan = plan_network(args, model, source, fractions, device)
     if network_plan is not None and args.decode != "cpu":
         raise UsageError(
@@ -419,7 +442,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         device=device,
         threads=args.threads or available_cores(),
         feature_batch_size=args.feature_batch_size,
-        workers=args.workers,
+        decode_workers=args.decode_workers,
         adapter_dtype=args.adapter_dtype,
         include_bias=args.include_bias,
         results_dir=args.results_dir,
@@ -429,6 +452,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
         network=network_plan,
         decode=args.decode,
         search=args.search,
+        storage=args.storage,
+        study_prefix=args.study_prefix,
+        workers=args.workers,
+        heartbeat=args.heartbeat,
+        worker_of=args.worker_of,
+        argv=tuple(getattr(args, "argv", ())),
     )
 
 

@@ -26,7 +26,7 @@ from train_evaluate.features import feature_key
 from train_evaluate.files import read_json, write_json
 from train_evaluate.plan import Plan
 from train_evaluate.progress import Progress
-from train_evaluate.sweep import Method, Splits, run_rank, steps_per_rank
+from train_evaluate.sweep import Method, Sharing, Splits, run_rank, steps_per_rank
 from train_evaluate.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class RunContext:
     test_ids_sha256: str
     storage: optuna.storages.BaseStorage
     progress: Progress
+    sharing: Sharing | None = None  # many workers on one storage
 
 
 def file_digest(path: Path) -> str:
@@ -110,7 +111,7 @@ def identities(context: RunContext, method: Method, rank: int) -> tuple[str, str
         # calibrated compressors read the layer's inputs (the mse scale did not, before): a
         # study or record made on the weights alone is not theirs
         identity["compressor_inputs"] = "input second moment"
-    study_name = f"{method.name}_r{rank}_{feature_key(**identity)[:12]}"
+    study_name = f"{plan.study_prefix}{method.name}_r{rank}_{feature_key(**identity)[:12]}"
     key = feature_key(
         record_format=RECORD_FORMAT,
         study=study_name,
@@ -135,9 +136,11 @@ def checkpoint_info(context: RunContext) -> dict[str, Any]:
     }
 
 
-def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any]:
+def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any] | None:
     """A rank's record: reused when a finished, intact one with the same key exists, else
-    computed (with its files) and written."""
+    computed (with its files) and written. Many workers (``context.sharing``): None when this
+    worker has nothing (more) to do on the rank now; the worker that claimed its finals writes
+    its files and record, and releases the claim only then."""
     plan = context.plan
     study_name, key = identities(context, method, rank)
     path = record_path(plan.out, method.name, rank)
@@ -145,15 +148,38 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     if record is not None and record.get("key") == key:
         problem = record_problem(plan.out, record)
         if problem is None:
-            log.info("%s r=%d: finished in an earlier run; reusing its results", method.name, rank)
+            log.info(
+                "%s r=%d: finished already (an earlier run, or another worker); reusing its "
+                "results",
+                method.name,
+                rank,
+            )
             context.progress.advance(steps_per_rank(plan.sweep), f"{method.name} r={rank} reused")
             return record
         log.warning("%s r=%d: %s; running the rank again", method.name, rank, problem)
     context.progress.label = f"{method.name} r={rank}"
     outcome = run_rank(
         method, rank, context.splits, plan.sweep, context.storage, study_name,
-        context.progress.step, plan.adapter_dtype,
+        context.progress.step, plan.adapter_dtype, context.sharing,
     )  # fmt: skip
+    if outcome is None:
+        return None
+    try:
+        record = write_record(context, outcome, key, path)
+    except BaseException:
+        if outcome.claim is not None:
+            outcome.claim.release(False)
+        raise
+    if outcome.claim is not None:
+        outcome.claim.release(True)
+    return record
+
+
+def write_record(context: RunContext, outcome: Any, key: str, path: Path) -> dict[str, Any]:
+    """The rank's files (curves, pages, checkpoint, read back and scored) and, last, its
+    record."""
+    plan = context.plan
+    method, rank = outcome.record["method"], outcome.record["rank"]
     record = {**outcome.record, "key": key}
     checkpoint = report.write_rank_artifacts(
         plan.out, record, outcome.layer, outcome.study, plan.adapter_dtype, checkpoint_info(context)
@@ -173,7 +199,7 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
         }
     record["files"] = {
         str(p.relative_to(plan.out)): file_digest(p)
-        for p in report.rank_artifacts(plan.out, method.name, rank)
+        for p in report.rank_artifacts(plan.out, method, rank)
         if p.is_file()
     }
     record["record_sha256"] = content_digest(record)
@@ -181,7 +207,7 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"
     log.info(
         "%s r=%d: %s (init only %.2f%%) in %.1f s",
-        method.name,
+        method,
         rank,
         summary,
         record["init_only"]["test_acc"],

@@ -48,6 +48,11 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         config["decode"] = plan.decode
     if getattr(plan, "search", "rank") != "rank":
         config["search"] = plan.search
+    if getattr(plan, "storage", None) is not None:  # the password hidden
+        from train_evaluate.workers import shown
+
+        config["storage"] = shown(plan.storage)
+        config["study_prefix"] = plan.study_prefix
     network = getattr(plan, "network", None)
     if network is not None:  # absent for the classifier alone: older FC runs still match
         config["network"] = {

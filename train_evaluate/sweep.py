@@ -34,7 +34,7 @@ from torch import nn
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
 from lora.rounding import ADAPTER_INT_BITS, round_adapter_
-from train_evaluate import interrupt
+from train_evaluate import interrupt, workers
 from train_evaluate.batched import Run, batchable, train_adapters
 from train_evaluate.training import (
     FeatureSplit,
@@ -171,6 +171,15 @@ class RankOutcome:
     record: dict[str, Any]
     layer: LoraLinear | None
     study: optuna.Study | None
+    claim: Any = None  # many workers: the held claim on the rank's finals (workers.FinalClaim)
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Many workers on one storage: its heartbeat-enabled handle and the beat in seconds."""
+
+    storage: optuna.storages.BaseStorage
+    heartbeat: int
 
 
 def open_storage(path: Path) -> optuna.storages.RDBStorage:
@@ -414,15 +423,65 @@ def run_rank(
     study_name: str,
     on_step: Callable[[], None] = lambda: None,
     adapter_dtype: str = "fp32",
-) -> RankOutcome:
+    sharing: Sharing | None = None,
+) -> RankOutcome | None:
     """Init-only baseline, Optuna study and final model for one (method, rank).
 
     ``adapter_dtype`` int8 / int4: the init and each final model are scored with their
     factors rounded to integer codes (``round_adapter_``), as the packed file stores them;
-    training and the choice of the best epoch see the float factors."""
+    training and the choice of the best epoch see the float factors.
+
+    ``sharing`` (many workers, see ``workers``): this worker runs the trials that are still
+    free and, once all have finished, the finals if it claims them first; None when there is
+    nothing (more) for it to do on this rank now. The outcome then holds the claim, which the
+    caller releases once the rank's files are written."""
     started = time.perf_counter()
-    seed_parts = (sweep.seed, method.name, rank)
     code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
+    study = None
+    if sweep.epochs > 0:
+        study = workers.open_study(
+            storage,
+            study_name,
+            direction="maximize",
+            pruner=optuna.pruners.MedianPruner(**PRUNER)
+            if sweep.pruning
+            else optuna.pruners.NopPruner(),
+        )
+    claim = None
+    if sharing is not None:
+        # cheap checks first: a rank with no free trial and no claimable final is left alone
+        if study is not None:
+            workers.fail_stale(study)
+            done = workers.finished_count(study) >= sweep.trials
+            if not done and not workers.has_work(study, sweep.trials):
+                return None  # its last trials are running elsewhere
+        if study is None or workers.finished_count(study) >= sweep.trials:
+            claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
+            if not claim.acquire():
+                return None
+    try:
+        return _run_rank(
+            method, rank, splits, sweep, study, on_step, code_bits, sharing, claim, started
+        )
+    except BaseException:
+        if claim is not None and claim.trial is not None:
+            claim.release(False)
+        raise
+
+
+def _run_rank(
+    method: Method,
+    rank: int,
+    splits: Splits,
+    sweep: SweepConfig,
+    study: optuna.Study | None,
+    on_step: Callable[[], None],
+    code_bits: int,
+    sharing: Sharing | None,
+    claim: Any,
+    started: float,
+) -> RankOutcome | None:
+    seed_parts = (sweep.seed, method.name, rank)
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
     probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
@@ -444,7 +503,7 @@ def run_rank(
         record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
         record["seconds"] = time.perf_counter() - started
         on_step()
-        return RankOutcome(record, probe, None)
+        return RankOutcome(record, probe, None, claim)
 
     def prepare(trial: optuna.Trial, index: int) -> Run:
         params = sweep.space.suggest(trial)
@@ -491,22 +550,23 @@ def run_rank(
             for (trial, _), outcome in zip(prepared, outcomes, strict=True)
         ]
 
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        direction="maximize",
-        load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(**PRUNER)
-        if sweep.pruning
-        else optuna.pruners.NopPruner(),
-    )
-    # a whole adapted network (not one LoraLinear) trains its trials one at a time
-    batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
-    batch = TrialBatch(prepare_batched, train_batched) if batched else None
-    run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
+    if sharing is None:
+        # a whole adapted network (not one LoraLinear) trains its trials one at a time
+        batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
+        batch = TrialBatch(prepare_batched, train_batched) if batched else None
+        run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
+    elif claim is None:
+        ready = workers.run_shared_study(
+            study, objective, sweep.trials, lambda i: seeded_sampler(seed_parts, i), on_step
+        )
+        if not ready:
+            return None
+        claim = workers.FinalClaim(sharing.storage, study.study_name, sharing.heartbeat)
+        if not claim.acquire():
+            return None
     trials = counted_trials(study, sweep.trials)
     record["trials"] = trial_counts(trials)
-    record["study"] = study_name
+    record["study"] = study.study_name
     best = best_trial(trials)
     if best is None:
         log.warning(
@@ -518,7 +578,7 @@ def run_rank(
         record["seconds"] = time.perf_counter() - started
         for _ in range(sweep.final_seeds):
             on_step()
-        return RankOutcome(record, None, study)
+        return RankOutcome(record, None, study, claim)
 
     finals, kept = [], None
     for index in range(sweep.final_seeds):
@@ -550,4 +610,4 @@ def run_rank(
         test_acc=sum(f["test_acc"] for f in finals) / len(finals),
     )
     record["seconds"] = time.perf_counter() - started
-    return RankOutcome(record, kept, study)
+    return RankOutcome(record, kept, study, claim)

@@ -35,7 +35,9 @@ def load_features(plan):
         # same split that is drawn below from the (identical) list of readable digits.
         split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
         weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
-    workers = plan.workers if plan.workers is not None else default_workers(plan.device)
+    workers = (
+        plan.decode_workers if plan.decode_workers is not None else default_workers(plan.device)
+    )
     try:
         found = backbone_features(
             plan.model,
@@ -77,7 +79,9 @@ def load_images(plan):
         split = split_indices(len(plan.source.ids), plan.fractions, plan.sweep.seed)
         weights = demo_weights(plan.cache_dir, plan.source, split["train"], plan.sweep.seed)
         model = create_backbone(plan.model, weights, plan.device)
-    workers = plan.workers if plan.workers is not None else default_workers(plan.device)
+    workers = (
+        plan.decode_workers if plan.decode_workers is not None else default_workers(plan.device)
+    )
     try:
         num_classes = model.get_classifier().out_features
         check_labels(plan.source, num_classes, plan.model)
@@ -141,6 +145,11 @@ def run(plan) -> None:
     torch.set_num_threads(plan.threads)
     identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
     config = run_folder.run_config(plan, identity)
+    if plan.worker_of is not None:
+        # a worker started by a launcher (--workers N), which holds the folder, built the
+        # caches and writes the report
+        sweep_all(plan)
+        return
     with run_folder.exclusive(plan.out):
         run_folder.claim(plan.out, config, plan.overwrite)
         # Temporary files of killed runs (up to the feature cache's size); live writers' stay.
@@ -148,8 +157,49 @@ def run(plan) -> None:
         if removed:
             log.info("removed %d temporary files left by killed runs", removed)
         announce(plan)
-        results = sweep_all(plan)
+        started = []
+        if plan.workers > 1:
+            from train_evaluate import workers
+
+            # the caches (and the demo classifier) once, before the workers read them
+            load_images(plan) if plan.network is not None else load_features(plan)
+            started = workers.spawn(worker_argv(plan), plan.workers - 1, plan.out)
+        try:
+            results = sweep_all(plan)
+        except BaseException:
+            for process, _ in started:
+                process.terminate()
+            raise
+        finally:
+            for problem in workers.wait(started) if started else []:
+                log.warning("warning: %s", problem)
+        if plan.shared:
+            results["determinism"] = SHARED_DETERMINISM
         run_folder.finish(plan.out, config, results)
+
+
+SHARED_DETERMINISM = (
+    "several workers (or a shared --storage): the same ranks and the same number of trials per "
+    "rank as one worker; TPE's suggestions after its random start-up trials depend on the "
+    "order in which trials finished, so parameters and values may differ from a one-worker run"
+)
+
+
+def worker_argv(plan) -> list[str]:
+    """The launcher's own arguments for its workers: one process each, no --overwrite (the
+    launcher has already cleared the folder)."""
+    argv, skip = [], False
+    for argument in plan.argv:
+        if skip:
+            skip = False
+            continue
+        if argument == "--workers":
+            skip = True
+            continue
+        if argument.startswith("--workers=") or argument == "--overwrite":
+            continue
+        argv.append(argument)
+    return [*argv, "--workers", "1"]
 
 
 def sweep_all(plan) -> dict:
@@ -168,8 +218,9 @@ def sweep_all(plan) -> dict:
     from train_evaluate.files import write_text
     from train_evaluate.progress import Progress
     from train_evaluate.records import RunContext, rank_record
-    from train_evaluate.sweep import Method, Splits, open_storage, steps_per_rank
+    from train_evaluate.sweep import Method, Sharing, Splits, open_storage, steps_per_rank
     from train_evaluate.training import evaluate, split_tensors
+    from train_evaluate.workers import shared_storage
 
     started = time.perf_counter()
     whole = plan.network is not None
@@ -178,7 +229,7 @@ def sweep_all(plan) -> dict:
     for warning in split_warnings(cached.labels, split):
         log.warning("warning: %s", warning)
     lists = split_lists(cached.ids, split)
-    for name, text in lists.items():
+    for name, text in lists.items() if plan.worker_of is None else ():  # a worker's launcher's
         write_text(out / "split" / f"{name}.txt", text)
     # the module the study compresses: the classifier on features, or the whole network on
     # the cached images
@@ -210,7 +261,12 @@ def sweep_all(plan) -> dict:
         total = plan.sweep.trials
     else:
         total = len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
-    rows, layer_rows, candidates = [], [], {}
+    rows, layer_rows, candidates, built, records = [], [], {}, [], {}
+    if plan.shared:
+        storage = shared_storage(plan.storage or f"sqlite:///{(out / 'optuna.sqlite3').resolve()}",
+                                 plan.heartbeat)  # fmt: skip
+    else:
+        storage = open_storage(out / "optuna.sqlite3")
     with Progress(total) as progress:
         context = RunContext(
             plan,
@@ -220,8 +276,9 @@ def sweep_all(plan) -> dict:
             found.key,
             weights_id(plan.model, weights),
             hashlib.sha256(lists["test"].encode()).hexdigest(),
-            open_storage(out / "optuna.sqlite3"),
+            storage,
             progress,
+            Sharing(storage, plan.heartbeat) if plan.shared else None,
         )
         for name, compression in plan.compressions.items():
             if whole:
@@ -242,20 +299,29 @@ def sweep_all(plan) -> dict:
                     original, compressed, method.cost, [], accounting,
                 )  # fmt: skip
                 continue
-            records = [rank_record(context, method, rank) for rank in plan.ranks]
             shared = {
                 "quant": name,
                 "init": plan.sweep.init,
                 "seed": plan.sweep.seed,
                 "compression": compression.describe(),
             }
+            built.append((method, shared, compressed, accounting))
+            if context.sharing is None:  # one process: rank after rank, as they come
+                records[name] = [rank_record(context, method, rank) for rank in plan.ranks]
+        if context.sharing is not None:
+            records = share_ranks(context, [method for method, *_ in built], plan.ranks)
+        for method, shared, compressed, accounting in built:
             rows += report.method_rows(
-                shared, original, compressed, method.cost, records, accounting
+                shared, original, compressed, method.cost, records[method.name], accounting
             )
             if whole:
-                layer_rows += [row for r in plan.ranks for row in accounting.layer_rows(name, r)]
+                layer_rows += [
+                    row for r in plan.ranks for row in accounting.layer_rows(method.name, r)
+                ]
         if candidates:
             pareto_search(plan, context, candidates, found, out)
+    if plan.worker_of is not None:
+        return {}  # a worker: the launcher writes the report
     frame = report.evaluation_frame(rows)
     csv_path = report.write_evaluation(out, frame)
     if whole:
@@ -292,6 +358,28 @@ def sweep_all(plan) -> dict:
         },
         "seconds": time.perf_counter() - started,
     }
+
+
+def share_ranks(context, methods, ranks) -> dict[str, list]:
+    """Many workers: every (method, rank) until each has its record, working wherever there is
+    a free trial or a final to claim, waiting only when there is none anywhere."""
+    from train_evaluate import workers
+    from train_evaluate.records import rank_record
+
+    records = {method.name: [None] * len(ranks) for method in methods}
+    pending = [(method, index) for method in methods for index in range(len(ranks))]
+    while pending:
+        waiting = []
+        for method, index in pending:
+            record = rank_record(context, method, ranks[index])
+            if record is None:
+                waiting.append((method, index))
+            else:
+                records[method.name][index] = record
+        if len(waiting) == len(pending):
+            workers.idle()
+        pending = waiting
+    return records
 
 
 def pareto_search(plan, context, candidates, found, out) -> None:
@@ -344,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupt.deferred():
             args = build_parser().parse_args(argv)
+            args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
             import optuna
 
             from train_evaluate.plan import plan_run

@@ -1,0 +1,242 @@
+"""Many workers on one sweep, on a real PostgreSQL server started from this machine's own
+installation (a private folder, a unix socket only, stopped at the end).
+
+The demo runs with ``--workers 3``; one worker is killed with SIGKILL in the middle of a trial.
+The sweep must still end with every rank, exactly ``--trials`` finished trials per rank, one
+final model per rank, nothing left running, and the killed trial run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from tests.conftest import run_driver, run_folder
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "train_evaluate" / "train_model.py"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def as_server_user() -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its commands as the ``postgres`` user."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("running as root and there is no 'postgres' user to run the server as")
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("running as root and there is no runuser to start the server as 'postgres'")
+    return [runuser, "-u", "postgres", "--"]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of its own; yields an Optuna storage URL (unix socket)."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("no PostgreSQL installation (initdb, pg_ctl) on this machine")
+    prefix = as_server_user()
+    # not under pytest's folders, which only their owner may enter; short, for the socket path
+    folder = Path(tempfile.mkdtemp(prefix="lora-compression-pg-"))
+    if prefix:
+        shutil.chown(folder, user="postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"],
+                   check=True, capture_output=True)  # fmt: skip
+    options = f"-k {folder} -c listen_addresses='' -p {port}"
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"),
+         "-w", "start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={folder}&port={port}"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def studies(storage: optuna.storages.BaseStorage, prefix: str) -> dict[str, optuna.Study]:
+    return {
+        summary.study_name: optuna.load_study(study_name=summary.study_name, storage=storage)
+        for summary in optuna.get_all_study_summaries(storage)
+        if summary.study_name.startswith(prefix)
+    }
+
+
+def running_in_a_worker(storage, prefix: str, launcher: int) -> int | None:
+    """The pid of a worker (not the launcher) that is running a trial now."""
+    for study in studies(storage, prefix).values():
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            pid = int(trial.user_attrs.get("worker", "x:0").rsplit(":", 1)[1])
+            if pid not in (0, launcher) and not study.study_name.endswith(":final"):
+                return pid
+    return None
+
+
+def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres, tmp_path):
+    prefix, trials = "killed-", 5
+    command = [
+        sys.executable, str(DRIVER), "--init", "svd_init", "--ranks", "2", "4", "8",
+        "--trials", str(trials), "--epochs", "40", "--threads", "1", "--workers", "3",
+        "--storage", postgres, "--study-prefix", prefix, "--heartbeat", "1",
+        "--results-dir", str(tmp_path / "results"), "--no-pruning",
+    ]  # fmt: skip
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log_file:
+        launcher = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    # one connection pool for the whole test: a new one per look would use up the server's
+    storage = optuna.storages.RDBStorage(postgres)
+    killed, deadline = None, time.monotonic() + 120
+    while killed is None and launcher.poll() is None and time.monotonic() < deadline:
+        pid = running_in_a_worker(storage, prefix, launcher.pid)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+        time.sleep(0.05)
+    try:
+        launcher.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its workers
+        launcher.wait()
+        pytest.fail(f"the sweep did not end in 4 minutes:\n{log_path.read_text()[-3000:]}")
+    output = log_path.read_text()
+    assert killed is not None, f"no worker was seen running a trial:\n{output}"
+    assert launcher.returncode == 0, output
+    assert f"(pid {killed}) was killed (signal 9)" in output
+
+    found = studies(storage, prefix)
+    searches = {n: s for n, s in found.items() if not n.endswith(":final")}
+    finals = {n: s for n, s in found.items() if n.endswith(":final")}
+    assert len(searches) == len(finals) == 6  # sparse and int1 at 3 ranks
+    retried = 0
+    for study in found.values():
+        states = Counter(t.state for t in study.trials)
+        assert not states[optuna.trial.TrialState.RUNNING] + states[optuna.trial.TrialState.WAITING]
+    for study in searches.values():
+        finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+        assert len(finished) == trials
+        retried += sum("failed_trial" in t.system_attrs for t in finished)
+    for study in finals.values():
+        assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+    # the killed worker's trial was failed by the heartbeat and run again, once
+    killed_trials = [
+        t for s in searches.values() for t in s.trials
+        if t.user_attrs.get("worker", "").endswith(f":{killed}") and t.state.name == "FAIL"
+        and "surplus" not in t.user_attrs
+    ]  # fmt: skip
+    assert len(killed_trials) == 1 and retried == 1
+
+    out = run_folder(tmp_path / "results", "svd_init")
+    frame = pd.read_csv(out / "evaluation.csv")
+    ranks = frame[~frame["lora_rank"].isin(["original", "quantized"])]
+    assert sorted(zip(ranks["quant"], ranks["lora_rank"].astype(int), strict=True)) == sorted(
+        (m, r) for m in ("sparse", "int1") for r in (2, 4, 8)
+    )
+    assert ranks["evaluation"].notna().all()
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["storage"].startswith("postgresql+psycopg://postgres@")
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ("database", 'database "no_such_db" does not exist'),
+        ("user", 'role "nobody" does not exist'),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_stops_in_one_line(postgres, change, fragment, tmp_path,
+                                                           capsys):  # fmt: skip
+    url = (
+        postgres.replace("@/postgres?", "@/no_such_db?")
+        if change == "database"
+        else postgres.replace("postgres@", "nobody@")
+    )
+    code, _, err = run_driver(capsys, "--storage", url, "--results-dir", tmp_path)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and fragment in err
+    assert not any(tmp_path.iterdir())  # before any work
+
+
+def test_an_unreachable_server_stops_in_one_line(tmp_path, capsys):
+    url = f"postgresql+psycopg://postgres@/postgres?host={tmp_path}&port={free_port()}"
+    code, _, err = run_driver(capsys, "--storage", url, "--results-dir", tmp_path / "results")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot open --storage" in err
+
+
+def test_a_trial_asked_after_the_last_slot_went_to_another_worker_is_surplus(tmp_path):
+    from train_evaluate.workers import run_shared_study
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    others = []
+
+    def sampler_for(taken: int) -> optuna.samplers.BaseSampler:
+        if taken == 1 and not others:  # another worker takes the last slot meanwhile
+            others.append(study.ask())
+        return optuna.samplers.RandomSampler(seed=taken)
+
+    ran = []
+
+    def objective(trial: optuna.Trial, slot: int) -> float:
+        ran.append(slot)
+        return trial.suggest_float("x", 0, 1)
+
+    ready = run_shared_study(study, objective, 2, sampler_for, lambda: None)
+    assert ran == [0] and not ready  # the other worker's trial is still running
+    states = [(t.state.name, "surplus" in t.user_attrs) for t in study.trials]
+    assert states == [("COMPLETE", False), ("RUNNING", False), ("FAIL", True)]
+
+
+def test_a_rank_final_is_claimed_once_and_again_after_its_holder_failed(tmp_path):
+    from train_evaluate.workers import FinalClaim
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    first, second = FinalClaim(storage, "rank", 1), FinalClaim(storage, "rank", 1)
+    assert first.acquire() and not second.acquire()
+    first.release(False)  # its holder failed before writing the rank's files
+    assert second.acquire()
+    second.release(True)
+    assert second.done() and not FinalClaim(storage, "rank", 1).acquire()
+
+
+def test_of_two_workers_claiming_a_final_at_the_same_moment_one_gets_it(tmp_path):
+    from train_evaluate.workers import FinalClaim
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    first, second = FinalClaim(storage, "rank", 1), FinalClaim(storage, "rank", 1)
+    ask = second.study.ask
+
+    def ask_after_the_other(*args, **kwargs):
+        # both looked and saw no claim; the first asks just before the second does
+        assert first.acquire()
+        return ask(*args, **kwargs)
+
+    second.study.ask = ask_after_the_other
+    assert not second.acquire()
+    assert [t.state.name for t in first.study.trials] == ["RUNNING", "FAIL"]
+    first.release(True)
