@@ -119,7 +119,9 @@ def test_a_suffix_that_writes_in_place_never_changes_the_cached_states():
     assert torch.equal(states, kept)
 
 
-def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(tmp_path, capsys):
+def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(
+    tmp_path, demo_cache, capsys
+):
     """``--layers blocks.1.*`` caches blocks.0's output; a cache limit that only the images fit
     runs the same study from the images: the same numbers, and the checkpoint still rebuilds
     from the backbone and the images (evaluate.py) to the recorded accuracy."""
@@ -130,8 +132,8 @@ def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(tmp_p
         results = tmp_path / kind
         code, printed, err = run_driver(
             capsys, "--init", "svd_init", "--layers", "blocks.1.*", "--ranks", "2",
-            "--trials", "2", "--epochs", "1", "--threads", "1", "--results-dir", results,
-            "--cache-dir", tmp_path / "cache", *limit,
+            "--trials", "2", "--epochs", "1", "--results-dir", results,
+            "--cache-dir", demo_cache, *limit,
         )  # fmt: skip
         assert code == 0, err
         out = run_folder(results, "svd_init_layers-blocks.1")
@@ -140,9 +142,7 @@ def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(tmp_p
         config = json.loads((out / "run.json").read_text())["config"]["network"]
         assert config.get("cut") == ("blocks.0" if kind == "cut" else None)
         checkpoint = out / "checkpoints" / "quant=int1_r=2.safetensors"
-        evaluated = evaluate_main(
-            ["--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")]
-        )
+        evaluated = evaluate_main(["--checkpoint", str(checkpoint), "--cache-dir", str(demo_cache)])
         assert evaluated == 0 and "reproduced exactly" in capsys.readouterr().out
     assert "cache: cut at the output of blocks.0" in logs["cut"]
     assert "the states at blocks.0 would take" in logs["images"]

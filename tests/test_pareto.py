@@ -19,20 +19,21 @@ def test_non_dominated_keeps_exactly_the_points_no_other_point_beats():
     assert non_dominated(points) == [True, False, False, False, True, True, True]
 
 
-def pareto_run(tmp_path, capsys, name: str, *extra: str) -> pd.DataFrame:
+def pareto_run(tmp_path, cache, capsys, name: str, *extra: str) -> pd.DataFrame:
     results = tmp_path / name
     code, _, err = run_driver(
         capsys, "--init", "paper_init", "--search", "pareto", "--methods", "sparse", "int1",
-        "int4", "--ranks", "2", "4", "8", "--trials", "8", "--epochs", "2", "--threads", "1",
-        "--lr-range", "0.01", "0.1",
-        "--results-dir", results, "--cache-dir", tmp_path / "cache", *extra,
+        "int4", "--ranks", "2", "4", "8", "--trials", "8", "--epochs", "2",
+        "--lr-range", "0.001", "0.01", "--results-dir", results, "--cache-dir", cache, *extra,
     )  # fmt: skip
     assert code == 0, err
     return results
 
 
-def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(tmp_path, capsys):
-    results = pareto_run(tmp_path, capsys, "first")
+def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(
+    tmp_path, demo_cache, capsys
+):
+    results = pareto_run(tmp_path, demo_cache, capsys, "first")
     out = run_folder(results, "paper_init_pareto")
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 1
@@ -49,14 +50,17 @@ def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(tmp_
         assert recorded == pytest.approx(row.test_acc, rel=1e-5)  # the CSV keeps 6 digits
     for name in ("pareto.png", "pareto_front.html", "evaluation.csv"):
         assert (out / name).is_file()
-    again = run_folder(pareto_run(tmp_path, capsys, "again"), "paper_init_pareto")
+    again = run_folder(pareto_run(tmp_path, demo_cache, capsys, "again"), "paper_init_pareto")
     pd.testing.assert_frame_equal(pd.read_csv(again / "pareto.csv"), front)
 
 
 def test_a_whole_network_pareto_search_chooses_one_method_and_rank_for_every_layer(
-    tmp_path, capsys
+    tmp_path, demo_cache, capsys
 ):
-    results = pareto_run(tmp_path, capsys, "network", "--layers", "blocks.1.*")
+    results = pareto_run(
+        tmp_path, demo_cache, capsys, "network", "--layers", "blocks.1.*", "--trials", "4",
+        "--ranks", "2", "4",
+    )  # fmt: skip
     out = run_folder(results, "paper_init_layers-blocks.1_pareto")
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 1 and (front["file_test_acc"] == front["test_acc"]).all()
@@ -66,3 +70,9 @@ def test_pareto_needs_training(tmp_path, capsys):
     code, _, err = run_driver(capsys, "--search", "pareto", "--epochs", "0",
                               "--results-dir", tmp_path)  # fmt: skip
     assert code == 2 and "--search pareto" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pareto_runs_in_one_process(tmp_path, capsys):
+    code, _, err = run_driver(capsys, "--search", "pareto", "--workers", "2",
+                              "--results-dir", tmp_path)  # fmt: skip
+    assert code == 2 and "one process" in err and len(err.strip().splitlines()) == 1

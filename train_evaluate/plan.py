@@ -132,6 +132,11 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--epochs must be 0 (init only) or more; got {args.epochs}")
     if args.search == "pareto" and args.epochs == 0:
         raise UsageError("--search pareto searches training settings: it needs --epochs >= 1")
+    if args.search == "pareto" and (args.workers > 1 or args.storage is not None):
+        raise UsageError(
+            "--search pareto runs in one process on the run folder's storage: drop --workers "
+            "and --storage"
+        )
     if args.final_seeds < 1 or args.loftq_iters < 1:
         raise UsageError("--final-seeds and --loftq-iters must be at least 1")
     low, high = args.lr_range
