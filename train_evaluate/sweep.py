@@ -459,13 +459,15 @@ def run_rank(
             claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
             if not claim.acquire():
                 return None
+    held = [claim] if claim is not None else []  # a claim _run_rank takes is added
     try:
         return _run_rank(
-            method, rank, splits, sweep, study, on_step, code_bits, sharing, claim, started
+            method, rank, splits, sweep, study, on_step, code_bits, sharing, held, started
         )
     except BaseException:
-        if claim is not None and claim.trial is not None:
-            claim.release(False)
+        for taken in held:
+            if taken.trial is not None:
+                taken.release(False)
         raise
 
 
@@ -478,10 +480,11 @@ def _run_rank(
     on_step: Callable[[], None],
     code_bits: int,
     sharing: Sharing | None,
-    claim: Any,
+    held: list,
     started: float,
 ) -> RankOutcome | None:
     seed_parts = (sweep.seed, method.name, rank)
+    claim = held[0] if held else None
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
     probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
@@ -564,6 +567,7 @@ def _run_rank(
         claim = workers.FinalClaim(sharing.storage, study.study_name, sharing.heartbeat)
         if not claim.acquire():
             return None
+        held.append(claim)
     trials = counted_trials(study, sweep.trials)
     record["trials"] = trial_counts(trials)
     record["study"] = study.study_name
