@@ -1,7 +1,7 @@
 """Wall time of the offline demo's sweep with one worker against two (``--workers 2``), in one
 run, as a ratio.
 
-    python -m benchmarks.bench_workers [--ranks 2 4 8 16] [--trials 10] [--epochs 10]
+    python -m benchmarks.bench_workers [--ranks 2 4 6 8] [--trials 10] [--epochs 10]
         [--repeats 5]
 
 Each repetition runs the driver as a fresh process, into a fresh run folder, with the default
@@ -40,7 +40,7 @@ def sweep(args: argparse.Namespace, scratch: Path, workers: int, run: list[int])
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 8, 16])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 6, 8])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=REPEATS)

@@ -181,8 +181,9 @@ class FinalClaim:
 
 
 def shared_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
-    """``url`` with heartbeats, and failed trials put back once more (up to 3 times)."""
-    return optuna.storages.RDBStorage(
+    """``url`` with heartbeats, and failed trials put back once more (up to 3 times); an SQLite
+    file in write-ahead-log mode, as the one-process sweep's."""
+    storage = optuna.storages.RDBStorage(
         url,
         heartbeat_interval=heartbeat,
         grace_period=GRACE_BEATS * heartbeat,
@@ -190,6 +191,11 @@ def shared_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
             max_retry=3
         ),
     )
+    if url.startswith("sqlite"):
+        from train_evaluate.sweep import with_wal
+
+        storage = with_wal(storage)
+    return storage
 
 
 def spawn(argv: list[str], count: int, out: Path) -> list[tuple[subprocess.Popen, Path]]:
