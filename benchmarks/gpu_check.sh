@@ -51,8 +51,9 @@ step 120 "full protocol, batched path (one repetition: a single run, not a media
     --methods $METHODS --ranks $RANKS --trials "$TRIALS" --repeats 1 "${THREADS[@]}" \
     --variants batched
 DECODES="cpu"; [ "$DEVICE" = cuda ] && DECODES="cpu gpu"
-step 60 "caching pass: decode vs bare forward" python -m benchmarks.bench_feature_extraction \
-    --images "$IMAGES" --decode $DECODES --repeats "$REPEATS"
+PASSES="cpu"; [ "$DEVICE" = cuda ] && PASSES="cpu gpu gpu-serial"  # gpu-serial: no read-ahead
+step 90 "caching pass: decode vs bare forward" python -m benchmarks.bench_feature_extraction \
+    --images "$IMAGES" --decode $PASSES --repeats "$REPEATS"
 if [ -d ../shared/imagenet-sample ]; then
     WEIGHTS=(); [ -f weights/tf_efficientnet_lite0.safetensors ] && \
         WEIGHTS=(--weights weights/tf_efficientnet_lite0.safetensors)
