@@ -105,6 +105,18 @@ def demo_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture
+def own_demo_cache(tmp_path, demo_cache) -> Path:
+    """A private copy of ``demo_cache`` for a test that adds caches of its own (whole-network
+    image and state caches): the shared one keeps exactly the demo's files."""
+    cache = tmp_path / "own-cache"
+    cache.mkdir()
+    for file in demo_cache.iterdir():
+        if file.is_file():
+            (cache / file.name).write_bytes(file.read_bytes())
+    return cache
+
+
 def run_folder(results: Path, init: str) -> Path:
     """The one run folder of ``init`` under a results folder (<model>/<data>/<init>)."""
     (folder,) = [p.parent for p in Path(results).glob(f"*/*/{init}/run.json")]

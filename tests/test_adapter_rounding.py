@@ -101,11 +101,11 @@ def test_the_sweep_scores_the_rounded_adapters(tmp_path):
 
 @pytest.mark.parametrize("selection", [[], ["--layers", "blocks.1.*"]], ids=["fc", "network"])
 def test_the_driver_reports_the_rounded_model_and_its_file_reproduces_it(
-    selection, tmp_path, demo_cache, capsys
+    selection, tmp_path, own_demo_cache, capsys
 ):
     code, _, err = run_driver(
         capsys, "--init", "svd_init", "--adapter-dtype", "int4", "--ranks", "2", "--trials",
-        "2", "--epochs", "1", "--results-dir", tmp_path, "--cache-dir", demo_cache, *selection,
+        "2", "--epochs", "1", "--results-dir", tmp_path, "--cache-dir", own_demo_cache, *selection,
     )  # fmt: skip
     assert code == 0, err
     name = "svd_init" if not selection else "svd_init_layers-blocks.1"

@@ -120,7 +120,7 @@ def test_a_suffix_that_writes_in_place_never_changes_the_cached_states():
 
 
 def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(
-    tmp_path, demo_cache, capsys
+    tmp_path, own_demo_cache, capsys
 ):
     """``--layers blocks.1.*`` caches blocks.0's output; a cache limit that only the images fit
     runs the same study from the images: the same numbers, and the checkpoint still rebuilds
@@ -133,7 +133,7 @@ def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(
         code, printed, err = run_driver(
             capsys, "--init", "svd_init", "--layers", "blocks.1.*", "--ranks", "2",
             "--trials", "2", "--epochs", "1", "--results-dir", results,
-            "--cache-dir", demo_cache, *limit,
+            "--cache-dir", own_demo_cache, *limit,
         )  # fmt: skip
         assert code == 0, err
         out = run_folder(results, "svd_init_layers-blocks.1")
@@ -142,7 +142,9 @@ def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(
         config = json.loads((out / "run.json").read_text())["config"]["network"]
         assert config.get("cut") == ("blocks.0" if kind == "cut" else None)
         checkpoint = out / "checkpoints" / "quant=int1_r=2.safetensors"
-        evaluated = evaluate_main(["--checkpoint", str(checkpoint), "--cache-dir", str(demo_cache)])
+        evaluated = evaluate_main(
+            ["--checkpoint", str(checkpoint), "--cache-dir", str(own_demo_cache)]
+        )
         assert evaluated == 0 and "reproduced exactly" in capsys.readouterr().out
     assert "cache: cut at the output of blocks.0" in logs["cut"]
     assert "the states at blocks.0 would take" in logs["images"]

@@ -55,10 +55,10 @@ def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(
 
 
 def test_a_whole_network_pareto_search_chooses_one_method_and_rank_for_every_layer(
-    tmp_path, demo_cache, capsys
+    tmp_path, own_demo_cache, capsys
 ):
     results = pareto_run(
-        tmp_path, demo_cache, capsys, "network", "--layers", "blocks.1.*", "--trials", "4",
+        tmp_path, own_demo_cache, capsys, "network", "--layers", "blocks.1.*", "--trials", "4",
         "--ranks", "2", "4",
     )  # fmt: skip
     out = run_folder(results, "paper_init_layers-blocks.1_pareto")
