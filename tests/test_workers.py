@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_driver, run_folder
+from train_evaluate.report import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "train_evaluate" / "train_model.py"
@@ -130,11 +131,11 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres
     assert f"(pid {killed}) was killed (signal 9)" in output
 
     found = studies(storage, prefix)
-    searches = {n: s for n, s in found.items() if not n.endswith(":final")}
+    searches = {n: s for n, s in found.items() if ":" not in n}
     finals = {n: s for n, s in found.items() if n.endswith(":final")}
     assert len(searches) == len(finals) == 6  # sparse and int1 at 3 ranks
     retried = 0
-    for study in found.values():
+    for study in [*searches.values(), *finals.values()]:
         states = Counter(t.state for t in study.trials)
         assert not states[optuna.trial.TrialState.RUNNING] + states[optuna.trial.TrialState.WAITING]
     for study in searches.values():
@@ -142,7 +143,8 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres
         assert len(finished) == trials
         retried += sum("failed_trial" in t.system_attrs for t in finished)
     for study in finals.values():
-        assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+        (complete,) = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert complete.user_attrs["record"]["rank"] in (2, 4, 8)  # the record, in the storage
     # the killed worker's trial was failed by the heartbeat and run again, once
     killed_trials = [
         t for s in searches.values() for t in s.trials
@@ -160,6 +162,13 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres
     assert ranks["evaluation"].notna().all()
     config = json.loads((out / "run.json").read_text())["config"]
     assert config["storage"].startswith("postgresql+psycopg://postgres@")
+    # the report again, from the storage alone
+    rebuilt = tmp_path / "rebuilt"
+    arguments = ["--storage", postgres, "--out", str(rebuilt), "--study-prefix", prefix]
+    assert report_main(arguments) == 0
+    assert (rebuilt / "evaluation.csv").read_text() == (out / "evaluation.csv").read_text()
+    assert (rebuilt / "accuracy_vs_rank.png").is_file()
+    storage.engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -240,3 +249,9 @@ def test_of_two_workers_claiming_a_final_at_the_same_moment_one_gets_it(tmp_path
     assert not second.acquire()
     assert [t.state.name for t in first.study.trials] == ["RUNNING", "FAIL"]
     first.release(True)
+
+
+def test_a_report_is_asked_of_a_storage_that_holds_none(postgres, tmp_path, capsys):
+    code = report_main(["--storage", postgres, "--out", str(tmp_path), "--study-prefix", "none-"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no finished sweep" in err and len(err.strip().splitlines()) == 1

@@ -204,6 +204,9 @@ def write_record(context: RunContext, outcome: Any, key: str, path: Path) -> dic
     }
     record["record_sha256"] = content_digest(record)
     write_json(path, record)  # last: a record on disk means the rank's files are complete
+    if outcome.claim is not None and outcome.claim.trial is not None:
+        # many workers: the record in the storage as well, on the rank's final claim
+        outcome.claim.trial.set_user_attr("record", record)
     summary = "no final model" if record["test_acc"] is None else f"test {record['test_acc']:.2f}%"
     log.info(
         "%s r=%d: %s (init only %.2f%%) in %.1f s",

@@ -579,3 +579,59 @@ def outside_legend(figure, handles) -> None:
         title="error bars: 95% Wilson interval\nover the test images",
         title_fontsize=8,
     )
+
+
+def rebuild_from_storage(url: str, out: Path, prefix: str = "") -> list[Path]:
+    """``evaluation.csv``, ``accuracy_vs_rank.png`` (and ``layers.csv``) of every finished run
+    whose report a shared storage holds (``--storage``), written under ``out``: straight into it
+    for one run, else one folder per run study. Returns the CSVs written."""
+    from train_evaluate.workers import RUN_STUDY, stored_reports
+
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        reports = stored_reports(storage, prefix)
+    finally:
+        storage.engine.dispose()
+    written = []
+    for name, attrs in sorted(reports.items()):
+        folder = out if len(reports) == 1 else out / name[len(prefix) + len(RUN_STUDY) :]
+        frame = evaluation_frame(attrs["evaluation"])
+        written.append(write_evaluation(folder, frame))
+        save_figure(plot_summary(frame, attrs.get("title", name)), folder / "accuracy_vs_rank.png")
+        if "layers_csv" in attrs:
+            write_text(folder / "layers.csv", attrs["layers_csv"])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python train_evaluate/report.py --storage URL --out DIR``: a sweep's report from the
+    storage alone (many workers), on any machine that reaches it."""
+    import argparse
+    import sys
+
+    from train_evaluate.workers import check_storage
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("--storage", required=True, help="the sweep's Optuna storage URL")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    parser.add_argument("--study-prefix", default="", help="the sweep's --study-prefix")
+    args = parser.parse_args(argv)
+    problem = check_storage(args.storage)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    written = rebuild_from_storage(args.storage, args.out, args.study_prefix)
+    if not written:
+        print(
+            f"error: the storage holds no finished sweep with --study-prefix "
+            f"{args.study_prefix!r}; a report is stored when a sweep's launcher finishes",
+            file=sys.stderr,
+        )
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

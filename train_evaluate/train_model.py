@@ -329,6 +329,15 @@ def sweep_all(plan) -> dict:
     report.repair_plotly_bundle(out)
     title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
     report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
+    if plan.shared:
+        # the report's rows in the storage too: report.py --storage rebuilds them anywhere
+        from train_evaluate import run_folder, workers
+
+        identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
+        workers.store_report(
+            storage, plan.study_prefix, run_folder.run_config(plan, identity), frame, title,
+            network.layers_csv(layer_rows) if whole else None,
+        )  # fmt: skip
     comparison = compare.write_report(plan.results_dir)
     log.info(
         "\n%s",

@@ -269,3 +269,41 @@ def check_storage(url: str) -> str | None:
         if storage is not None:
             storage.engine.dispose()
     return None
+
+
+RUN_STUDY = "run:"  # after the study prefix: one study per run configuration, holding its report
+
+
+def store_report(
+    storage: Any,
+    prefix: str,
+    config: dict[str, Any],
+    frame: Any,
+    title: str,
+    layers: str | None,
+) -> str:
+    """Put a finished sweep's ``evaluation.csv`` rows (and ``layers.csv``, whole network) in
+    the study ``<prefix>run:<digest of the configuration>``; returns its name."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    study = open_study(storage, f"{prefix}{RUN_STUDY}{digest}", direction="maximize")
+    study.set_user_attr("config", config)
+    study.set_user_attr("title", title)
+    rows = frame.to_json(orient="records", double_precision=15)
+    study.set_user_attr("evaluation", json.loads(rows))
+    if layers is not None:
+        study.set_user_attr("layers_csv", layers)
+    return study.study_name
+
+
+def stored_reports(storage: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    """The reports ``store_report`` left under ``prefix``: study name -> its attributes."""
+    found = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        if summary.study_name.startswith(f"{prefix}{RUN_STUDY}"):
+            attrs = summary.user_attrs
+            if "evaluation" in attrs:
+                found[summary.study_name] = attrs
+    return found
