@@ -3,6 +3,7 @@ detected, never trusted."""
 
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -185,3 +186,28 @@ def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the
         if item == 3:
             break
     assert not [t for t in threading.enumerate() if t.name == "decode-ahead"]
+
+
+def test_two_processes_needing_one_cache_build_it_once(tmp_path):
+    """The second waits for the first's lock and reads what it wrote (threads here: each opens
+    the lock file itself, as two processes do)."""
+    from train_evaluate.features import CachedFeatures, cached_features
+
+    built = []
+
+    def compute():
+        built.append(threading.get_ident())
+        time.sleep(0.5)
+        return CachedFeatures(torch.ones(3, 4), torch.tensor([0, 1, 2]), ("a", "b", "c"), ())
+
+    results = []
+
+    def need():
+        results.append(cached_features(tmp_path, "k" * 64, compute, 10)[1])
+
+    threads = [threading.Thread(target=need) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1 and sorted(results) == [False, True]

@@ -14,6 +14,7 @@ that cannot be decoded are skipped, reported and listed with the features.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -490,14 +491,36 @@ def cached_features(
     cached = load_features(path, key, num_classes)
     if cached is not None:
         return cached, True
-    cached = compute()
-    try:
-        save_features(path, key, cached)
-    except OSError as error:
-        log.warning("%s: cannot write the cache %s (%s); going on uncached", what, path, error)
-    else:
-        log.info("%s: cached in %s", what, path)
+    with building(path):
+        # another process (a worker) may have built it while this one waited for the lock
+        cached = load_features(path, key, num_classes)
+        if cached is not None:
+            return cached, True
+        cached = compute()
+        try:
+            save_features(path, key, cached)
+        except OSError as error:
+            log.warning("%s: cannot write the cache %s (%s); going on uncached", what, path, error)
+        else:
+            log.info("%s: cached in %s", what, path)
     return cached, False
+
+
+@contextlib.contextmanager
+def building(path: Path):
+    """Hold ``<path>.lock`` while ``path`` is built: processes that need the same cache at once
+    build it once, the others wait and read it. No lock where the folder cannot be written (the
+    cache is then not written either)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass
