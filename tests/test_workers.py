@@ -255,3 +255,30 @@ def test_a_report_is_asked_of_a_storage_that_holds_none(postgres, tmp_path, caps
     code = report_main(["--storage", postgres, "--out", str(tmp_path), "--study-prefix", "none-"])
     err = capsys.readouterr().err
     assert code == 2 and "no finished sweep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
+    """Two machines over a shared filesystem, here two processes: the same command, the same
+    --out and --storage; both end cleanly, and every rank is done once."""
+    out, url = tmp_path / "run", f"sqlite:///{tmp_path / 'studies.db'}"
+    command = [
+        sys.executable, str(DRIVER), "--init", "svd_init", "--ranks", "2", "4", "--trials", "3",
+        "--epochs", "5", "--threads", "1", "--storage", url, "--out", str(out),
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    # the first builds the caches; the second starts while it sweeps
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, output + second.stdout + second.stderr
+    frame = pd.read_csv(out / "evaluation.csv")
+    assert len(frame[~frame["lora_rank"].isin(["original", "quantized"])]) == 4
+    storage = optuna.storages.RDBStorage(url)
+    for name, study in studies(storage, "").items():
+        states = Counter(t.state.name for t in study.trials)
+        if name.endswith(":final"):
+            assert states["COMPLETE"] == 1
+        elif ":" not in name:
+            assert states["COMPLETE"] + states["PRUNED"] == 3 and not states["RUNNING"]
+    storage.engine.dispose()

@@ -24,6 +24,7 @@ from train_evaluate.files import read_json, write_json
 
 FORMAT = "lora-compression-run/1"
 LOCK = ".lock"
+WRITE_LOCK = ".write.lock"
 # What may change between runs that share a folder: these extend or narrow the run.
 EXTENDABLE = ("trials", "final_seeds")
 
@@ -80,12 +81,12 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def holds_outputs(out: Path) -> bool:
-    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+    return out.is_dir() and any(p.name not in (LOCK, WRITE_LOCK) for p in out.iterdir())
 
 
 def clear(out: Path) -> None:
     for path in out.iterdir():
-        if path.name == LOCK:
+        if path.name in (LOCK, WRITE_LOCK):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -117,16 +118,30 @@ def finish(out: Path, config: dict[str, Any], results: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
+def exclusive(out: Path, shared: bool = False) -> Iterator[None]:
     """Hold ``out/.lock`` for the run: two runs writing one folder would fail each other's
     Optuna trials (a resume marks trials left running as failed) and mix their files. The
-    operating system releases the lock when the process ends, killed or not."""
+    operating system releases the lock when the process ends, killed or not.
+
+    ``shared``: a launcher of a shared sweep (many workers, ``--storage``) holds it shared, so
+    the launchers of one sweep, on several machines over a shared filesystem, may use one
+    folder; a one-process run still excludes them all, and they it."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "w") as handle:
+    with open(out / LOCK, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError as error:
             raise UsageError(
                 f"another run is writing to {out}; wait for it to finish or choose another --out"
             ) from error
+        yield
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Hold ``out/.write.lock`` while writing the folder's own files (run.json, the split
+    lists, the report): launchers sharing a folder write them one at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / WRITE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         yield

@@ -150,8 +150,9 @@ def run(plan) -> None:
         # caches and writes the report
         sweep_all(plan)
         return
-    with run_folder.exclusive(plan.out):
-        run_folder.claim(plan.out, config, plan.overwrite)
+    with run_folder.exclusive(plan.out, plan.shared):
+        with run_folder.writing(plan.out):
+            run_folder.claim(plan.out, config, plan.overwrite)
         # Temporary files of killed runs (up to the feature cache's size); live writers' stay.
         removed = remove_orphan_temporaries(plan.out) + remove_orphan_temporaries(plan.cache_dir)
         if removed:
@@ -175,7 +176,8 @@ def run(plan) -> None:
                 log.warning("warning: %s", problem)
         if plan.shared:
             results["determinism"] = SHARED_DETERMINISM
-        run_folder.finish(plan.out, config, results)
+        with run_folder.writing(plan.out):
+            run_folder.finish(plan.out, config, results)
 
 
 SHARED_DETERMINISM = (
@@ -212,7 +214,7 @@ def sweep_all(plan) -> dict:
 
     from data import split_lists, split_warnings
     from lora.rounding import ADAPTER_INT_BITS
-    from train_evaluate import compare, network, pareto, report
+    from train_evaluate import compare, network, pareto, report, run_folder
     from train_evaluate.backbone import classifier, tensor_bits, weights_id
     from train_evaluate.checkpoint import ADAPTER_DTYPES
     from train_evaluate.files import write_text
@@ -229,8 +231,9 @@ def sweep_all(plan) -> dict:
     for warning in split_warnings(cached.labels, split):
         log.warning("warning: %s", warning)
     lists = split_lists(cached.ids, split)
-    for name, text in lists.items() if plan.worker_of is None else ():  # a worker's launcher's
-        write_text(out / "split" / f"{name}.txt", text)
+    with run_folder.writing(out):
+        for name, text in lists.items() if plan.worker_of is None else ():  # its launcher's
+            write_text(out / "split" / f"{name}.txt", text)
     # the module the study compresses: the classifier on features, or the whole network on
     # the cached images
     head = found.model if whole else classifier(found.model)
@@ -323,50 +326,54 @@ def sweep_all(plan) -> dict:
     if plan.worker_of is not None:
         return {}  # a worker: the launcher writes the report
     frame = report.evaluation_frame(rows)
-    csv_path = report.write_evaluation(out, frame)
-    if whole:
-        write_text(out / "layers.csv", network.layers_csv(layer_rows))
-    report.repair_plotly_bundle(out)
-    title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
-    report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
-    if plan.shared:
-        # the report's rows in the storage too: report.py --storage rebuilds them anywhere
-        from train_evaluate import run_folder, workers
+    # launchers sharing one folder write its report one at a time
+    with run_folder.writing(out):
+        csv_path = report.write_evaluation(out, frame)
+        if whole:
+            write_text(out / "layers.csv", network.layers_csv(layer_rows))
+        report.repair_plotly_bundle(out)
+        title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
+        report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
+        if plan.shared:
+            # the report's rows in the storage too: report.py --storage rebuilds them anywhere
+            from train_evaluate import run_folder, workers
 
-        identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
-        workers.store_report(
-            storage, plan.study_prefix, run_folder.run_config(plan, identity), frame, title,
-            network.layers_csv(layer_rows) if whole else None,
-        )  # fmt: skip
-    comparison = compare.write_report(plan.results_dir)
-    log.info(
-        "\n%s",
-        frame[["quant", "lora_rank", "evaluation", "init_only", "ratio", "ratio_seed"]].to_string(
-            index=False, float_format="{:.2f}".format
-        ),
-    )
-    log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
-    if comparison:
-        log.info("comparison of every run in %s: %s", plan.results_dir, comparison[0])
-    if plan.demo:
-        log.info("(these are demo numbers on digits, not ImageNet; see README for the real study)")
-    return {
-        "data": plan.source.description,
-        "data_dir": None if plan.demo else str(plan.source.root.resolve()),
-        "weights_file": str(weights.resolve()) if weights else None,
-        "feature_key": found.key,
-        "features_from_cache": found.reused,
-        "images": len(cached.ids),
-        "skipped_images": len(cached.skipped),
-        "skipped_image_ids": list(cached.skipped),
-        "split_sizes": {n: len(split[n]) for n in split},
-        "versions": {
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "optuna": optuna.__version__,
-        },
-        "seconds": time.perf_counter() - started,
-    }
+            identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
+            workers.store_report(
+                storage, plan.study_prefix, run_folder.run_config(plan, identity), frame, title,
+                network.layers_csv(layer_rows) if whole else None,
+            )  # fmt: skip
+        comparison = compare.write_report(plan.results_dir)
+        log.info(
+            "\n%s",
+            frame[
+                ["quant", "lora_rank", "evaluation", "init_only", "ratio", "ratio_seed"]
+            ].to_string(index=False, float_format="{:.2f}".format),
+        )
+        log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
+        if comparison:
+            log.info("comparison of every run in %s: %s", plan.results_dir, comparison[0])
+        if plan.demo:
+            log.info(
+                "(these are demo numbers on digits, not ImageNet; see README for the real study)"
+            )
+        return {
+            "data": plan.source.description,
+            "data_dir": None if plan.demo else str(plan.source.root.resolve()),
+            "weights_file": str(weights.resolve()) if weights else None,
+            "feature_key": found.key,
+            "features_from_cache": found.reused,
+            "images": len(cached.ids),
+            "skipped_images": len(cached.skipped),
+            "skipped_image_ids": list(cached.skipped),
+            "split_sizes": {n: len(split[n]) for n in split},
+            "versions": {
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "optuna": optuna.__version__,
+            },
+            "seconds": time.perf_counter() - started,
+        }
 
 
 def share_ranks(context, methods, ranks) -> dict[str, list]:

@@ -200,7 +200,7 @@ def shared_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
 
 def spawn(argv: list[str], count: int, out: Path) -> list[tuple[subprocess.Popen, Path]]:
     """Start ``count`` worker processes running ``argv`` (the driver's own arguments) as
-    workers, each logging to ``out/workers/worker-<i>.log``; on a machine with several GPUs,
+    workers, each logging to ``out/workers/<host>-worker-<i>.log``; on a machine with several GPUs,
     one each (``CUDA_VISIBLE_DEVICES``)."""
     import torch
 
@@ -213,7 +213,8 @@ def spawn(argv: list[str], count: int, out: Path) -> list[tuple[subprocess.Popen
         environment = dict(os.environ)
         if gpus > 1:
             environment["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        log_path = folder / f"worker-{index + 1}.log"
+        # named by host too: launchers on several machines may share the folder
+        log_path = folder / f"{socket.gethostname()}-worker-{index + 1}.log"
         with open(log_path, "w") as handle:
             process = subprocess.Popen(
                 [sys.executable, str(script), *argv, "--worker-of", str(os.getpid())],
