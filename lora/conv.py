@@ -62,10 +62,6 @@ class LoraConv2d(AdapterState, nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_channels
 
-    @property
-    def use_dora(self) -> bool:
-        return self.lora_magnitude is not None
-
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A as a conv weight (out, in, kh, kw)."""
         product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)

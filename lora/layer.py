@@ -40,6 +40,10 @@ class AdapterState:
     """What every adapter layer shares: the trained tensors as a detached copy, loading them
     back, and its repr (``lora_A``, ``lora_B``, DoRA's ``lora_magnitude``, ``r``, alpha)."""
 
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the trained tensors (A, B and DoRA's magnitude)."""
         state = {"lora_A": self.lora_A, "lora_B": self.lora_B}
@@ -89,10 +93,6 @@ class LoraLinear(AdapterState, nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
-
-    @property
-    def use_dora(self) -> bool:
-        return self.lora_magnitude is not None
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A (out x in)."""
