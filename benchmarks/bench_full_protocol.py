@@ -1,10 +1,11 @@
 """Wall time of the full protocol's adapter training on ImageNet-shaped cached features: today's
-loop (one ``train_adapter`` per trial) against the batched path (start-up trials trained
-together, every run on the batched engine), in one run, as a ratio.
+loop (one ``train_adapter`` per trial, autograd) against the hand-written engine (the same
+sequential study, each run on ``batched``'s engine: the CPU's default) and the batched path
+(trials trained together: CUDA's default), in one run, as ratios.
 
     python -m benchmarks.bench_full_protocol [--methods sparse int1] [--ranks 2 ... 128]
         [--rows 32000] [--val 8000] [--trials 10] [--epochs 10] [--repeats 5]
-        [--variants loop batched]
+        [--variants loop engine]
 
 The driver's own sweep (``run_rank``: init-only baseline, an Optuna study with SQLite storage
 and median pruning, and the final model) over cached features (default 32,000 train and 8,000
@@ -48,12 +49,13 @@ def protocol(args, head, splits, device) -> None:
 
 def variant(name: str, args, head, splits, device):
     def run() -> None:
-        sweep.BATCHED = name != "loop"
+        sweep.BATCHED = name.startswith("batched")
+        sweep.ENGINE = name != "loop"
         batched.CUDA_GRAPHS = name != "batched-nographs"
         try:
             protocol(args, head, splits, device)
         finally:
-            sweep.BATCHED, batched.CUDA_GRAPHS = None, True
+            sweep.BATCHED, sweep.ENGINE, batched.CUDA_GRAPHS = None, True, True
 
     return run
 
@@ -71,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["loop", "batched"],
-        choices=["loop", "batched", "batched-nographs"],
-        help="loop: today's train_adapter per trial; batched: the batched path (CUDA graphs "
-        "on CUDA); batched-nographs: the batched path without CUDA graphs",
+        default=["loop", "engine"],
+        choices=["loop", "engine", "batched", "batched-nographs"],
+        help="loop: today's train_adapter per trial; engine: each run alone on the "
+        "hand-written engine, the study unchanged (the CPU's default); batched: trials trained "
+        "together (CUDA graphs on CUDA; CUDA's default); batched-nographs: the batched path "
+        "without CUDA graphs",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(

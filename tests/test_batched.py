@@ -136,6 +136,7 @@ def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path,
     studies = {}
     for batched in (False, True):
         monkeypatch.setattr(sweep, "BATCHED", batched)
+        monkeypatch.setattr(sweep, "ENGINE", batched)  # sequential: today's loop
         storage = sweep.open_storage(tmp_path / f"{batched}.sqlite3")
         outcome = sweep.run_rank(method, 4, splits, config, storage, "s")
         studies[batched] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)

@@ -223,18 +223,25 @@ def fail_interrupted(study: optuna.Study) -> None:
 
 
 # Train TPE's start-up trials of a rank together (``batched.train_adapters``), then its other
-# trials together (asked with the constant liar), and the final models with the batched engine
-# too (one run at a time). False: today's loop, one
-# ``train_adapter`` per trial. None: batched on CUDA only. On 2 CPU cores the two measured the
-# same (benchmarks/bench_full_protocol.py, scaled down: 1.01x, min 0.82x, max 1.62x), so the
-# CPU keeps today's loop; on CUDA the batched path removes per-step host work.
+# trials together (asked with the constant liar). False: one trial at a time, the study a
+# sequential sweep records. None: together on CUDA only, where one step of one small run is
+# bound by kernel launches; on a CPU a step is bound by its arithmetic and memory traffic, and
+# batching changed little (benchmarks/bench_full_protocol.py, README "Speed").
 BATCHED: bool | None = None
+# Train a run (a trial alone, a final model) with the hand-written engine of ``batched`` (one
+# run), not ``train_adapter``'s autograd loop: the same numbers up to float summation order, in
+# fewer and leaner passes. DoRA and whole networks always use ``train_adapter``.
+ENGINE = True
 
 
 def use_batched(data: Splits) -> bool:
     if BATCHED is not None:
         return BATCHED
     return data.train.features.device.type == "cuda"
+
+
+def use_engine(data: Splits, layer: nn.Module) -> bool:
+    return (ENGINE or use_batched(data)) and batchable(layer)
 
 
 Objective = Callable[[optuna.Trial, int], float]
@@ -408,12 +415,12 @@ def train_one(
     on_epoch: Callable[[int, float], None] | None = None,
     curves: bool = True,
 ) -> TrainResult:
-    """One training run: the batched engine with one run when ``use_batched`` (not DoRA),
-    else ``train_adapter``; the same numbers up to float summation order. An exception raised
-    by ``on_epoch`` (a pruned trial) propagates, as from ``train_adapter``."""
-    if not (use_batched(data) and batchable(layer)):
+    """One training run: the batched engine with one run when ``use_engine`` (not DoRA), else
+    ``train_adapter``; the same numbers up to float summation order. An exception raised by
+    ``on_epoch`` (a pruned trial) propagates, as from ``train_adapter``."""
+    if not use_engine(data, layer):
         return train_adapter(layer, data.train, data.val, config, on_epoch, curves)
-    (outcome,) = train_adapters([Run(layer, config, on_epoch)], data.train, data.val)
+    (outcome,) = train_adapters([Run(layer, config, on_epoch, curves)], data.train, data.val)
     if outcome.error is not None:
         raise outcome.error
     return outcome.result
