@@ -7,14 +7,15 @@ import math
 import optuna
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compression import SparseConfig, make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate import sweep
+from train_evaluate import batched, sweep
 from train_evaluate.batched import Run, train_adapters
 from train_evaluate.synthetic import synthetic_features
-from train_evaluate.training import FeatureSplit, TrainConfig, train_adapter
+from train_evaluate.training import FeatureSplit, TrainConfig, evaluate, train_adapter
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -134,12 +135,12 @@ def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path,
         init="paper_init", trials=7, epochs=4, space=sweep.SearchSpace(lr=(1e-3, 3e-1))
     )
     studies = {}
-    for batched in (False, True):
-        monkeypatch.setattr(sweep, "BATCHED", batched)
-        monkeypatch.setattr(sweep, "ENGINE", batched)  # sequential: today's loop
-        storage = sweep.open_storage(tmp_path / f"{batched}.sqlite3")
+    for together in (False, True):
+        monkeypatch.setattr(sweep, "BATCHED", together)
+        monkeypatch.setattr(sweep, "ENGINE", together)  # sequential: today's loop
+        storage = sweep.open_storage(tmp_path / f"{together}.sqlite3")
         outcome = sweep.run_rank(method, 4, splits, config, storage, "s")
-        studies[batched] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)
+        studies[together] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)
     (plain, plain_trials), (fast, fast_trials) = studies[False], studies[True]
     assert len(plain_trials) == len(fast_trials) == 7
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in plain_trials[:5])
@@ -155,3 +156,133 @@ def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path,
     if fast.record["best_trial"]["number"] != 6 and plain.record["best_trial"]["number"] != 6:
         assert fast.record["best_trial"] == plain.record["best_trial"]
         assert fast.record["test_acc"] == pytest.approx(plain.record["test_acc"], abs=1e-9)
+
+
+def crafted_logits():
+    """Rows whose CE loss is finite or not in every way a logit can make it so."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 6, generator=generator) * 3
+    labels = torch.randint(0, 6, (2, 7), generator=generator)
+    inf = math.inf
+    logits[1, 0, 2] = math.nan  # NaN anywhere: NaN loss
+    logits[1, 1, (labels[1, 1] + 1) % 6] = inf  # +inf elsewhere: infinite loss
+    logits[1, 2, labels[1, 2]] = -inf  # -inf at the label: infinite loss
+    logits[1, 3, (labels[1, 3] + 1) % 6] = -inf  # -inf elsewhere: finite loss
+    logits[1, 4] = -inf  # every logit -inf: NaN loss
+    logits[1, 5, labels[1, 5]] = 1e30  # huge but finite: finite loss
+    return logits, labels
+
+
+def test_the_ce_check_is_finite_exactly_when_the_loss_is():
+    logits, labels = crafted_logits()
+    ce = batched.Objective(1.0, 0.0, 2.0)
+    for run in range(2):
+        for row in range(7):
+            part = logits[run : run + 1, row : row + 1].clone()
+            target = labels[run : run + 1, row : row + 1]
+            check, _ = batched.logit_grad(part.clone(), target, None, ce)
+            loss = F.cross_entropy(part[0], target[0])
+            assert bool(torch.isfinite(check)) == bool(torch.isfinite(loss)), (run, row)
+    assert all(torch.isfinite(F.cross_entropy(logits[0, r : r + 1], labels[0, r : r + 1]))
+               for r in range(7))  # fmt: skip
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3)])
+def test_the_logit_gradient_is_autograds_of_the_summed_loss(weights):
+    """n times the gradient of the mean loss that train_adapter minimises (TrainConfig.loss)."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 9, 11, generator=generator)
+    labels = torch.randint(0, 11, (3, 9), generator=generator)
+    teacher = torch.randn(3, 9, 11, generator=generator)
+    objective = batched.Objective(*weights, temperature=2.5)
+    tau = objective.temperature
+    teacher_log_probs = torch.log_softmax(teacher / tau, dim=2)
+    _, grad = batched.logit_grad(logits.clone(), labels, teacher_log_probs, objective)
+    for run in range(3):
+        z = logits[run].clone().requires_grad_(True)
+        config = TrainConfig(
+            objective="ce" if weights[1] == 0 else "kd" if weights[0] == 0 else "ce+kd",
+            kd_temperature=tau,
+            kd_weight=weights[1],
+        )
+        batch = FeatureSplit(z.detach(), labels[run], teacher_logits=teacher[run])
+        (config.loss(z, batch) * z.shape[0]).backward()
+        torch.testing.assert_close(grad[run], z.grad, **TOLERANCE)
+
+
+def test_evaluation_in_chunks_is_evaluate(monkeypatch):
+    """Runs stacked and rows in chunks that do not divide the split: each run's loss and top-1
+    are what training.evaluate gives its layer."""
+    monkeypatch.setattr(batched, "CPU_EVAL_ROWS", 14)  # 7 rows per run per chunk
+    head, _, val = problem(seed=5)
+    layers = [layer_for(head, alpha, seed, init="svd_init") for seed, alpha in enumerate((8, 24))]
+    a = torch.stack([layer.lora_A.detach() for layer in layers])
+    b = torch.stack([layer.lora_B.detach() for layer in layers])
+    scale = torch.tensor([layer.scaling for layer in layers]).view(-1, 1, 1)
+    losses, accuracies = batched.evaluate_stacked(a, b, scale, val.with_base(layers[0]))
+    assert len(val) % 7 != 0
+    for layer, loss, accuracy in zip(layers, losses, accuracies, strict=True):
+        expected = evaluate(layer, val)
+        assert loss == pytest.approx(expected["loss"], rel=1e-6)
+        assert accuracy == pytest.approx(expected["acc"], abs=1e-9)
+
+
+def test_a_run_without_curves_is_train_adapters_without_curves():
+    """Beside a run that measures its train curve (the final model's), a trial's is not
+    measured, as ``train_adapter(curves=False)`` leaves it."""
+    head, train, val = problem(seed=6)
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=50, seed=1)
+    alone = [
+        train_adapter(layer_for(head, 8, 1), train, val, config, curves=curves)
+        for curves in (False, True)
+    ]
+    runs = [Run(layer_for(head, 8, 1), config, curves=curves) for curves in (False, True)]
+    outcomes = train_adapters(runs, train, val)
+    assert all(math.isnan(v) for v in outcomes[0].result.history["train_acc"])
+    assert not any(math.isnan(v) for v in outcomes[1].result.history["train_acc"])
+    for single, outcome in zip(alone, outcomes, strict=True):
+        assert_same_run(single, outcome.result)
+
+
+def test_the_engine_records_the_study_the_loop_records(tmp_path, monkeypatch):
+    """One trial at a time (the CPU's default): every trial's parameters, values, states and
+    pruning decisions, and the final model, as today's autograd loop records them."""
+    head, splits = synthetic_features(600, 200, in_features=32, classes=20)
+    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    config = sweep.SweepConfig(
+        init="svd_init", trials=8, epochs=4, space=sweep.SearchSpace(lr=(1e-3, 3e-1))
+    )
+    monkeypatch.setattr(sweep, "BATCHED", False)
+    studies = {}
+    for engine in (False, True):
+        monkeypatch.setattr(sweep, "ENGINE", engine)
+        storage = sweep.open_storage(tmp_path / f"{engine}.sqlite3")
+        outcome = sweep.run_rank(method, 4, splits, config, storage, "s")
+        studies[engine] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)
+    (loop, loop_trials), (engine, engine_trials) = studies[False], studies[True]
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in loop_trials)
+    assert len(loop_trials) == len(engine_trials) == 8
+    for a, b in zip(loop_trials, engine_trials, strict=True):
+        assert (a.state, a.params, a.user_attrs) == (b.state, b.params, b.user_attrs)
+        assert a.intermediate_values.keys() == b.intermediate_values.keys()
+        for step, value in a.intermediate_values.items():
+            assert math.isclose(b.intermediate_values[step], value, abs_tol=1e-9)
+    assert engine.record["best_trial"] == loop.record["best_trial"]
+    (final,), (loop_final,) = engine.record["finals"], loop.record["finals"]
+    assert final["best_epoch"] == loop_final["best_epoch"]
+    assert final["test_acc"] == pytest.approx(loop_final["test_acc"], abs=1e-9)
+    for key, values in loop_final["history"].items():
+        torch.testing.assert_close(
+            torch.tensor(final["history"][key]), torch.tensor(values), **TOLERANCE
+        )
+
+
+def test_a_cpu_trains_each_run_alone_on_the_engine():
+    """The defaults: the engine for every LoraLinear run, trials one at a time on a CPU (the
+    study a sequential sweep records); DoRA on train_adapter."""
+    head, splits = synthetic_features(60, 20, in_features=8, classes=5)
+    plain = layer_for(head, 8, 0, rank=2)
+    context = make_init_context(head, SparseConfig(block=(1, 4)))
+    dora = make_lora_linear(head, LoraConfig(r=2, use_dora=True), context)
+    assert sweep.use_engine(splits, plain) and not sweep.use_engine(splits, dora)
+    assert not sweep.use_batched(splits)
