@@ -21,6 +21,7 @@ header line says which was run).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -34,30 +35,56 @@ from train_evaluate import batched, sweep
 TARGET_SECONDS = {"cpu": 270, "cuda": 60}  # CPU: 2x today's 9.0 min; GPU: issue 16's 60 s
 
 
-def protocol(args, head, splits, device) -> None:
-    """One whole protocol: every method and rank, in a fresh Optuna storage."""
+Ranks = dict[tuple[str, int], tuple[float, int]]
+
+
+def protocol(args, head, splits, device) -> Ranks:
+    """One whole protocol: every method and rank, in a fresh Optuna storage. Returns each
+    (method, rank)'s seconds and the epochs its trials and final model trained."""
     config = sweep.SweepConfig(
         init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
     )
+    ranks: Ranks = {}
     with tempfile.TemporaryDirectory() as scratch:
         storage = sweep.open_storage(Path(scratch) / "optuna.sqlite3")
         for name in args.methods:
             method = sweep.Method.create(name, make_config(name), head, splits.train.features)
             for rank in args.ranks:
-                sweep.run_rank(method, rank, splits, config, storage, f"{name}_r{rank}")
+                outcome = sweep.run_rank(method, rank, splits, config, storage, f"{name}_r{rank}")
+                epochs = sum(max(len(t.intermediate_values) - 1, 0) for t in outcome.study.trials)
+                epochs += sum(len(f["history"]["val_acc"]) - 1 for f in outcome.record["finals"])
+                ranks[name, rank] = (outcome.record["seconds"], epochs)
+    return ranks
 
 
-def variant(name: str, args, head, splits, device):
+def variant(name: str, args, head, splits, device, seen: dict[str, list[Ranks]]):
     def run() -> None:
         sweep.BATCHED = name.startswith("batched")
         sweep.ENGINE = name != "loop"
         batched.CUDA_GRAPHS = name != "batched-nographs"
         try:
-            protocol(args, head, splits, device)
+            seen.setdefault(name, []).append(protocol(args, head, splits, device))
         finally:
             sweep.BATCHED, sweep.ENGINE, batched.CUDA_GRAPHS = None, True, True
 
     return run
+
+
+def rank_table(seen: dict[str, list[Ranks]]) -> str:
+    """Per (method, rank): each variant's median seconds over the repetitions and the epochs
+    it trained (median too). The studies of two variants can part ways when a float rounding
+    flips one val count (then TPE asks other trials), which shows here as other epochs."""
+    names = list(seen)
+    lines = ["per rank: median seconds (median epochs trained) over the repetitions"]
+    lines.append("  " + " | ".join(["method rank", *names]))
+    for key in seen[names[0]][0]:
+        cells = []
+        for name in names:
+            seconds = statistics.median(reps[key][0] for reps in seen[name])
+            epochs = statistics.median(reps[key][1] for reps in seen[name])
+            cells.append(f"{seconds:.1f} s ({epochs:g})")
+        lines.append(f"  {key[0]} r={key[1]} | " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(args.ranks)} ranks {args.ranks} x {args.trials} trials x {args.epochs} epochs on "
         f"{args.rows:,} + {args.val:,} cached features, {args.init}, {device.type}; {machine()}"
     )
+    seen: dict[str, list[Ranks]] = {}
     timings = interleaved(
-        {v: variant(v, args, head, splits, device) for v in args.variants},
+        {v: variant(v, args, head, splits, device, seen) for v in args.variants},
         args.repeats,
         warmup=False,  # a whole protocol per call: its one-off costs are part of the figure
     )
+    print(rank_table(seen))
     for timing in timings.values():
         print(timing.line())
     target = TARGET_SECONDS[device.type]
