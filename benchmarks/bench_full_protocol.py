@@ -72,10 +72,11 @@ def variant(name: str, args, head, splits, device, seen: dict[str, list[Ranks]])
 
 def rank_table(seen: dict[str, list[Ranks]]) -> str:
     """Per (method, rank): each variant's median seconds over the repetitions and the epochs
-    it trained (median too). The studies of two variants can part ways when a float rounding
-    flips one val count (then TPE asks other trials), which shows here as other epochs."""
+    its study recorded (median too). The studies of two variants can part ways when a float
+    rounding flips one val count (then TPE asks other trials), which shows here as other
+    epochs. A batched trial that the pruner stops trains on to its last epoch unrecorded."""
     names = list(seen)
-    lines = ["per rank: median seconds (median epochs trained) over the repetitions"]
+    lines = ["per rank: median seconds (median epochs recorded) over the repetitions"]
     lines.append("  " + " | ".join(["method rank", *names]))
     for key in seen[names[0]][0]:
         cells = []
