@@ -51,7 +51,8 @@ def protocol(args, head, splits, device) -> Ranks:
             method = sweep.Method.create(name, make_config(name), head, splits.train.features)
             for rank in args.ranks:
                 outcome = sweep.run_rank(method, rank, splits, config, storage, f"{name}_r{rank}")
-                epochs = sum(max(len(t.intermediate_values) - 1, 0) for t in outcome.study.trials)
+                trials = outcome.study.trials if outcome.study is not None else []  # --epochs 0
+                epochs = sum(max(len(t.intermediate_values) - 1, 0) for t in trials)
                 epochs += sum(len(f["history"]["val_acc"]) - 1 for f in outcome.record["finals"])
                 ranks[name, rank] = (outcome.record["seconds"], epochs)
     return ranks

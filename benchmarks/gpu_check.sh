@@ -42,7 +42,7 @@ step 20 "machine" bash -c 'nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; py
 step 120 "tests on $DEVICE" python -m pytest -q -p no:cacheprovider "${PYTEST_DEVICE[@]}" tests/
 # Today's loop is too slow for the full protocol here: compare all variants on a subset of it
 # (same rows, fewer ranks and epochs), then time the batched path alone on the full protocol.
-step 100 "protocol subset: loop vs engine vs batched (graphs on / off)" python -m benchmarks.bench_full_protocol \
+step 150 "protocol subset: loop vs engine vs batched (graphs on / off)" python -m benchmarks.bench_full_protocol \
     --device "$DEVICE" --rows "$ROWS" --val "$VAL" --methods sparse --ranks $SUB_RANKS \
     --epochs "$SUB_EPOCHS" --trials "$TRIALS" --repeats "$REPEATS" "${THREADS[@]}" \
     --variants loop engine batched batched-nographs

@@ -174,6 +174,7 @@ def crafted_logits():
 
 
 def test_the_ce_check_is_finite_exactly_when_the_loss_is():
+    """(Short of float overflow of the loss itself: see ``logit_grad``.)"""
     logits, labels = crafted_logits()
     ce = batched.Objective(1.0, 0.0, 2.0)
     for run in range(2):
@@ -277,12 +278,39 @@ def test_the_engine_records_the_study_the_loop_records(tmp_path, monkeypatch):
         )
 
 
-def test_a_cpu_trains_each_run_alone_on_the_engine():
+def test_a_cpu_trains_each_run_alone_on_the_engine(monkeypatch):
     """The defaults: the engine for every LoraLinear run, trials one at a time on a CPU (the
     study a sequential sweep records); DoRA on train_adapter."""
     head, splits = synthetic_features(60, 20, in_features=8, classes=5)
-    plain = layer_for(head, 8, 0, rank=2)
     context = make_init_context(head, SparseConfig(block=(1, 4)))
     dora = make_lora_linear(head, LoraConfig(r=2, use_dora=True), context)
-    assert sweep.use_engine(splits, plain) and not sweep.use_engine(splits, dora)
     assert not sweep.use_batched(splits)
+
+    def loop(*args, **kwargs):
+        raise AssertionError("train_adapter")
+
+    monkeypatch.setattr(sweep, "train_adapter", loop)
+    config = TrainConfig(epochs=1, batch_size=16)
+    result = sweep.train_one(layer_for(head, 8, 0, rank=2), splits, config)
+    assert len(result.history["val_acc"]) == 2  # trained: epoch 0 and epoch 1
+    with pytest.raises(AssertionError, match="train_adapter"):
+        sweep.train_one(dora, splits, config)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_only_the_final_model_measures_its_train_curve(tmp_path, monkeypatch, together):
+    """Trials, alone or batched, never draw a train curve, so none is scored for them."""
+    head, splits = synthetic_features(200, 60, in_features=16, classes=8)
+    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    config = sweep.SweepConfig(init="svd_init", trials=6, epochs=2)
+    calls = []
+
+    def recording(runs, train, val):
+        calls.append([run.curves for run in runs])
+        return train_adapters(runs, train, val)
+
+    monkeypatch.setattr(sweep, "BATCHED", together)
+    monkeypatch.setattr(sweep, "train_adapters", recording)
+    sweep.run_rank(method, 2, splits, config, sweep.open_storage(tmp_path / "s.db"), "s")
+    assert calls[-1] == [True]  # the final model
+    assert sum(len(c) for c in calls[:-1]) == 6 and not any(any(c) for c in calls[:-1])

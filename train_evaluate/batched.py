@@ -177,7 +177,10 @@ def logit_grad(
     CE: d/dz = softmax(z) - onehot(y). Its loss lse(z) - z_y is finite exactly when p_y and
     z_y are (a NaN or +inf logit makes the whole row of the softmax NaN, z_y = -inf makes the
     loss infinite, a -inf elsewhere changes neither), so the check is sum(p_y + 0 * z_y) and no
-    log-probabilities are formed: one pass fewer over the logits. KD (Hinton et al. 2015, as
+    log-probabilities are formed: one pass fewer over the logits. Not covered: finite logits so
+    far apart (about 3e38) that lse(z) - z_y itself overflows, or per-batch losses large enough
+    (about 1e36) that ``train_adapter``'s epoch sum overflows; such a run has diverged anyway,
+    and its val loss, checked after the epoch, is then not finite either. KD (Hinton et al. 2015, as
     ``training.distillation_loss``: KL(p || q) with q = softmax(z / tau), times tau^2):
     d/dz = tau * (q - p); its check is the KL itself."""
     rows = logits.shape[1]

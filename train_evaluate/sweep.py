@@ -526,7 +526,8 @@ def _run_rank(
         seed = derive_seed(*seed_parts, "trial", index)
         trial.set_user_attr("seed", seed)
         layer = method.layer(rank, params["lora_alpha"], sweep, seed)
-        return Run(layer, sweep.train_config(params, seed))
+        # a trial's train curve is never drawn: it is not measured
+        return Run(layer, sweep.train_config(params, seed), curves=False)
 
     def reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
         def report(epoch: int, val_acc: float) -> None:
@@ -545,8 +546,7 @@ def _run_rank(
 
     def objective(trial: optuna.Trial, index: int) -> float:
         run = prepare(trial, index)
-        # a trial's train curve is never drawn: it is not measured
-        result = train_one(run.layer, data, run.config, reporter(trial), curves=False)
+        result = train_one(run.layer, data, run.config, reporter(trial), run.curves)
         return conclude(trial, result)
 
     def prepare_batched(trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
