@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 16's GPU checks in one run (about 8 minutes at most): the gpu-marked tests on CUDA, the
-# full protocol (today's loop against the batched path, with and without CUDA graphs), the
-# caching pass with --decode gpu / cpu against the bare forward, and EfficientNet-Lite0's top-1
-# with each decode. Every figure goes to stdout and to $OUT/gpu_report.txt.
+# The GPU checks in one run (about 9 minutes at most): the gpu-marked tests on CUDA, the
+# full protocol (today's loop against the engine and the batched path, with and without CUDA
+# graphs), the caching pass with --decode gpu / cpu against the bare forward, and
+# EfficientNet-Lite0's top-1 with each decode. Every figure goes to stdout and to $OUT/gpu_report.txt.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   DEVICE=cpu bash benchmarks/gpu_check.sh      # dry run on a CPU: tiny sizes, same steps

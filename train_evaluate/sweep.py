@@ -226,8 +226,8 @@ def fail_interrupted(study: optuna.Study) -> None:
 # trials together (asked with the constant liar). False: one trial at a time, the study a
 # sequential sweep records. None: together on CUDA only, where one step of one small run is
 # bound by kernel launches; on a CPU a step is bound by its arithmetic and memory traffic, and
-# batching gained nothing over the engine's runs one at a time (1.00x against today's loop, the
-# engine alone 1.42x; benchmarks/bench_full_protocol.py, README "Benchmarks").
+# batching is slower than the engine's runs one at a time (1.31x against today's loop, the
+# engine alone 1.44x, scaled down; benchmarks/bench_full_protocol.py, README "Benchmarks").
 BATCHED: bool | None = None
 # Train a run (a trial alone, a final model) with the hand-written engine of ``batched`` (one
 # run), not ``train_adapter``'s autograd loop: the same numbers up to float summation order, in
