@@ -317,3 +317,27 @@ def test_only_the_final_model_measures_its_train_curve(tmp_path, monkeypatch, to
     sweep.run_rank(method, 2, splits, config, sweep.open_storage(tmp_path / "s.db"), "s")
     assert calls[-1] == [True]  # the final model
     assert sum(len(c) for c in calls[:-1]) == 6 and not any(any(c) for c in calls[:-1])
+
+
+@pytest.mark.parametrize(("size", "rank", "expected"), [(32, 3, 1), (400, 3, 2), (32, 128, 2)])
+def test_a_small_cpu_step_runs_on_one_thread_and_the_count_comes_back(
+    size, rank, expected, monkeypatch
+):
+    head, train, val = problem(seed=4, features=130, classes=140)
+    seen = []
+    step = batched._Group._step
+
+    def counting(self, index):
+        seen.append(torch.get_num_threads())
+        step(self, index)
+
+    monkeypatch.setattr(batched._Group, "_step", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = Run(layer_for(head, 8, 0, rank=rank), TrainConfig(epochs=2, batch_size=size))
+        train_adapters([run], train, val)
+        assert set(seen) == {expected}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
