@@ -273,8 +273,8 @@ def comparable(frame: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.mark.parametrize(
     "selection",
-    [[], ["--layers", "head"], ["--workers", "1"]],
-    ids=["default", "head", "workers-1"],
+    [[], ["--layers", "head"], ["--workers", "1"], ["--workers", "2", "--share", "ranks"]],
+    ids=["default", "head", "workers-1", "workers-2-whole-ranks"],
 )
 def test_the_fc_study_gives_the_evaluation_csv_recorded_before_whole_network_mode(
     selection, tmp_path, capsys

@@ -282,3 +282,75 @@ def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
         elif ":" not in name:
             assert states["COMPLETE"] + states["PRUNED"] == 3 and not states["RUNNING"]
     storage.engine.dispose()
+
+
+def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_path):
+    """``--share ranks``: a rank another worker holds is left alone (no trial asked), and a
+    rank this worker takes records the study, values and final model a one-process run does."""
+    from benchmarks.common import synthetic_features
+    from compression import make_config
+    from train_evaluate import sweep, workers
+
+    head, splits = synthetic_features(600, 300)
+    config = sweep.SweepConfig(init="svd_init", trials=5, epochs=3)
+    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    alone = sweep.run_rank(method, 4, splits, config, sweep.open_storage(tmp_path / "1.db"), "s")
+
+    storage = workers.shared_storage(f"sqlite:///{tmp_path / 'shared.db'}", 1)
+    sharing = sweep.Sharing(storage, 1, whole_ranks=True)
+    holder = workers.FinalClaim(storage, "s", 1)
+    assert holder.acquire()  # another worker has the rank
+    assert sweep.run_rank(method, 4, splits, config, storage, "s", sharing=sharing) is None
+    assert optuna.load_study(study_name="s", storage=storage).trials == []
+    holder.release(False)  # and died before any trial: the rank is free again
+    outcome = sweep.run_rank(method, 4, splits, config, storage, "s", sharing=sharing)
+    assert outcome.claim is not None and outcome.claim.trial is not None  # held until written
+    outcome.claim.release(True)
+
+    def trials(study):
+        return [(t.params, t.state, t.value, t.intermediate_values) for t in study.trials]
+
+    assert len(alone.study.trials) == 5 and trials(outcome.study) == trials(alone.study)
+    assert {t.user_attrs["worker"] for t in outcome.study.trials} == {workers.worker_label()}
+    assert outcome.record["finals"][0]["history"] == alone.record["finals"][0]["history"]
+    assert outcome.record["test_acc"] == alone.record["test_acc"]
+    storage.engine.dispose()
+
+
+@pytest.mark.parametrize("share", ["trials", "ranks"])
+def test_whole_ranks_are_taken_largest_first(share, monkeypatch):
+    from types import SimpleNamespace
+
+    from train_evaluate import records, train_model
+
+    seen = []
+
+    def record_of(context, method, rank):
+        seen.append((method.name, rank))
+        return {"rank": rank}
+
+    methods = [SimpleNamespace(name="sparse"), SimpleNamespace(name="int1")]
+    context = SimpleNamespace(sharing=SimpleNamespace(whole_ranks=share == "ranks"))
+    monkeypatch.setattr(records, "rank_record", record_of)
+    found = train_model.share_ranks(context, methods, (2, 8, 4))
+    assert found == {name: [{"rank": 2}, {"rank": 8}, {"rank": 4}] for name in ("sparse", "int1")}
+    if share == "ranks":
+        assert seen == [("sparse", 8), ("int1", 8), ("sparse", 4), ("int1", 4),
+                        ("sparse", 2), ("int1", 2)]  # fmt: skip
+    else:
+        assert seen == [(m, r) for m in ("sparse", "int1") for r in (2, 8, 4)]
+
+
+def test_local_workers_divide_the_cores_and_pass_their_share_on():
+    from train_evaluate.cli import available_cores, build_parser
+    from train_evaluate.plan import plan_run
+    from train_evaluate.train_model import worker_argv
+
+    argv = ["--epochs", "0", "--ranks", "2", "--workers", "2", "--share", "ranks"]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    plan = plan_run(args)
+    assert plan.threads == max(1, available_cores() // 2) and plan.share == "ranks"
+    passed = worker_argv(plan)
+    assert passed[passed.index("--threads") + 1] == str(plan.threads)
+    assert passed[-2:] == ["--workers", "1"] and "--share" in passed

@@ -207,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         "processes with the same URL and the same settings share one sweep (default: the run "
         "folder's optuna.sqlite3)",
     )
+    many.add_argument(
+        "--share",
+        choices=["trials", "ranks"],
+        default="trials",
+        help="how workers divide the sweep: trials (any worker runs any free trial; TPE's later "
+        "suggestions then depend on the order trials finish) or ranks (each rank's trials and "
+        "final models are one worker's, largest rank first: every study is the one a "
+        "one-worker run records); default trials",
+    )
     many.add_argument("--study-prefix", default="", help="prefix of the study names in the storage")
     many.add_argument(
         "--heartbeat",

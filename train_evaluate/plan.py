@@ -80,11 +80,13 @@ class Plan:
     decode: str = "cpu"
     search: str = "rank"
     # many workers (train_evaluate.workers): the storage URL (None: the run folder's SQLite
-    # file), study-name prefix, worker processes on this machine, heartbeat seconds, the
-    # launcher's pid in a worker, and the command's own arguments (to start workers with)
+    # file), study-name prefix, worker processes on this machine, how they divide the sweep
+    # ("trials" or "ranks", see workers), heartbeat seconds, the launcher's pid in a worker,
+    # and the command's own arguments (to start workers with)
     storage: str | None = None
     study_prefix: str = ""
     workers: int = 1
+    share: str = "trials"
     heartbeat: int = 10
     worker_of: int | None = None
     argv: tuple[str, ...] = ()
@@ -445,7 +447,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
         sweep=sweep_config(args),
         fractions=fractions,
         device=device,
-        threads=args.threads or available_cores(),
+        # local workers divide the cores: more threads than cores slow every one of them
+        threads=args.threads or max(1, available_cores() // args.workers),
         feature_batch_size=args.feature_batch_size,
         decode_workers=args.decode_workers,
         adapter_dtype=args.adapter_dtype,
@@ -460,6 +463,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         storage=args.storage,
         study_prefix=args.study_prefix,
         workers=args.workers,
+        share=args.share,
         heartbeat=args.heartbeat,
         worker_of=args.worker_of,
         argv=tuple(getattr(args, "argv", ())),

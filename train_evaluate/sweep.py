@@ -176,10 +176,13 @@ class RankOutcome:
 
 @dataclass(frozen=True)
 class Sharing:
-    """Many workers on one storage: its heartbeat-enabled handle and the beat in seconds."""
+    """Many workers on one storage: its heartbeat-enabled handle, the beat in seconds, and
+    whether each rank is one worker's whole (its final claim taken before its first trial)
+    instead of its trials going to any worker."""
 
     storage: optuna.storages.BaseStorage
     heartbeat: int
+    whole_ranks: bool = False
 
 
 def open_storage(path: Path) -> optuna.storages.RDBStorage:
@@ -461,7 +464,12 @@ def run_rank(
             else optuna.pruners.NopPruner(),
         )
     claim = None
-    if sharing is not None:
+    if sharing is not None and sharing.whole_ranks:
+        # the rank's final claim, taken first, makes its trials this worker's alone too
+        claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
+        if not claim.acquire():
+            return None  # another worker's rank, running or finished
+    elif sharing is not None:
         # cheap checks first: a rank with no free trial and no claimable final is left alone
         if study is not None:
             workers.fail_stale(study)
@@ -571,16 +579,20 @@ def _run_rank(
         batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
         batch = TrialBatch(prepare_batched, train_batched) if batched else None
         run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
-    elif claim is None:
+    elif claim is None or sharing.whole_ranks:
         ready = workers.run_shared_study(
             study, objective, sweep.trials, lambda i: seeded_sampler(seed_parts, i), on_step
         )
         if not ready:
+            if claim is not None:  # a worker dividing trials ran some: they end elsewhere
+                claim.release(False)
+                held.remove(claim)
             return None
-        claim = workers.FinalClaim(sharing.storage, study.study_name, sharing.heartbeat)
-        if not claim.acquire():
-            return None
-        held.append(claim)
+        if claim is None:
+            claim = workers.FinalClaim(sharing.storage, study.study_name, sharing.heartbeat)
+            if not claim.acquire():
+                return None
+            held.append(claim)
     trials = counted_trials(study, sweep.trials)
     record["trials"] = trial_counts(trials)
     record["study"] = study.study_name

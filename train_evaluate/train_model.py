@@ -175,21 +175,27 @@ def run(plan) -> None:
             for problem in workers.wait(started) if started else []:
                 log.warning("warning: %s", problem)
         if plan.shared:
-            results["determinism"] = SHARED_DETERMINISM
+            results["determinism"] = SHARED_DETERMINISM[plan.share]
         with run_folder.writing(plan.out):
             run_folder.finish(plan.out, config, results)
 
 
-SHARED_DETERMINISM = (
-    "several workers (or a shared --storage): the same ranks and the same number of trials per "
-    "rank as one worker; TPE's suggestions after its random start-up trials depend on the "
-    "order in which trials finished, so parameters and values may differ from a one-worker run"
-)
+SHARED_DETERMINISM = {
+    "trials": "several workers (or a shared --storage): the same ranks and the same number of "
+    "trials per rank as one worker; TPE's suggestions after its random start-up trials depend "
+    "on the order in which trials finished, so parameters and values may differ from a "
+    "one-worker run",
+    "ranks": "several workers (or a shared --storage), each rank one worker's: its trials are "
+    "drawn, trained and pruned as one worker draws them, so the studies are a one-worker "
+    "run's (values up to float summation order where the thread counts differ), unless a "
+    "worker died mid-rank and another took the rank over",
+}
 
 
 def worker_argv(plan) -> list[str]:
     """The launcher's own arguments for its workers: one process each, no --overwrite (the
-    launcher has already cleared the folder)."""
+    launcher has already cleared the folder), and the launcher's share of the cores as their
+    --threads."""
     argv, skip = [], False
     for argument in plan.argv:
         if skip:
@@ -201,6 +207,8 @@ def worker_argv(plan) -> list[str]:
         if argument.startswith("--workers=") or argument == "--overwrite":
             continue
         argv.append(argument)
+    if not any(a == "--threads" or a.startswith("--threads=") for a in argv):
+        argv += ["--threads", str(plan.threads)]
     return [*argv, "--workers", "1"]
 
 
@@ -281,7 +289,7 @@ def sweep_all(plan) -> dict:
             hashlib.sha256(lists["test"].encode()).hexdigest(),
             storage,
             progress,
-            Sharing(storage, plan.heartbeat) if plan.shared else None,
+            Sharing(storage, plan.heartbeat, plan.share == "ranks") if plan.shared else None,
         )
         for name, compression in plan.compressions.items():
             if whole:
@@ -378,12 +386,16 @@ def sweep_all(plan) -> dict:
 
 def share_ranks(context, methods, ranks) -> dict[str, list]:
     """Many workers: every (method, rank) until each has its record, working wherever there is
-    a free trial or a final to claim, waiting only when there is none anywhere."""
+    a free trial or a final to claim, waiting only when there is none anywhere. Whole ranks
+    (``--share ranks``) are taken largest first: the longest come first and the short ones
+    fill in at the end, when a worker would otherwise wait on another's last rank."""
     from train_evaluate import workers
     from train_evaluate.records import rank_record
 
     records = {method.name: [None] * len(ranks) for method in methods}
     pending = [(method, index) for method in methods for index in range(len(ranks))]
+    if context.sharing.whole_ranks:
+        pending.sort(key=lambda job: -ranks[job[1]])
     while pending:
         waiting = []
         for method, index in pending:
