@@ -5,7 +5,7 @@ sequential study, each run on ``batched``'s engine: the CPU's default) and the b
 
     python -m benchmarks.bench_full_protocol [--methods sparse int1] [--ranks 2 ... 128]
         [--rows 32000] [--val 8000] [--trials 10] [--epochs 10] [--repeats 5]
-        [--variants loop engine]
+        [--variants loop engine engine-workers] [--workers 2]
 
 The driver's own sweep (``run_rank``: init-only baseline, an Optuna study with SQLite storage
 and median pruning, and the final model) over cached features (default 32,000 train and 8,000
@@ -16,13 +16,20 @@ are the random classifier's own predictions (see ``synthetic_features``), so pru
 real data. Each variant's figure is the median of ``--repeats`` interleaved repetitions with its
 min and max; smaller ``--rows`` / ``--ranks`` / ``--epochs`` give a scaled-down protocol (the
 header line says which was run).
+
+``engine-workers`` is the driver's ``--workers N --share ranks`` on one machine: this process
+and N - 1 started ones (each building the same features, as a driver's worker reads the cache)
+share one SQLite storage, each rank taken whole by one of them, largest first, on the engine,
+and the machine's threads divided among them. Its studies are the engine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
@@ -30,11 +37,12 @@ import torch
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line, synthetic_features
 from compression import make_config
-from train_evaluate import batched, sweep
+from train_evaluate import batched, sweep, workers
 
 # seconds: CPU, half the loop's earlier 9.0 min (the ratio against the loop is printed too);
 # GPU, one minute for the whole protocol
 TARGET_SECONDS = {"cpu": 270, "cuda": 60}
+HEARTBEAT = 10  # seconds, the driver's default
 
 
 Ranks = dict[tuple[str, int], tuple[float, int]]
@@ -53,10 +61,78 @@ def protocol(args, head, splits, device) -> Ranks:
             method = sweep.Method.create(name, make_config(name), head, splits.train.features)
             for rank in args.ranks:
                 outcome = sweep.run_rank(method, rank, splits, config, storage, f"{name}_r{rank}")
-                trials = outcome.study.trials if outcome.study is not None else []  # --epochs 0
-                epochs = sum(max(len(t.intermediate_values) - 1, 0) for t in trials)
-                epochs += sum(len(f["history"]["val_acc"]) - 1 for f in outcome.record["finals"])
-                ranks[name, rank] = (outcome.record["seconds"], epochs)
+                ranks[name, rank] = (outcome.record["seconds"], epochs_of(outcome))
+    return ranks
+
+
+def epochs_of(outcome: sweep.RankOutcome) -> int:
+    """The epochs a rank's trials and final models recorded."""
+    trials = outcome.study.trials if outcome.study is not None else []  # --epochs 0
+    epochs = sum(max(len(t.intermediate_values) - 1, 0) for t in trials)
+    return epochs + sum(len(f["history"]["val_acc"]) - 1 for f in outcome.record["finals"])
+
+
+def whole_ranks(args, head, splits, device, url: str, threads: int) -> Ranks:
+    """One worker of ``engine-workers``: every rank no other worker has taken, largest first,
+    as the driver's ``share_ranks`` walks them."""
+    torch.set_num_threads(threads)
+    # the heartbeat options' "experimental" notes, and the claims' asks outside optimize
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+    config = sweep.SweepConfig(
+        init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
+    )
+    storage = workers.shared_storage(url, HEARTBEAT)
+    sharing = sweep.Sharing(storage, HEARTBEAT, whole_ranks=True)
+    methods = {
+        name: sweep.Method.create(name, make_config(name), head, splits.train.features)
+        for name in args.methods
+    }
+    ranks: Ranks = {}
+    for rank in sorted(args.ranks, reverse=True):
+        for name in args.methods:
+            study = f"{name}_r{rank}"
+            outcome = sweep.run_rank(methods[name], rank, splits, config, storage, study,
+                                     sharing=sharing)  # fmt: skip
+            if outcome is not None:  # None: another worker's rank
+                outcome.claim.release(True)
+                ranks[name, rank] = (outcome.record["seconds"], epochs_of(outcome))
+    storage.engine.dispose()
+    return ranks
+
+
+def started_worker(args, url: str, threads: int, results) -> None:
+    """The entry point of a started worker: the same features, built here, then its ranks."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    head, splits = synthetic_features(args.rows, args.val)
+    results.put(whole_ranks(args, head, splits, torch.device("cpu"), url, threads))
+
+
+def protocol_with_workers(args, head, splits, device) -> Ranks:
+    """One whole protocol on ``args.workers`` processes sharing one storage (this one too)."""
+    threads = torch.get_num_threads()
+    share = max(1, threads // args.workers)
+    context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools
+    results = context.Queue()
+    with tempfile.TemporaryDirectory() as scratch:
+        url = f"sqlite:///{Path(scratch) / 'optuna.sqlite3'}"
+        sweep.open_storage(Path(scratch) / "optuna.sqlite3").engine.dispose()  # tables, WAL
+        others = [
+            context.Process(target=started_worker, args=(args, url, share, results))
+            for _ in range(args.workers - 1)
+        ]
+        for process in others:
+            process.start()
+        try:
+            ranks = whole_ranks(args, head, splits, device, url, share)
+        finally:
+            torch.set_num_threads(threads)
+        for _ in others:
+            ranks.update(results.get())
+        for process in others:
+            process.join()
+            if process.exitcode != 0:
+                raise SystemExit(f"a started worker failed (exit code {process.exitcode})")
     return ranks
 
 
@@ -66,7 +142,10 @@ def variant(name: str, args, head, splits, device, seen: dict[str, list[Ranks]])
         sweep.ENGINE = name != "loop"
         batched.CUDA_GRAPHS = name != "batched-nographs"
         try:
-            seen.setdefault(name, []).append(protocol(args, head, splits, device))
+            if name == "engine-workers":
+                seen.setdefault(name, []).append(protocol_with_workers(args, head, splits, device))
+            else:
+                seen.setdefault(name, []).append(protocol(args, head, splits, device))
         finally:
             sweep.BATCHED, sweep.ENGINE, batched.CUDA_GRAPHS = None, True, True
 
@@ -105,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=["loop", "engine"],
-        choices=["loop", "engine", "batched", "batched-nographs"],
+        choices=["loop", "engine", "engine-workers", "batched", "batched-nographs"],
         help="loop: today's train_adapter per trial; engine: each run alone on the "
-        "hand-written engine, the study unchanged (the CPU's default); batched: trials trained "
-        "together (CUDA graphs on CUDA; CUDA's default); batched-nographs: the batched path "
-        "without CUDA graphs",
+        "hand-written engine, the study unchanged (the CPU's default); engine-workers: the "
+        "engine on --workers processes, each rank one worker's (--share ranks); batched: "
+        "trials trained together (CUDA graphs on CUDA; CUDA's default); batched-nographs: the "
+        "batched path without CUDA graphs",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="processes of engine-workers (default 2)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
