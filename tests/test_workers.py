@@ -287,9 +287,9 @@ def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
 def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_path):
     """``--share ranks``: a rank another worker holds is left alone (no trial asked), and a
     rank this worker takes records the study, values and final model a one-process run does."""
-    from benchmarks.common import synthetic_features
     from compression import make_config
     from train_evaluate import sweep, workers
+    from train_evaluate.synthetic import synthetic_features
 
     head, splits = synthetic_features(600, 300)
     config = sweep.SweepConfig(init="svd_init", trials=5, epochs=3)
