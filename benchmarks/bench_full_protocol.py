@@ -5,7 +5,7 @@ sequential study, each run on ``batched``'s engine: the CPU's default) and the b
 
     python -m benchmarks.bench_full_protocol [--methods sparse int1] [--ranks 2 ... 128]
         [--rows 32000] [--val 8000] [--trials 10] [--epochs 10] [--repeats 5]
-        [--variants loop engine engine-workers] [--workers 2]
+        [--variants loop engine engine-workers] [--workers 2] [--device auto]
 
 The driver's own sweep (``run_rank``: init-only baseline, an Optuna study with SQLite storage
 and median pruning, and the final model) over cached features (default 32,000 train and 8,000
@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["loop", "engine"],
+        default=None,
         choices=["loop", "engine", "engine-workers", "batched", "batched-nographs"],
         help="loop: today's train_adapter per trial; engine: each run alone on the "
         "hand-written engine, the study unchanged (the CPU's default); engine-workers: the "
         "engine on --workers processes, each rank one worker's (--share ranks); batched: "
         "trials trained together (CUDA graphs on CUDA; CUDA's default); batched-nographs: the "
-        "batched path without CUDA graphs",
+        "batched path without CUDA graphs (default: loop engine, and engine-workers on a CPU)",
     )
     parser.add_argument(
         "--workers", type=int, default=2, help="processes of engine-workers (default 2)"
@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if args.variants is None:
+        args.variants = ["loop", "engine"] + (["engine-workers"] if name == "cpu" else [])
+    if "engine-workers" in args.variants and name != "cpu":
+        parser.error("engine-workers runs on the CPU (its started workers build CPU features)")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1; got {args.workers}")
     head, splits = synthetic_features(args.rows, args.val)
     head = head.to(device)
     splits = type(splits)(*(s.to(device) for s in (splits.train, splits.val, splits.test)))

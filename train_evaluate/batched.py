@@ -58,14 +58,15 @@ CUDA_GRAPHS = True
 CPU_EVAL_ROWS = 512
 # Below this rank a CPU's BLAS (MKL, 2 cores) runs a product whose right-hand operand is only r
 # columns wide, (n x out) @ (out x r), 3x to 5x slower than the same product laid out with r
-# as the rows of a transposed operand; from rank 16 up the two layouts cost the same. So on a
-# CPU, below it, ``adapter_grads`` lays its two gradient products out the second way.
+# as the rows of a transposed operand (single timings of the products alone, r = 2 to 8, n =
+# 32 to 512, out = 1,000); from rank 16 up the two layouts cost the same. So on a CPU, below
+# it, ``adapter_grads`` lays its two gradient products out the second way.
 NARROW_RANK = 16
 # A CPU step small enough that torch's intra-op threads cost more than they share runs on one
-# thread: batch rows x max(rank, 16) up to this. On 2 cores (1,000 classes, 512 features), one
-# thread against two: 1.1x to 1.3x faster at batch 32 up to rank 64 and at batch 64 up to rank
-# 16, as fast at batch 128 up to rank 16, 0.6x to 0.7x at batch 64 from rank 64 and at batch
-# 32 at rank 128. Evaluation keeps every thread.
+# thread: batch rows x max(rank, 16) up to this. Single timings of whole runs on 2 cores (1,000
+# classes, 512 features), one thread against two: 1.1x to 1.3x faster at batch 32 up to rank
+# 64 and at batch 64 up to rank 16, as fast at batch 128 up to rank 16, 0.6x to 0.7x at batch
+# 64 from rank 64 and at batch 32 at rank 128. Evaluation keeps every thread.
 ONE_THREAD_STEP_WORK = 2048
 
 

@@ -13,6 +13,9 @@ there is work: nothing else coordinates them than the studies in the storage.
 - **Finals.** A rank's final models are trained once, by the worker that claims the rank's
   one-trial study ``<study>:final`` first (the same slot rule with one slot). The claim stays
   open (a running trial with a heartbeat) until the rank's files and record are written.
+- **Whole ranks** (``--share ranks``). A worker takes a rank's final claim before its first
+  trial instead of after its last, so the rank's trials are its own too and the others pass the
+  rank by: each study is then the one a single worker records. Ranks are taken largest first.
 - **Crashes.** With a shared storage every trial, the claims included, beats a heartbeat
   (``--heartbeat`` seconds); one that stops beating for three intervals is marked failed by the
   next worker that looks at the study, and Optuna's ``RetryHeartbeatStaleTrialCallback`` puts
