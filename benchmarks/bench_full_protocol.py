@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue
 import statistics
 import tempfile
 import warnings
@@ -72,13 +73,17 @@ def epochs_of(outcome: sweep.RankOutcome) -> int:
     return epochs + sum(len(f["history"]["val_acc"]) - 1 for f in outcome.record["finals"])
 
 
-def whole_ranks(args, head, splits, device, url: str, threads: int) -> Ranks:
+def whole_ranks(args, head, splits, url: str) -> Ranks:
     """One worker of ``engine-workers``: every rank no other worker has taken, largest first,
     as the driver's ``share_ranks`` walks them."""
-    torch.set_num_threads(threads)
-    # the heartbeat options' "experimental" notes, and the claims' asks outside optimize
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+    with warnings.catch_warnings():
+        # the heartbeat options' "experimental" notes, and the claims' asks outside optimize
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return _whole_ranks(args, head, splits, url)
+
+
+def _whole_ranks(args, head, splits, url: str) -> Ranks:
     config = sweep.SweepConfig(
         init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
     )
@@ -102,16 +107,42 @@ def whole_ranks(args, head, splits, device, url: str, threads: int) -> Ranks:
 
 
 def started_worker(args, url: str, threads: int, results) -> None:
-    """The entry point of a started worker: the same features, built here, then its ranks."""
+    """The entry point of a started worker: the same features, built here, then its ranks;
+    what it found, or the error that stopped it, goes back through ``results``."""
+    torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    head, splits = synthetic_features(args.rows, args.val)
-    results.put(whole_ranks(args, head, splits, torch.device("cpu"), url, threads))
+    try:
+        head, splits = synthetic_features(args.rows, args.val)
+        results.put(whole_ranks(args, head, splits, url))
+    except BaseException as error:
+        results.put(RuntimeError(f"a started worker failed: {error!r}"))
+        raise
 
 
-def protocol_with_workers(args, head, splits, device) -> Ranks:
+def result_of(results, others: list) -> Ranks:
+    """The next started worker's ranks. Each puts once, its ranks or the error that stopped
+    it; one that died before it could (killed, or failing to start) ends the wait too."""
+    while True:
+        try:
+            found = results.get(timeout=5)
+        except queue.Empty:
+            dead = [p.exitcode for p in others if p.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(f"a started worker died (exit code {dead[0]})") from None
+            continue
+        if isinstance(found, BaseException):
+            raise SystemExit(str(found))
+        return found
+
+
+def worker_threads(args) -> int:
+    """Each engine-workers process's share of this process's threads."""
+    return max(1, torch.get_num_threads() // args.workers)
+
+
+def protocol_with_workers(args, head, splits) -> Ranks:
     """One whole protocol on ``args.workers`` processes sharing one storage (this one too)."""
-    threads = torch.get_num_threads()
-    share = max(1, threads // args.workers)
+    threads, share = torch.get_num_threads(), worker_threads(args)
     context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools
     results = context.Queue()
     with tempfile.TemporaryDirectory() as scratch:
@@ -124,15 +155,18 @@ def protocol_with_workers(args, head, splits, device) -> Ranks:
         for process in others:
             process.start()
         try:
-            ranks = whole_ranks(args, head, splits, device, url, share)
+            torch.set_num_threads(share)
+            ranks = whole_ranks(args, head, splits, url)
+            for _ in others:
+                ranks.update(result_of(results, others))
+        except BaseException:
+            for process in others:
+                process.terminate()
+            raise
         finally:
             torch.set_num_threads(threads)
-        for _ in others:
-            ranks.update(results.get())
-        for process in others:
-            process.join()
-            if process.exitcode != 0:
-                raise SystemExit(f"a started worker failed (exit code {process.exitcode})")
+            for process in others:
+                process.join()
     return ranks
 
 
@@ -143,7 +177,7 @@ def variant(name: str, args, head, splits, device, seen: dict[str, list[Ranks]])
         batched.CUDA_GRAPHS = name != "batched-nographs"
         try:
             if name == "engine-workers":
-                seen.setdefault(name, []).append(protocol_with_workers(args, head, splits, device))
+                seen.setdefault(name, []).append(protocol_with_workers(args, head, splits))
             else:
                 seen.setdefault(name, []).append(protocol(args, head, splits, device))
         finally:
@@ -234,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     print(rank_table(seen))
     for timing in timings.values():
         print(timing.line())
+    if "engine-workers" in timings:
+        count = worker_threads(args)
+        print(f"engine-workers: {args.workers} processes of {count} thread(s) each")
     target = TARGET_SECONDS[device.type]
     for timing in timings.values():
         if full:

@@ -284,7 +284,7 @@ def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
     storage.engine.dispose()
 
 
-def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_path):
+def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_path, monkeypatch):
     """``--share ranks``: a rank another worker holds is left alone (no trial asked), and a
     rank this worker takes records the study, values and final model a one-process run does."""
     from compression import make_config
@@ -292,7 +292,7 @@ def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_
     from train_evaluate.synthetic import synthetic_features
 
     head, splits = synthetic_features(600, 300)
-    config = sweep.SweepConfig(init="svd_init", trials=5, epochs=3)
+    config = sweep.SweepConfig(init="svd_init", trials=7, epochs=3)  # past TPE's 5 random
     method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     alone = sweep.run_rank(method, 4, splits, config, sweep.open_storage(tmp_path / "1.db"), "s")
 
@@ -302,18 +302,36 @@ def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_
     assert holder.acquire()  # another worker has the rank
     assert sweep.run_rank(method, 4, splits, config, storage, "s", sharing=sharing) is None
     assert optuna.load_study(study_name="s", storage=storage).trials == []
-    holder.release(False)  # and died before any trial: the rank is free again
+    holder.release(False)  # and let it go: the rank is free again
     outcome = sweep.run_rank(method, 4, splits, config, storage, "s", sharing=sharing)
     assert outcome.claim is not None and outcome.claim.trial is not None  # held until written
     outcome.claim.release(True)
 
     def trials(study):
-        return [(t.params, t.state, t.value, t.intermediate_values) for t in study.trials]
+        return [
+            (t.params, t.state, t.value, t.intermediate_values) for t in workers.live(study.trials)
+        ]
 
-    assert len(alone.study.trials) == 5 and trials(outcome.study) == trials(alone.study)
-    assert {t.user_attrs["worker"] for t in outcome.study.trials} == {workers.worker_label()}
+    assert len(alone.study.trials) == 7 and trials(outcome.study) == trials(alone.study)
+    ran = workers.live(outcome.study.trials)
+    assert {t.user_attrs["worker"] for t in ran} == {workers.worker_label()}
     assert outcome.record["finals"][0]["history"] == alone.record["finals"][0]["history"]
     assert outcome.record["test_acc"] == alone.record["test_acc"]
+
+    # a rank whose last trial still runs elsewhere (a dead worker's, not yet stale): left for
+    # later, its claim let go again, nothing trained
+    one = sweep.SweepConfig(init="svd_init", trials=1, epochs=3)
+    elsewhere = workers.open_study(storage, "t", direction="maximize").ask()
+    scored = []
+    evaluate = sweep.evaluate
+    monkeypatch.setattr(sweep, "evaluate", lambda *a: scored.append(1) or evaluate(*a))
+    assert sweep.run_rank(method, 4, splits, one, storage, "t", sharing=sharing) is None
+    assert scored == []  # not even the init scored
+    claims = optuna.load_study(study_name="t:final", storage=storage).trials
+    assert [t.state.name for t in claims] == ["FAIL"]
+    assert [t.number for t in optuna.load_study(study_name="t", storage=storage).trials] == [
+        elsewhere.number
+    ]
     storage.engine.dispose()
 
 
@@ -350,7 +368,12 @@ def test_local_workers_divide_the_cores_and_pass_their_share_on():
     args = build_parser().parse_args(argv)
     args.argv = argv
     plan = plan_run(args)
-    assert plan.threads == max(1, available_cores() // 2) and plan.share == "ranks"
+    # the launcher builds the caches on every core, then sweeps on its share, as the workers
+    assert plan.threads == available_cores() and plan.share == "ranks"
+    assert plan.worker_threads == max(1, available_cores() // 2)
     passed = worker_argv(plan)
-    assert passed[passed.index("--threads") + 1] == str(plan.threads)
-    assert passed[-2:] == ["--workers", "1"] and "--share" in passed
+    assert passed[-4:] == ["--threads", str(plan.worker_threads), "--workers", "1"]
+    assert "--share" in passed
+    given = build_parser().parse_args([*argv, "--thread", "3"])  # an abbreviation, too
+    given.argv = [*argv, "--thread", "3"]
+    assert plan_run(given).worker_threads == 3

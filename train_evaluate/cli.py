@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="trials",
         help="how workers divide the sweep: trials (any worker runs any free trial; TPE's later "
         "suggestions then depend on the order trials finish) or ranks (each rank's trials and "
-        "final models are one worker's, largest rank first: every study is the one a "
-        "one-worker run records); default trials",
+        "final models are one worker's, largest rank first: on a CPU with the same --threads, "
+        "every study is the one a one-process run records); default trials",
     )
     many.add_argument("--study-prefix", default="", help="prefix of the study names in the storage")
     many.add_argument(
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default: the cores this process may use)",
+        help="CPU threads for torch (default: the cores this process may use; with --workers "
+        "N, each worker's sweep gets those cores / N)",
     )
     data.add_argument(
         "--feature-batch-size",

@@ -86,6 +86,10 @@ class Plan:
     storage: str | None = None
     study_prefix: str = ""
     workers: int = 1
+    # each local worker's sweep threads: --threads if given, else the cores divided among the
+    # workers (more threads than cores slow every one down); the launcher builds the caches
+    # on all of ``threads`` before its workers start
+    worker_threads: int = 1
     share: str = "trials"
     heartbeat: int = 10
     worker_of: int | None = None
@@ -447,8 +451,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         sweep=sweep_config(args),
         fractions=fractions,
         device=device,
-        # local workers divide the cores: more threads than cores slow every one of them
-        threads=args.threads or max(1, available_cores() // args.workers),
+        threads=args.threads or available_cores(),
         feature_batch_size=args.feature_batch_size,
         decode_workers=args.decode_workers,
         adapter_dtype=args.adapter_dtype,
@@ -463,6 +466,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         storage=args.storage,
         study_prefix=args.study_prefix,
         workers=args.workers,
+        worker_threads=args.threads or max(1, available_cores() // args.workers),
         share=args.share,
         heartbeat=args.heartbeat,
         worker_of=args.worker_of,

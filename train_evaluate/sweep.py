@@ -448,9 +448,10 @@ def run_rank(
     training and the choice of the best epoch see the float factors.
 
     ``sharing`` (many workers, see ``workers``): this worker runs the trials that are still
-    free and, once all have finished, the finals if it claims them first; None when there is
-    nothing (more) for it to do on this rank now. The outcome then holds the claim, which the
-    caller releases once the rank's files are written."""
+    free and, once all have finished, the finals if it claims them first (whole ranks: it
+    claims the finals first, then runs every trial); None when there is nothing (more) for it
+    to do on this rank now. The outcome then holds the claim, which the caller releases once
+    the rank's files are written."""
     started = time.perf_counter()
     code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
     study = None
@@ -469,6 +470,14 @@ def run_rank(
         claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
         if not claim.acquire():
             return None  # another worker's rank, running or finished
+        if study is not None:
+            # a trial still running elsewhere (a dead worker's, not yet stale): come back
+            # later, before any costly work
+            workers.fail_stale(study)
+            done = workers.finished_count(study) >= sweep.trials
+            if not done and not workers.has_work(study, sweep.trials):
+                claim.release(False)
+                return None
     elif sharing is not None:
         # cheap checks first: a rank with no free trial and no claimable final is left alone
         if study is not None:
@@ -579,12 +588,13 @@ def _run_rank(
         batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
         batch = TrialBatch(prepare_batched, train_batched) if batched else None
         run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
-    elif claim is None or sharing.whole_ranks:
+    elif sharing.whole_ranks or claim is None:
+        # a whole rank's trials run here under its claim; shared trials, then the claim
         ready = workers.run_shared_study(
             study, objective, sweep.trials, lambda i: seeded_sampler(seed_parts, i), on_step
         )
         if not ready:
-            if claim is not None:  # a worker dividing trials ran some: they end elsewhere
+            if claim is not None:  # another worker's last trials (one dividing trials)
                 claim.release(False)
                 held.remove(claim)
             return None

@@ -165,6 +165,7 @@ def run(plan) -> None:
             # the caches (and the demo classifier) once, before the workers read them
             load_images(plan) if plan.network is not None else load_features(plan)
             started = workers.spawn(worker_argv(plan), plan.workers - 1, plan.out)
+            torch.set_num_threads(plan.worker_threads)  # the launcher sweeps as one of them
         try:
             results = sweep_all(plan)
         except BaseException:
@@ -185,17 +186,18 @@ SHARED_DETERMINISM = {
     "trials per rank as one worker; TPE's suggestions after its random start-up trials depend "
     "on the order in which trials finished, so parameters and values may differ from a "
     "one-worker run",
-    "ranks": "several workers (or a shared --storage), each rank one worker's: its trials are "
-    "drawn, trained and pruned as one worker draws them, so the studies are a one-worker "
-    "run's (values up to float summation order where the thread counts differ), unless a "
-    "worker died mid-rank and another took the rank over",
+    "ranks": "several workers (or a shared --storage), each rank one worker's: on a CPU its "
+    "trials are drawn, trained and pruned as one process does it, so with the same --threads "
+    "the studies are a one-process run's (other thread counts sum in another order, and a "
+    "flipped val count changes TPE's later draws), unless a worker died mid-rank and another "
+    "took the rank over; on CUDA one process batches its trials, which TPE draws differently",
 }
 
 
 def worker_argv(plan) -> list[str]:
     """The launcher's own arguments for its workers: one process each, no --overwrite (the
-    launcher has already cleared the folder), and the launcher's share of the cores as their
-    --threads."""
+    launcher has already cleared the folder), and each worker's share of the cores as their
+    --threads (last, so it overrides a --threads of the command, which it then equals)."""
     argv, skip = [], False
     for argument in plan.argv:
         if skip:
@@ -207,9 +209,7 @@ def worker_argv(plan) -> list[str]:
         if argument.startswith("--workers=") or argument == "--overwrite":
             continue
         argv.append(argument)
-    if not any(a == "--threads" or a.startswith("--threads=") for a in argv):
-        argv += ["--threads", str(plan.threads)]
-    return [*argv, "--workers", "1"]
+    return [*argv, "--threads", str(plan.worker_threads), "--workers", "1"]
 
 
 def sweep_all(plan) -> dict:

@@ -15,7 +15,8 @@ there is work: nothing else coordinates them than the studies in the storage.
   open (a running trial with a heartbeat) until the rank's files and record are written.
 - **Whole ranks** (``--share ranks``). A worker takes a rank's final claim before its first
   trial instead of after its last, so the rank's trials are its own too and the others pass the
-  rank by: each study is then the one a single worker records. Ranks are taken largest first.
+  rank by: on a CPU with the same threads each study is then the one a single process records
+  (on CUDA a single process batches its trials). Ranks are taken largest first.
 - **Crashes.** With a shared storage every trial, the claims included, beats a heartbeat
   (``--heartbeat`` seconds); one that stops beating for three intervals is marked failed by the
   next worker that looks at the study, and Optuna's ``RetryHeartbeatStaleTrialCallback`` puts
