@@ -228,9 +228,9 @@ def adapter_grads(
     rows = logit_grad.shape[1]
     hidden = hidden / rows
     if b.device.type == "cpu" and b.shape[2] < NARROW_RANK:
-        # r as the rows of the output (dB^T) and as the rows of a transposed operand (B^T):
-        # the two narrow copies cost less than what they save
-        # contiguous: torch's fused Adam kernel takes a gradient laid out as its parameter
+        # r as the rows of the output (dB^T) and of a transposed operand (B^T); the two narrow
+        # copies cost less than they save, and torch's fused Adam kernel reads a gradient
+        # laid out as its parameter (a transposed view gives wrong updates, silently)
         grad_b = torch.bmm(hidden.transpose(1, 2), logit_grad).transpose(1, 2).contiguous()
         grad_hidden = torch.bmm(logit_grad, b.transpose(1, 2).contiguous().transpose(1, 2))
     else:
@@ -516,7 +516,8 @@ class _Group:
                     index = order[:, start : start + size]
                     self._run_step(index, full=index.shape[1] == size)
             finally:
-                torch.set_num_threads(threads)
+                if self.one_thread:
+                    torch.set_num_threads(threads)
             finite = torch.isfinite(self.checks).tolist()  # the one sync of an epoch
             measured = [i for i, ok in enumerate(finite) if ok]
             tracks = [self.tracks[i] for i in measured]
