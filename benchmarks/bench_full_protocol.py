@@ -49,12 +49,16 @@ HEARTBEAT = 10  # seconds, the driver's default
 Ranks = dict[tuple[str, int], tuple[float, int]]
 
 
+def sweep_config(args) -> sweep.SweepConfig:
+    return sweep.SweepConfig(
+        init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
+    )
+
+
 def protocol(args, head, splits, device) -> Ranks:
     """One whole protocol: every method and rank, in a fresh Optuna storage. Returns each
     (method, rank)'s seconds and the epochs its trials and final model trained."""
-    config = sweep.SweepConfig(
-        init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
-    )
+    config = sweep_config(args)
     ranks: Ranks = {}
     with tempfile.TemporaryDirectory() as scratch:
         storage = sweep.open_storage(Path(scratch) / "optuna.sqlite3")
@@ -84,9 +88,7 @@ def whole_ranks(args, head, splits, url: str) -> Ranks:
 
 
 def _whole_ranks(args, head, splits, url: str) -> Ranks:
-    config = sweep.SweepConfig(
-        init=args.init, trials=args.trials, epochs=args.epochs, pruning=not args.no_pruning
-    )
+    config = sweep_config(args)
     storage = workers.shared_storage(url, HEARTBEAT)
     sharing = sweep.Sharing(storage, HEARTBEAT, whole_ranks=True)
     methods = {

@@ -470,21 +470,14 @@ def run_rank(
         claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
         if not claim.acquire():
             return None  # another worker's rank, running or finished
-        if study is not None:
-            # a trial still running elsewhere (a dead worker's, not yet stale): come back
-            # later, before any costly work
-            workers.fail_stale(study)
-            done = workers.finished_count(study) >= sweep.trials
-            if not done and not workers.has_work(study, sweep.trials):
-                claim.release(False)
-                return None
+        if study is not None and workers.running_elsewhere(study, sweep.trials):
+            # a dead worker's trial, not yet stale: come back later, before any costly work
+            claim.release(False)
+            return None
     elif sharing is not None:
         # cheap checks first: a rank with no free trial and no claimable final is left alone
-        if study is not None:
-            workers.fail_stale(study)
-            done = workers.finished_count(study) >= sweep.trials
-            if not done and not workers.has_work(study, sweep.trials):
-                return None  # its last trials are running elsewhere
+        if study is not None and workers.running_elsewhere(study, sweep.trials):
+            return None
         if study is None or workers.finished_count(study) >= sweep.trials:
             claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
             if not claim.acquire():

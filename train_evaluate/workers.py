@@ -98,6 +98,13 @@ def has_work(study: optuna.Study, trials: int) -> bool:
     return len(live(current)) < trials or any(t.state == TrialState.WAITING for t in current)
 
 
+def running_elsewhere(study: optuna.Study, trials: int) -> bool:
+    """Whether the study's last trials are running in other workers: not all have finished,
+    and no slot is free for this one (stale trials are failed first)."""
+    fail_stale(study)
+    return finished_count(study) < trials and not has_work(study, trials)
+
+
 def finished_count(study: optuna.Study) -> int:
     states = (TrialState.COMPLETE, TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=states))
