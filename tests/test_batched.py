@@ -66,11 +66,15 @@ TRIALS = [
 ]
 
 
-@pytest.mark.parametrize("narrow", [True, False], ids=["narrow-layout", "plain-layout"])
+@pytest.mark.parametrize("products", ["narrow-layout", "plain-layout", "onednn"])
 @pytest.mark.parametrize("objective", ["ce", "kd", "ce+kd"])
-def test_each_batched_run_is_the_run_trained_alone(objective, narrow, monkeypatch):
-    # rank 3: below NARROW_RANK a CPU lays the gradient products out another way; both checked
-    monkeypatch.setattr(batched, "NARROW_RANK", 16 if narrow else 0)
+def test_each_batched_run_is_the_run_trained_alone(objective, products, monkeypatch):
+    # rank 3: below NARROW_RANK a CPU lays the gradient products out another way, and from
+    # ONEDNN_STEP_WORK it computes them with oneDNN (here every step and evaluation); all checked
+    if products == "onednn" and not batched.onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(batched, "NARROW_RANK", 16 if products == "narrow-layout" else 0)
+    monkeypatch.setattr(batched, "ONEDNN_STEP_WORK", 0 if products == "onednn" else 10**12)
     head, train, val = problem()
     if objective == "kd":  # kd never reads train labels: hide them, as split_tensors does
         train = FeatureSplit(train.features, None, teacher_logits=train.teacher_logits)
