@@ -345,3 +345,13 @@ def test_a_small_cpu_step_runs_on_one_thread_and_the_count_comes_back(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_only_a_cpu_step_from_the_threshold_goes_to_onednn():
+    if not batched.onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    work = batched.ONEDNN_STEP_WORK
+    assert batched.use_onednn(cpu, work // 32, 32)
+    assert not batched.use_onednn(cpu, work // 32 - 1, 32)
+    assert not batched.use_onednn(cuda, work, 128)  # a GPU keeps its own products

@@ -71,13 +71,13 @@ NARROW_RANK = 16
 # 64 from rank 64 and at batch 32 at rank 128. Evaluation keeps every thread.
 ONE_THREAD_STEP_WORK = 2048
 # From this many batch rows x rank a CPU's products go to oneDNN's matmul instead of torch's
-# BLAS. The MKL torch ships runs its AVX2 code on AMD CPUs: about 110 GFLOP/s a core for these
-# shapes on this project's machine (AMD EPYC, AVX-512), where oneDNN, which dispatches on the
-# CPU's features alone, runs AVX-512 at about 250. A oneDNN call costs about 10 us more, so
-# small products stay with torch. Whole one-epoch runs (32,000 rows, 1,000 classes, 512
-# features; ranks 2 to 128, batches 32 to 512; single timings, medians of 3): from 4,096 up
-# 1.10x to 1.77x faster on one thread and 1.0x to 1.56x on two, about even at 2,048, and 0.64x
-# to 0.85x at batch 32 and 64 below it.
+# BLAS. On this project's machine (AMD EPYC, AVX-512) the MKL torch ships ran a step's products
+# at about 100 GFLOP/s a core, about what AVX2 code reaches, and oneDNN, which picks its code
+# from the CPU's features, at about 200 (benchmarks/bench_cpu_products.py). A oneDNN call
+# costs about 10 us more, so small products stay with torch. Whole one-epoch runs (32,000
+# rows, 1,000 classes, 512 features; ranks 2 to 128, batches 32 to 512; single timings,
+# medians of 3): from 4,096 up 1.10x to 1.77x faster on one thread and 1.0x to 1.56x on two,
+# about even at 2,048, and 0.64x to 0.85x at batch 32 and 64 below it.
 ONEDNN_STEP_WORK = 4096
 
 
