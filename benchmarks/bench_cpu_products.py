@@ -7,7 +7,7 @@ over 512 features and 1,000 classes: the hidden h = x A^T and the logits base + 
 dB, dh = g B and dA backward, 2 x 4,024 x n x r flops in all. Each shape is timed both ways, in
 the layouts the engine uses (``logits_and_hidden`` and ``adapter_grads``, their small scalings
 and the base's addition included), as blocks of calls, interleaved; the figures are flops over
-the median time. The engine takes oneDNN from ``batched.ONEDNN_STEP_WORK`` (n x r) up.
+the median time. The engine takes oneDNN from ``batched.ONEDNN_STEP_WORK`` up.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({1e6 * t.median / calls:.0f} us a step)"
             for name, t in timings.items()
         )
-        chosen = "onednn" if n * rank >= batched.ONEDNN_STEP_WORK else "torch"
+        onednn = batched.use_onednn(torch.device("cpu"), n, rank, IN_FEATURES + CLASSES)
+        chosen = "onednn" if onednn else "torch"
         print(f"batch {n}, rank {rank}: {rates}; the engine takes {chosen}")
         print("  " + ratio_line(timings["torch"], timings["onednn"], "onednn's speedup"))
     return 0

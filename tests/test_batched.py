@@ -351,7 +351,9 @@ def test_only_a_cpu_step_from_the_threshold_goes_to_onednn():
     if not batched.onednn_available():
         pytest.skip("this torch has no oneDNN")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    work = batched.ONEDNN_STEP_WORK
-    assert batched.use_onednn(cpu, work // 32, 32)
-    assert not batched.use_onednn(cpu, work // 32 - 1, 32)
-    assert not batched.use_onednn(cuda, work, 128)  # a GPU keeps its own products
+    width = 512 + 1000
+    rows = batched.ONEDNN_STEP_WORK // (32 * width)
+    assert batched.use_onednn(cpu, rows, 32, width)
+    assert not batched.use_onednn(cpu, rows - 1, 32, width)
+    assert not batched.use_onednn(cpu, rows, 32, 64 + 10)  # a small problem's products
+    assert not batched.use_onednn(cuda, 10 * rows, 128, width)  # a GPU keeps its own

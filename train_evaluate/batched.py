@@ -70,15 +70,16 @@ NARROW_RANK = 16
 # 64 and at batch 64 up to rank 16, as fast at batch 128 up to rank 16, 0.6x to 0.7x at batch
 # 64 from rank 64 and at batch 32 at rank 128. Evaluation keeps every thread.
 ONE_THREAD_STEP_WORK = 2048
-# From this many batch rows x rank a CPU's products go to oneDNN's matmul instead of torch's
-# BLAS. On this project's machine (AMD EPYC, AVX-512) the MKL torch ships ran a step's products
-# at about 100 GFLOP/s a core, about what AVX2 code reaches, and oneDNN, which picks its code
-# from the CPU's features, at about 200 (benchmarks/bench_cpu_products.py). A oneDNN call
-# costs about 10 us more, so small products stay with torch. Whole one-epoch runs (32,000
-# rows, 1,000 classes, 512 features; ranks 2 to 128, batches 32 to 512; single timings,
-# medians of 3): from 4,096 up 1.10x to 1.77x faster on one thread and 1.0x to 1.56x on two,
-# about even at 2,048, and 0.64x to 0.85x at batch 32 and 64 below it.
-ONEDNN_STEP_WORK = 4096
+# From this much work, batch rows x rank x (in + out features), a CPU's products go to oneDNN's
+# matmul instead of torch's BLAS. On this project's machine (AMD EPYC, AVX-512) the MKL torch ships
+# ran a step's products at about 100 GFLOP/s a core, about what AVX2 code reaches, and oneDNN, which
+# picks its code from the CPU's features, at about 200 (benchmarks/bench_cpu_products.py). A oneDNN
+# call costs about 10 us more, so small products stay with torch. Whole one-epoch runs (32,000 rows,
+# 1,000 classes, 512 features; ranks 2 to 128, batches 32 to 512; single timings, medians of 3):
+# from rows x rank 4,096 up 1.10x to 1.77x faster on one thread and 1.0x to 1.56x on two, about even
+# at 2,048, and 0.64x to 0.85x at batch 32 and 64 below it. Counting the features and classes keeps
+# a small problem's tiny products (the demo's 10 classes) with torch.
+ONEDNN_STEP_WORK = 4096 * (512 + 1000)
 
 
 @functools.cache
@@ -90,9 +91,11 @@ def onednn_available() -> bool:
         return False
 
 
-def use_onednn(device: torch.device, rows: int, rank: int) -> bool:
-    """Whether a CPU's products of ``rows`` x ``rank`` go to oneDNN (``ONEDNN_STEP_WORK``)."""
-    return device.type == "cpu" and rows * rank >= ONEDNN_STEP_WORK and onednn_available()
+def use_onednn(device: torch.device, rows: int, rank: int, width: int) -> bool:
+    """Whether a CPU's products of ``rows`` x ``rank`` and ``width`` = in + out features go to
+    oneDNN (``ONEDNN_STEP_WORK``)."""
+    work = rows * rank * width
+    return device.type == "cpu" and work >= ONEDNN_STEP_WORK and onednn_available()
 
 
 def product_t(input: torch.Tensor, weight: torch.Tensor, onednn: bool = False) -> torch.Tensor:
@@ -342,7 +345,7 @@ def evaluate_stacked(
     # (rank 16), and 512 rows 1.4x faster than 1,024 at rank 2, the same from rank 16 up
     rows = CPU_EVAL_ROWS if a.device.type == "cpu" else EVAL_CHUNK
     chunk = max(1, rows // runs)
-    onednn = use_onednn(a.device, min(chunk, count), a.shape[1])
+    onednn = use_onednn(a.device, min(chunk, count), a.shape[1], a.shape[2] + b.shape[1])
     for start in range(0, count, chunk):
         part = split.rows(slice(start, start + chunk))
         logits, _ = logits_and_hidden(part.features, part.base_logits, a, b, scale, onednn)
@@ -416,7 +419,8 @@ class _Group:
         self.one_thread = (
             self.device.type == "cpu" and rows * max(runs[0].layer.r, 16) <= ONE_THREAD_STEP_WORK
         )
-        self.onednn = use_onednn(self.device, self.config.batch_size, runs[0].layer.r)
+        width = self.a.shape[2] + self.b.shape[1]
+        self.onednn = use_onednn(self.device, self.config.batch_size, runs[0].layer.r, width)
 
     # -- the step --
 
