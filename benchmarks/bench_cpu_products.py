@@ -51,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if not batched.onednn_available():
         print("error: this torch has no oneDNN (torch.backends.mkldnn)", file=sys.stderr)
         return 2
+    if args.threads < 1 or args.repeats < 1:
+        print("error: --threads and --repeats take a whole number from 1", file=sys.stderr)
+        return 2
     try:
         shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise ValueError
     except ValueError:
-        print("error: --shapes takes batch x rank, e.g. 32x128", file=sys.stderr)
+        print("error: --shapes takes batch x rank from 1, e.g. 32x128", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     print(f"one engine step's products, torch's BLAS against oneDNN; {machine()}")
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({1e6 * t.median / calls:.0f} us a step)"
             for name, t in timings.items()
         )
-        onednn = batched.use_onednn(torch.device("cpu"), n, rank, IN_FEATURES + CLASSES)
+        onednn = batched.use_onednn(torch.zeros(1), n, rank, IN_FEATURES + CLASSES)
         chosen = "onednn" if onednn else "torch"
         print(f"batch {n}, rank {rank}: {rates}; the engine takes {chosen}")
         print("  " + ratio_line(timings["torch"], timings["onednn"], "onednn's speedup"))

@@ -2,6 +2,7 @@
 same steps), up to float summation order; and the sweep's start-up batch keeps the study a
 sequential sweep records."""
 
+import inspect
 import math
 
 import optuna
@@ -75,6 +76,19 @@ def test_each_batched_run_is_the_run_trained_alone(objective, products, monkeypa
         pytest.skip("this torch has no oneDNN")
     monkeypatch.setattr(batched, "NARROW_RANK", 16 if products == "narrow-layout" else 0)
     monkeypatch.setattr(batched, "ONEDNN_STEP_WORK", 0 if products == "onednn" else 10**12)
+    through_onednn = []  # per forward and gradient call, of steps and evaluations
+
+    def recording(function):
+        def recorded(*args, **kwargs):
+            bound = inspect.signature(function).bind(*args, **kwargs)
+            bound.apply_defaults()
+            through_onednn.append(bound.arguments["onednn"])
+            return function(*args, **kwargs)
+
+        return recorded
+
+    for name in ("logits_and_hidden", "adapter_grads"):
+        monkeypatch.setattr(batched, name, recording(getattr(batched, name)))
     head, train, val = problem()
     if objective == "kd":  # kd never reads train labels: hide them, as split_tensors does
         train = FeatureSplit(train.features, None, teacher_logits=train.teacher_logits)
@@ -102,6 +116,8 @@ def test_each_batched_run_is_the_run_trained_alone(objective, products, monkeypa
         assert_same_run(single, outcome.result)
         # the layer is left at its best epoch, as train_adapter leaves it
         torch.testing.assert_close(layer.lora_A.detach(), single.best_state["lora_A"], **TOLERANCE)
+    # every step and evaluation took the path under test
+    assert set(through_onednn) == {products == "onednn"}
 
 
 def test_a_run_whose_callback_raises_stops_alone():
@@ -350,10 +366,12 @@ def test_a_small_cpu_step_runs_on_one_thread_and_the_count_comes_back(
 def test_only_a_cpu_step_from_the_threshold_goes_to_onednn():
     if not batched.onednn_available():
         pytest.skip("this torch has no oneDNN")
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu = torch.zeros(1)
     width = 512 + 1000
     rows = batched.ONEDNN_STEP_WORK // (32 * width)
     assert batched.use_onednn(cpu, rows, 32, width)
     assert not batched.use_onednn(cpu, rows - 1, 32, width)
     assert not batched.use_onednn(cpu, rows, 32, 64 + 10)  # a small problem's products
-    assert not batched.use_onednn(cuda, 10 * rows, 128, width)  # a GPU keeps its own
+    assert not batched.use_onednn(cpu.double(), rows, 32, width)  # oneDNN's linear is fp32
+    other = torch.zeros(1, device="meta")  # another device (CUDA) keeps its own products
+    assert not batched.use_onednn(other, 10 * rows, 128, width)

@@ -91,11 +91,13 @@ def onednn_available() -> bool:
         return False
 
 
-def use_onednn(device: torch.device, rows: int, rank: int, width: int) -> bool:
-    """Whether a CPU's products of ``rows`` x ``rank`` and ``width`` = in + out features go to
-    oneDNN (``ONEDNN_STEP_WORK``)."""
+def use_onednn(weight: torch.Tensor, rows: int, rank: int, width: int) -> bool:
+    """Whether a CPU's fp32 products of ``rows`` x ``rank`` and ``width`` = in + out features
+    go to oneDNN (``ONEDNN_STEP_WORK``); ``weight``: an adapter factor, for device and dtype
+    (oneDNN's linear takes no float64)."""
     work = rows * rank * width
-    return device.type == "cpu" and work >= ONEDNN_STEP_WORK and onednn_available()
+    fp32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
+    return fp32_cpu and work >= ONEDNN_STEP_WORK and onednn_available()
 
 
 def product_t(input: torch.Tensor, weight: torch.Tensor, onednn: bool = False) -> torch.Tensor:
@@ -345,7 +347,7 @@ def evaluate_stacked(
     # (rank 16), and 512 rows 1.4x faster than 1,024 at rank 2, the same from rank 16 up
     rows = CPU_EVAL_ROWS if a.device.type == "cpu" else EVAL_CHUNK
     chunk = max(1, rows // runs)
-    onednn = use_onednn(a.device, min(chunk, count), a.shape[1], a.shape[2] + b.shape[1])
+    onednn = use_onednn(a, min(chunk, count), a.shape[1], a.shape[2] + b.shape[1])
     for start in range(0, count, chunk):
         part = split.rows(slice(start, start + chunk))
         logits, _ = logits_and_hidden(part.features, part.base_logits, a, b, scale, onednn)
@@ -420,7 +422,7 @@ class _Group:
             self.device.type == "cpu" and rows * max(runs[0].layer.r, 16) <= ONE_THREAD_STEP_WORK
         )
         width = self.a.shape[2] + self.b.shape[1]
-        self.onednn = use_onednn(self.device, self.config.batch_size, runs[0].layer.r, width)
+        self.onednn = use_onednn(self.a, self.config.batch_size, runs[0].layer.r, width)
 
     # -- the step --
 
