@@ -285,8 +285,8 @@ def adapter_grads(
     if x.ndim == 2:
         x = x.unsqueeze(0).expand(b.shape[0], -1, -1)
     if onednn:
-        # dB^T = h^T g, then laid out as B (see below): oneDNN reads a transposed (out x n)
-        # left operand slowly, as it reads g as the right operand quickly
+        # dB^T = h^T g, then made contiguous in B's layout for the fused Adam kernel (see
+        # below): oneDNN reads g^T slowly as the left operand, quickly as the right one
         grad_b = product_t(hidden.transpose(1, 2), logit_grad.transpose(1, 2), onednn=True)
         grad_b = grad_b.transpose(1, 2).contiguous()
         grad_hidden = product_t(logit_grad, b.transpose(1, 2), onednn=True).mul_(scale / rows)
