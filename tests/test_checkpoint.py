@@ -19,8 +19,8 @@ from compression import (
 )
 from lora import LoraConfig, LoraLinear, make_init_context, make_lora_linear
 from tests.conftest import REPO, TINY_MODEL
-from train_evaluate.backbone import pre_logits
-from train_evaluate.checkpoint import (
+from train_evaluate.inputs.backbone import pre_logits
+from train_evaluate.outputs.checkpoint import (
     CheckpointError,
     load_into,
     read_packed,
@@ -175,7 +175,7 @@ def rewrite(path, edit_info=None, edit_tensors=None):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from train_evaluate.checkpoint import digest
+    from train_evaluate.outputs.checkpoint import digest
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
@@ -302,19 +302,19 @@ def test_an_unedited_rewrite_still_loads(tmp_path):
         torch.testing.assert_close(expected, layer(features), rtol=2e-2, atol=2e-2)
 
 
-# --- load_into: a packed checkpoint in a user's own timm model, as the README shows it ---
+# --- load_into: a packed checkpoint in a user's own timm model, as docs/outputs.md shows it ---
 
 
 def readme_example() -> str:
-    """The python block of the README's "Packed checkpoints" section, verbatim."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Packed checkpoints", 1)[1].split("\n### ", 1)[0]
+    """The python block of the "Packed checkpoints" section of docs/outputs.md, verbatim."""
+    page = (REPO / "docs" / "outputs.md").read_text()
+    section = page.split("## Packed checkpoints", 1)[1].split("\n## ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def substituted(code: str, replacements: dict[str, str]) -> str:
     for old, new in replacements.items():
-        assert code.count(old) == 1, f"the README example no longer holds {old!r}"
+        assert code.count(old) == 1, f"the docs example no longer holds {old!r}"
         code = code.replace(old, new)
     return code
 
@@ -350,7 +350,7 @@ def test_the_readme_example_puts_the_checkpoint_into_the_model(tiny_checkpoint, 
     )
     images = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(1))
     scope = {"images": images}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/outputs.md", "exec"), scope)
 
     overlay = {"file": str(tiny_weights)}
     backbone = timm.create_model(TINY_MODEL, pretrained=True, pretrained_cfg_overlay=overlay)
