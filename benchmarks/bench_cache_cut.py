@@ -21,11 +21,11 @@ from timm.data import resolve_data_config
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line
 from compression import make_config
-from train_evaluate import network
-from train_evaluate.backbone import eval_transform
-from train_evaluate.cut import cut_model, find_cut, state_of
-from train_evaluate.sweep import SweepConfig
-from train_evaluate.training import FeatureSplit, TrainConfig, train_adapter
+from train_evaluate.inputs.backbone import eval_transform
+from train_evaluate.inputs.cut import cut_model, find_cut, state_of
+from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import network
+from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
 DEFAULT_LAYERS = ["blocks.5.*.conv_p*", "blocks.6.*.conv_p*", "conv_head", "classifier"]
 

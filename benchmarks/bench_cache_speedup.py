@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from benchmarks.common import REPEATS, image_folder, interleaved, machine, synthetic_features
 from compression import make_config
 from data import scan_imagenet_folder
+from data.loader import ImageDataset, image_batches
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate.backbone import classifier, eval_transform, pre_logits
-from train_evaluate.features import _batches, _Images, default_workers, extract_features
-from train_evaluate.training import FeatureSplit, TrainConfig, train_adapter
+from train_evaluate.inputs.backbone import classifier, eval_transform, pre_logits
+from train_evaluate.inputs.features import default_workers, extract_features
+from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
 PROTOCOL_EPOCHS = 2 * 7 * 10 * 10
 PROTOCOL_IMAGES = 40_000
@@ -47,7 +48,7 @@ def original_epoch(model, images, labels, layer, batch_size, device, workers) ->
     """One epoch as the original code ran it: every image through the backbone."""
     optimizer = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-3)
     train_count = int(0.8 * len(images))
-    for batch, indices, _ in _batches(images, batch_size, workers, device.type == "cuda"):
+    for batch, indices, _ in image_batches(images, batch_size, workers, device.type == "cuda"):
         with torch.no_grad():
             features = pre_logits(model, batch.to(device))
         targets = labels[indices].to(device)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         folder, what = image_folder(args.images, Path(scratch))
         source = scan_imagenet_folder(folder)
-        images = _Images(source, transform)
+        images = ImageDataset(source, transform)
         labels = torch.tensor(source.labels)
         print(f"resnet18 (random weights), {what}, rank {args.rank}, batch {args.batch_size}; "
               f"{machine()}")  # fmt: skip

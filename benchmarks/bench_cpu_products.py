@@ -2,12 +2,12 @@
 
     python -m benchmarks.bench_cpu_products [--threads 1] [--shapes 32x128 512x128 ...]
 
-A step of the engine (``train_evaluate/batched.py``) at batch n and rank r makes five products
-over 512 features and 1,000 classes: the hidden h = x A^T and the logits base + h B^T forward,
-dB, dh = g B and dA backward, 2 x 4,024 x n x r flops in all. Each shape is timed both ways, in
-the layouts the engine uses (``logits_and_hidden`` and ``adapter_grads``, their small scalings
-and the base's addition included), as blocks of calls, interleaved; the figures are flops over
-the median time. The engine takes oneDNN from ``batched.ONEDNN_STEP_WORK`` up.
+A step of the engine (``train_evaluate/training/batched.py``) at batch n and rank r makes five
+products over 512 features and 1,000 classes: the hidden h = x A^T and the logits base + h B^T
+forward, dB, dh = g B and dA backward, 2 x 4,024 x n x r flops in all. Each shape is timed both
+ways, in the layouts the engine uses (``logits_and_hidden`` and ``adapter_grads``, their small
+scalings and the base's addition included), as blocks of calls, interleaved; the figures are
+flops over the median time. The engine takes oneDNN from ``batched.ONEDNN_STEP_WORK`` up.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import torch
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line
-from train_evaluate import batched
+from train_evaluate.training import batched
 
 IN_FEATURES, CLASSES = 512, 1000
 SHAPES = ("32x16", "32x128", "128x32", "256x16", "512x8", "512x128")

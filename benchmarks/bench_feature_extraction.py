@@ -22,9 +22,9 @@ import torch
 
 from benchmarks.common import REPEATS, image_folder, interleaved, machine
 from data import scan_imagenet_folder
-from train_evaluate import features
-from train_evaluate.backbone import eval_transform, pre_logits
-from train_evaluate.features import default_workers, extract_features
+from train_evaluate.inputs import features
+from train_evaluate.inputs.backbone import eval_transform, pre_logits
+from train_evaluate.inputs.features import default_workers, extract_features
 
 
 def caching_pass(model, source, transform, device, batch_size, workers, decode) -> None:

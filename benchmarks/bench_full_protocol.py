@@ -38,7 +38,9 @@ import torch
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line, synthetic_features
 from compression import make_config
-from train_evaluate import batched, sweep, workers
+from train_evaluate.search import sweep
+from train_evaluate.search.storage import open_storage, shared_storage
+from train_evaluate.training import batched
 
 # seconds: CPU, half the loop's earlier 9.0 min (the ratio against the loop is printed too);
 # GPU, one minute for the whole protocol
@@ -61,7 +63,7 @@ def protocol(args, head, splits, device) -> Ranks:
     config = sweep_config(args)
     ranks: Ranks = {}
     with tempfile.TemporaryDirectory() as scratch:
-        storage = sweep.open_storage(Path(scratch) / "optuna.sqlite3")
+        storage = open_storage(Path(scratch) / "optuna.sqlite3")
         for name in args.methods:
             method = sweep.Method.create(name, make_config(name), head, splits.train.features)
             for rank in args.ranks:
@@ -89,7 +91,7 @@ def whole_ranks(args, head, splits, url: str) -> Ranks:
 
 def _whole_ranks(args, head, splits, url: str) -> Ranks:
     config = sweep_config(args)
-    storage = workers.shared_storage(url, HEARTBEAT)
+    storage = shared_storage(url, HEARTBEAT)
     sharing = sweep.Sharing(storage, HEARTBEAT, whole_ranks=True)
     methods = {
         name: sweep.Method.create(name, make_config(name), head, splits.train.features)
@@ -149,7 +151,7 @@ def protocol_with_workers(args, head, splits) -> Ranks:
     results = context.Queue()
     with tempfile.TemporaryDirectory() as scratch:
         url = f"sqlite:///{Path(scratch) / 'optuna.sqlite3'}"
-        sweep.open_storage(Path(scratch) / "optuna.sqlite3").engine.dispose()  # tables, WAL
+        open_storage(Path(scratch) / "optuna.sqlite3").engine.dispose()  # tables, WAL
         others = [
             context.Process(target=started_worker, args=(args, url, share, results))
             for _ in range(args.workers - 1)

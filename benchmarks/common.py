@@ -1,7 +1,8 @@
 """Timing helpers shared by the benchmark scripts.
 
 ``synthetic_features`` (ImageNet-shaped cached features and a random classifier) lives in the
-product, ``train_evaluate/synthetic.py``, so that tests use it without importing benchmarks; it
+product, ``train_evaluate/training/synthetic.py``, so that tests use it without importing
+benchmarks; it
 is re-exported here for the scripts.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train_evaluate.synthetic import synthetic_features
+from train_evaluate.training.synthetic import synthetic_features
 
 __all__ = [
     "Timing",

@@ -18,9 +18,9 @@ import torch
 
 from benchmarks.common import SAMPLE, machine
 from data import scan_imagenet_folder
-from train_evaluate.backbone import classifier, create_backbone, eval_transform
-from train_evaluate.convert_efficientnet_lite0 import TIMM_NAME, convert
-from train_evaluate.features import extract_features
+from train_evaluate.inputs.backbone import classifier, create_backbone, eval_transform
+from train_evaluate.inputs.convert_efficientnet_lite0 import TIMM_NAME, convert
+from train_evaluate.inputs.features import extract_features
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The README's leaderboard: EfficientNet-Lite0's top-1 against bits per weight for each
 compressor, data-blind and calibrated, on the real ImageNet sample, training-free.
 
-    python train_evaluate/convert_efficientnet_lite0.py          # once: the real weights
+    python train_evaluate/inputs/convert_efficientnet_lite0.py          # once: the real weights
     python -m benchmarks.leaderboard [--data-dir ../shared/imagenet-sample] [--layers all head]
 
 For each selection (``all``: every pointwise conv and the FC; ``head``: the FC alone), each

@@ -1,7 +1,7 @@
 """The README's whole-network table: EfficientNet-Lite0 with every pointwise conv and the FC
 compressed (``--layers all``), training-free (``--epochs 0``), on the real ImageNet sample.
 
-    python train_evaluate/convert_efficientnet_lite0.py          # once: the real weights
+    python train_evaluate/inputs/convert_efficientnet_lite0.py          # once: the real weights
     python -m benchmarks.table_whole_network [--data-dir ../shared/imagenet-sample]
 
 For int4 and int2, at two ranks, it runs the driver twice, with ``svd_init`` (the truncated SVD

@@ -29,6 +29,7 @@ from compression.modules import (
     compress_,
     compressible,
     conv_options,
+    replace_submodule,
     weight_matrix,
 )
 from compression.packing import pack_codes, unpack_codes
@@ -77,6 +78,7 @@ __all__ = [
     "parse_nm",
     "register_compressor",
     "register_method",
+    "replace_submodule",
     "second_moment",
     "unpack_codes",
     "uses_inputs",

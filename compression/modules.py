@@ -23,6 +23,16 @@ from torch import nn
 from compression.registry import CompressedWeight, StorageCost, compress, expand
 
 
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted ``name`` inside ``model`` (its parent's attribute, as PEFT's
+    ``_get_submodules`` finds it); returns the module that was there."""
+    parent, _, child = name.rpartition(".")
+    holder = model.get_submodule(parent)
+    old = getattr(holder, child)
+    setattr(holder, child, new)
+    return old
+
+
 def weight_matrix(module: nn.Linear | nn.Conv2d) -> torch.Tensor:
     """The weight as the matrix a compressor sees: out x in (Linear), out x in/g*kh*kw (conv)."""
     return module.weight.reshape(module.weight.shape[0], -1)
@@ -258,7 +268,6 @@ def compress_(
             replacements[id(module)] = _compressed(module, config_for(name))
     result: dict[str, nn.Module] = {}
     for name, module in selected:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, replacements[id(module)])
+        replace_submodule(model, name, replacements[id(module)])
         result[name] = replacements[id(module)]
     return result

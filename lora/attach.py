@@ -3,13 +3,20 @@ model."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from compression import compress
-from compression.modules import CompressedConv2d, CompressedLinear, conv_options, weight_matrix
+from compression.modules import (
+    CompressedConv2d,
+    CompressedLinear,
+    conv_options,
+    replace_submodule,
+    weight_matrix,
+)
 from lora.config import LoraConfig
 from lora.conv import LoraConv2d
 from lora.inits import InitContext, get_init
@@ -91,9 +98,22 @@ def make_adapter(
     raise ValueError(f"an adapter needs a Linear or Conv2d layer; got {type(module).__name__}")
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
+def classifier_name(model: nn.Module) -> str:
+    """Where a timm model keeps its classifier (``fc``, ``head``, ``head.fc``...).
+
+    timm's pretrained config names it (``pretrained_cfg['classifier']``); the name is trusted
+    only if it leads to the very module ``get_classifier()`` returns, else it is looked up.
+    """
+    if not hasattr(model, "get_classifier"):
+        raise ValueError(f"{type(model).__name__} is not a timm model (it has no get_classifier)")
+    head = model.get_classifier()
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(named, str) and named:
+        with contextlib.suppress(AttributeError):
+            if model.get_submodule(named) is head:
+                return named
     for name, module in model.named_modules():
-        if module is target:
+        if module is head and name:
             return name
     raise ValueError("the classifier returned by get_classifier() is not a submodule of the model")
 
@@ -119,13 +139,12 @@ def attach_lora(
             f"the model's classifier is {type(head).__name__}, not nn.Linear; "
             "create the model with num_classes > 0"
         )
-    name = _module_name(model, head)
+    name = classifier_name(model)
     layer = make_lora_linear(
         head, config, make_init_context(head, compression, features), generator
     )
     model.requires_grad_(False)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
+    replace_submodule(model, name, layer)
     for param in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
         if param is not None:
             param.requires_grad_(True)

@@ -4,9 +4,13 @@ Activation-aware inits (``act_svd_init``, ``act_loftq_init``) need the second mo
 C = X^T X / N of a layer's inputs. ``MomentAccumulator`` sums it from a forward pre-hook without
 ever holding X. ``calibrate_sequentially`` compresses and adapts the selected layers one at a
 time in forward order; with ``sequential=True`` layer k's moment is measured on the inputs that
-layers 1..k-1, already compressed and adapted, produce (as GPTQ and EoRA do), so each adapter
-also compensates the error that reaches its layer from upstream. Each of those passes stops as
-soon as layer k has seen its input, so it costs a prefix of the network, not all of it.
+layers 1..k-1, already compressed and adapted, produce (as GPTQ and EoRA do). The fit then
+uses only the moment C~ = X~^T X~ / N of those perturbed inputs X~: it makes W_c + L imitate
+the layer's own W on X~, minimising ||(W - W_c - L) X~||, so each adapter is fitted on the
+inputs its layer will really see, but it does not correct the error that reaches the layer
+from upstream (that would target W X, the clean inputs' outputs, and need the cross-moment
+X~^T X of perturbed and clean inputs, which is not measured). Each of those passes stops as soon
+as layer k has seen its input, so it costs a prefix of the network, not all of it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,27 @@ from compression.modules import CompressedConv2d
 from lora.layer import AdapterState, check_rank, compressed_of
 
 
+def conv_like(
+    conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with another ``weight`` (and ``bias``): its stride,
+    dilation and groups, and its padding in its own mode (zeros, reflect, replicate, circular;
+    a number, a pair, or "same" / "valid"), as ``conv(x)`` pads."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        if isinstance(padding, str):  # "same": pad dilation * (k - 1), the extra one after
+            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+            if padding == "valid":
+                totals = [0, 0]
+            pads = [(total // 2, total - total // 2) for total in totals]
+        else:
+            pads = [(p, p) for p in padding]
+        # F.pad takes the last dimension first: (left, right, top, bottom)
+        x = nn.functional.pad(x, [*pads[1], *pads[0]], mode=conv.padding_mode)
+        padding = 0
+    return nn.functional.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
 class LoraConv2d(AdapterState, nn.Module):
     def __init__(
         self,
@@ -83,9 +104,9 @@ class LoraConv2d(AdapterState, nn.Module):
         return scale.view(-1, 1, 1, 1) * direction
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        # the base's own conv call, so that A sees the same padding (mode included), stride and
+        # the base's geometry, so that A sees the same padding (mode included), stride and
         # dilation as W_c and the two outputs line up position by position
-        return self.base_layer._conv_forward(x, weight, bias)
+        return conv_like(self.base_layer, x, weight, bias)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed (not

@@ -12,22 +12,41 @@ from compression import StorageCost, account_layer, make_config
 from lora import LoraConfig, make_init_context, make_lora_conv2d, make_lora_linear
 from lora.rounding import round_adapter_
 from tests.conftest import run_driver, run_folder
-from train_evaluate import sweep
-from train_evaluate.checkpoint import read_packed, read_packed_network, write_packed
-from train_evaluate.synthetic import synthetic_features
+from train_evaluate.outputs.checkpoint import read_packed, read_packed_network, write_packed
+from train_evaluate.search import sweep
+from train_evaluate.search.storage import open_storage
+from train_evaluate.training.synthetic import synthetic_features
 
 NO_BASE = StorageCost(0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("bits,dora", [(8, False), (4, False), (4, True)])
-def test_integer_adapter_bits_counted_by_hand(bits, dora):
-    # out 10, in 64, rank 3: A is 3 x 64 and B 10 x 3 codes; one fp32 scale per row of each
-    codes = 3 * 64 * bits + 10 * 3 * bits
-    scales = (3 + 10) * 32
-    magnitudes = 10 * 32 if dora else 0
-    layer = account_layer(10, 64, NO_BASE, 3, adapter_code_bits=bits,
-                          extra_adapter_params=10 if dora else 0)  # fmt: skip
-    assert layer.adapter_bits == codes + scales + magnitudes
+def test_integer_adapter_bits_counted_by_hand(bits, dora, tmp_path):
+    """The adapter bits the accounting reports are the bits of the adapter tensors that the
+    packed file stores (codes at their packed width, fp32 row scales, DoRA's magnitudes)."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 10)  # out 10, in 64, rank 3
+    config = LoraConfig(r=3, lora_alpha=8, init="svd_init", use_dora=dora)
+    layer = trained_looking(
+        make_lora_linear(dense, config, make_init_context(dense, make_config("int4")))
+    )
+    round_adapter_(layer, bits)
+    path = tmp_path / "layer.safetensors"
+    write_packed(path, layer, f"int{bits}")
+    stored = 0
+    with safe_open(str(path), framework="pt") as packed:
+        names = [name for name in sorted(packed.keys()) if name.startswith("lora_")]
+        for name in names:
+            tensor = packed.get_tensor(name)
+            stored += tensor.numel() * tensor.element_size() * 8
+    assert any(name.endswith(".codes") for name in names)
+    assert any(name.endswith(".scale") for name in names)
+    assert ("lora_magnitude" in names) == dora
+    counted = account_layer(10, 64, NO_BASE, 3, adapter_code_bits=bits,
+                            extra_adapter_params=10 if dora else 0)  # fmt: skip
+    assert counted.adapter_bits == stored
     # no adapter, nothing counted
     assert account_layer(10, 64, NO_BASE, 0, adapter_code_bits=bits).adapter_bits == 0
 
@@ -90,7 +109,7 @@ def test_the_sweep_scores_the_rounded_adapters(tmp_path):
     head, splits = synthetic_features(400, 100, in_features=24, classes=10)
     method = sweep.Method.create("int1", make_config("int1"), head, splits.train.features)
     config = sweep.SweepConfig(init="svd_init", trials=2, epochs=2)
-    storage = sweep.open_storage(tmp_path / "s.sqlite3")
+    storage = open_storage(tmp_path / "s.sqlite3")
     outcome = sweep.run_rank(method, 4, splits, config, storage, "s", adapter_dtype="int4")
     layer = outcome.layer
     for factor in (layer.lora_A, layer.lora_B):

@@ -13,10 +13,12 @@ from torch import nn
 
 from compression import SparseConfig, make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate import batched, sweep
-from train_evaluate.batched import Run, train_adapters
-from train_evaluate.synthetic import synthetic_features
-from train_evaluate.training import FeatureSplit, TrainConfig, evaluate, train_adapter
+from train_evaluate.search import sweep
+from train_evaluate.search.storage import open_storage
+from train_evaluate.training import batched
+from train_evaluate.training.batched import Run, train_adapters
+from train_evaluate.training.synthetic import synthetic_features
+from train_evaluate.training.training import FeatureSplit, TrainConfig, evaluate, train_adapter
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -161,7 +163,7 @@ def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path,
     for together in (False, True):
         monkeypatch.setattr(sweep, "BATCHED", together)
         monkeypatch.setattr(sweep, "ENGINE", together)  # sequential: today's loop
-        storage = sweep.open_storage(tmp_path / f"{together}.sqlite3")
+        storage = open_storage(tmp_path / f"{together}.sqlite3")
         outcome = sweep.run_rank(method, 4, splits, config, storage, "s")
         studies[together] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)
     (plain, plain_trials), (fast, fast_trials) = studies[False], studies[True]
@@ -280,7 +282,7 @@ def test_the_engine_records_the_study_the_loop_records(tmp_path, monkeypatch):
     studies = {}
     for engine in (False, True):
         monkeypatch.setattr(sweep, "ENGINE", engine)
-        storage = sweep.open_storage(tmp_path / f"{engine}.sqlite3")
+        storage = open_storage(tmp_path / f"{engine}.sqlite3")
         outcome = sweep.run_rank(method, 4, splits, config, storage, "s")
         studies[engine] = (outcome, optuna.load_study(study_name="s", storage=storage).trials)
     (loop, loop_trials), (engine, engine_trials) = studies[False], studies[True]
@@ -334,7 +336,7 @@ def test_only_the_final_model_measures_its_train_curve(tmp_path, monkeypatch, to
 
     monkeypatch.setattr(sweep, "BATCHED", together)
     monkeypatch.setattr(sweep, "train_adapters", recording)
-    sweep.run_rank(method, 2, splits, config, sweep.open_storage(tmp_path / "s.db"), "s")
+    sweep.run_rank(method, 2, splits, config, open_storage(tmp_path / "s.db"), "s")
     assert calls[-1] == [True]  # the final model
     assert sum(len(c) for c in calls[:-1]) == 6 and not any(any(c) for c in calls[:-1])
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from data import load_digits_source, scan_imagenet_folder
 from tests.conftest import REPO, TINY_MODEL
-from train_evaluate.backbone import BackboneError, eval_transform
-from train_evaluate.demo import DEMO_MODEL, DemoRecipe, demo_weights
-from train_evaluate.features import (
+from train_evaluate.inputs.backbone import BackboneError, eval_transform
+from train_evaluate.inputs.demo import DEMO_MODEL, DemoRecipe, demo_weights
+from train_evaluate.inputs.features import (
     CachedFeatures,
     backbone_features,
     backbone_key,
@@ -29,7 +29,12 @@ from train_evaluate.features import (
     load_features,
     save_features,
 )
-from train_evaluate.files import HOST, atomic_path, remove_orphan_temporaries
+from train_evaluate.runtime.files import (
+    HOST,
+    atomic_path,
+    read_safetensors,
+    remove_orphan_temporaries,
+)
 
 CLASSES = 10
 KEY = "key-a"
@@ -190,7 +195,8 @@ def test_demo_weights_that_cannot_be_cached_go_to_a_temporary_file(tmp_path, cap
 def dead_writers_temporary(folder: Path) -> Path:
     """A temporary left by a writer that really died inside ``atomic_path`` (no cleanup)."""
     script = (
-        "import os, sys; from pathlib import Path; from train_evaluate.files import atomic_path\n"
+        "import os, sys; from pathlib import Path\n"
+        "from train_evaluate.runtime.files import atomic_path\n"
         "context = atomic_path(Path(sys.argv[1]) / 'features.safetensors')\n"
         "print(context.__enter__(), flush=True); os._exit(0)"
     )
@@ -220,3 +226,24 @@ def test_orphan_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path)
     assert (tmp_path / "run.json").read_text() == "{}"
     assert remove_orphan_temporaries(tmp_path) == 0
     assert remove_orphan_temporaries(tmp_path / "missing") == 0
+
+
+def test_tensors_read_back_are_aligned_whatever_the_header_length(tmp_path):
+    """A cache's header holds our metadata, so its length varies; what is read back must not
+    sit at the header's offset: products of misaligned operands sum in another order, and a
+    run's numbers would then depend on how long its cache's header is."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(96, 40, generator=generator)
+    weight = torch.randn(10, 40, generator=generator)
+    expected = features @ weight.T
+    offsets = set()
+    for length in range(64):  # every header length modulo 64
+        path = tmp_path / f"{length}.safetensors"
+        save_file({"features": features}, str(path), metadata={"pad": "x" * length})
+        with safe_open(str(path), framework="pt") as handle:  # where safetensors puts it
+            offsets.add(handle.get_tensor("features").data_ptr() % 64)
+        metadata, tensors = read_safetensors(path)
+        assert metadata["pad"] == "x" * length
+        assert tensors["features"].data_ptr() % 64 == 0
+        assert torch.equal(tensors["features"] @ weight.T, expected)
+    assert len(offsets) > 1  # the headers did move the tensor's offset in the file

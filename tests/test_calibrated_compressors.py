@@ -8,8 +8,8 @@ from compression import Int1Config, IntNConfig, build_configs, compress, expand,
 from compression.binary import INT1_SCALES
 from compression.integer import INT_SCALES
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate import cli
-from train_evaluate.checkpoint import (
+from train_evaluate.config import cli
+from train_evaluate.outputs.checkpoint import (
     FORMAT,
     CheckpointError,
     _save,

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from tests.conftest import run_driver, run_folder
-from train_evaluate import network
-from train_evaluate.backbone import eval_transform, tensor_bits
-from train_evaluate.cut import cut_model, find_cut, state_of
-from train_evaluate.report import TIMING_COLUMNS
+from train_evaluate.inputs.backbone import eval_transform, tensor_bits
+from train_evaluate.inputs.cut import cut_model, find_cut, state_of
+from train_evaluate.outputs.report import TIMING_COLUMNS
+from train_evaluate.training import network
 
 RESNET = "test_resnet"
 RESNET_INPUT = (3, 160, 160)

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import TINY_MODEL, run_driver, run_folder, write_image
-from train_evaluate.checkpoint import read_packed
-from train_evaluate.report import COLUMNS, TIMING_COLUMNS
+from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.report import COLUMNS, TIMING_COLUMNS
 
 RANK_COLUMNS = [
     "evaluation", "init_only", "drop", "ratio", "ratio_seed", "ratio_model", "compute_ratio",

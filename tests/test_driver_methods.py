@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from tests.conftest import run_driver, run_folder
 from tests.test_driver import tiny_args
-from train_evaluate.checkpoint import read_packed
-from train_evaluate.files import with_digest
-from train_evaluate.report import TIMING_COLUMNS
+from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.report import TIMING_COLUMNS
+from train_evaluate.runtime.files import with_digest
 
 
 def test_final_seeds_give_a_spread_and_intervals(tmp_path, demo_cache, capsys):

@@ -16,13 +16,13 @@ from compression import Int1Config
 from data import load_digits_source, scan_imagenet_folder
 from lora import LoraConfig, make_init_context, make_lora_linear
 from tests.conftest import SYNSETS, TINY_MODEL, write_image
-from train_evaluate.backbone import weights_id
-from train_evaluate.checkpoint import read_packed, write_packed
-from train_evaluate.cli import configure_logging
-from train_evaluate.demo import DEMO_MODEL
+from train_evaluate.config.cli import configure_logging
 from train_evaluate.evaluate import main as evaluate_main
-from train_evaluate.features import backbone_features
-from train_evaluate.training import FeatureSplit, evaluate
+from train_evaluate.inputs.backbone import weights_id
+from train_evaluate.inputs.demo import DEMO_MODEL
+from train_evaluate.inputs.features import backbone_features
+from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.training.training import FeatureSplit, evaluate
 
 CPU = torch.device("cpu")
 

@@ -15,8 +15,18 @@ from PIL import Image
 
 from data import scan_imagenet_folder
 from tests.conftest import SYNSETS, TINY_MODEL, write_image
-from train_evaluate.backbone import BackboneError, classifier, create_backbone, eval_transform
-from train_evaluate.features import cache_path, cached_features, extract_features, load_features
+from train_evaluate.inputs.backbone import (
+    BackboneError,
+    classifier,
+    create_backbone,
+    eval_transform,
+)
+from train_evaluate.inputs.features import (
+    cache_path,
+    cached_features,
+    extract_features,
+    load_features,
+)
 
 CPU = torch.device("cpu")
 CLASSES = 1000  # test_vit's classifier
@@ -156,7 +166,7 @@ def test_weights_of_another_architecture_name_the_mismatching_keys(tmp_path):
 def test_the_device_transform_of_a_batch_equals_each_image_transformed_alone():
     """``--decode gpu``'s grouped resize (one call per image size) changes no pixel; checked
     on CPU tensors, which the same torchvision kernels handle."""
-    from train_evaluate.features import DeviceTransform
+    from train_evaluate.inputs.features import DeviceTransform
 
     transform = DeviceTransform(eval_transform(timm.create_model(TINY_MODEL, pretrained=False)))
     generator = torch.Generator().manual_seed(0)
@@ -168,7 +178,7 @@ def test_the_device_transform_of_a_batch_equals_each_image_transformed_alone():
 
 
 def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the_consumer():
-    from train_evaluate.features import _ahead
+    from train_evaluate.inputs.features import _ahead
 
     assert list(_ahead(iter(range(50)), depth=2)) == list(range(50))
 
@@ -191,7 +201,7 @@ def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the
 def test_two_processes_needing_one_cache_build_it_once(tmp_path):
     """The second waits for the first's lock and reads what it wrote (threads here: each opens
     the lock file itself, as two processes do)."""
-    from train_evaluate.features import CachedFeatures, cached_features
+    from train_evaluate.inputs.features import CachedFeatures, cached_features
 
     built = []
 

@@ -20,8 +20,8 @@ from compression import (
 from compression.gptq import weighted_row_errors
 from compression.integer import QUANTIZERS
 from lora.calibration import compress_sequentially
-from train_evaluate import cli
-from train_evaluate.sweep import Method
+from train_evaluate.config import cli
+from train_evaluate.search.sweep import Method
 
 CONFIGS = [IntNConfig(4), IntNConfig(2), Int1Config("row"), Int1Config("rowcol")]
 
@@ -127,7 +127,7 @@ def test_a_network_is_compressed_in_order_each_layer_on_the_compressed_prefix_ou
 @pytest.mark.parametrize("config", [IntNConfig(2, quantizer="gptq"), Int1Config(quantizer="gptq")])
 def test_a_gptq_layer_round_trips_through_its_packed_file(config, tmp_path):
     from lora import LoraConfig, make_init_context, make_lora_linear
-    from train_evaluate.checkpoint import pack_layer, read_packed, write_packed
+    from train_evaluate.outputs.checkpoint import pack_layer, read_packed, write_packed
 
     torch.manual_seed(0)
     linear = nn.Linear(48, 20)

@@ -11,11 +11,11 @@ from compression import list_methods, make_config
 from data import scan_imagenet_folder
 from lora import LORA_INITS, LoraConfig, make_init_context, make_lora_linear
 from tests.conftest import run_driver
-from train_evaluate.backbone import create_backbone, eval_transform
-from train_evaluate.batched import Run, train_adapters
-from train_evaluate.checkpoint import read_packed, write_packed
-from train_evaluate.features import extract_features
-from train_evaluate.training import FeatureSplit, TrainConfig, evaluate, train_adapter
+from train_evaluate.inputs.backbone import create_backbone, eval_transform
+from train_evaluate.inputs.features import extract_features
+from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.training.batched import Run, train_adapters
+from train_evaluate.training.training import FeatureSplit, TrainConfig, evaluate, train_adapter
 
 gpu = pytest.mark.gpu
 
@@ -88,7 +88,7 @@ def test_dora_and_kd_train_on_cuda(cuda):
 @gpu
 @pytest.mark.parametrize("graphs", [True, False])
 def test_batched_runs_equal_single_runs_on_cuda(cuda, graphs, monkeypatch):
-    from train_evaluate import batched
+    from train_evaluate.training import batched
 
     monkeypatch.setattr(batched, "CUDA_GRAPHS", graphs)
     head, train, val = problem(cuda, seed=2)
@@ -143,8 +143,8 @@ def test_gpu_decode_gives_features_close_to_the_cpu_decode(cuda, tiny_weights, i
 def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(cuda, tmp_path):
     import timm
 
-    from train_evaluate import network
-    from train_evaluate.sweep import SweepConfig
+    from train_evaluate.search.sweep import SweepConfig
+    from train_evaluate.training import network
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -128,3 +128,21 @@ def test_grouped_convs_and_ranks_past_the_matrix_view_are_refused():
         LoraConv2d(nn.Conv2d(4, 4, 3, groups=2), r=1, lora_alpha=1)
     with pytest.raises(ValueError, match="between 1 and 10"):
         build(dense_conv(), make_config("int4"), r=11)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [0, (1, 2), "same", "valid"])
+@pytest.mark.parametrize(("kernel", "dilation", "stride"), [((3, 3), 1, 2), ((2, 3), 2, 1)])
+def test_conv_like_pads_strides_and_dilates_as_the_conv_itself(
+    mode, padding, kernel, dilation, stride
+):
+    """The adapter's A runs with its base's geometry through public functions: the same
+    output, to the bit, as the conv's own forward for every padding mode and form."""
+    from lora.conv import conv_like
+
+    if padding == "same" and stride != 1:
+        pytest.skip("torch refuses padding='same' with a stride")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride, padding, dilation, padding_mode=mode)
+    x = torch.randn(2, 4, 9, 10)
+    assert torch.equal(conv_like(conv, x, conv.weight, conv.bias), conv(x))

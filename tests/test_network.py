@@ -1,6 +1,6 @@
 """Whole-network mode: layer selection, the uint8 image path, accounting by hand, the packed
 network checkpoint, frozen BatchNorm, the driver end to end on a small resnet, and the FC study
-unchanged (``--layers head`` against an evaluation.csv recorded before this mode existed)."""
+unchanged through every path (``--layers head``, workers) against the one-process sweep."""
 
 from __future__ import annotations
 
@@ -16,17 +16,13 @@ from torch import nn
 
 from compression import CompressedConv2d, compress, make_config
 from tests.conftest import run_driver, run_folder
-from train_evaluate import network
-from train_evaluate.backbone import eval_transform
-from train_evaluate.checkpoint import CheckpointError, write_packed
-from train_evaluate.report import TIMING_COLUMNS
-from train_evaluate.sweep import SweepConfig
-from train_evaluate.training import FeatureSplit, TrainConfig, train_adapter
+from train_evaluate.inputs.backbone import eval_transform
+from train_evaluate.outputs.checkpoint import CheckpointError, write_packed
+from train_evaluate.outputs.report import TIMING_COLUMNS
+from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import network
+from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
-# Written by commit 0e3bab8 (the FC-only tool) with: train_model.py --init paper_init --ranks 2 4
-# --trials 3 --epochs 2 --threads 1 (the offline demo); paper_init, so that training moves the
-# numbers away from the init and a change in the training path shows.
-REFERENCE = Path(__file__).parent / "data" / "demo_head_before_whole_network.csv"
 RESNET = "test_resnet"
 
 
@@ -266,35 +262,56 @@ def test_layers_all_end_to_end_on_a_small_resnet(
     assert frame["evaluation"].max() > 0
 
 
+# the FC study on the offline demo; paper_init, so that training moves the numbers away from the
+# init and a change in the training path shows
+FC_STUDY = ("--init", "paper_init", "--ranks", "2", "4", "--trials", "3", "--epochs", "2",
+            "--threads", "1")  # fmt: skip
+
+
 def comparable(frame: pd.DataFrame) -> pd.DataFrame:
-    dropped = [*TIMING_COLUMNS, "bits_per_weight", "layers"]
-    return frame.drop(columns=[c for c in dropped if c in frame]).reset_index(drop=True)
+    return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def fc_study(tmp_path_factory, demo_cache) -> pd.DataFrame:
+    """evaluation.csv of the FC study by the one-process sweep with no --layers: what every
+    other path is compared with, computed in this session, on this machine and these threads."""
+    from train_evaluate.train_model import main
+
+    results = tmp_path_factory.mktemp("fc-study")
+    assert main([*FC_STUDY, "--results-dir", str(results), "--cache-dir", str(demo_cache)]) == 0
+    return pd.read_csv(run_folder(results, "paper_init") / "evaluation.csv")
 
 
 @pytest.mark.parametrize(
     "selection",
-    [[], ["--layers", "head"], ["--workers", "1"], ["--workers", "2", "--share", "ranks"]],
-    ids=["default", "head", "workers-1", "workers-2-whole-ranks"],
+    [["--layers", "head"], ["--storage", "STORAGE"], ["--workers", "2", "--share", "ranks"]],
+    ids=["head", "one-worker-on-a-storage", "workers-2-whole-ranks"],
 )
-def test_the_fc_study_gives_the_evaluation_csv_recorded_before_whole_network_mode(
-    selection, tmp_path, capsys
+def test_the_fc_study_is_the_same_through_every_path(
+    selection, fc_study, tmp_path, capsys, demo_cache
 ):
+    """``--layers head`` (the whole-network path with the classifier alone), one worker on a
+    shared storage (slots, claims and heartbeats, as many workers run), and two workers that
+    each own whole ranks all write the one-process FC study's evaluation.csv, to the last
+    digit, with the same --threads on the same machine."""
+    storage = f"sqlite:///{tmp_path / 'storage.db'}"
+    selection = [storage if part == "STORAGE" else part for part in selection]
+    assert fc_study["layers"].eq("head (1 layer)").all()
+    assert math.isclose(fc_study["bits_per_weight"].iloc[0], 32)
     code, out, err = run_driver(
-        capsys, "--init", "paper_init", "--ranks", "2", "4", "--trials", "3", "--epochs", "2",
-        "--threads", "1", "--results-dir", tmp_path / "results", *selection,
+        capsys, *FC_STUDY, "--results-dir", tmp_path / "results", "--cache-dir", demo_cache,
+        *selection,
     )  # fmt: skip
     assert code == 0, err
     # a started worker that failed is only warned about (the log goes to stdout)
     assert "warning: worker" not in out + err
     got = pd.read_csv(run_folder(tmp_path / "results", "paper_init") / "evaluation.csv")
-    assert got["layers"].eq("head (1 layer)").all()
-    assert math.isclose(got["bits_per_weight"].iloc[0], 32)
-    expected = pd.read_csv(REFERENCE)
-    pd.testing.assert_frame_equal(comparable(got), comparable(expected), rtol=1e-6)
+    pd.testing.assert_frame_equal(comparable(got), comparable(fc_study), check_exact=True)
 
 
 def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_layout():
-    from train_evaluate.plan import selection_name
+    from train_evaluate.config.plan import selection_name
 
     names = " ".join(f"stages.0.blocks.{i}.mlp.fc1" for i in range(30))
     short = selection_name(names)
@@ -314,7 +331,7 @@ def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_la
 
 
 def test_the_summary_front_compares_an_fc_run_and_a_whole_network_run_separately():
-    from train_evaluate.compare import with_pareto
+    from train_evaluate.outputs.summary import with_pareto
 
     frame = pd.DataFrame(
         {
@@ -329,27 +346,100 @@ def test_the_summary_front_compares_an_fc_run_and_a_whole_network_run_separately
     assert with_pareto(frame)["pareto"].tolist() == [True, True, False]
 
 
-def test_a_calibrated_compressor_sees_each_layers_calibration_inputs():
-    """GPTQ in whole-network mode: the adapters' bases (per rank) and the compressed-only
-    model are quantized with the moments of the calibration images' inputs, not to nearest."""
+def moments_given_to_compress(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, moment) of every compress call made while calibrating: the real compressor,
+    with its arguments kept."""
+    import lora.attach
+    import lora.calibration
+
+    seen = []
+
+    def kept(weight, config, moment=None):
+        seen.append((weight, moment))
+        return compress(weight, config, moment)
+
+    monkeypatch.setattr(lora.attach, "compress", kept)
+    monkeypatch.setattr(lora.calibration, "compress", kept)
+    return seen
+
+
+def input_moments(model: nn.Module, dense: nn.Module, names, batches) -> dict[str, torch.Tensor]:
+    """X^T X / N (float64) of each named layer's inputs in ``model``, every row (every conv
+    patch), computed here from forward pre-hooks; ``dense`` gives each layer's conv options."""
+    import torch.nn.functional as F
+
+    sums: dict[str, list] = {name: [0, 0] for name in names}
+
+    def hook(name: str):
+        def record(module, args) -> None:
+            x, conv = args[0].double(), dense.get_submodule(name)
+            if isinstance(conv, nn.Conv2d):
+                patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+                x = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            sums[name][0] += x.T @ x
+            sums[name][1] += x.shape[0]
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return {name: total / rows for name, (total, rows) in sums.items()}
+
+
+def test_a_calibrated_compressor_sees_each_layers_calibration_inputs(monkeypatch):
+    """GPTQ in whole-network mode: each layer is quantized with H = X^T X / N of the inputs
+    that the layers before it, already compressed (and adapted, for the adapters' bases),
+    produce on the calibration images: H is checked against the inputs of the finished model,
+    measured here, for the adapters' bases and for the compressed-only model."""
+    from dataclasses import replace
+
     from compression import IntNConfig
+    from compression.modules import weight_matrix
 
     method, sweep = resnet_method()
-    gptq = network.NetworkMethod.create(
-        "int4", IntNConfig(4, quantizer="gptq"), method.model, method.layers, method.calibration
-    )
-    nearest, fed_back = method.contexts(2, sweep), gptq.contexts(2, sweep)
-    differ = [
-        n for n in nearest if not torch.equal(nearest[n].base_weight, fed_back[n].base_weight)
-    ]
-    assert len(differ) > len(nearest) / 2
+    # every conv position feeds the moment (no subsampling), so it can be computed here
+    gptq = replace(
+        network.NetworkMethod.create(
+            "int4", IntNConfig(4, quantizer="gptq"), method.model, method.layers,
+            method.calibration,
+        ),
+        positions=10**9,
+    )  # fmt: skip
+    dense, names = method.model.model, method.names()
+    weights = [weight_matrix(dense.get_submodule(name)) for name in names]
+
+    def received(seen) -> dict[str, torch.Tensor]:
+        # the moment each layer's compressor got (one call per layer, matched by its weight)
+        by_layer = {}
+        for weight, moment in seen:
+            (name,) = [n for n, w in zip(names, weights, strict=True) if torch.equal(w, weight)]
+            by_layer[name] = moment
+        assert sorted(by_layer) == sorted(names)
+        return by_layer
+
+    def check(given: dict[str, torch.Tensor], measured: dict[str, torch.Tensor]) -> None:
+        for name in names:
+            assert given[name].shape == measured[name].shape, name
+            error = (given[name] - measured[name]).norm() / measured[name].norm()
+            assert error < 1e-5, (name, error.item())  # float32 activations summed in float64
+
+    seen = moments_given_to_compress(monkeypatch)
+    gptq.contexts(2, sweep)  # the adapters' bases: compressed and adapted in forward order
+    adapted = gptq.layer(2, 8.0, sweep, seed=0).network.model  # the same bases and inits
+    check(received(seen), input_moments(adapted, dense, names, gptq._calibration_batches()))
+    assert all(torch.equal(gptq.contexts(2, sweep)[n].moment, m) for n, m in received(seen).items())
+
+    seen.clear()
     quantized = gptq.compressed_model().model
+    check(received(seen), input_moments(quantized, dense, names, gptq._calibration_batches()))
     rounded = method.compressed_model().model
     differ = [
-        info.name
-        for info in method.layers
-        if not torch.equal(
-            quantized.get_submodule(info.name).weight, rounded.get_submodule(info.name).weight
-        )
+        name
+        for name in names
+        if not torch.equal(quantized.get_submodule(name).weight, rounded.get_submodule(name).weight)
     ]
-    assert len(differ) > len(method.layers) / 2
+    assert len(differ) > len(names) / 2  # and GPTQ is not round-to-nearest

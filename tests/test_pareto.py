@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_driver, run_folder
-from train_evaluate.checkpoint import read_packed
-from train_evaluate.pareto import non_dominated
+from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.search.pareto import non_dominated
 
 
 def test_non_dominated_keeps_exactly_the_points_no_other_point_beats():

@@ -27,10 +27,17 @@ from safetensors import safe_open
 
 from compression import make_config
 from tests.conftest import REPO
-from train_evaluate.checkpoint import read_packed
-from train_evaluate.sweep import Method, RankOutcome, SearchSpace, Splits, SweepConfig, run_rank
-from train_evaluate.synthetic import synthetic_features
-from train_evaluate.training import FeatureSplit, evaluate
+from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.search.sweep import (
+    Method,
+    RankOutcome,
+    SearchSpace,
+    Splits,
+    SweepConfig,
+    run_rank,
+)
+from train_evaluate.training.synthetic import synthetic_features
+from train_evaluate.training.training import FeatureSplit, evaluate
 
 RANK = 4
 # Enough trials and epochs for TPE and the pruner to act and for the val curves to move: a run
@@ -230,7 +237,7 @@ def test_driver_svd_init_at_full_rank_reports_the_original_accuracy(tmp_path, de
 def permute_cached_test_labels(cache_dir: Path, test_ids: list[str]) -> None:
     """Rewrite the feature cache, through the product's own writer (same key, valid digest, so
     the driver reuses it), with the test rows' labels permuted among themselves."""
-    from train_evaluate.features import CachedFeatures, save_features
+    from train_evaluate.inputs.features import CachedFeatures, save_features
 
     (path,) = cache_dir.glob("features-*.safetensors")
     with safe_open(str(path), framework="pt") as handle:

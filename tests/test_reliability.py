@@ -16,7 +16,7 @@ import pandas as pd
 
 from tests.conftest import REPO, SYNSETS, run_driver, run_folder
 from tests.test_driver import tiny_args
-from train_evaluate.report import TIMING_COLUMNS
+from train_evaluate.outputs.report import TIMING_COLUMNS
 
 DRIVER = REPO / "train_evaluate" / "train_model.py"
 # The demo: a real digits classifier, so every hyper-parameter changes the numbers.

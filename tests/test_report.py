@@ -17,11 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
 from compression import make_config
-from train_evaluate import compare, report
-from train_evaluate.run_folder import FORMAT
-from train_evaluate.sweep import Method, SearchSpace, SweepConfig, run_rank
-from train_evaluate.synthetic import synthetic_features
-from train_evaluate.training import FeatureSplit, evaluate
+from train_evaluate.outputs import report
+from train_evaluate.outputs import summary as compare
+from train_evaluate.outputs.run_folder import FORMAT
+from train_evaluate.search.sweep import Method, SearchSpace, SweepConfig, run_rank
+from train_evaluate.training.synthetic import synthetic_features
+from train_evaluate.training.training import FeatureSplit, evaluate
 
 # -- counts and intervals ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, run_driver, run_folder
 from tests.test_driver import tiny_args
-from train_evaluate.checkpoint import read_packed
+from train_evaluate.outputs.checkpoint import read_packed
 
 DRIVER = REPO / "train_evaluate" / "train_model.py"
 # A one-method, one-rank demo run: a real digits classifier, about a second of training.
@@ -227,9 +227,9 @@ def test_the_names_the_help_lists_are_the_registries():
     from compression.binary import INT1_SCALES
     from compression.sparse import KEEP_RULES
     from lora import LORA_INITS
-    from train_evaluate import cli
-    from train_evaluate.checkpoint import ADAPTER_FORMATS
-    from train_evaluate.training import OBJECTIVES
+    from train_evaluate.config import cli
+    from train_evaluate.outputs.checkpoint import ADAPTER_FORMATS
+    from train_evaluate.training.training import OBJECTIVES
 
     assert list(cli.INIT_NAMES) == list(LORA_INITS)
     assert sorted(cli.METHOD_NAMES) == sorted(list_methods())
@@ -241,7 +241,7 @@ def test_the_names_the_help_lists_are_the_registries():
 
 
 def test_offline_without_weights_is_one_fast_line(image_folder, tmp_path, capsys):
-    from train_evaluate.plan import hub_reachable
+    from train_evaluate.config.plan import hub_reachable
 
     if hub_reachable():
         pytest.skip("the weights hub is reachable from here")

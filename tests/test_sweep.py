@@ -4,15 +4,15 @@ import optuna
 import torch
 
 from compression import make_config
-from train_evaluate.sweep import (
+from train_evaluate.search.storage import open_storage
+from train_evaluate.search.sweep import (
     Method,
     SearchSpace,
     SweepConfig,
     counted_trials,
-    open_storage,
     run_rank,
 )
-from train_evaluate.synthetic import synthetic_features
+from train_evaluate.training.synthetic import synthetic_features
 
 
 def small_problem():

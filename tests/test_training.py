@@ -6,7 +6,7 @@ from torch import nn
 
 from compression import SparseConfig
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate.training import FeatureSplit, TrainConfig, evaluate, train_adapter
+from train_evaluate.training.training import FeatureSplit, TrainConfig, evaluate, train_adapter
 
 
 def problem(seed=0, n=1200, features=32, classes=12):

@@ -152,6 +152,24 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres
         and "surplus" not in t.user_attrs
     ]  # fmt: skip
     assert len(killed_trials) == 1 and retried == 1
+    # run again at its slot, with its seed and parameters; every slot finished once
+    (dead,) = killed_trials
+    (home,) = [s for s in searches.values() if dead.number < len(s.trials)
+               and s.trials[dead.number].user_attrs.get("worker") == dead.user_attrs["worker"]
+               and s.trials[dead.number].state.name == "FAIL"
+               and "surplus" not in s.trials[dead.number].user_attrs]  # fmt: skip
+    (retry,) = [t for t in home.trials if t.system_attrs.get("failed_trial") == dead.number]
+    # what it had drawn before it was killed (the kill may come while it draws, before its
+    # seed is recorded) is kept: parameters and seed
+    assert retry.user_attrs["slot"] == dead.user_attrs["slot"]
+    assert dead.params.items() <= retry.params.items()
+    if "seed" in dead.user_attrs:
+        assert retry.user_attrs["seed"] == dead.user_attrs["seed"]
+    for study in searches.values():
+        finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+        assert sorted(t.user_attrs["slot"] for t in finished) == list(range(trials))
+        # one seed per slot: the retry took its slot's, not a later one's
+        assert len({t.user_attrs["seed"] for t in finished}) == trials
 
     out = run_folder(tmp_path / "results", "svd_init")
     frame = pd.read_csv(out / "evaluation.csv")
@@ -198,7 +216,7 @@ def test_an_unreachable_server_stops_in_one_line(tmp_path, capsys):
 
 
 def test_a_trial_asked_after_the_last_slot_went_to_another_worker_is_surplus(tmp_path):
-    from train_evaluate.workers import run_shared_study
+    from train_evaluate.search.workers import run_shared_study
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
@@ -222,7 +240,7 @@ def test_a_trial_asked_after_the_last_slot_went_to_another_worker_is_surplus(tmp
 
 
 def test_a_rank_final_is_claimed_once_and_again_after_its_holder_failed(tmp_path):
-    from train_evaluate.workers import FinalClaim
+    from train_evaluate.search.workers import FinalClaim
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
     first, second = FinalClaim(storage, "rank", 1), FinalClaim(storage, "rank", 1)
@@ -234,7 +252,7 @@ def test_a_rank_final_is_claimed_once_and_again_after_its_holder_failed(tmp_path
 
 
 def test_of_two_workers_claiming_a_final_at_the_same_moment_one_gets_it(tmp_path):
-    from train_evaluate.workers import FinalClaim
+    from train_evaluate.search.workers import FinalClaim
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
     first, second = FinalClaim(storage, "rank", 1), FinalClaim(storage, "rank", 1)
@@ -252,6 +270,9 @@ def test_of_two_workers_claiming_a_final_at_the_same_moment_one_gets_it(tmp_path
 
 
 def test_a_report_is_asked_of_a_storage_that_holds_none(postgres, tmp_path, capsys):
+    # an Optuna storage (its tables made, as a sweep's first open does) with no report in it;
+    # report.py refuses a database without Optuna's tables before this check
+    optuna.storages.RDBStorage(postgres).engine.dispose()
     code = report_main(["--storage", postgres, "--out", str(tmp_path), "--study-prefix", "none-"])
     err = capsys.readouterr().err
     assert code == 2 and "no finished sweep" in err and len(err.strip().splitlines()) == 1
@@ -272,6 +293,9 @@ def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     output = first.communicate(timeout=300)[0]
     assert first.returncode == 0 and second.returncode == 0, output + second.stdout + second.stderr
+    # the claims are asked outside Study.optimize, on purpose: no warning about it
+    warning = "Heartbeat of storage is supposed to be used with Study.optimize"
+    assert warning not in output + second.stdout + second.stderr
     frame = pd.read_csv(out / "evaluation.csv")
     assert len(frame[~frame["lora_rank"].isin(["original", "quantized"])]) == 4
     storage = optuna.storages.RDBStorage(url)
@@ -288,15 +312,16 @@ def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_
     """``--share ranks``: a rank another worker holds is left alone (no trial asked), and a
     rank this worker takes records the study, values and final model a one-process run does."""
     from compression import make_config
-    from train_evaluate import sweep, workers
-    from train_evaluate.synthetic import synthetic_features
+    from train_evaluate.search import sweep, workers
+    from train_evaluate.search.storage import open_storage, shared_storage
+    from train_evaluate.training.synthetic import synthetic_features
 
     head, splits = synthetic_features(600, 300)
     config = sweep.SweepConfig(init="svd_init", trials=7, epochs=3)  # past TPE's 5 random
     method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
-    alone = sweep.run_rank(method, 4, splits, config, sweep.open_storage(tmp_path / "1.db"), "s")
+    alone = sweep.run_rank(method, 4, splits, config, open_storage(tmp_path / "1.db"), "s")
 
-    storage = workers.shared_storage(f"sqlite:///{tmp_path / 'shared.db'}", 1)
+    storage = shared_storage(f"sqlite:///{tmp_path / 'shared.db'}", 1)
     sharing = sweep.Sharing(storage, 1, whole_ranks=True)
     holder = workers.FinalClaim(storage, "s", 1)
     assert holder.acquire()  # another worker has the rank
@@ -339,7 +364,8 @@ def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_
 def test_whole_ranks_are_taken_largest_first(share, monkeypatch):
     from types import SimpleNamespace
 
-    from train_evaluate import records, train_model
+    from train_evaluate.search import records
+    from train_evaluate.search.sweep_all import share_ranks
 
     seen = []
 
@@ -350,7 +376,7 @@ def test_whole_ranks_are_taken_largest_first(share, monkeypatch):
     methods = [SimpleNamespace(name="sparse"), SimpleNamespace(name="int1")]
     context = SimpleNamespace(sharing=SimpleNamespace(whole_ranks=share == "ranks"))
     monkeypatch.setattr(records, "rank_record", record_of)
-    found = train_model.share_ranks(context, methods, (2, 8, 4))
+    found = share_ranks(context, methods, (2, 8, 4))
     assert found == {name: [{"rank": 2}, {"rank": 8}, {"rank": 4}] for name in ("sparse", "int1")}
     if share == "ranks":
         assert seen == [("sparse", 8), ("int1", 8), ("sparse", 4), ("int1", 4),
@@ -360,8 +386,8 @@ def test_whole_ranks_are_taken_largest_first(share, monkeypatch):
 
 
 def test_local_workers_divide_the_cores_and_pass_their_share_on():
-    from train_evaluate.cli import available_cores, build_parser
-    from train_evaluate.plan import plan_run
+    from train_evaluate.config.cli import available_cores, build_parser
+    from train_evaluate.config.plan import plan_run
     from train_evaluate.train_model import worker_argv
 
     argv = ["--epochs", "0", "--ranks", "2", "--workers", "2", "--share", "ranks"]
@@ -377,3 +403,173 @@ def test_local_workers_divide_the_cores_and_pass_their_share_on():
     given = build_parser().parse_args([*argv, "--thread", "3"])  # an abbreviation, too
     given.argv = [*argv, "--thread", "3"]
     assert plan_run(given).worker_threads == 3
+
+
+# One worker on one rank, --share ranks (the rank's claim, then its trials, then its finals),
+# on a synthetic problem where the median pruner prunes; prints the rank's record as JSON.
+WHOLE_RANK_WORKER = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from compression import make_config
+from train_evaluate.search import sweep
+from train_evaluate.search.storage import shared_storage
+from train_evaluate.training.synthetic import synthetic_features
+
+head, splits = synthetic_features(1500, 300, classes=10)
+config = sweep.SweepConfig(init="svd_init", trials=6, epochs=12)
+method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+storage = shared_storage(sys.argv[1], 1)
+sharing = sweep.Sharing(storage, 1, whole_ranks=True)
+# None while a dead holder's claim has not yet gone stale
+while (outcome := sweep.run_rank(method, 4, splits, config, storage, "s", sharing=sharing)) is None:
+    time.sleep(0.1)
+outcome.claim.release(True)
+record = {k: v for k, v in outcome.record.items() if k != "seconds"}
+print("RECORD " + json.dumps(record, default=str))
+"""
+
+
+def whole_rank_worker(script: Path, url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(script), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def record_of(process: subprocess.Popen) -> dict:
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "Heartbeat of storage is supposed to be used with Study.optimize" not in output
+    (line,) = [line for line in output.splitlines() if line.startswith("RECORD ")]
+    return json.loads(line.removeprefix("RECORD "))
+
+
+def test_a_whole_rank_resumed_after_its_worker_was_killed_is_the_uninterrupted_one(tmp_path):
+    """--share ranks: a worker SIGKILLed in the middle of a trial whose pruning depends on the
+    trials before it; the worker that takes the rank over records the study (trials in the order
+    they ran: parameters, states, values, reports) and the rank's record of an uninterrupted
+    run, computed here with the same threads."""
+    from train_evaluate.search import workers
+    from train_evaluate.search.storage import shared_storage
+
+    script = tmp_path / "worker.py"
+    script.write_text(WHOLE_RANK_WORKER)
+    alone_url, url = f"sqlite:///{tmp_path / 'alone.db'}", f"sqlite:///{tmp_path / 'killed.db'}"
+    alone = whole_rank_worker(script, alone_url)
+    first = whole_rank_worker(script, url)
+    storage = shared_storage(url, 1)
+    killed, deadline = None, time.monotonic() + 90
+    while killed is None and first.poll() is None and time.monotonic() < deadline:
+        try:
+            running = optuna.load_study(study_name="s", storage=storage).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+            )
+        except KeyError:  # not created yet
+            running = []
+        for trial in running:
+            # slot 3: the first the pruner judges (3 finished trials before it); mid-trial
+            if trial.user_attrs.get(workers.SLOT) == 3 and trial.intermediate_values:
+                first.kill()
+                killed = trial
+        time.sleep(0.01)
+    first.communicate()
+    assert killed is not None, "the worker was not seen in the middle of slot 3"
+    record = record_of(alone)
+    # A killed trial's last beat can come after its claim's or before it; take the harder
+    # order: the claim goes stale and is taken over while the dead trial still looks alive
+    # (its heartbeat kept up here until the new worker holds the claim).
+    second, deadline = whole_rank_worker(script, url), time.monotonic() + 60
+    claims = optuna.load_study(study_name="s:final", storage=storage)
+    while second.poll() is None and time.monotonic() < deadline:
+        storage.record_heartbeat(killed._trial_id)
+        holders = [t.user_attrs.get("worker", "") for t in claims.get_trials(deepcopy=False)
+                   if t.state == optuna.trial.TrialState.RUNNING]  # fmt: skip
+        if any(label.endswith(f":{second.pid}") for label in holders):
+            break
+        time.sleep(0.2)
+    resumed = record_of(second)
+
+    def ran(study_url: str) -> list:
+        study = optuna.load_study(study_name="s", storage=study_url)
+        return [
+            (t.params, t.state, t.value, t.intermediate_values, t.user_attrs["seed"])
+            for t in workers.live(study.trials)
+        ]
+
+    again = optuna.load_study(study_name="s", storage=url).trials
+    assert again[killed.number].state == optuna.trial.TrialState.FAIL
+    assert ran(url) == ran(alone_url)
+    assert any(state == optuna.trial.TrialState.PRUNED for _, state, *_ in ran(url))
+    # the best trial's number counts the failed trial too; everything else is the same
+    assert resumed.pop("best_trial")["val_acc"] == record.pop("best_trial")["val_acc"]
+    assert resumed == record
+    storage.engine.dispose()
+
+
+RETRIED_WORKER = """
+import os, signal, sys
+import optuna
+from train_evaluate.search.workers import run_shared_study
+
+storage = optuna.storages.RDBStorage(sys.argv[1], heartbeat_interval=1, grace_period=1)
+study = optuna.load_study(study_name="s", storage=storage)
+
+def objective(trial, slot):
+    x = trial.suggest_float("x", 0, 1)
+    if slot == 1:
+        trial.report(x, 0)
+        os.kill(os.getpid(), signal.SIGKILL)  # dies in the middle of its second trial
+    return x
+
+run_shared_study(study, objective, 4, lambda i: optuna.samplers.RandomSampler(seed=i), print)
+"""
+
+
+def test_a_retried_trial_runs_at_its_originals_slot_after_later_trials(tmp_path):
+    """A worker killed in slot 1; another asks slots 2 and 3 before the dead trial is stale,
+    then runs its retry: at slot 1 (its seed), with its parameters; slots 0..3 once each."""
+    from train_evaluate.search.workers import SLOT, run_shared_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=1,
+        grace_period=1,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(3),
+    )
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    script = tmp_path / "worker.py"
+    script.write_text(RETRIED_WORKER)
+    died = subprocess.run([sys.executable, str(script), url], cwd=REPO, capture_output=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    (dead,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    storage.record_heartbeat(dead._trial_id)  # it looks alive for one more second
+
+    ran = []
+
+    def objective(trial: optuna.Trial, slot: int) -> float:
+        ran.append((slot, trial.suggest_float("x", 0, 1)))
+        return ran[-1][1]
+
+    def sampler_for(slot: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=slot)
+
+    assert not run_shared_study(study, objective, 4, sampler_for, lambda: None)
+    assert [slot for slot, _ in ran] == [2, 3]  # the dead trial is not stale yet
+    deadline = time.monotonic() + 10  # SQLite's clock counts whole seconds
+    while not run_shared_study(study, objective, 4, sampler_for, lambda: None):
+        assert time.monotonic() < deadline, "the dead trial never went stale"
+        time.sleep(0.2)
+    assert ran[2] == (1, dead.params["x"])  # its slot and its parameters
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs[SLOT] for t in finished) == [0, 1, 2, 3]
+    # a fresh slot's parameters come from its slot's sampler seed
+    for slot, x in ran[:2]:
+        assert x == optuna.samplers.RandomSampler(seed=slot).sample_independent(
+            study, None, "x", optuna.distributions.FloatDistribution(0, 1)
+        )
+    storage.engine.dispose()

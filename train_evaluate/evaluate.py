@@ -27,8 +27,17 @@ from pathlib import Path
 import torch
 
 from data import DataError, load_digits_source, scan_imagenet_folder
-from train_evaluate.backbone import BackboneError, weights_id
-from train_evaluate.checkpoint import (
+from train_evaluate.config.cli import (
+    DEFAULT_RESULTS,
+    OneLineParser,
+    UsageError,
+    configure_logging,
+    resolve_device,
+)
+from train_evaluate.inputs.backbone import BackboneError, weights_id
+from train_evaluate.inputs.demo import DEMO_MODEL  # importing it registers digits_vit with timm
+from train_evaluate.inputs.features import backbone_features
+from train_evaluate.outputs.checkpoint import (
     NETWORK_FORMAT,
     CheckpointError,
     classifier_name,
@@ -36,17 +45,8 @@ from train_evaluate.checkpoint import (
     read_packed,
     write_merged,
 )
-from train_evaluate.cli import (
-    DEFAULT_RESULTS,
-    OneLineParser,
-    UsageError,
-    configure_logging,
-    resolve_device,
-)
-from train_evaluate.demo import DEMO_MODEL  # importing it registers digits_vit with timm
-from train_evaluate.features import backbone_features
-from train_evaluate.files import check_writable
-from train_evaluate.training import FeatureSplit, evaluate
+from train_evaluate.runtime.files import check_writable
+from train_evaluate.training.training import FeatureSplit, evaluate
 
 log = logging.getLogger("evaluate")
 
@@ -247,7 +247,7 @@ def run_paths(checkpoint: Path) -> tuple[Path | None, Path | None]:
     """The data folder and weights file that the checkpoint's run recorded in its run.json
     (the checkpoint itself names them only by id, so that its size does not depend on where
     the run lived); None for what is not recorded or not there any more."""
-    from train_evaluate.files import read_json
+    from train_evaluate.runtime.files import read_json
 
     recorded = read_json(run_folder(checkpoint) / "run.json") or {}
     found = []
@@ -297,10 +297,10 @@ def settle_inputs(args: argparse.Namespace, info: dict):
 def run_network(args: argparse.Namespace, device: torch.device) -> None:
     """A whole-network checkpoint: the backbone from its weights, every compressed layer and
     adapter from the file, evaluated on the decoded images (from the image cache)."""
-    from train_evaluate import network
-    from train_evaluate.backbone import create_backbone, eval_transform
-    from train_evaluate.checkpoint import install_network, read_packed_network
-    from train_evaluate.features import check_labels
+    from train_evaluate.inputs.backbone import create_backbone, eval_transform
+    from train_evaluate.inputs.features import check_labels
+    from train_evaluate.outputs.checkpoint import install_network, read_packed_network
+    from train_evaluate.training import network
 
     packed = read_packed_network(args.checkpoint, device)
     info = packed.info
@@ -320,6 +320,9 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     source, weights, wanted, described = settle_inputs(args, info)
     model = create_backbone(info["model"], weights, device)
     check_labels(source, model.get_classifier().out_features, info["model"])
+    # the file's layers checked against the model's (kind, shape, conv geometry) before the
+    # image pass: a mismatch is one line, and no cache is written for a run that cannot be
+    installed = install_network(model, packed)
     transform = eval_transform(model)
     cached, _, _ = network.cached_images(
         source,
@@ -330,7 +333,7 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     ids, rows = image_rows(cached, wanted, described)
     mean, std = network.normalisation(transform)
     adapted = network.AdaptedNetwork(
-        network.ImageModel(install_network(model, packed), mean, std).to(device),
+        network.ImageModel(installed, mean, std).to(device),
         list(packed.layers),
     )
     split = FeatureSplit(cached.features[rows].to(device), cached.labels[rows].to(device))

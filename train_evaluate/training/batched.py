@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from lora import LoraLinear
-from train_evaluate import interrupt
-from train_evaluate.training import (
+from train_evaluate.runtime import interrupt
+from train_evaluate.training.training import (
     EVAL_CHUNK,
     EpochCallback,
     FeatureSplit,
@@ -331,6 +331,44 @@ def optimizer_step_(
     param.sub_(update)
 
 
+def fused_adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+) -> None:
+    """One Adam update of ``params`` in place, by the fused kernel ``torch.optim.Adam(fused=True)``
+    runs. Its entry point, ``torch._fused_adam_``, is private: use it only where
+    ``fused_adam_available()`` says it is there and gives the public optimizer's result."""
+    torch._fused_adam_(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=BETA1,
+        beta2=BETA2, weight_decay=0.0, eps=EPS, maximize=False,
+    )  # fmt: skip
+
+
+@functools.cache
+def fused_adam_available() -> bool:
+    """Whether ``fused_adam_`` runs here and updates as ``torch.optim.Adam(fused=True)`` does,
+    checked once on a small tensor (two steps); if not, the engine updates with
+    ``optimizer_step_`` (the same formula, unfused)."""
+    try:
+        start = torch.linspace(-1.0, 1.0, 6)
+        grads = [torch.linspace(0.5, -0.5, 6), torch.linspace(-0.3, 0.2, 6)]
+        public = start.clone().requires_grad_()
+        optimizer = torch.optim.Adam([public], lr=0.01, betas=(BETA1, BETA2), eps=EPS, fused=True)
+        mine, m, v, step = start.clone(), torch.zeros(6), torch.zeros(6), torch.zeros(())
+        for grad in grads:
+            public.grad = grad.clone()
+            optimizer.step()
+            step += 1
+            fused_adam_([mine], [grad.clone()], [m], [v], [step], 0.01)
+        return torch.equal(mine, public.detach())
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 @torch.inference_mode()
 def evaluate_stacked(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, split: FeatureSplit
@@ -462,21 +500,14 @@ class _Group:
                 self.a[row].sub_(grad_a[row], alpha=config.lr)
                 self.b[row].sub_(grad_b[row], alpha=config.lr)
                 continue
-            torch._fused_adam_(
-                [self.a[row], self.b[row]],
-                [grad_a[row], grad_b[row]],
-                [m_a[row], m_b[row]],
-                [v_a[row], v_b[row]],
-                [],
-                steps,
-                amsgrad=False,
-                lr=config.lr,
-                beta1=BETA1,
-                beta2=BETA2,
-                weight_decay=0.0,
-                eps=EPS,
-                maximize=False,
-            )
+            params = [self.a[row], self.b[row]]
+            grads = [grad_a[row], grad_b[row]]
+            if fused_adam_available():
+                fused_adam_(params, grads, [m_a[row], m_b[row]], [v_a[row], v_b[row]], steps,
+                            config.lr)  # fmt: skip
+                continue
+            for param, grad, m, v in zip(params, grads, (m_a, m_b), (v_a, v_b), strict=True):
+                optimizer_step_(param, grad, m[row], v[row], self.step, self.lr[row], None)
 
     def _state(self) -> list[torch.Tensor]:
         return [self.a, self.b, *self.moments, self.step, self.checks]

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train_evaluate.sweep import Splits
-from train_evaluate.training import FeatureSplit
+from train_evaluate.training.training import FeatureSplit, Splits
 
 
 def synthetic_features(

@@ -13,20 +13,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from train_evaluate.cli import UsageError
-from train_evaluate.files import read_json, write_json
+from train_evaluate.runtime.errors import UsageError
+from train_evaluate.runtime.files import read_json, write_json
 
 FORMAT = "lora-compression-run/1"
 LOCK = ".lock"
 WRITE_LOCK = ".write.lock"
 # What may change between runs that share a folder: these extend or narrow the run.
 EXTENDABLE = ("trials", "final_seeds")
+
+
+def folder_name(text: str) -> str:
+    """A model or data name as one path component (timm tags keep their dot)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "data"
 
 
 def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
@@ -50,7 +56,7 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
     if getattr(plan, "search", "rank") != "rank":
         config["search"] = plan.search
     if getattr(plan, "storage", None) is not None:  # the password hidden
-        from train_evaluate.workers import shown
+        from train_evaluate.runtime.urls import shown
 
         config["storage"] = shown(plan.storage)
         config["study_prefix"] = plan.study_prefix

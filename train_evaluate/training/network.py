@@ -10,7 +10,7 @@ The FC-only study is the case of one selected layer, the classifier, and keeps i
   that no image is decoded twice (``ImageModel`` scales and normalises them exactly as timm's
   eval transform does). When a block boundary precedes every selected layer, its output (the
   state) is cached as well, once, and every step runs the network from there on
-  (``StateModel``; ``train_evaluate.cut`` finds and verifies the boundary);
+  (``StateModel``; ``train_evaluate.inputs.cut`` finds and verifies the boundary);
 - ``NetworkMethod``: one compressor applied to every selected layer; per rank, the layers are
   compressed and their adapters initialised in forward order, an activation-aware init seeing
   the inputs that the already compressed prefix produces (``lora.calibration``);
@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from compression import StorageCost, compress, compressible, weight_matrix
+from compression import StorageCost, compress, compressible, replace_submodule, weight_matrix
 from compression.accounting import account_layer, dense_cost
 from lora import LoraConfig, make_adapter
+from lora.attach import classifier_name
 from lora.calibration import calibrate_sequentially, compress_sequentially, forward_order
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,10 @@ class SelectionError(ValueError):
 
 
 def classifier_module_name(model: nn.Module) -> str:
-    head = model.get_classifier()
-    for name, module in model.named_modules():
-        if module is head and name:
-            return name
-    raise SelectionError("the model's classifier is not one of its submodules")
+    try:
+        return classifier_name(model)
+    except ValueError as error:
+        raise SelectionError(str(error)) from error
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -177,7 +177,8 @@ class ImageModel(nn.Module):
 
 
 class StateModel(ImageModel):
-    """The network from a cache cut on (``train_evaluate.cut``): it takes the cached state, the
+    """The network from a cache cut on (``train_evaluate.inputs.cut``): it takes the cached state,
+    the
     float32 output of a block boundary (``state_shape`` per image), which needs no scaling; the
     modules before the boundary are skipped."""
 
@@ -394,15 +395,8 @@ class AdaptedNetwork(nn.Module):
         """The stored compressed network without its adapters (what ``base_only`` scores)."""
         base = copy.deepcopy(self.network)
         for name in self.names:
-            parent, _, child = name.rpartition(".")
-            adapter = base.model.get_submodule(name)
-            setattr(base.model.get_submodule(parent), child, adapter.base_layer)
+            replace_submodule(base.model, name, base.model.get_submodule(name).base_layer)
         return base.eval()
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 @dataclass(eq=False)
@@ -469,7 +463,7 @@ class NetworkMethod:
         for info in self.layers:
             dense = network.model.get_submodule(info.name)
             kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear
-            replace_module(network.model, info.name, kind.from_dense(dense, self.config))
+            replace_submodule(network.model, info.name, kind.from_dense(dense, self.config))
         return network.requires_grad_(False).eval()
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
@@ -525,7 +519,7 @@ class NetworkMethod:
             dense = network.model.get_submodule(info.name)
             config = self.lora_config(info, rank, alpha, sweep)
             adapter = make_adapter(dense, config, contexts[info.name], generator)
-            replace_module(network.model, info.name, adapter)
+            replace_submodule(network.model, info.name, adapter)
         return AdaptedNetwork(network, self.names())
 
 
@@ -535,16 +529,17 @@ class NetworkMethod:
 def images_key(source: Any, transform: T.Compose) -> str:
     """The image cache's key: the data and the uint8 transform (no model, no device: the
     pixels do not depend on them)."""
-    from train_evaluate.features import feature_key
+    from train_evaluate.inputs.features import feature_key
 
     return feature_key(format=IMAGES_FORMAT, data=source.fingerprint, transform=repr(transform))
 
 
 def decode_images(source: Any, transform: T.Compose, batch_size: int, workers: int):
     """Every readable image of ``source`` as uint8 (N x C x H x W), with a progress bar."""
-    from train_evaluate.features import _batches, _Images, collect
+    from data.loader import ImageDataset, image_batches
+    from train_evaluate.inputs.features import collect
 
-    batches = _batches(_Images(source, transform), batch_size, workers, False)
+    batches = image_batches(ImageDataset(source, transform), batch_size, workers, False)
     return collect(source, batches, lambda images: images, "images")
 
 
@@ -558,7 +553,7 @@ def cached_images(
 ):
     """The decoded images of ``source`` from the cache, or decoded now and cached; returns the
     CachedFeatures (``features`` holds the uint8 images), the key and whether it was reused."""
-    from train_evaluate.features import cached_features
+    from train_evaluate.inputs.features import cached_features
 
     key = images_key(source, transform)
 
@@ -599,9 +594,9 @@ def cached_states(
     reused. Same images, labels and ids as ``images``."""
     from tqdm import tqdm
 
-    from train_evaluate import interrupt
-    from train_evaluate.cut import state_of
-    from train_evaluate.features import CachedFeatures, cached_features
+    from train_evaluate.inputs.cut import state_of
+    from train_evaluate.inputs.features import CachedFeatures, cached_features
+    from train_evaluate.runtime import interrupt
 
     device = next(model.parameters()).device
 
@@ -647,7 +642,7 @@ def epoch_seconds(model: ImageModel, example: torch.Tensor, images: int) -> floa
 def calibration_rows(train_rows: int, count: int, seed: int) -> torch.Tensor:
     """Which train rows the activation-aware inits see: ``count`` of them at random (seeded),
     in their split order."""
-    from train_evaluate.training import derive_seed
+    from train_evaluate.training.training import derive_seed
 
     generator = torch.Generator().manual_seed(derive_seed(seed, "calibration"))
     return torch.randperm(train_rows, generator=generator)[:count].sort().values
@@ -667,7 +662,7 @@ class NetworkSetup:
     def create(
         cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int, adapter_code_bits: int = 0
     ) -> NetworkSetup:
-        from train_evaluate.backbone import tensor_bits
+        from train_evaluate.inputs.backbone import tensor_bits
 
         net = plan.network
         rows = calibration_rows(len(train), net.calib_images, plan.sweep.seed)
@@ -723,7 +718,7 @@ def layers_csv(rows: Sequence[dict[str, Any]]) -> str:
 def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNetwork:
     """The adapted network a whole-network checkpoint holds, on the uncompressed ``model``
     (whose other layers come from the backbone's weights)."""
-    from train_evaluate.checkpoint import install_network, read_packed_network
+    from train_evaluate.outputs.checkpoint import install_network, read_packed_network
 
     packed = read_packed_network(path, device)
     network = model.wrap(install_network(model.model, packed)).to(model.mean.device)

@@ -19,11 +19,9 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,12 @@ from typing import Any
 import timm
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from train_evaluate import interrupt
-from train_evaluate.backbone import (
+from data.loader import UNREADABLE, ImageDataset, image_batches
+from train_evaluate.inputs.backbone import (
     BackboneError,
     classifier,
     create_backbone,
@@ -46,14 +42,13 @@ from train_evaluate.backbone import (
     pre_logits,
     weights_id,
 )
-from train_evaluate.files import atomic_path, digest_matches, with_digest
+from train_evaluate.runtime import interrupt
+from train_evaluate.runtime.files import atomic_path, digest_matches, read_safetensors, with_digest
 
 log = logging.getLogger(__name__)
 
 # /2: a digest of the tensors and metadata; the key covers library versions and device.
 FORMAT = "lora-compression-features/2"
-# What a broken or non-image file raises while PIL decodes it.
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -109,49 +104,6 @@ def backbone_key(
     return feature_key(**parts)
 
 
-class _Images(Dataset):
-    def __init__(self, source: Any, transform: Callable) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source.ids)
-
-    def __getitem__(self, index: int):
-        try:
-            image = self.source.load(index)
-            _note_if_huge(self.source.ids[index], image)
-            return self.transform(image), index, None
-        except UNREADABLE as error:
-            return None, index, f"{type(error).__name__}: {error}"
-
-
-def _note_if_huge(image_id: str, image: Image.Image) -> None:
-    """One line for an image over PIL's decompression-bomb threshold, in place of PIL's raw
-    warning (silenced in ``extract_features``). It is decoded all the same: a large photo is
-    legitimate, and PIL itself refuses (an unreadable image) beyond twice the threshold."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        log.warning(
-            "image %s is very large (%d x %d pixels, over PIL's limit of %d); decoding it anyway",
-            image_id,
-            image.width,
-            image.height,
-            limit,
-        )
-
-
-def _collate(batch):
-    good = [(image, index) for image, index, _ in batch if image is not None]
-    bad = [(index, reason) for image, index, reason in batch if image is None]
-    images = torch.stack([image for image, _ in good]) if good else None
-    return images, [index for _, index in good], bad
-
-
-def _ignore_interrupt(_: int) -> None:
-    # Ctrl-C reaches every process of the terminal's group; the main process alone reports it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def default_workers(device: torch.device) -> int:
     """Decoding processes for the caching pass when the user does not say.
 
@@ -163,30 +115,6 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(8, (os.cpu_count() or 2) - 1))
     return 0
-
-
-def _batches(images: _Images, batch_size: int, workers: int, pin_memory: bool):
-    """(images, indices, unreadable) per batch, in order.
-
-    workers > 0: a DataLoader with that many decoding processes. workers == 0: each batch is
-    decoded by a pool of threads, one per torch thread (PIL releases the GIL while it decodes
-    and resizes), then handed to the backbone: decoding and the forward pass take turns on all
-    cores instead of competing for them.
-    """
-    if workers > 0:
-        yield from DataLoader(
-            images,
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=_collate,
-            worker_init_fn=_ignore_interrupt,
-            pin_memory=pin_memory,
-        )
-        return
-    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-        for start in range(0, len(images), batch_size):
-            indices = range(start, min(start + batch_size, len(images)))
-            yield _collate(list(pool.map(images.__getitem__, indices)))
 
 
 DECODES = ("cpu", "gpu")
@@ -387,7 +315,9 @@ def extract_features(
             raise ValueError("--decode gpu needs a CUDA device")
         batches = _device_batches(source, DeviceTransform(transform), batch_size, device)
     else:
-        batches = _batches(_Images(source, transform), batch_size, workers, device.type == "cuda")
+        batches = image_batches(
+            ImageDataset(source, transform), batch_size, workers, device.type == "cuda"
+        )
     model.eval()
     with torch.inference_mode():
         return collect(
@@ -406,7 +336,7 @@ def collect(
         warnings.catch_warnings(),
     ):
         # Set once here, in the main thread, so decoding threads and worker processes inherit
-        # it; _note_if_huge says the same in one line that names the image.
+        # it; data.loader.note_if_huge says the same in one line that names the image.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for images, indices, bad in batches:
             interrupt.check()
@@ -443,12 +373,9 @@ def save_features(path: Path, key: str, cached: CachedFeatures) -> None:
 
 def _read_features(path: Path, key: str, num_classes: int) -> CachedFeatures:
     """The features in ``path``; ValueError (or safetensors' and JSON's errors) if unsound."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT or metadata.get("key") != key:
-            raise ValueError("it was written for other inputs")
-        # A safe_open handle is not iterable: .keys() is needed.
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    metadata, tensors = read_safetensors(path)
+    if metadata.get("format") != FORMAT or metadata.get("key") != key:
+        raise ValueError("it was written for other inputs")
     if not digest_matches(tensors, metadata):
         raise ValueError("its SHA-256 digest does not match its contents")
     features, labels = tensors["features"], tensors["labels"]

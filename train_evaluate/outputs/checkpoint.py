@@ -20,7 +20,6 @@ trained one did. ``load_into(model, path)`` puts that layer into a user's own ti
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -45,8 +44,9 @@ from compression import (
     unpack_codes,
 )
 from lora import LoraConv2d, LoraLinear
+from lora.attach import classifier_name
 from lora.rounding import ADAPTER_INT_BITS, factor_config, rounded_factors
-from train_evaluate.files import atomic_path, digest
+from train_evaluate.runtime.files import atomic_path, digest, read_safetensors
 
 FORMAT = "lora-compression-packed/1"
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -450,26 +450,6 @@ def merged_linear(layer: LoraLinear) -> nn.Linear:
     return merged.requires_grad_(False).eval()
 
 
-def classifier_name(model: nn.Module) -> str:
-    """Where a timm model keeps its classifier (``fc``, ``head``, ``head.fc``...).
-
-    timm's pretrained config names it (``pretrained_cfg['classifier']``); the name is trusted
-    only if it leads to the very module ``get_classifier()`` returns, else it is looked up.
-    """
-    if not hasattr(model, "get_classifier"):
-        raise ValueError(f"{type(model).__name__} is not a timm model (it has no get_classifier)")
-    head = model.get_classifier()
-    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if isinstance(named, str) and named:
-        with contextlib.suppress(AttributeError):
-            if model.get_submodule(named) is head:
-                return named
-    for name, module in model.named_modules():
-        if module is head and name:
-            return name
-    raise ValueError("the classifier returned by get_classifier() is not a submodule of the model")
-
-
 def load_into(model: nn.Module, path: Path | str, *, merge: bool = False) -> nn.Module:
     """Put a packed checkpoint's classifier into a timm model; returns the model.
 
@@ -558,9 +538,7 @@ def _conv_layer(linear: LoraLinear, conv: Any) -> LoraConv2d:
 
 def _read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata, tensors = read_safetensors(path)
     except Exception as error:  # safetensors reports a bad header or a short file in many types
         detail = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointError(
@@ -617,9 +595,52 @@ def verify_packed(path: Path | str) -> None:
         read_packed(path)
 
 
+# What a Conv2d computes besides its weight: a file whose geometry differs from the model's
+# layer (an edited padding, stride or dilation, with the digest recomputed) has the right
+# weight shape but would fail deep inside the forward pass (or compute something else).
+CONV_GEOMETRY = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
+
+
+def _check_geometry(name: str, current: nn.Module, stored: nn.Module) -> None:
+    """CheckpointError naming the layer and the field where the file's layer ``stored`` does
+    not compute on the same geometry as the model's ``current``."""
+    wanted, found = _kind(stored), _kind(current)
+    if wanted != found:
+        raise CheckpointError(f"the checkpoint's {name} is a {wanted}; the model's is a {found}")
+    if wanted != "Conv2d":
+        return  # a Linear's geometry is its weight's shape, which the caller checks
+    for field in CONV_GEOMETRY:
+        wanted, found = getattr(stored, field), getattr(current, field)
+        if wanted != found:
+            raise CheckpointError(
+                f"the checkpoint's {name} has {field} {_shown(wanted)}; the model's {name} has "
+                f"{_shown(found)} (edited file? write it again with the driver)"
+            )
+
+
+def _kind(module: nn.Module) -> str:
+    for kind in (nn.Conv2d, nn.Linear):
+        if isinstance(module, kind):
+            return kind.__name__
+    return type(module).__name__
+
+
+def _shown(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
 def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
     """``model`` (a copy is made) with every layer of ``packed`` put in place of its module;
-    each module must exist and have the layer's shape."""
+    each module must exist and have the layer's kind, shape and (a conv) geometry."""
     import copy
 
     model = copy.deepcopy(model)
@@ -628,6 +649,7 @@ def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
             current = model.get_submodule(name)
         except AttributeError as error:
             raise CheckpointError(f"the model has no layer {name} (the checkpoint has)") from error
+        _check_geometry(name, current, layer.base_layer)
         shape = tuple(getattr(current, "weight", torch.empty(0)).shape)
         if shape != tuple(layer.base_layer.weight.shape):
             raise CheckpointError(

@@ -22,11 +22,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from torch import nn
@@ -34,10 +32,13 @@ from torch import nn
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
 from lora.rounding import ADAPTER_INT_BITS, round_adapter_
-from train_evaluate import interrupt, workers
-from train_evaluate.batched import Run, batchable, train_adapters
-from train_evaluate.training import (
+from train_evaluate.runtime import interrupt
+from train_evaluate.search import workers
+from train_evaluate.search.storage import open_study
+from train_evaluate.training.batched import Run, batchable, train_adapters
+from train_evaluate.training.training import (
     FeatureSplit,
+    Splits,
     TrainConfig,
     TrainResult,
     derive_seed,
@@ -107,16 +108,6 @@ class SweepConfig:
         )
 
 
-@dataclass(frozen=True)
-class Splits:
-    train: FeatureSplit
-    val: FeatureSplit
-    test: FeatureSplit
-
-    def with_base(self, layer: LoraLinear) -> Splits:
-        return Splits(*(s.with_base(layer) for s in (self.train, self.val, self.test)))
-
-
 @dataclass(eq=False)
 class Method:
     """One compressor applied to the classifier; shared by all of its ranks and trials."""
@@ -183,31 +174,6 @@ class Sharing:
     storage: optuna.storages.BaseStorage
     heartbeat: int
     whole_ranks: bool = False
-
-
-def open_storage(path: Path) -> optuna.storages.RDBStorage:
-    """The run's Optuna studies, in one SQLite file (openable with optuna-dashboard).
-
-    Write-ahead logging with synchronous=NORMAL: a trial reports every epoch, and this makes
-    each write about a third cheaper (measured: 100 -> 63 ms per 11-report trial). A killed
-    process loses nothing committed; only a power cut could lose the last commits.
-    """
-    return with_wal(optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}"))
-
-
-def with_wal(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
-    """``storage`` (SQLite) with write-ahead logging and synchronous=NORMAL on every
-    connection: cheaper writes, and readers that do not wait for a writer (many workers)."""
-
-    def pragmas(connection, _record) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    sqlalchemy.event.listen(storage.engine, "connect", pragmas)
-    storage.engine.dispose()  # connections opened before the listener reconnect with it
-    return storage
 
 
 def steps_per_rank(sweep: SweepConfig) -> int:
@@ -359,16 +325,25 @@ def run_study(
         on_trial()
 
 
+def place(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
+    """A trial's place in its study: its slot where many workers recorded one (a retried
+    trial runs at its original's slot, after trials asked later), else its number."""
+    return (trial.user_attrs.get(workers.SLOT, trial.number), trial.number)
+
+
 def counted_trials(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
     """The first ``trials`` finished trials: a study extended by an earlier run with more
     trials still answers for exactly the trials this run asked for."""
-    return sorted(finished(study), key=lambda t: t.number)[:trials]
+    return sorted(finished(study), key=place)[:trials]
 
 
 def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
     """The completed trial with the highest value, the earliest on ties (as Optuna's own)."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    if not complete:
+        return None
+    best = max(t.value for t in complete)
+    return min((t for t in complete if t.value == best), key=place)
 
 
 def trial_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
@@ -456,7 +431,7 @@ def run_rank(
     code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
     study = None
     if sweep.epochs > 0:
-        study = workers.open_study(
+        study = open_study(
             storage,
             study_name,
             direction="maximize",
@@ -470,6 +445,9 @@ def run_rank(
         claim = workers.FinalClaim(sharing.storage, study_name, sharing.heartbeat)
         if not claim.acquire():
             return None  # another worker's rank, running or finished
+        if study is not None:
+            # trials a dead holder of the claim left running: asked again, as by one process
+            workers.take_over(study, claim)
         if study is not None and workers.running_elsewhere(study, sweep.trials):
             # a dead worker's trial, not yet stale: come back later, before any costly work
             claim.release(False)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compression.modules import replace_submodule
+
 STATE_BYTES = 4  # the state is cached in float32: the suffix then sees what the full pass sees
 
 
@@ -96,11 +98,6 @@ class _ClearState:
         model.get_submodule(self.boundary).state = None
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def cut_model(model: nn.Module, cut: Cut, input_shape: Sequence[int]) -> nn.Module:
     """A copy of ``model`` that takes the cached state of ``cut`` (N x state_shape) instead of
     its input (N x ``input_shape``) and runs only the modules after the boundary."""
@@ -108,7 +105,7 @@ def cut_model(model: nn.Module, cut: Cut, input_shape: Sequence[int]) -> nn.Modu
     for name, shape in cut.skipped:
         original = model.get_submodule(name)
         kind = CachedBoundary if name == cut.module else SkippedModule
-        _set(model, name, kind(original, shape))
+        replace_submodule(model, name, kind(original, shape))
     model.register_forward_pre_hook(_RouteState(cut.module, input_shape))
     model.register_forward_hook(_ClearState(cut.module))
     return model

@@ -5,7 +5,8 @@ the same ``--storage``) run the same sweep. Each walks the (method, rank) list a
 there is work: nothing else coordinates them than the studies in the storage.
 
 - **Trials.** Each rank still gets exactly ``--trials`` trials. A worker asks a trial and counts
-  the trials of the study before it that are not failed: that count is the trial's *slot*. A
+  the trials of the study before it that are not failed (a retried trial at its original's
+  place, see below): that count is the trial's *slot*. A
   trial whose slot is ``--trials`` or more is surplus: it is marked failed at once (with the
   user attribute ``surplus``) and the worker moves on. Trial numbers come from the storage, so
   two workers never get the same slot; the slot seeds the trial as the index does in a
@@ -22,9 +23,32 @@ there is work: nothing else coordinates them than the studies in the storage.
   next worker that looks at the study, and Optuna's ``RetryHeartbeatStaleTrialCallback`` puts
   it back as a waiting trial with the same parameters, which the next ask hands out. A killed
   worker's trial is therefore run again, once, and never counted twice (the failed one holds no
-  slot).
-  The one-process rule "mark every running trial failed at start" is not used: it would fail a
-  live worker's trial.
+  slot). The one-process rule "mark every running trial failed at start" is not used: it would
+  fail a live worker's trial.
+- **Slots of retried trials.** A trial's slot is fixed when it is asked (the user attribute
+  ``slot``) by counting the trials asked before it that still hold a slot, each *retry chain*
+  (an original trial and its retries, which Optuna links through the system attribute
+  ``failed_trial``) counted once, at its original's place. A retry inherits its original's user
+  attributes, so it runs at its original's slot, with its seed and the parameters its original
+  had drawn (one killed before it drew them all draws the rest from its slot's sampler); trials
+  asked meanwhile keep theirs.
+- **What a resumed sweep promises.** ``--share ranks``: the worker that takes a rank's claim
+  over from a dead holder fails the trials that holder left running, at once and without a
+  retry (``take_over``), and asks their slots again as a one-process resume does
+  (``sweep.fail_interrupted``): each slot's trial is drawn from its slot's sampler seed on the
+  same finished trials, trained with its slot's seed and pruned against the same finished
+  trials, so on a CPU with the same threads the resumed study's finished trials (parameters,
+  states, values, reports) and the rank's record are those of an uninterrupted run; only the
+  failed trials and the trial numbers differ. ``--share trials``: every rank still ends with
+  exactly ``--trials`` finished trials, one per slot, and a killed trial is run again once at
+  its slot, with its seed and the parameters it had drawn (all of them, unless it was killed
+  while drawing), so it trains the same model; but it runs after
+  trials asked later, and the median pruner judges each epoch against the trials finished by
+  then, so whether it (or a later trial) is pruned, and TPE's later draws, may differ from an
+  uninterrupted run. Not covered in either mode: a worker killed between asking a trial and
+  recording its slot (its retry is drawn again, from its slot's seed), a retry chain that Optuna
+  stops retrying (after 3 retries: its slot is lost and later slots can repeat one), and, in
+  ``--share trials``, a trial asked in the moment between a dead trial's failure and its retry.
 """
 
 from __future__ import annotations
@@ -44,33 +68,23 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from train_evaluate.search.storage import open_study
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often an idle worker looks again for work
-GRACE_BEATS = 3  # heartbeats a trial may miss before it counts as dead
 
 
 class Surplus(Exception):
     """A trial asked after the study already had all its trials."""
 
 
-def open_study(storage: Any, name: str, **options: Any) -> optuna.Study:
-    """``optuna.create_study(load_if_exists=True)`` that survives another worker creating the
-    same study at the same moment (the storage then refuses the second insert)."""
-    for attempt in range(5):
-        try:
-            return optuna.create_study(
-                storage=storage, study_name=name, load_if_exists=True, **options
-            )
-        except (optuna.exceptions.StorageInternalError, optuna.exceptions.DuplicatedStudyError):
-            if attempt == 4:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+SLOT = "slot"  # user attribute: the slot a trial was asked for (a retry inherits it)
+HEARTBEAT_OUTSIDE_OPTIMIZE = "Heartbeat of storage is supposed to be used with Study.optimize"
 
 
 def live(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -78,9 +92,22 @@ def live(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTria
     return [t for t in trials if t.state != TrialState.FAIL]
 
 
+def original_of(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the trial that ``trial`` retries (Optuna's retry callback records it),
+    or its own number."""
+    return trial.system_attrs.get("failed_trial", trial.number)
+
+
 def slot_of(study: optuna.Study, number: int) -> int:
-    """How many trials before trial ``number`` hold a slot."""
-    return len([t for t in live(study.get_trials(deepcopy=False)) if t.number < number])
+    """The slot of trial ``number``: the one recorded when it (or the original it retries) was
+    asked, else the number of retry chains begun before its original that still hold a slot
+    (a chain holds one while any of its trials is not failed)."""
+    trials = study.get_trials(deepcopy=False)
+    trial = next(t for t in trials if t.number == number)
+    if SLOT in trial.user_attrs:
+        return trial.user_attrs[SLOT]
+    first = original_of(trial)
+    return len({original_of(t) for t in live(trials) if original_of(t) < first})
 
 
 def fail_stale(study: optuna.Study) -> None:
@@ -123,9 +150,13 @@ def run_shared_study(
     def claimed(trial: optuna.Trial) -> float:
         slot = slot_of(study, trial.number)
         trial.set_user_attr("worker", worker_label())
+        trial.set_user_attr(SLOT, slot)
         if slot >= trials:
             trial.set_user_attr("surplus", True)
             raise Surplus(f"trial {trial.number}: the study already has its {trials} trials")
+        # parameters not yet set (a fresh trial, or a retry asked before it suggested any) are
+        # drawn, at their first suggestion, by the sampler seeded for the trial's own slot
+        study.sampler = sampler_for(slot)
         return objective(trial, slot)
 
     while True:
@@ -163,21 +194,28 @@ class FinalClaim:
         # a running claim is another worker's; a waiting one is a dead worker's, put back
         if self.done() or any(t.state == TrialState.RUNNING for t in trials):
             return False
-        trial = self.study.ask()
+        with warnings.catch_warnings():
+            # the claim is asked outside Study.optimize on purpose: it beats its own heartbeat
+            warnings.filterwarnings("ignore", message=HEARTBEAT_OUTSIDE_OPTIMIZE)
+            trial = self.study.ask()
         trial.set_user_attr("worker", worker_label())
         if slot_of(self.study, trial.number) > 0:  # another worker asked first
             trial.set_user_attr("surplus", True)
             self.study.tell(trial, state=TrialState.FAIL)
             return False
         self.trial = trial
-        self.storage.record_heartbeat(trial._trial_id)
+        # the storage's id of the trial, through its public API (Optuna's Trial keeps it private)
+        self._trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name(self.study.study_name), trial.number
+        )
+        self.storage.record_heartbeat(self._trial_id)
         self._thread = threading.Thread(target=self._beat, daemon=True, name="final-heartbeat")
         self._thread.start()
         return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            self.storage.record_heartbeat(self.trial._trial_id)
+            self.storage.record_heartbeat(self._trial_id)
 
     def release(self, done: bool) -> None:
         self._stop.set()
@@ -191,22 +229,29 @@ class FinalClaim:
             self.trial = None
 
 
-def shared_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
-    """``url`` with heartbeats, and failed trials put back once more (up to 3 times); an SQLite
-    file in write-ahead-log mode, as the one-process sweep's."""
-    storage = optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=heartbeat,
-        grace_period=GRACE_BEATS * heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=3
-        ),
-    )
-    if url.startswith("sqlite"):
-        from train_evaluate.sweep import with_wal
-
-        storage = with_wal(storage)
-    return storage
+def take_over(study: optuna.Study, claim: FinalClaim) -> list[int]:
+    """Whole ranks: fail the trials of ``study`` that earlier holders of its rank's ``claim``
+    (now held here) left running, and return their numbers. A rank's trials run only under
+    its claim, so they are dead: their holder died (its claim went stale) or let the claim go
+    after they had ended. They are failed without a retry, as a one-process resume fails its
+    interrupted trials, so that their slots are asked again with the slot's sampler seed and
+    against the same finished trials (see the module's notes). Running trials of a worker that
+    never held the claim are left to their heartbeat."""
+    assert claim.trial is not None, "take_over needs the rank's claim held"
+    holders = {
+        t.user_attrs.get("worker")
+        for t in claim.study.get_trials(deepcopy=False)
+        if t.number != claim.trial.number and "surplus" not in t.user_attrs
+    } - {None}
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") in holders:
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # finished meanwhile (failed by a heartbeat check elsewhere)
+            failed.append(trial.number)
+    return failed
 
 
 def spawn(argv: list[str], count: int, out: Path) -> list[tuple[subprocess.Popen, Path]]:
@@ -218,7 +263,7 @@ def spawn(argv: list[str], count: int, out: Path) -> list[tuple[subprocess.Popen
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     folder = out / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    script = Path(__file__).resolve().parent / "train_model.py"
+    script = Path(__file__).resolve().parents[1] / "train_model.py"
     started = []
     for index in range(count):
         environment = dict(os.environ)
@@ -251,71 +296,3 @@ def wait(started: list[tuple[subprocess.Popen, Path]]) -> list[str]:
 
 def idle() -> None:
     time.sleep(POLL_SECONDS)
-
-
-def shown(url: str) -> str:
-    """``url`` with its password hidden, for messages and run.json."""
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: say so without repeating it
-        return "(an unreadable URL)"
-
-
-def check_storage(url: str) -> str | None:
-    """None if an Optuna storage opens at ``url`` (its tables are made if new); else one line
-    saying why not (the server's own reason: unreachable, no such database or user, bad
-    password, unknown driver)."""
-    kwargs = {}
-    if url.startswith("postgresql"):
-        kwargs = {"connect_args": {"connect_timeout": 10}}
-    storage = None
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        storage.get_all_studies()
-    except Exception as error:  # sqlalchemy, the driver, or a malformed URL
-        reason = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
-        return f"cannot open --storage {shown(url)}: {reason}"
-    finally:
-        if storage is not None:
-            storage.engine.dispose()
-    return None
-
-
-RUN_STUDY = "run:"  # after the study prefix: one study per run configuration, holding its report
-
-
-def store_report(
-    storage: Any,
-    prefix: str,
-    config: dict[str, Any],
-    frame: Any,
-    title: str,
-    layers: str | None,
-) -> str:
-    """Put a finished sweep's ``evaluation.csv`` rows (and ``layers.csv``, whole network) in
-    the study ``<prefix>run:<digest of the configuration>``; returns its name."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    study = open_study(storage, f"{prefix}{RUN_STUDY}{digest}", direction="maximize")
-    study.set_user_attr("config", config)
-    study.set_user_attr("title", title)
-    rows = frame.to_json(orient="records", double_precision=15)
-    study.set_user_attr("evaluation", json.loads(rows))
-    if layers is not None:
-        study.set_user_attr("layers_csv", layers)
-    return study.study_name
-
-
-def stored_reports(storage: Any, prefix: str) -> dict[str, dict[str, Any]]:
-    """The reports ``store_report`` left under ``prefix``: study name -> its attributes."""
-    found = {}
-    for summary in optuna.get_all_study_summaries(storage):
-        if summary.study_name.startswith(f"{prefix}{RUN_STUDY}"):
-            attrs = summary.user_attrs
-            if "evaluation" in attrs:
-                found[summary.study_name] = attrs
-    return found

@@ -33,8 +33,8 @@ import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 
-from train_evaluate.files import atomic_path
-from train_evaluate.training import derive_seed, evaluate
+from train_evaluate.runtime.files import atomic_path
+from train_evaluate.training.training import derive_seed, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def write_outputs(
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values(["bits", "trial"])
     with atomic_path(out / "pareto.csv") as path:
         frame.to_csv(path, index=False, float_format="%.6g")
-    from train_evaluate.report import PLOTLY_BUNDLE, save_figure, write_plotly_bundle
+    from train_evaluate.outputs.report import PLOTLY_BUNDLE, save_figure, write_plotly_bundle
 
     page = optuna.visualization.plot_pareto_front(study, target_names=["val top-1 (%)", "bits"])
     page.update_layout(title=f"Pareto front: val top-1 against stored bits; {title}")

@@ -23,13 +23,7 @@ from torch import nn
 from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
-from train_evaluate.backbone import (
-    BackboneError,
-    check_model_name,
-    classifier_shape,
-    create_backbone,
-)
-from train_evaluate.cli import (
+from train_evaluate.config.cli import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
     DEFAULT_RANKS,
@@ -37,11 +31,18 @@ from train_evaluate.cli import (
     available_cores,
     resolve_device,
 )
-from train_evaluate.cut import Cut
-from train_evaluate.demo import DEMO_MODEL
-from train_evaluate.files import check_writable
-from train_evaluate.sweep import SearchSpace, SweepConfig
-from train_evaluate.training import TrainConfig
+from train_evaluate.inputs.backbone import (
+    BackboneError,
+    check_model_name,
+    classifier_shape,
+    create_backbone,
+)
+from train_evaluate.inputs.cut import Cut
+from train_evaluate.inputs.demo import DEMO_MODEL
+from train_evaluate.outputs.run_folder import folder_name
+from train_evaluate.runtime.files import check_writable
+from train_evaluate.search.sweep import SearchSpace, SweepConfig
+from train_evaluate.training.training import TrainConfig
 
 log = logging.getLogger("train_model")
 
@@ -79,7 +80,7 @@ class Plan:
     network: NetworkPlan | None = None
     decode: str = "cpu"
     search: str = "rank"
-    # many workers (train_evaluate.workers): the storage URL (None: the run folder's SQLite
+    # many workers (train_evaluate.search.workers): the storage URL (None: the run folder's SQLite
     # file), study-name prefix, worker processes on this machine, how they divide the sweep
     # ("trials" or "ranks", see workers), heartbeat seconds, the launcher's pid in a worker,
     # and the command's own arguments (to start workers with)
@@ -162,11 +163,6 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--calib-images must be at least 1; got {args.calib_images}")
     if not (args.cache_limit > 0 and math.isfinite(args.cache_limit)):
         raise UsageError(f"--cache-limit must be a positive number of GB; got {args.cache_limit}")
-
-
-def folder_name(text: str) -> str:
-    """A model or data name as one path component (timm tags keep their dot)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "data"
 
 
 def check_folders(args: argparse.Namespace, out: Path, cache_dir: Path) -> None:
@@ -299,11 +295,22 @@ def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.
 
 
 def selection_name(selection: str, limit: int = 48) -> str:
-    """--layers as part of a folder name: long lists are cut and told apart by a hash."""
+    """--layers as part of a folder name: the readable slug alone where it names exactly this
+    selection, else the slug (cut to ``limit``) and a hash of the selection's text.
+
+    The slug drops what a folder name cannot hold: ``*``, ``?`` and ``**`` all became ``data``,
+    ``blocks.*.mlp.fc*`` and ``blocks.?.mlp.fc*`` one name, so a second selection found the
+    first one's folder and was told to --overwrite it. The slug alone is kept (today's names)
+    for a module name (``all``, ``layer1.0.conv1``) and for ``X.*`` when ``X`` is one: the
+    slug then drops only the ``.*``, and ``X`` and ``X.*`` are never both valid selections of
+    one model (X is a Linear/Conv2d with no submodules, or a container that is not a layer).
+    """
     import hashlib
 
-    name = folder_name(selection)
-    if len(name) <= limit:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", selection).strip("._")
+    exact = bool(name) and " " not in selection and selection in (name, f"{name}.*")
+    name = name or "pattern"  # '*', '?': nothing readable is left
+    if exact and len(name) <= limit:
         return name
     return f"{name[:limit]}-{hashlib.sha256(selection.encode()).hexdigest()[:8]}"
 
@@ -316,8 +323,9 @@ def plan_network(
     structure and the compute are those of the pretrained one)."""
     from timm.data import resolve_data_config
 
-    from train_evaluate import cut, network
-    from train_evaluate.backbone import eval_transform
+    from train_evaluate.inputs import cut
+    from train_evaluate.inputs.backbone import eval_transform
+    from train_evaluate.training import network
 
     patterns = unique(args.layers)
     if patterns == [network.HEAD]:
@@ -382,6 +390,59 @@ def plan_network(
     )
 
 
+# The compression options of the command line and the config field each one sets.
+COMPRESSION_OPTIONS = {
+    "block": "block",
+    "keep": "keep",
+    "int1_scale": "scale",
+    "int_scale": "int_scale",
+    "quantizer": "quantizer",
+    "nm": "pattern",
+}
+
+
+def uses_field(method: str, field: str) -> bool:
+    import dataclasses
+
+    from compression import make_config
+
+    return field in {f.name for f in dataclasses.fields(make_config(method))}
+
+
+def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) -> None:
+    """One warning per compression option (or preset) that no method of the run uses:
+    ``make_config`` ignores the fields a method does not have, so ``--quantizer gptq --methods
+    sparse`` would otherwise run plain sparse and say nothing."""
+    from compression import list_methods
+    from compression.presets import PRESETS
+
+    methods = list(compressions)
+    given = {k: getattr(args, k, None) for k in COMPRESSION_OPTIONS}
+    for option, value in given.items():
+        field = COMPRESSION_OPTIONS[option]
+        if value is None or any(uses_field(m, field) for m in methods):
+            continue
+        users = [m for m in list_methods() if uses_field(m, field)]
+        log.warning(
+            "warning: --%s %s applies to --methods %s only; none of --methods %s uses it: ignored",
+            option.replace("_", "-"),
+            value,
+            " ".join(users),
+            " ".join(methods),
+        )
+    preset = PRESETS.get(args.preset, {})
+    if preset and not any(uses_field(m, f) for m in methods for f in preset):
+        users = [m for m in list_methods() if any(uses_field(m, f) for f in preset)]
+        log.warning(
+            "warning: --preset %s sets %s, for --methods %s only; none of --methods %s uses "
+            "them: ignored",
+            args.preset,
+            ", ".join(preset),
+            " ".join(users),
+            " ".join(methods),
+        )
+
+
 def plan_run(args: argparse.Namespace) -> Plan:
     """Check every argument and the data; raise UsageError with a one-line reason."""
     if args.init not in LORA_INITS:
@@ -407,7 +468,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     demo, reason, source, model, weights = resolve_data_and_model(args)
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
     if args.storage is not None and args.worker_of is None:
-        from train_evaluate.workers import check_storage
+        from train_evaluate.search.storage import check_storage
 
         problem = check_storage(args.storage)
         if problem is not None:
@@ -436,6 +497,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
     rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
     ranks, skipped = choose_ranks(args.ranks, rank_shape, model, network_plan is not None)
     backbone = None if demo else load_backbone(model, weights, device)
+    # only once every check has passed (a refused run gets its one error line alone), and
+    # not again in each worker: its launcher warned
+    if getattr(args, "worker_of", None) is None:
+        warn_unused_options(args, compressions)
     return Plan(
         demo=demo,
         demo_reason=reason,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora import LoraLinear
-from train_evaluate import interrupt
+from train_evaluate.runtime import interrupt
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "Adam": torch.optim.Adam,
@@ -85,6 +85,16 @@ class FeatureSplit:
         if layer.use_dora or not isinstance(layer, LoraLinear):
             return replace(self, base_logits=None)
         return replace(self, base_logits=linear_logits(layer.base_layer, self.features))
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: FeatureSplit
+    val: FeatureSplit
+    test: FeatureSplit
+
+    def with_base(self, layer: LoraLinear) -> Splits:
+        return Splits(*(s.with_base(layer) for s in (self.train, self.val, self.test)))
 
 
 def split_tensors(

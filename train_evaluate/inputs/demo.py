@@ -23,15 +23,14 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from train_evaluate import interrupt
-from train_evaluate.backbone import eval_transform
-from train_evaluate.features import feature_key
-from train_evaluate.files import atomic_path, digest_matches, with_digest
+from train_evaluate.inputs.backbone import eval_transform
+from train_evaluate.inputs.features import feature_key
+from train_evaluate.runtime import interrupt
+from train_evaluate.runtime.files import atomic_path, digest_matches, read_safetensors, with_digest
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +112,7 @@ def train_digits_vit(
 
 def check_demo_weights(path: Path, key: str) -> None:
     """Raise ValueError unless ``path`` holds the demo weights for ``key``, digest intact."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    metadata, tensors = read_safetensors(path)
     if metadata.get("format") != WEIGHTS_FORMAT or metadata.get("key") != key:
         raise ValueError("it was written for other inputs")
     if not digest_matches(tensors, metadata):

@@ -14,20 +14,22 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from torch import nn
 
 from compression import uses_inputs
-from train_evaluate import report
-from train_evaluate.checkpoint import CheckpointError, read_packed, verify_packed
-from train_evaluate.features import feature_key
-from train_evaluate.files import read_json, write_json
-from train_evaluate.plan import Plan
-from train_evaluate.progress import Progress
-from train_evaluate.sweep import Method, Sharing, Splits, run_rank, steps_per_rank
-from train_evaluate.training import evaluate
+from train_evaluate.inputs.features import feature_key
+from train_evaluate.outputs import report
+from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, verify_packed
+from train_evaluate.runtime.files import read_json, write_json
+from train_evaluate.runtime.progress import Progress
+from train_evaluate.search.sweep import Method, Sharing, Splits, run_rank, steps_per_rank
+from train_evaluate.training.training import evaluate
+
+if TYPE_CHECKING:  # the plan is built by config/, which imports this group
+    from train_evaluate.config.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def write_record(context: RunContext, outcome: Any, key: str, path: Path) -> dic
         if plan.network is None:
             rebuilt = read_packed(checkpoint, plan.device).layer
         else:
-            from train_evaluate.network import load_adapted
+            from train_evaluate.training.network import load_adapted
 
             rebuilt = load_adapted(context.head, checkpoint, plan.device)
         test = context.splits.test.with_base(rebuilt)

@@ -1,0 +1,1 @@
+"""Optuna over ranks: the sweep, the Pareto search, many workers and their storage, records."""

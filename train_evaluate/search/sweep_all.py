@@ -1,0 +1,356 @@
+"""What a run does once its folder is held: every (method, rank), then the report.
+
+``sweep_all(plan)``, in order:
+
+1. the inputs, loaded once (cached features, or the whole network's cached images), and the
+   split's image ids written to ``split/``;
+2. the original classifier scored on the test split;
+3. per method: the compressed model (FC or whole network) and its accounting, scored
+   compressed only; then each rank's record (trials and final models, ``records``), in this
+   process or shared with other workers (``share_ranks``); or, with ``--search pareto``, one
+   study over every method and rank (``pareto_search``);
+4. ``evaluation.csv``, the plots, ``layers.csv``, the summary of every run in ``--results-dir``.
+
+It returns run.json's results. A worker started by a launcher stops after step 3: the launcher
+writes the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("train_model")
+
+
+@dataclass
+class Built:
+    """One method, compressed and scored, ready for its ranks."""
+
+    method: Any  # sweep.Method, or network.NetworkMethod in whole-network mode
+    shared: dict[str, Any]  # the columns every row of the method carries
+    compressed: dict[str, float]  # the compressed-only model's test metrics
+    accounting: Any  # report.Accounting, or the network's accounting
+
+
+def sweep_all(plan) -> dict:
+    """Inputs, every method and rank, the report; returns run.json's results."""
+    from train_evaluate.inputs.backbone import classifier, weights_id
+    from train_evaluate.runtime.progress import Progress
+    from train_evaluate.search.records import RunContext
+    from train_evaluate.search.sweep import Sharing
+    from train_evaluate.training.loading import load_features, load_images
+    from train_evaluate.training.training import evaluate
+
+    started = time.perf_counter()
+    whole = plan.network is not None
+    found, weights, split = load_images(plan) if whole else load_features(plan)
+    lists = write_split(plan, found.cached, split)
+    # the module the study compresses: the classifier on features, or the whole network on
+    # the cached images
+    head = found.model if whole else classifier(found.model)
+    splits = training_splits(plan, found.cached, split, head)
+    original = evaluate(head, splits.test)
+    log.info(
+        "original classifier: test top-1 %.2f%% (%d test images)", original["acc"], len(splits.test)
+    )
+    build = method_builder(plan, found, head, splits)
+    storage = run_storage(plan)
+    with Progress(total_steps(plan)) as progress:
+        context = RunContext(
+            plan,
+            head,
+            splits,
+            original["acc"],
+            found.key,
+            weights_id(plan.model, weights),
+            hashlib.sha256(lists["test"].encode()).hexdigest(),
+            storage,
+            progress,
+            Sharing(storage, plan.heartbeat, plan.share == "ranks") if plan.shared else None,
+        )
+        rows, layer_rows = sweep_methods(plan, context, build, original, found)
+    if plan.worker_of is not None:
+        return {}  # a worker: the launcher writes the report
+    write_report(plan, storage, rows, layer_rows)
+    return run_results(plan, found, weights, split, started)
+
+
+def write_split(plan, cached, split) -> dict[str, str]:
+    """The split's image ids, one file per split (by the launcher only); returns their text."""
+    from data import split_lists, split_warnings
+    from train_evaluate.outputs import run_folder
+    from train_evaluate.runtime.files import write_text
+
+    for warning in split_warnings(cached.labels, split):
+        log.warning("warning: %s", warning)
+    lists = split_lists(cached.ids, split)
+    with run_folder.writing(plan.out):
+        for name, text in lists.items() if plan.worker_of is None else ():  # its launcher's
+            write_text(plan.out / "split" / f"{name}.txt", text)
+    return lists
+
+
+def training_splits(plan, cached, split, head):
+    """Train / val / test rows on the device, with the frozen base's logits where needed."""
+    from train_evaluate.training.training import Splits, split_tensors
+
+    parts = split_tensors(
+        cached.features, cached.labels, split, plan.sweep.objective, head, plan.device
+    )
+    return Splits(parts["train"], parts["val"], parts["test"])
+
+
+def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
+    """``build(name, compression)``: the method compressed, its accounting, and its
+    compressed-only test metrics; the FC study and the whole network alike."""
+    from lora.rounding import ADAPTER_INT_BITS
+    from train_evaluate.inputs.backbone import tensor_bits
+    from train_evaluate.outputs import report
+    from train_evaluate.outputs.checkpoint import ADAPTER_DTYPES
+    from train_evaluate.search.sweep import Method
+    from train_evaluate.training import network
+    from train_evaluate.training.training import evaluate
+
+    # int8 / int4 adapters: codes and fp32 row scales; float ones at their dtype
+    code_bits = ADAPTER_INT_BITS.get(plan.adapter_dtype, 0)
+    adapter_bits = 32 if code_bits else ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8
+    shared_columns = lambda name, compression: {  # noqa: E731
+        "quant": name,
+        "init": plan.sweep.init,
+        "seed": plan.sweep.seed,
+        "compression": compression.describe(),
+    }
+    if plan.network is not None:
+        setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits, code_bits)
+
+        def build(name: str, compression: Any) -> Built:
+            method = setup.method(name, compression)
+            compressed = evaluate(method.compressed_model(), splits.test)
+            return Built(method, shared_columns(name, compression), compressed,
+                         setup.accounting(method))  # fmt: skip
+
+        return build
+    accounting = report.Accounting(
+        plan.fc_shape,
+        adapter_bits,
+        plan.sweep.use_dora,
+        plan.include_bias,
+        tensor_bits(found.model) - tensor_bits(head),
+        code_bits,
+    )
+
+    def build(name: str, compression: Any) -> Built:
+        method = Method.create(name, compression, head, splits.train.features)
+        compressed = evaluate(method.compressed_linear(), splits.test)
+        return Built(method, shared_columns(name, compression), compressed, accounting)
+
+    return build
+
+
+def total_steps(plan) -> int:
+    """Progress units of the run: the Pareto study's trials, or every rank's steps."""
+    from train_evaluate.search.sweep import steps_per_rank
+
+    if plan.search == "pareto":
+        return plan.sweep.trials
+    return len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
+
+
+def run_storage(plan):
+    """The run's Optuna storage: its own SQLite file, or the storage shared by its workers."""
+    from train_evaluate.search.storage import open_storage, shared_storage
+
+    if plan.shared:
+        url = plan.storage or f"sqlite:///{(plan.out / 'optuna.sqlite3').resolve()}"
+        return shared_storage(url, plan.heartbeat)
+    return open_storage(plan.out / "optuna.sqlite3")
+
+
+def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
+    """Every method's rows of evaluation.csv (and of layers.csv, whole network)."""
+    from train_evaluate.outputs import report
+    from train_evaluate.search import pareto
+    from train_evaluate.search.records import rank_record
+
+    rows, layer_rows, candidates, built, records = [], [], {}, [], {}
+    for name, compression in plan.compressions.items():
+        done = build(name, compression)
+        log.info(
+            "%s: compressed only, test top-1 %.2f%%",
+            compression.describe(),
+            done.compressed["acc"],
+        )
+        if plan.search == "pareto":
+            candidates[name] = pareto.Candidate(
+                done.method, done.accounting, done.compressed["acc"]
+            )
+            rows += report.method_rows(
+                done.shared, original, done.compressed, done.method.cost, [], done.accounting
+            )
+            continue
+        built.append(done)
+        if context.sharing is None:  # one process: rank after rank, as they come
+            records[name] = [rank_record(context, done.method, rank) for rank in plan.ranks]
+    if context.sharing is not None:
+        records = share_ranks(context, [done.method for done in built], plan.ranks)
+    for done in built:
+        rows += report.method_rows(
+            done.shared,
+            original,
+            done.compressed,
+            done.method.cost,
+            records[done.method.name],
+            done.accounting,
+        )
+        if plan.network is not None:
+            layer_rows += [
+                row for r in plan.ranks for row in done.accounting.layer_rows(done.method.name, r)
+            ]
+    if candidates:
+        pareto_search(plan, context, candidates, found, plan.out)
+    return rows, layer_rows
+
+
+def share_ranks(context, methods, ranks) -> dict[str, list]:
+    """Many workers: every (method, rank) until each has its record, working wherever there is
+    a free trial or a final to claim, waiting only when there is none anywhere. Whole ranks
+    (``--share ranks``) are taken largest first: the longest come first and the short ones
+    fill in at the end, when a worker would otherwise wait on another's last rank."""
+    from train_evaluate.search import workers
+    from train_evaluate.search.records import rank_record
+
+    records = {method.name: [None] * len(ranks) for method in methods}
+    pending = [(method, index) for method in methods for index in range(len(ranks))]
+    if context.sharing.whole_ranks:
+        pending.sort(key=lambda job: -ranks[job[1]])
+    while pending:
+        waiting = []
+        for method, index in pending:
+            record = rank_record(context, method, ranks[index])
+            if record is None:
+                waiting.append((method, index))
+            else:
+                records[method.name][index] = record
+        if len(waiting) == len(pending):
+            workers.idle()
+        pending = waiting
+    return records
+
+
+def pareto_search(plan, context, candidates, found, out) -> None:
+    """``--search pareto``: the study, the front's final models and pareto.csv."""
+    from lora.rounding import ADAPTER_INT_BITS, round_adapter_
+    from train_evaluate.outputs import report
+    from train_evaluate.outputs.checkpoint import read_packed, write_packed
+    from train_evaluate.search import pareto
+    from train_evaluate.search.records import checkpoint_info
+    from train_evaluate.search.sweep import train_one
+
+    sweep, splits = plan.sweep, context.splits
+    context.progress.label = "pareto search"
+    study = pareto.run_search(
+        candidates, list(plan.ranks), splits, sweep, context.storage, train_one,
+        context.progress.step,
+    )  # fmt: skip
+    chosen = pareto.front(study, sweep.trials)
+    info = checkpoint_info(context)
+    bits = ADAPTER_INT_BITS.get(plan.adapter_dtype)
+
+    def write(path, layer, metrics):
+        extra = {**info, "init": sweep.init, "metrics": metrics}
+        return write_packed(path, layer, plan.adapter_dtype, extra)
+
+    def read(path):
+        if plan.network is None:
+            return read_packed(path, plan.device).layer
+        from train_evaluate.training.network import load_adapted
+
+        return load_adapted(found.model, path, plan.device)
+
+    rows = pareto.final_rows(
+        chosen, candidates, splits, sweep, train_one, out, write, read,
+        (lambda layer: round_adapter_(layer, bits)) if bits else (lambda layer: None),
+    )  # fmt: skip
+    title = report.run_title(info, sweep.init)
+    frame = pareto.write_outputs(out, study, rows, candidates, context.original_acc, title)
+    log.info(
+        "pareto search: %d trials, %d on the front (val top-1 against bits):\n%s",
+        sweep.trials,
+        len(frame),
+        frame[["trial", "quant", "lora_rank", "val_acc", "bits_per_weight", "test_acc"]].to_string(
+            index=False, float_format="{:.2f}".format
+        ),
+    )
+
+
+def write_report(plan, storage, rows, layer_rows) -> None:
+    """evaluation.csv, layers.csv, the summary plot (and the rows in a shared storage), then
+    the summary of every run under --results-dir."""
+    from train_evaluate.inputs.backbone import weights_id
+    from train_evaluate.outputs import report, run_folder, summary
+    from train_evaluate.runtime.files import write_text
+    from train_evaluate.search.storage import store_report
+    from train_evaluate.training import network
+
+    out, whole = plan.out, plan.network is not None
+    frame = report.evaluation_frame(rows)
+    # launchers sharing one folder write its report one at a time
+    with run_folder.writing(out):
+        csv_path = report.write_evaluation(out, frame)
+        if whole:
+            write_text(out / "layers.csv", network.layers_csv(layer_rows))
+        report.repair_plotly_bundle(out)
+        title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
+        report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
+        if plan.shared:
+            # the report's rows in the storage too: report.py --storage rebuilds them anywhere
+            identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
+            store_report(
+                storage, plan.study_prefix, run_folder.run_config(plan, identity), frame, title,
+                network.layers_csv(layer_rows) if whole else None,
+            )  # fmt: skip
+        comparison = summary.write_report(plan.results_dir)
+        log.info(
+            "\n%s",
+            frame[
+                ["quant", "lora_rank", "evaluation", "init_only", "ratio", "ratio_seed"]
+            ].to_string(index=False, float_format="{:.2f}".format),
+        )
+        log.info("wrote %s and the plots, checkpoints and Optuna pages beside it", csv_path)
+        if comparison:
+            log.info("comparison of every run in %s: %s", plan.results_dir, comparison[0])
+        if plan.demo:
+            log.info(
+                "(these are demo numbers on digits, not ImageNet; see README for the real study)"
+            )
+
+
+def run_results(plan, found, weights, split, started: float) -> dict[str, Any]:
+    """run.json's results: what the run read, how much of it, with what, and how long."""
+    import optuna
+    import timm
+    import torch
+
+    cached = found.cached
+    return {
+        "data": plan.source.description,
+        "data_dir": None if plan.demo else str(plan.source.root.resolve()),
+        "weights_file": str(weights.resolve()) if weights else None,
+        "feature_key": found.key,
+        "features_from_cache": found.reused,
+        "images": len(cached.ids),
+        "skipped_images": len(cached.skipped),
+        "skipped_image_ids": list(cached.skipped),
+        "split_sizes": {n: len(split[n]) for n in split},
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "optuna": optuna.__version__,
+        },
+        "seconds": time.perf_counter() - started,
+    }
