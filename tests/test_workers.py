@@ -100,13 +100,16 @@ def running_in_a_worker(storage, prefix: str, launcher: int) -> int | None:
     return None
 
 
-def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(postgres, tmp_path):
+def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(
+    postgres, tmp_path, demo_cache
+):
     prefix, trials = "killed-", 5
     command = [
         sys.executable, str(DRIVER), "--init", "svd_init", "--ranks", "2", "4", "8",
-        "--trials", str(trials), "--epochs", "40", "--threads", "1", "--workers", "3",
+        "--trials", str(trials), "--epochs", "20", "--threads", "1", "--workers", "3",
         "--storage", postgres, "--study-prefix", prefix, "--heartbeat", "1",
-        "--results-dir", str(tmp_path / "results"), "--no-pruning",
+        "--results-dir", str(tmp_path / "results"), "--cache-dir", str(demo_cache),
+        "--no-pruning",
     ]  # fmt: skip
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log_file:
@@ -277,18 +280,18 @@ def test_a_report_is_asked_of_a_storage_that_holds_none(postgres, tmp_path, caps
     assert code == 2 and "no finished sweep" in err and len(err.strip().splitlines()) == 1
 
 
-def test_two_launchers_share_one_folder_and_one_storage(tmp_path):
+def test_two_launchers_share_one_folder_and_one_storage(tmp_path, own_demo_cache):
     """Two machines over a shared filesystem, here two processes: the same command, the same
     --out and --storage; both end cleanly, and every rank is done once."""
     out, url = tmp_path / "run", f"sqlite:///{tmp_path / 'studies.db'}"
     command = [
         sys.executable, str(DRIVER), "--init", "svd_init", "--ranks", "2", "4", "--trials", "3",
         "--epochs", "5", "--threads", "1", "--storage", url, "--out", str(out),
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(own_demo_cache),
     ]  # fmt: skip
-    # the first builds the caches; the second starts while it sweeps
+    # the caches are built (the session's copy): the second starts while the first sweeps
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
+    time.sleep(1)
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     output = first.communicate(timeout=300)[0]
     assert first.returncode == 0 and second.returncode == 0, output + second.stdout + second.stderr
