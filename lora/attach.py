@@ -28,14 +28,17 @@ def make_init_context(
     compression: Any,
     features: torch.Tensor | None = None,
     moment: torch.Tensor | None = None,
+    cross_moment: torch.Tensor | None = None,
 ) -> InitContext:
     """Compress ``module``'s weight (a conv's as its matrix view, out x in*kh*kw) once; the
     context is reused for every rank and trial. ``features`` (N x in) or ``moment`` (in x in,
-    X^T X / N) feed the activation-aware inits and calibrated compressors."""
+    X^T X / N) feed the activation-aware inits and calibrated compressors; ``cross_moment``
+    (X^T X~ / N of clean and perturbed inputs) makes them asymmetric (``InitContext``)."""
     weight = weight_matrix(module).detach()
-    context = InitContext(weight, None, compression, features, moment)
-    # a calibrated compressor (GPTQ, the input-weighted mse scale) sees the same inputs
-    context.compressed = compress(weight, compression, context.compress_moment)
+    context = InitContext(weight, None, compression, features, moment, cross_moment=cross_moment)
+    # a calibrated compressor (GPTQ, the input-weighted mse scale) sees the same inputs; under
+    # asymmetric calibration GPTQ rounds the target W_t (compress_target is W otherwise)
+    context.compressed = compress(context.compress_target, compression, context.compress_moment)
     return context
 
 

@@ -8,13 +8,18 @@ layers 1..k-1, already compressed and adapted, produce (as GPTQ and EoRA do). Th
 uses only the moment C~ = X~^T X~ / N of those perturbed inputs X~: it makes W_c + L imitate
 the layer's own W on X~, minimising ||(W - W_c - L) X~||, so each adapter is fitted on the
 inputs its layer will really see, but it does not correct the error that reaches the layer
-from upstream (that would target W X, the clean inputs' outputs, and need the cross-moment
-X~^T X of perturbed and clean inputs, which is not measured). Each of those passes stops as soon
-as layer k has seen its input, so it costs a prefix of the network, not all of it.
+from upstream. With ``asymmetric=True`` it does: the same pass also runs each batch through an
+uncompressed copy of the network up to layer k, and ``CrossMomentAccumulator`` sums, on the
+same rows, C~ and the cross-moment G = X^T X~ / N of the clean inputs X and the perturbed X~;
+the act-aware inits then fit the clean outputs X W^T (``lora.inits.output_target``) and GPTQ
+rounds towards them, as GPTAQ (Li et al. 2025, arXiv:2504.02692) does. Each of those passes
+stops as soon as layer k has seen its input, so it costs a prefix of the network (two prefixes
+when asymmetric), not all of it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +37,7 @@ from compression.modules import (
 from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
 from lora.config import LoraConfig
-from lora.inits import ACTIVATION_AWARE_INITS, InitContext
+from lora.inits import ACTIVATION_AWARE_INITS, InitContext, compresses_target, output_target
 from lora.layer import check_rank
 
 
@@ -65,22 +70,30 @@ class MomentAccumulator:
         self.rows = 0
         self._handle = None
 
-    def _sample(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, L, d) -> (N, min(L, positions), d): a random subset of positions per sample."""
-        samples, length = x.shape[:2]
+    def _chosen(self, grouped: torch.Tensor) -> torch.Tensor | None:
+        """For (N, L, d) rows, which min(L, positions) positions of each sample to keep (None:
+        all of them)."""
+        samples, length = grouped.shape[:2]
         if length <= self.positions:
-            return x
+            return None
         scores = torch.rand(samples, length, generator=self.generator)
-        chosen = scores.argsort(dim=1)[:, : self.positions].to(x.device)
-        return x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return scores.argsort(dim=1)[:, : self.positions].to(grouped.device)
 
-    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
-        """The input rows this layer's weight matrix multiplies, after subsampling."""
+    @staticmethod
+    def _keep(grouped: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+        """(N, L, d) -> the chosen rows, (N * kept, d)."""
+        if chosen is not None:
+            grouped = grouped.gather(1, chosen.unsqueeze(-1).expand(-1, -1, grouped.shape[2]))
+        return grouped.flatten(0, 1)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, d): per sample, the rows this layer's weight matrix multiplies (a Linear's
+        2-D input is N samples of one row each, never subsampled)."""
         module = self.module
         if isinstance(module, nn.Linear):
             if x.ndim <= 2:
-                return x.reshape(-1, module.in_features)
-            return self._sample(x.reshape(x.shape[0], -1, module.in_features)).flatten(0, 1)
+                return x.reshape(-1, 1, module.in_features)
+            return x.reshape(x.shape[0], -1, module.in_features)
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             # pad as the conv does ('same', or a non-zero padding mode), then unfold unpadded
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -89,7 +102,12 @@ class MomentAccumulator:
         else:
             padding = module.padding
         patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-        return self._sample(patches.transpose(1, 2)).flatten(0, 1)
+        return patches.transpose(1, 2)
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The input rows this layer's weight matrix multiplies, after subsampling."""
+        grouped = self._grouped(x)
+        return self._keep(grouped, self._chosen(grouped))
 
     def update(self, x: torch.Tensor) -> None:
         rows = self.rows_of(x.detach()).double()
@@ -122,6 +140,41 @@ class MomentAccumulator:
         if self.total is None:
             raise ValueError("no input reached the layer: no moment to report")
         return self.total / self.rows
+
+
+class CrossMomentAccumulator(MomentAccumulator):
+    """X~^T X~ and X^T X~ (float64) of one layer's perturbed inputs X~ and clean inputs X on
+    the same rows: each ``update`` gets both inputs of one batch, and the same positions are
+    kept from both (drawn as ``MomentAccumulator`` draws them for X~ alone, so ``moment()`` is
+    the one a symmetric pass measures on the same X~). Fed by ``update``, not by a hook: the
+    two inputs come from two networks."""
+
+    def __init__(self, module: nn.Module, positions: int = 64, seed: int = 0) -> None:
+        super().__init__(module, positions, seed)
+        self.cross_total: torch.Tensor | None = None
+
+    def update(self, clean: torch.Tensor, perturbed: torch.Tensor) -> None:  # type: ignore[override]
+        clean, perturbed = self._grouped(clean.detach()), self._grouped(perturbed.detach())
+        if clean.shape != perturbed.shape:
+            raise ValueError(
+                f"clean and perturbed inputs differ in shape: {tuple(clean.shape)} and "
+                f"{tuple(perturbed.shape)}"
+            )
+        chosen = self._chosen(perturbed)
+        x, x_tilde = self._keep(clean, chosen).double(), self._keep(perturbed, chosen).double()
+        product, cross = x_tilde.T @ x_tilde, x.T @ x_tilde
+        self.total = product if self.total is None else self.total + product
+        self.cross_total = cross if self.cross_total is None else self.cross_total + cross
+        self.rows += x_tilde.shape[0]
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        raise TypeError("a CrossMomentAccumulator is fed by update(clean, perturbed), not a hook")
+
+    def cross_moment(self) -> torch.Tensor:
+        """G = X^T X~ / N (in x in, float64): rows index clean inputs, columns perturbed."""
+        if self.cross_total is None:
+            raise ValueError("no input reached the layer: no moment to report")
+        return self.cross_total / self.rows
 
 
 class _Reached(Exception):
@@ -159,6 +212,45 @@ def _run_until(model: nn.Module, x: torch.Tensor, last: nn.Module) -> None:
         pass
     finally:
         handle.remove()
+
+
+def _input_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``module``'s first call in ``model(x)``; the rest of the pass is skipped."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach())
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("the forward pass never called the layer being calibrated")
+    return captured[0]
+
+
+def _cross_moments(
+    clean_model: nn.Module,
+    clean_module: nn.Module,
+    model: nn.Module,
+    module: nn.Module,
+    calibration: Iterable | Callable[[], Iterable],
+    positions: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C~, G) of one layer over every calibration batch: each batch runs through the
+    uncompressed ``clean_model`` up to ``clean_module`` (X) and through ``model``, whose
+    earlier layers are compressed, up to ``module`` (X~), in the same pass over the batches."""
+    accumulator = CrossMomentAccumulator(module, positions)
+    device = _device(model)
+    for batch in _batches(calibration):
+        x = _input(batch, device)
+        accumulator.update(_input_of(clean_model, clean_module, x), _input_of(model, module, x))
+    return accumulator.moment(), accumulator.cross_moment()
 
 
 def forward_order(model: nn.Module, example_input: torch.Tensor, names: Iterable[str]) -> list[str]:
@@ -247,6 +339,7 @@ def calibrate_sequentially(
     generator: torch.Generator | None = None,
     sequential: bool = True,
     positions: int = 64,
+    asymmetric: bool = False,
 ) -> dict[str, tuple[nn.Module, InitContext]]:
     """Compress and adapt the layers named in ``targets`` (name -> compressor config) in place.
 
@@ -264,6 +357,11 @@ def calibrate_sequentially(
     forward pass. Runs under no_grad with the model in eval mode (every module's mode is
     restored afterwards; an adapter takes the mode of the layer it replaces); requires_grad
     of the rest of the model is left alone.
+
+    ``asymmetric`` (needs ``sequential``): a layer with an act-aware init or a GPTQ compressor
+    also gets the cross-moment of its clean inputs (from an uncompressed copy of ``model``, on
+    the same batches, in the same pass) and its perturbed ones, and fits the full-precision
+    outputs instead of its own weight on the perturbed inputs (``lora.inits.output_target``).
 
     Returns {name: (adapter, its InitContext)}; the contexts keep the moments, so adapters for
     another lora_alpha can be rebuilt with ``make_adapter(adapter.base_layer, config, context)``
@@ -292,23 +390,44 @@ def calibrate_sequentially(
             "calibration batches are read several times: pass a list, a DataLoader or a "
             "callable returning a fresh iterable, not a one-shot iterator"
         )
+    if asymmetric and not sequential:
+        raise ValueError(
+            "asymmetric calibration corrects the error of the compressed layers before each "
+            "layer: it needs sequential=True (without it every layer sees clean inputs)"
+        )
+    # layers whose fit changes when it targets the clean outputs
+    crossed = {
+        name
+        for name in aware
+        if asymmetric
+        and (configs[name].init in ACTIVATION_AWARE_INITS or compresses_target(targets[name]))
+    }
 
     modes = {module: module.training for module in model.modules()}
     model.eval()
+    # the clean inputs come from the network as it was before any layer is replaced
+    clean = copy.deepcopy(model) if crossed else None
     results: dict[str, tuple[nn.Module, InitContext]] = {}
     try:
         with torch.no_grad():
             # order matters only when a layer's moment depends on the layers before it
             order = _calibration_order(model, modules, calibration) if aware else list(modules)
             moments: dict[str, torch.Tensor] = {}
+            cross: dict[str, torch.Tensor] = {}
             if aware and not sequential:
                 chosen = {name: modules[name] for name in order if name in aware}
                 moments = _moments(model, chosen, calibration, positions)
             for name in order:
                 module = modules[name]
-                if name in aware and sequential:
+                if name in crossed:
+                    moments[name], cross[name] = _cross_moments(
+                        clean, clean.get_submodule(name), model, module, calibration, positions
+                    )
+                elif name in aware and sequential:
                     moments[name] = _moments(model, {name: module}, calibration, positions)[name]
-                context = make_init_context(module, targets[name], moment=moments.get(name))
+                context = make_init_context(
+                    module, targets[name], moment=moments.get(name), cross_moment=cross.get(name)
+                )
                 adapter = make_adapter(module, configs[name], context, generator).eval()
                 modes.update(dict.fromkeys(adapter.modules(), modes[module]))
                 _swap(model, module, adapter)
@@ -325,15 +444,20 @@ def compress_sequentially(
     calibration: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
     *,
     positions: int = 64,
+    asymmetric: bool = False,
 ) -> None:
     """Replace each layer named in ``targets`` (name -> compressor config) by its compressed
     module, in place and in forward order, no adapters. A calibrated compressor (GPTQ, the
     input-weighted mse scale) sees the moment of the inputs that the already compressed layers
-    before it produce, as GPTQ does it; the others need no forward pass."""
+    before it produce, as GPTQ does it; the others need no forward pass. ``asymmetric``: GPTQ
+    rounds towards the least-squares target of the clean outputs (``lora.inits.output_target``,
+    as GPTAQ does), from the cross-moment of clean and perturbed inputs."""
     modules = {name: model.get_submodule(name) for name in targets}
     calibrated = {name for name in modules if uses_inputs(targets[name])}
+    crossed = {name for name in calibrated if asymmetric and compresses_target(targets[name])}
     modes = {module: module.training for module in model.modules()}
     model.eval()
+    clean = copy.deepcopy(model) if crossed else None
     try:
         with torch.no_grad():
             order = list(modules)
@@ -341,10 +465,16 @@ def compress_sequentially(
                 order = _calibration_order(model, modules, calibration)
             for name in order:
                 module = modules[name]
+                weight = weight_matrix(module).detach()
                 moment = None
-                if name in calibrated:
+                if name in crossed:
+                    moment, cross = _cross_moments(
+                        clean, clean.get_submodule(name), model, module, calibration, positions
+                    )
+                    weight = output_target(weight, moment, cross).to(weight.dtype)
+                elif name in calibrated:
                     moment = _moments(model, {name: module}, calibration, positions)[name]
-                result = compress(weight_matrix(module).detach(), targets[name], moment)
+                result = compress(weight, targets[name], moment)
                 if isinstance(module, nn.Conv2d):
                     replacement = CompressedConv2d.from_compressed(
                         result, module.bias, **conv_options(module)

@@ -26,6 +26,16 @@ factors into the conv's A and B. Each keeps one invariant that the tests check:
   than svd_init.
 - ``act_loftq_init``: LoftQ's alternation with the activation-aware low-rank step, starting from
   act_svd_init, keeping the iterate with the smallest input error.
+
+Asymmetric calibration (``InitContext.cross_moment``): when the inputs X~ a layer sees differ
+from the clean inputs X it had in the uncompressed network (the layers before it are
+compressed), the act-aware inits fit the full-precision outputs instead of the layer's own
+weight on X~, min ||X~ (W_c + L)^T - X W^T||_F. Its unconstrained solution is the least-squares
+target W_t = W (X^T X~)(X~^T X~)^-1 (``output_target``), and the objective equals
+||X~ (W_t - W_c - L)^T||^2 plus a constant, so the same whitened truncation fits R = W_t - W_c.
+This is the asymmetric calibration of GPTAQ (Li et al. 2025, arXiv:2504.02692), here for the
+low-rank step as well as for GPTQ's rounding (``compresses_target``: GPTQ rounds W_t instead
+of W, with H = X~^T X~ / N).
 """
 
 from __future__ import annotations
@@ -79,7 +89,9 @@ class InitContext:
     the layer (N x in), for activation-aware inits; moment: their second moment X^T X / N
     (in x in, float64), which activation-aware inits use instead of ``features`` when given
     (a calibration pass accumulates it without holding X); cache: results an init may reuse
-    across trials.
+    across trials; cross_moment: X^T X~ / N (in x in, float64) of the clean inputs X (from the
+    uncompressed network) and the inputs X~ that ``moment`` is of, on the same rows, for
+    asymmetric calibration (None: symmetric, the fit imitates W on X~).
     """
 
     weight: torch.Tensor
@@ -88,6 +100,7 @@ class InitContext:
     features: torch.Tensor | None = None
     moment: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
+    cross_moment: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -117,6 +130,24 @@ class InitContext:
         return self.input_moment if uses_inputs(self.compression) else None
 
     @cached_property
+    def target(self) -> torch.Tensor:
+        """What W_c + L should equal (float64): W, or with ``cross_moment`` the least-squares
+        target ``output_target`` of the full-precision outputs on the perturbed inputs."""
+        if self.cross_moment is None:
+            return self.weight.double()
+        if self.input_moment is None:
+            raise ValueError("a cross-moment needs the moment of the perturbed inputs as well")
+        return output_target(self.weight, self.input_moment, self.cross_moment)
+
+    @property
+    def compress_target(self) -> torch.Tensor:
+        """The matrix the stored base is compressed from: W, or W_t for GPTQ under asymmetric
+        calibration (``compresses_target``), in the weight's dtype."""
+        if self.cross_moment is None or not compresses_target(self.compression):
+            return self.weight
+        return self.target.to(self.weight.dtype)
+
+    @cached_property
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
         """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged."""
         moment = self.input_moment
@@ -129,6 +160,33 @@ class InitContext:
         eigenvalues = eigenvalues.clamp_min(0) + RIDGE * eigenvalues.clamp_min(0).mean()
         root = eigenvalues.sqrt()
         return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+
+def output_target(
+    weight: torch.Tensor, moment: torch.Tensor, cross_moment: torch.Tensor, ridge: float = RIDGE
+) -> torch.Tensor:
+    """W_t = W (G + lam I)(C~ + lam I)^-1 (out x in, float64), with C~ = X~^T X~ / N the perturbed
+    inputs' moment and G = X^T X~ / N the cross-moment of clean and perturbed inputs.
+
+    It minimises ||X~ M^T - X W^T||^2 / N + lam ||M - W||^2 over M: the least-squares fit of
+    the full-precision outputs on the perturbed inputs, ridged towards W. lam = ``ridge`` x the
+    mean eigenvalue of C~ (clamped at 0), the ridge of ``InitContext.whitening``, so that the
+    whitened fit of W_t - W_c minimises exactly this objective; and with X~ = X (G = C~), W_t = W.
+    """
+    moment, cross = moment.double(), cross_moment.double()
+    eigenvalues, vectors = torch.linalg.eigh(moment)
+    eigenvalues = eigenvalues.clamp_min(0)
+    lam = ridge * eigenvalues.mean()
+    inverse = (vectors / (eigenvalues + lam)) @ vectors.T
+    shifted = cross + lam * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
+    return (weight.double() @ shifted) @ inverse
+
+
+def compresses_target(compression: Any) -> bool:
+    """Whether asymmetric calibration changes what ``compression`` rounds: GPTQ's error
+    feedback minimises the output error, so it rounds towards W_t (as GPTAQ does); the other
+    compressors round W itself."""
+    return getattr(compression, "quantizer", None) == "gptq"
 
 
 @dataclass
@@ -169,12 +227,16 @@ def alternate(
     iterations: int,
     whitening=None,
     moment: torch.Tensor | None = None,
+    base: CompressedWeight | None = None,
 ) -> Alternation:
     """LoftQ's alternation: W_c = C(W - L), L = best rank-r fit of W - W_c, ``iterations``
     times from W_c = C(W). Returns the iterate with the smallest error (the first is svd_init,
-    or act_svd_init with ``whitening``). ``moment``: the inputs a calibrated C sees."""
+    or act_svd_init with ``whitening``). ``moment``: the inputs a calibrated C sees. ``base``:
+    the first W_c, when it is not C(W) (asymmetric calibration: W is then the target W_t and
+    the first base the stored one)."""
     target = weight.double()
-    base = compress(weight, compression, moment)
+    if base is None:
+        base = compress(weight, compression, moment)
     best, errors = None, []
     for _ in range(iterations):
         fit = fit_low_rank(target - base.weight.double(), rank, whitening)
@@ -218,7 +280,8 @@ def svd_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
 
 @register_init("act_svd_init", activation_aware=True)
 def act_svd_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
-    residual = ctx.weight.double() - ctx.base_weight.double()
+    # ctx.target is W itself unless the calibration is asymmetric
+    residual = ctx.target - ctx.base_weight.double()
     fit = fit_low_rank(residual, layer.r, ctx.whitening)
     set_factors(layer, fit.left, fit.singular, fit.right)
 
@@ -243,7 +306,7 @@ def loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None
 @register_init("act_loftq_init", activation_aware=True)
 def act_loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> None:
     key = ("act_loftq", layer.r, config.loftq_iters)
-    if key not in ctx.cache:
+    if key not in ctx.cache and ctx.cross_moment is None:
         ctx.cache[key] = alternate(
             ctx.weight,
             ctx.compression,
@@ -251,5 +314,17 @@ def act_loftq_init(layer: Adapter, ctx: InitContext, config: Any, generator) -> 
             config.loftq_iters,
             ctx.whitening,
             ctx.compress_moment,
+        )
+    elif key not in ctx.cache:
+        # asymmetric: W_c = C(W_t - L), L = the whitened fit of W_t - W_c, from the stored base
+        # (act_svd_init's iterate), so every iterate's error is the output error up to a constant
+        ctx.cache[key] = alternate(
+            ctx.target.to(ctx.weight.dtype),
+            ctx.compression,
+            layer.r,
+            config.loftq_iters,
+            ctx.whitening,
+            ctx.compress_moment,
+            base=ctx.compressed,
         )
     _set_alternation(layer, ctx.cache[key])

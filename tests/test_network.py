@@ -145,11 +145,13 @@ def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
     # rank min(4, 5, 8) = 4; adapters r * (out + in*kh*kw) at 16 bits
     conv_bits = 8 * 27 * 4 + 8 * 32 + 4 * (8 + 27) * 16
     fc_bits = 5 * 8 * 4 + 5 * 32 + 4 * (5 + 8) * 16
-    assert columns["bits"] == conv_bits + fc_bits
-    assert columns["bits_per_weight"] == (conv_bits + fc_bits) / (8 * 27 + 5 * 8)
+    conv_bias = 8 * 32  # stored in the file, so in bits; not in the ratios (include_bias off)
+    assert columns["bits"] == conv_bits + conv_bias + fc_bits
+    assert columns["bits_per_weight"] == (conv_bits + conv_bias + fc_bits) / (8 * 27 + 5 * 8)
     assert columns["ratio"] == 32 * (8 * 27 + 5 * 8) / (conv_bits + fc_bits)
     original = accounting.columns(accounting.original_cost(), 0)
-    assert original["bits_per_weight"] == 32 and original["ratio"] == 1
+    assert original["bits_per_weight"] == 32 + conv_bias / (8 * 27 + 5 * 8)
+    assert original["ratio"] == 1
     assert [info.positions for info in infos] == [36, 1]
     rows = accounting.layer_rows("int4", 40)
     assert [row["rank"] for row in rows] == [8, 5]  # clamped to min(out, in*kh*kw)
@@ -298,7 +300,8 @@ def test_the_fc_study_is_the_same_through_every_path(
     storage = f"sqlite:///{tmp_path / 'storage.db'}"
     selection = [storage if part == "STORAGE" else part for part in selection]
     assert fc_study["layers"].eq("head (1 layer)").all()
-    assert math.isclose(fc_study["bits_per_weight"].iloc[0], 32)
+    # the original 10 x 64 FC at fp32 with its 10 biases, which the packed file stores too
+    assert math.isclose(fc_study["bits_per_weight"].iloc[0], 32 * (10 * 64 + 10) / (10 * 64))
     code, out, err = run_driver(
         capsys, *FC_STUDY, "--results-dir", tmp_path / "results", "--cache-dir", demo_cache,
         *selection,

@@ -275,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_CALIB_IMAGES})",
     )
     network.add_argument(
+        "--calibration",
+        default="symmetric",
+        choices=("symmetric", "asymmetric"),
+        help="symmetric (default): act_svd_init / act_loftq_init and --quantizer gptq fit each "
+        "layer's own weight on the inputs the compressed layers before it produce; "
+        "asymmetric: fit the uncompressed network's outputs on those inputs, correcting the "
+        "error from upstream (as GPTAQ). Whole-network mode only: with --layers head the "
+        "inputs are clean and both are the same, so asymmetric is refused there",
+    )
+    network.add_argument(
         "--cache-limit",
         type=float,
         default=DEFAULT_CACHE_LIMIT_GB,

@@ -122,6 +122,7 @@ class NetworkPlan:
     why_input: str
     epoch_seconds: float
     left_out: dict[str, list[str]]
+    calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
 
     @property
     def cache_bytes(self) -> int:
@@ -387,6 +388,7 @@ def plan_network(
         why_input=why_input if found is None else "",
         epoch_seconds=seconds,
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
+        calibration=getattr(args, "calibration", "symmetric"),
     )
 
 
@@ -479,9 +481,17 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "--decode gpu applies to the feature pass of --layers head; whole-network runs "
             "decode their image cache with PIL: drop --decode"
         )
+    if network_plan is None and getattr(args, "calibration", "symmetric") == "asymmetric":
+        raise UsageError(
+            "--calibration asymmetric corrects the error that compressed layers before a layer "
+            "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
+            "or select more --layers"
+        )
     run_name = args.init
     if network_plan is not None:
         run_name += f"_layers-{selection_name(network_plan.selection)}"
+        if network_plan.calibration != "symmetric":
+            run_name += f"_{network_plan.calibration}"
     if args.search == "pareto":
         run_name += "_pareto"
     out = args.out or args.results_dir / folder_name(model) / data_name / run_name

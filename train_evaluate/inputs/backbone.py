@@ -146,6 +146,13 @@ def classifier(model: nn.Module) -> nn.Linear:
     return head
 
 
+def layer_weights(module: nn.Module) -> int:
+    """How many weights the Linear and Conv2d layers of ``module`` hold (depthwise convs and
+    timm's own-forward subclasses such as ``Conv2dSame`` included; a layer reachable under two
+    names once): the denominator of ``model_bits_per_weight``."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+
+
 def tensor_bits(module: nn.Module) -> int:
     """Bits of the floating-point parameters and buffers of ``module`` at their stored dtype."""
     return sum(

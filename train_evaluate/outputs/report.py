@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from compression import LayerAccounting, StorageCost, account_layer, dense_cost, model_ratio
+from compression.accounting import model_bits_per_weight
 from lora import LoraLinear
 from train_evaluate.outputs.checkpoint import write_packed
 from train_evaluate.runtime.files import atomic_path, write_text
@@ -57,6 +58,7 @@ COLUMNS = [
     "compute_ratio",
     "bits",
     "bits_per_weight",
+    "model_bits_per_weight",
     "layers",
     "file_bytes",
     "ratio_file",
@@ -297,7 +299,14 @@ def write_rank_artifacts(
 @dataclass(frozen=True)
 class Accounting:
     """How a run prices its rows: the FC's shape, the adapter's stored dtype (or its code bits),
-    whether DoRA's magnitudes and the bias are counted, and the bits of the rest of the model."""
+    whether DoRA's magnitudes and the bias are counted in the ratios, and the bits of the rest
+    of the model.
+
+    ``bits`` and ``bits_per_weight`` are every bit the packed file stores, the FC's bias
+    included whatever ``include_bias`` says (it only decides the ratios: both sides or
+    neither). ``model_weights``: the Linear and Conv2d weights of the whole model, over which
+    ``model_bits_per_weight`` spreads the backbone's bits and the stored FC (None: not known,
+    the column stays empty)."""
 
     fc_shape: tuple[int, int]
     adapter_dtype_bits: int
@@ -305,6 +314,8 @@ class Accounting:
     include_bias: bool
     backbone_bits: int
     adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
+    has_bias: bool = True  # whether the FC has a bias (a timm classifier nearly always has)
+    model_weights: int | None = None
 
     def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
         """The ratio columns of a row: this layer, and the whole model around it."""
@@ -316,11 +327,15 @@ class Accounting:
             extra_adapter_params=self.fc_shape[0] if self.dora and rank else 0,
             include_bias=self.include_bias,
             adapter_code_bits=self.adapter_code_bits,
+            has_bias=self.has_bias,
         )
         return {
             **accounting_columns(layer, model_ratio(self.backbone_bits, layer)),
             "layers": "head (1 layer)",
-            "bits_per_weight": layer.compressed_bits / (self.fc_shape[0] * self.fc_shape[1]),
+            "bits_per_weight": layer.stored_bits / (self.fc_shape[0] * self.fc_shape[1]),
+            "model_bits_per_weight": model_bits_per_weight(
+                self.backbone_bits, layer.stored_bits, self.model_weights
+            ),
         }
 
     def original_cost(self) -> StorageCost:
@@ -329,9 +344,10 @@ class Accounting:
 
     @property
     def dense_bytes(self) -> int:
-        """The uncompressed FC, weight and bias, at fp32: what ``ratio_file`` divides."""
+        """The uncompressed FC, weight and its bias (if it has one), at fp32: what
+        ``ratio_file`` divides."""
         out_features, in_features = self.fc_shape
-        return 4 * (out_features * in_features + out_features)
+        return 4 * (out_features * in_features + (out_features if self.has_bias else 0))
 
 
 def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, Any]:
@@ -340,7 +356,7 @@ def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, 
         "ratio_seed": layer.ratio_seed,
         "ratio_model": model_ratio,
         "compute_ratio": layer.compute_ratio,
-        "bits": layer.compressed_bits,
+        "bits": layer.stored_bits,
         "bias_counted": layer.include_bias,
     }
 
@@ -436,7 +452,8 @@ def rank_test_columns(record: dict[str, Any]) -> dict[str, Any]:
 def rank_row(record: dict[str, Any], original_acc: float, dense_bytes: int) -> dict[str, Any]:
     """One evaluation.csv row from a rank's record (accounting added by the caller).
 
-    dense_bytes: the uncompressed FC's weight and bias at fp32, for ``ratio_file``."""
+    dense_bytes: the uncompressed selected layers' weights and existing biases at fp32, for
+    ``ratio_file``."""
     finals = record["finals"]
     params = record.get("best_params") or {}
     if finals:
@@ -477,8 +494,8 @@ def rank_row(record: dict[str, Any], original_acc: float, dense_bytes: int) -> d
 
 
 def file_columns(record: dict[str, Any], dense_bytes: int) -> dict[str, Any]:
-    """Size of the packed checkpoint, its ratio to the fp32 FC (weight and bias), and the test
-    accuracy of the model rebuilt from it."""
+    """Size of the packed checkpoint, its ratio to the fp32 selected layers (weights and the
+    biases they have), and the test accuracy of the model rebuilt from it."""
     packed = record.get("file")
     if not packed:
         return {}

@@ -68,6 +68,9 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         }
         if network.cut is not None:  # the states trained on: absent for the images
             config["network"]["cut"] = network.cut.module
+        calibration = getattr(network, "calibration", "symmetric")
+        if calibration != "symmetric":  # absent for the default: older runs still match
+            config["network"]["calibration"] = calibration
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 

@@ -109,7 +109,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     """``build(name, compression)``: the method compressed, its accounting, and its
     compressed-only test metrics; the FC study and the whole network alike."""
     from lora.rounding import ADAPTER_INT_BITS
-    from train_evaluate.inputs.backbone import tensor_bits
+    from train_evaluate.inputs.backbone import layer_weights, tensor_bits
     from train_evaluate.outputs import report
     from train_evaluate.outputs.checkpoint import ADAPTER_DTYPES
     from train_evaluate.search.sweep import Method
@@ -142,6 +142,8 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         plan.include_bias,
         tensor_bits(found.model) - tensor_bits(head),
         code_bits,
+        has_bias=head.bias is not None,
+        model_weights=layer_weights(found.model),
     )
 
     def build(name: str, compression: Any) -> Built:

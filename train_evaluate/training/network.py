@@ -17,7 +17,8 @@ The FC-only study is the case of one selected layer, the classifier, and keeps i
 - ``AdaptedNetwork``: the compressed network with its adapters, trained together by the shared
   training loop (the frozen part stays in eval mode: BatchNorm statistics never move);
 - ``NetworkAccounting``: every bit of the selected layers (values, indices, scales, adapters at
-  their dtype) against their dense fp32 size, per layer and in total (``bits_per_weight``).
+  their dtype, the biases they have) against their dense fp32 size, per layer and in total
+  (``bits_per_weight``), and of the whole model (``model_bits_per_weight``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from compression import StorageCost, compress, compressible, replace_submodule, weight_matrix
-from compression.accounting import account_layer, dense_cost
+from compression.accounting import account_layer, dense_cost, model_bits_per_weight
 from lora import LoraConfig, make_adapter
 from lora.attach import classifier_name
 from lora.calibration import calibrate_sequentially, compress_sequentially, forward_order
@@ -209,13 +210,15 @@ def image_bytes(count: int, input_size: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw) and the
-    spatial positions (tokens, pixels) of its output per image, which multiply its compute."""
+    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw), the
+    spatial positions (tokens, pixels) of its output per image, which multiply its compute, and
+    whether it has a bias (a conv before a BatchNorm has none: nothing stored, nothing counted)."""
 
     name: str
     kind: str
     shape: tuple[int, ...]
     positions: int
+    bias: bool = True
 
     @property
     def matrix(self) -> tuple[int, int]:
@@ -252,7 +255,8 @@ def describe_layers(
     for name in order:
         module = model.get_submodule(name)
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-        infos.append(LayerInfo(name, kind, tuple(module.weight.shape), positions.get(name, 1)))
+        shape, bias = tuple(module.weight.shape), module.bias is not None
+        infos.append(LayerInfo(name, kind, shape, positions.get(name, 1), bias))
     return infos
 
 
@@ -260,7 +264,12 @@ def describe_layers(
 class NetworkAccounting:
     """How a whole-network run prices its rows: every selected layer with its own clamped rank,
     its compressor's exact cost and its adapter at the stored dtype; the rest of the model at
-    its own dtype for ``ratio_model``."""
+    its own dtype for ``ratio_model`` and ``model_bits_per_weight``.
+
+    The bias, as in the FC study: ``bits`` and ``bits_per_weight`` hold every bit the packed
+    file stores, so the biases the selected layers have, always; ``include_bias`` decides only
+    the ratios, counting those biases on both sides or on neither. A layer without a bias adds
+    nothing anywhere. ``model_weights``: the Linear and Conv2d weights of the whole model."""
 
     layers: tuple[LayerInfo, ...]
     costs: tuple[StorageCost, ...]
@@ -270,6 +279,7 @@ class NetworkAccounting:
     backbone_bits: int  # every other parameter and buffer of the model
     selection: str
     adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
+    model_weights: int | None = None
 
     def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
         costs = self.costs if costs is None else costs
@@ -286,6 +296,7 @@ class NetworkAccounting:
                     extra_adapter_params=info.shape[0] if self.dora and r else 0,
                     include_bias=self.include_bias,
                     adapter_code_bits=self.adapter_code_bits,
+                    has_bias=info.bias,
                 ),
             )
 
@@ -304,7 +315,8 @@ class NetworkAccounting:
         costs = [dense_cost(*info.matrix) for info in self.layers] if original else None
         rows = list(self.per_layer(rank, costs))
         dense_bits = sum(a.dense_bits for _, _, a in rows)
-        bits = sum(a.compressed_bits for _, _, a in rows)
+        bits = sum(a.compressed_bits for _, _, a in rows)  # the ratios' side: include_bias
+        stored = sum(a.stored_bits for _, _, a in rows)  # what the file holds: biases too
         seed_bits = sum(a.seed_bits for _, _, a in rows)
         dense_macs = sum(a.dense_macs * info.positions for info, _, a in rows)
         macs = sum(a.compressed_macs * info.positions for info, _, a in rows)
@@ -313,16 +325,22 @@ class NetworkAccounting:
             "ratio_seed": dense_bits / seed_bits,
             "ratio_model": (self.backbone_bits + dense_bits) / (self.backbone_bits + bits),
             "compute_ratio": dense_macs / macs,
-            "bits": bits,
+            "bits": stored,
             "bias_counted": self.include_bias,
             "layers": self.selection,
-            "bits_per_weight": bits / self.weights(),
+            "bits_per_weight": stored / self.weights(),
+            "model_bits_per_weight": model_bits_per_weight(
+                self.backbone_bits, stored, self.model_weights
+            ),
         }
 
     @property
     def dense_bytes(self) -> int:
-        """The selected layers' weights and biases at fp32: what ``ratio_file`` divides."""
-        return 4 * sum(math.prod(info.matrix) + info.shape[0] for info in self.layers)
+        """The selected layers' weights and the biases they have, at fp32: what ``ratio_file``
+        divides (a bias-free conv has no bias to count)."""
+        return 4 * sum(
+            math.prod(info.matrix) + (info.shape[0] if info.bias else 0) for info in self.layers
+        )
 
     def layer_rows(self, method: str, rank: int) -> list[dict[str, Any]]:
         """``layers.csv`` rows of one (method, rank): each layer's shape, clamped rank, bits and
@@ -335,8 +353,8 @@ class NetworkAccounting:
                 "kind": info.kind,
                 "shape": "x".join(map(str, info.shape)),
                 "rank": r,
-                "bits": a.compressed_bits,
-                "bits_per_weight": a.compressed_bits / math.prod(info.matrix),
+                "bits": a.stored_bits,
+                "bits_per_weight": a.stored_bits / math.prod(info.matrix),
                 "ratio": a.ratio,
             }
             for info, r, a in self.per_layer(rank)
@@ -416,6 +434,7 @@ class NetworkMethod:
     calibration: torch.Tensor
     costs: tuple[StorageCost, ...]
     positions: int = 64
+    asymmetric: bool = False  # --calibration asymmetric: fit the clean network's outputs
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -426,12 +445,13 @@ class NetworkMethod:
         model: ImageModel,
         layers: Sequence[LayerInfo],
         calibration: torch.Tensor,
+        asymmetric: bool = False,
     ) -> NetworkMethod:
         costs = tuple(
             compress(weight_matrix(model.model.get_submodule(info.name)), config).cost
             for info in layers
         )
-        return cls(name, config, model, tuple(layers), calibration, costs)
+        return cls(name, config, model, tuple(layers), calibration, costs, asymmetric=asymmetric)
 
     @property
     def cost(self) -> StorageCost:
@@ -458,6 +478,7 @@ class NetworkMethod:
                 {info.name: self.config for info in self.layers},
                 lambda: self._calibration_batches(),
                 positions=self.positions,
+                asymmetric=self.asymmetric,
             )
             return network.requires_grad_(False).eval()
         for info in self.layers:
@@ -494,6 +515,7 @@ class NetworkMethod:
                 lambda: self._calibration_batches(),
                 generator=torch.Generator().manual_seed(0),
                 positions=self.positions,
+                asymmetric=self.asymmetric,
             )
             # ranks run one after another: only the current one's contexts are kept (their
             # float64 moments can take a gigabyte per rank on a large model)
@@ -657,12 +679,13 @@ class NetworkSetup:
     layers: tuple[LayerInfo, ...]
     calibration: torch.Tensor
     template: NetworkAccounting
+    asymmetric: bool = False
 
     @classmethod
     def create(
         cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int, adapter_code_bits: int = 0
     ) -> NetworkSetup:
-        from train_evaluate.inputs.backbone import tensor_bits
+        from train_evaluate.inputs.backbone import layer_weights, tensor_bits
 
         net = plan.network
         rows = calibration_rows(len(train), net.calib_images, plan.sweep.seed)
@@ -692,11 +715,15 @@ class NetworkSetup:
             tensor_bits(model) - selected_bits,
             f"{net.selection} ({len(layers)} layers)",
             adapter_code_bits,
+            layer_weights(model),
         )
-        return cls(model, layers, calibration, template)
+        asymmetric = getattr(net, "calibration", "symmetric") == "asymmetric"
+        return cls(model, layers, calibration, template, asymmetric)
 
     def method(self, name: str, config: Any) -> NetworkMethod:
-        return NetworkMethod.create(name, config, self.model, self.layers, self.calibration)
+        return NetworkMethod.create(
+            name, config, self.model, self.layers, self.calibration, self.asymmetric
+        )
 
     def accounting(self, method: NetworkMethod) -> NetworkAccounting:
         return replace(self.template, costs=method.costs)
