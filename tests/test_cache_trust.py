@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,38 @@ def test_tensors_read_back_are_aligned_whatever_the_header_length(tmp_path):
         assert tensors["features"].data_ptr() % 64 == 0
         assert torch.equal(tensors["features"] @ weight.T, expected)
     assert len(offsets) > 1  # the headers did move the tensor's offset in the file
+
+
+ALIGNMENT_PROBE = """
+import train_evaluate  # before torch's first product: its MKL setting must take effect
+import torch
+
+generator = torch.Generator().manual_seed(0)
+a, b = torch.randn(64, 512, generator=generator), torch.randn(10, 512, generator=generator)
+expected = a @ b.T
+moved = 0
+for offset in range(1, 16):
+    buffer = torch.empty(a.numel() + offset)
+    shifted = buffer[offset:].view_as(a)
+    shifted.copy_(a)
+    moved += not torch.equal(shifted @ b.T, expected)
+print(moved)
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "COMPATIBLE"])
+def test_importing_the_package_makes_products_independent_of_alignment(user_value):
+    """A process of this tool asks MKL for reproducible products: an operand's offset in
+    memory changes no bit of a product; a user's own MKL_CBWR is left as it is."""
+    environment = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    if user_value is not None:
+        environment["MKL_CBWR"] = user_value
+    probe = ALIGNMENT_PROBE + "import os; print(os.environ.get('MKL_CBWR', '-'))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=environment, capture_output=True,
+        text=True, check=True, timeout=120,
+    )  # fmt: skip
+    moved, setting = done.stdout.split()
+    if user_value is None:
+        assert moved == "0", f"{moved} of 15 shifted operands changed the product"
+    assert setting == (user_value or "AUTO,STRICT")
