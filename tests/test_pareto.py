@@ -33,7 +33,9 @@ def pareto_run(tmp_path, cache, capsys, name: str, *extra: str) -> pd.DataFrame:
 def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(
     tmp_path, demo_cache, capsys
 ):
-    results = pareto_run(tmp_path, demo_cache, capsys, "first")
+    # sparse alone: compressed only it keeps about 74% of the demo's 96%, so the best of the
+    # study's trained models beats its init (epoch 0) by many images, on any CPU
+    results = pareto_run(tmp_path, demo_cache, capsys, "first", "--methods", "sparse")
     out = run_folder(results, "paper_init_pareto")
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 1
@@ -42,7 +44,8 @@ def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(
     assert (front["file_test_acc"] == front["test_acc"]).all()
     # each final model is its trial's model: trained again to the same val accuracy
     assert (front["final_val_acc"] == front["val_acc"]).all()
-    assert (front["best_epoch"] > 0).any()  # trained models, not the init alone
+    best = front.loc[front["val_acc"].idxmax()]
+    assert best["best_epoch"] > 0  # trained models, not the init alone
     for row in front.itertuples():
         layer = read_packed(out / row.file).layer
         assert row.lora_rank == layer.r
@@ -50,7 +53,8 @@ def test_the_demo_front_is_non_dominated_reloads_from_its_files_and_repeats(
         assert recorded == pytest.approx(row.test_acc, rel=1e-5)  # the CSV keeps 6 digits
     for name in ("pareto.png", "pareto_front.html", "evaluation.csv"):
         assert (out / name).is_file()
-    again = run_folder(pareto_run(tmp_path, demo_cache, capsys, "again"), "paper_init_pareto")
+    again = pareto_run(tmp_path, demo_cache, capsys, "again", "--methods", "sparse")
+    again = run_folder(again, "paper_init_pareto")
     pd.testing.assert_frame_equal(pd.read_csv(again / "pareto.csv"), front)
 
 
