@@ -473,13 +473,14 @@ def test_a_whole_rank_resumed_after_its_worker_was_killed_is_the_uninterrupted_o
         except KeyError:  # not created yet
             running = []
         for trial in running:
-            # slot 3: the first the pruner judges (3 finished trials before it); mid-trial
-            if trial.user_attrs.get(workers.SLOT) == 3 and trial.intermediate_values:
+            # slot 3 or later: the pruner judges them against the 3 or more finished trials
+            # before them (any of them will do: a short trial can be missed between looks)
+            if trial.user_attrs.get(workers.SLOT, 0) >= 3 and trial.intermediate_values:
                 first.kill()
                 killed = trial
         time.sleep(0.01)
     first.communicate()
-    assert killed is not None, "the worker was not seen in the middle of slot 3"
+    assert killed is not None, "the worker was not seen in the middle of a slot from 3 on"
     record = record_of(alone)
     # A killed trial's last beat can come after its claim's or before it; take the harder
     # order: the claim goes stale and is taken over while the dead trial still looks alive
