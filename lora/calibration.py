@@ -220,13 +220,10 @@ def _input_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Ten
 
     def grab(_module: nn.Module, args: tuple) -> None:
         captured.append(args[0].detach())
-        raise _Reached
 
-    handle = module.register_forward_pre_hook(grab)
+    handle = module.register_forward_pre_hook(grab)  # before _run_until's stop: runs first
     try:
-        model(x)
-    except _Reached:
-        pass
+        _run_until(model, x, module)
     finally:
         handle.remove()
     if not captured:
