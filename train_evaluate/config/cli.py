@@ -61,6 +61,9 @@ DEFAULT_MODEL = "resnet18.tv_in1k"
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
 DEFAULT_CALIB_IMAGES = 512
 DEFAULT_CACHE_LIMIT_GB = 16.0
+# --reconstruct's defaults: lora.reconstruction.ReconstructionConfig's (kept free of torch here;
+# a test holds the two equal)
+RECONSTRUCT_DEFAULTS = {"block_steps": 100, "network_steps": 50, "lr": 1e-3, "batch_size": 32}
 
 EXAMPLES = """\
 examples:
@@ -283,6 +286,45 @@ def build_parser() -> argparse.ArgumentParser:
         "asymmetric: fit the uncompressed network's outputs on those inputs, correcting the "
         "error from upstream (as GPTAQ). Whole-network mode only: with --layers head the "
         "inputs are clean and both are the same, so asymmetric is refused there",
+    )
+    network.add_argument(
+        "--reconstruct",
+        default="none",
+        choices=("none", "block", "network"),
+        help="after each rank's init, train the adapters without labels on the calibration "
+        "images to reproduce the uncompressed network: block (each block's output, in forward "
+        "order, from the reconstructed prefix's input; as BRECQ) or network (block, then every "
+        "adapter together on the uncompressed logits, KL); the result is every trial's init "
+        "and what init_only scores (default: none)",
+    )
+    network.add_argument(
+        "--reconstruct-steps",
+        type=int,
+        default=RECONSTRUCT_DEFAULTS["block_steps"],
+        metavar="N",
+        help=f"Adam steps per block (default: {RECONSTRUCT_DEFAULTS['block_steps']})",
+    )
+    network.add_argument(
+        "--reconstruct-network-steps",
+        type=int,
+        default=RECONSTRUCT_DEFAULTS["network_steps"],
+        metavar="N",
+        help="Adam steps of --reconstruct network's end-to-end stage (default: "
+        f"{RECONSTRUCT_DEFAULTS['network_steps']})",
+    )
+    network.add_argument(
+        "--reconstruct-lr",
+        type=float,
+        default=RECONSTRUCT_DEFAULTS["lr"],
+        help=f"the reconstruction's Adam learning rate (default: {RECONSTRUCT_DEFAULTS['lr']:g})",
+    )
+    network.add_argument(
+        "--reconstruct-batch",
+        type=int,
+        default=RECONSTRUCT_DEFAULTS["batch_size"],
+        metavar="N",
+        help=f"calibration images per reconstruction step (default: "
+        f"{RECONSTRUCT_DEFAULTS['batch_size']})",
     )
     network.add_argument(
         "--cache-limit",

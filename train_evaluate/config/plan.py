@@ -123,6 +123,7 @@ class NetworkPlan:
     epoch_seconds: float
     left_out: dict[str, list[str]]
     calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
+    reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
 
     @property
     def cache_bytes(self) -> int:
@@ -389,7 +390,27 @@ def plan_network(
         epoch_seconds=seconds,
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
         calibration=getattr(args, "calibration", "symmetric"),
+        reconstruction=reconstruction_config(args),
     )
+
+
+def reconstruction_config(args: argparse.Namespace) -> Any:
+    """--reconstruct and its options as a ReconstructionConfig (checked)."""
+    from lora.reconstruction import ReconstructionConfig
+
+    try:
+        return ReconstructionConfig(
+            mode=getattr(args, "reconstruct", "none"),
+            block_steps=getattr(args, "reconstruct_steps", ReconstructionConfig.block_steps),
+            network_steps=getattr(
+                args, "reconstruct_network_steps", ReconstructionConfig.network_steps
+            ),
+            lr=getattr(args, "reconstruct_lr", ReconstructionConfig.lr),
+            batch_size=getattr(args, "reconstruct_batch", ReconstructionConfig.batch_size),
+        )
+    except ValueError as error:
+        raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr and "
+                         "-batch") from error  # fmt: skip
 
 
 # The compression options of the command line and the config field each one sets.
@@ -487,11 +508,19 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
             "or select more --layers"
         )
+    if network_plan is None and getattr(args, "reconstruct", "none") != "none":
+        raise UsageError(
+            "--reconstruct trains adapters to reproduce the uncompressed network block by "
+            "block; with the classifier alone there is one layer and no block: drop it or "
+            "select more --layers"
+        )
     run_name = args.init
     if network_plan is not None:
         run_name += f"_layers-{selection_name(network_plan.selection)}"
         if network_plan.calibration != "symmetric":
             run_name += f"_{network_plan.calibration}"
+        if network_plan.reconstruction.enabled:
+            run_name += f"_reconstruct-{network_plan.reconstruction.mode}"
     if args.search == "pareto":
         run_name += "_pareto"
     out = args.out or args.results_dir / folder_name(model) / data_name / run_name

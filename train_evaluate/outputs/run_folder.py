@@ -71,6 +71,9 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         calibration = getattr(network, "calibration", "symmetric")
         if calibration != "symmetric":  # absent for the default: older runs still match
             config["network"]["calibration"] = calibration
+        reconstruction = getattr(network, "reconstruction", None)
+        if reconstruction is not None and reconstruction.enabled:  # absent for none, as above
+            config["network"]["reconstruct"] = asdict(reconstruction)
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 

@@ -210,9 +210,16 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             done.accounting,
         )
         if plan.network is not None:
-            layer_rows += [
-                row for r in plan.ranks for row in done.accounting.layer_rows(done.method.name, r)
-            ]
+            from train_evaluate.training.network import with_reconstruction
+
+            reconstructed = plan.network.reconstruction is not None and (
+                plan.network.reconstruction.enabled
+            )
+            for r in plan.ranks:
+                rank_rows = done.accounting.layer_rows(done.method.name, r)
+                if reconstructed:
+                    rank_rows = with_reconstruction(rank_rows, done.method.records.get(r))
+                layer_rows += rank_rows
     if candidates:
         pareto_search(plan, context, candidates, found, plan.out)
     return rows, layer_rows

@@ -42,6 +42,13 @@ from compression.accounting import account_layer, dense_cost, model_bits_per_wei
 from lora import LoraConfig, make_adapter
 from lora.attach import classifier_name
 from lora.calibration import calibrate_sequentially, compress_sequentially, forward_order
+from lora.reconstruction import (
+    NO_RECONSTRUCTION,
+    ReconstructionConfig,
+    UnitRecord,
+    reconstruct,
+    reconstruction_units,
+)
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +442,14 @@ class NetworkMethod:
     costs: tuple[StorageCost, ...]
     positions: int = 64
     asymmetric: bool = False  # --calibration asymmetric: fit the clean network's outputs
+    reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
+    units: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the blocks reconstruction trains
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # per rank: each layer's reconstructed adapter tensors and the scaling they were found at
+    _learned: dict[tuple, dict[str, tuple[dict[str, torch.Tensor], float]]] = field(
+        default_factory=dict, repr=False
+    )
+    records: dict[int, list[UnitRecord]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(
@@ -446,12 +460,17 @@ class NetworkMethod:
         layers: Sequence[LayerInfo],
         calibration: torch.Tensor,
         asymmetric: bool = False,
+        reconstruction: ReconstructionConfig = NO_RECONSTRUCTION,
+        units: Sequence[tuple[str, tuple[str, ...]]] = (),
     ) -> NetworkMethod:
         costs = tuple(
             compress(weight_matrix(model.model.get_submodule(info.name)), config).cost
             for info in layers
         )
-        return cls(name, config, model, tuple(layers), calibration, costs, asymmetric=asymmetric)
+        return cls(
+            name, config, model, tuple(layers), calibration, costs, asymmetric=asymmetric,
+            reconstruction=reconstruction, units=tuple(units),
+        )  # fmt: skip
 
     @property
     def cost(self) -> StorageCost:
@@ -528,12 +547,45 @@ class NetworkMethod:
                 sweep.init,
                 time.perf_counter() - started,
             )
+            self._learned = {}
+            if self.reconstruction.enabled:
+                self._learned = {key: self._reconstruct(rank, sweep, self._contexts[key])}
         return self._contexts[key]
 
-    def layer(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
-        """A fresh compressed network with adapters of ``rank`` (clamped per layer), ``alpha``
-        and ``seed`` (the random draws of paper_init, in forward order)."""
-        contexts = self.contexts(rank, sweep)
+    def _reconstruct(
+        self, rank: int, sweep: Any, contexts: dict[str, Any]
+    ) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+        """The adapters of ``rank`` after ``--reconstruct`` (from the init at alpha 8 and seed
+        0), each layer's tensors with the scaling they were trained at."""
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        network = self._build(rank, 8.0, sweep, 0, contexts)
+        inputs = torch.cat(list(self._calibration_batches()))
+        stages = len(self.units) + (self.reconstruction.mode == "network")
+        with tqdm(total=stages, desc=f"reconstruct r={rank}", disable=None) as bar:
+            records = reconstruct(
+                network.network.model, self.model.model, self.units, inputs,
+                self.reconstruction, lambda _unit: bar.update(),
+            )  # fmt: skip
+        self.records[rank] = records
+        worse = [r.unit for r in records if r.kept == "start"]
+        log.info(
+            "%s r=%d: %d blocks reconstructed (%s) in %.1f s; relative error %.4g -> %.4g "
+            "(first block), %.4g -> %.4g (last)%s",
+            self.name, rank, len(records), self.reconstruction.mode,
+            time.perf_counter() - started, records[0].error_start, records[0].error_end,
+            records[-1].error_start, records[-1].error_end,
+            f"; kept the start of {', '.join(worse)}" if worse else "",
+        )  # fmt: skip
+        return {
+            name: (adapter.adapter_state(), adapter.scaling)
+            for name, adapter in network.adapters().items()
+        }
+
+    def _build(
+        self, rank: int, alpha: float, sweep: Any, seed: int, contexts: dict[str, Any]
+    ) -> AdaptedNetwork:
         network = copy.deepcopy(self.model).requires_grad_(False).eval()
         device = next(network.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -543,6 +595,21 @@ class NetworkMethod:
             adapter = make_adapter(dense, config, contexts[info.name], generator)
             replace_submodule(network.model, info.name, adapter)
         return AdaptedNetwork(network, self.names())
+
+    def layer(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
+        """A fresh compressed network with adapters of ``rank`` (clamped per layer), ``alpha``
+        and ``seed`` (the random draws of paper_init, in forward order). After
+        ``--reconstruct``, every adapter starts from its reconstructed tensors whatever the
+        seed, B rescaled so that scaling * B @ A is the reconstructed delta at any alpha."""
+        contexts = self.contexts(rank, sweep)
+        network = self._build(rank, alpha, sweep, seed, contexts)
+        learned = self._learned.get((rank, sweep.init, sweep.loftq_iters))
+        if learned:
+            for name, adapter in network.adapters().items():
+                state, scaling = learned[name]
+                state = dict(state, lora_B=state["lora_B"] * (scaling / adapter.scaling))
+                adapter.load_adapter_state(state)
+        return network
 
 
 # ----------------------------------------------------------------------------- caching images
@@ -680,12 +747,15 @@ class NetworkSetup:
     calibration: torch.Tensor
     template: NetworkAccounting
     asymmetric: bool = False
+    reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
+    units: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def create(
         cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int, adapter_code_bits: int = 0
     ) -> NetworkSetup:
         from train_evaluate.inputs.backbone import layer_weights, tensor_bits
+        from train_evaluate.inputs.cut import boundaries
 
         net = plan.network
         rows = calibration_rows(len(train), net.calib_images, plan.sweep.seed)
@@ -718,12 +788,19 @@ class NetworkSetup:
             layer_weights(model),
         )
         asymmetric = getattr(net, "calibration", "symmetric") == "asymmetric"
-        return cls(model, layers, calibration, template, asymmetric)
+        reconstruction = getattr(net, "reconstruction", None) or NO_RECONSTRUCTION
+        units = ()
+        if reconstruction.enabled:
+            units = tuple(
+                reconstruction_units([info.name for info in layers], boundaries(model.model))
+            )
+        return cls(model, layers, calibration, template, asymmetric, reconstruction, units)
 
     def method(self, name: str, config: Any) -> NetworkMethod:
         return NetworkMethod.create(
-            name, config, self.model, self.layers, self.calibration, self.asymmetric
-        )
+            name, config, self.model, self.layers, self.calibration, self.asymmetric,
+            self.reconstruction, self.units,
+        )  # fmt: skip
 
     def accounting(self, method: NetworkMethod) -> NetworkAccounting:
         return replace(self.template, costs=method.costs)
@@ -734,11 +811,36 @@ LAYER_COLUMNS = (
 )  # fmt: skip
 
 
+RECONSTRUCTION_COLUMNS = ("block", "block_error_start", "block_error_end")
+
+
+def with_reconstruction(
+    rows: Sequence[dict[str, Any]], records: Sequence[UnitRecord] | None
+) -> list[dict[str, Any]]:
+    """``rows`` (one rank's layers.csv rows) with the block each layer was reconstructed in and
+    that block's relative error before and after (``--reconstruct``; left empty for a rank this
+    process did not reconstruct, as a worker of another process's rank)."""
+    by_layer = {}
+    for record in records or ():
+        if record.unit != "network":
+            by_layer.update(dict.fromkeys(record.layers, record))
+    out = []
+    for row in rows:
+        record = by_layer.get(row["layer"])
+        extra = (record.unit, record.error_start, record.error_end) if record else (None,) * 3
+        out.append({**row, **dict(zip(RECONSTRUCTION_COLUMNS, extra, strict=True))})
+    return out
+
+
 def layers_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """``layers.csv``: one line per (method, rank, layer)."""
+    """``layers.csv``: one line per (method, rank, layer); with ``--reconstruct``, each layer's
+    block and its errors too."""
     import pandas as pd
 
-    frame = pd.DataFrame(list(rows), columns=list(LAYER_COLUMNS))
+    columns = list(LAYER_COLUMNS)
+    if any("block" in row for row in rows):
+        columns += RECONSTRUCTION_COLUMNS
+    frame = pd.DataFrame(list(rows), columns=columns)
     return frame.to_csv(index=False, float_format="%.6g")
 
 

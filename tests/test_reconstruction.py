@@ -1,0 +1,207 @@
+"""Reconstruction (``--reconstruct block|network``): the adapters trained, label-free, to
+reproduce the uncompressed network block by block and then end to end (``lora.reconstruction``).
+Checked on the small resnet: the blocks it trains, that a block's error never ends above its
+start and that training lowers it, that every trial starts from the reconstructed delta at any
+alpha and seed, that labels play no part, and the driver end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from compression import make_config
+from lora import LoraConfig
+from lora.attach import make_adapter, make_init_context
+from lora.reconstruction import (
+    ReconstructionConfig,
+    UnitRecord,
+    _capture,
+    reconstruct,
+    reconstruction_units,
+)
+from tests.conftest import run_driver, run_folder
+from tests.test_network import RESNET, bare, image_model, resnet_weights  # noqa: F401 (fixture)
+from train_evaluate.inputs.cut import boundaries
+from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import network
+from train_evaluate.training.training import FeatureSplit
+
+FAST = ReconstructionConfig(mode="block", block_steps=30, network_steps=20, batch_size=8)
+
+
+def resnet_setup(calibration: torch.Tensor, config: ReconstructionConfig = FAST):
+    model = image_model(bare(RESNET))
+    names = network.select_layers(model.model, ["all"])
+    layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
+    units = reconstruction_units([info.name for info in layers], boundaries(model.model))
+    method = network.NetworkMethod.create(
+        "int2", make_config("int2"), model, layers, calibration, reconstruction=config,
+        units=units,
+    )  # fmt: skip
+    return method, units
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, 64, 64), dtype=torch.uint8, generator=generator)
+
+
+def test_units_are_the_blocks_and_a_shortcut_conv_joins_its_block():
+    model = bare(RESNET)
+    names = network.select_layers(model, ["all"])
+    units = dict(reconstruction_units(names, boundaries(model)))
+    assert [n for layers in units.values() for n in layers] == names  # each layer once, in order
+    # the shortcut conv is a child of its own Sequential (a boundary) inside the block
+    assert "layer2.0.downsample.1" in units["layer2.0"]
+    assert "layer2.0.downsample.1" not in units
+    assert units["fc"] == ("fc",)
+    efficientnet = bare("test_efficientnet")
+    chosen = network.select_layers(efficientnet, ["all"])
+    blocks = dict(reconstruction_units(chosen, boundaries(efficientnet)))
+    assert all(u.startswith("blocks.") and u.count(".") == 2 for u in blocks if "." in u), blocks
+
+
+def unit_error(adapted, reference, unit: str, inputs: torch.Tensor) -> float:
+    """A block's relative squared error, measured here from hooks: its input from the adapted
+    network's own prefix, its target from the uncompressed network."""
+    _, target = _capture(reference, reference.get_submodule(unit), inputs, 8, True)
+    x, _ = _capture(adapted, adapted.get_submodule(unit), inputs, 8, False)
+    with torch.no_grad():
+        out = adapted.get_submodule(unit)(x)
+    return float((out - target).double().square().sum() / target.double().square().sum())
+
+
+def test_each_block_ends_at_most_at_its_start_and_every_trial_starts_there():
+    calibration = images(16, 0)
+    method, units = resnet_setup(calibration)
+    sweep = SweepConfig(init="svd_init")
+    # another alpha and seed than the reconstruction's (8 and 0): B is rescaled, A kept
+    adapted = method.layer(4, 32, sweep, seed=5)
+    records = method.records[4]
+    assert [r.unit for r in records] == [u for u, _ in units]
+    assert all(r.error_end <= r.error_start for r in records)
+    # training does the work, not only the keeping of the start: most blocks improve a lot
+    improved = [r for r in records if r.error_end < 0.9 * r.error_start]
+    assert len(improved) >= len(records) // 2, records
+    inputs = method.model.preprocess(calibration)
+    plain = method._build(4, 8.0, sweep, 0, method.contexts(4, sweep))  # the init it started at
+    for record in records:
+        measured = unit_error(adapted.network.model, method.model.model, record.unit, inputs)
+        assert measured == pytest.approx(record.error_end, rel=1e-3, abs=1e-9), record.unit
+        start = unit_error(plain.network.model, method.model.model, record.unit, inputs)
+        if record.unit == records[0].unit:  # the first block's input is the same either way
+            assert start == pytest.approx(record.error_start, rel=1e-3, abs=1e-9)
+
+
+def test_a_worse_training_keeps_the_start():
+    # a learning rate far too large makes a trained state worse than its start
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)).eval()
+    adapted = copy.deepcopy(model)
+    for name in ("0", "2"):
+        dense = adapted.get_submodule(name)
+        context = make_init_context(dense, make_config("int2"))
+        setattr(adapted, name, make_adapter(dense, LoraConfig(r=2, init="svd_init"), context))
+    inputs = torch.randn(32, 6, generator=generator)
+    start = {k: v.clone() for k, v in adapted.state_dict().items()}
+    wild = ReconstructionConfig(mode="block", block_steps=20, lr=1e3, batch_size=8)
+    records = reconstruct(adapted, model, [("0", ("0",)), ("2", ("2",))], inputs, wild)
+    for record in records:
+        assert record.error_end <= record.error_start
+    kept = [r for r in records if r.kept == "start"]
+    assert kept, records
+    for record in kept:  # its adapter is exactly the start's
+        for key, value in adapted.get_submodule(record.unit).state_dict().items():
+            assert torch.equal(value, start[f"{record.unit}.{key}"])
+
+
+def test_the_network_stage_lowers_the_kl_to_the_uncompressed_logits():
+    method, units = resnet_setup(images(16, 0), ReconstructionConfig(
+        mode="network", block_steps=10, network_steps=20, batch_size=8))  # fmt: skip
+    method.layer(2, 8, SweepConfig(init="svd_init"), seed=0)
+    *blocks, last = method.records[2]
+    assert len(blocks) == len(units) and last.unit == "network"
+    assert last.error_end < last.error_start
+
+
+def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
+    """The adapters a whole-network setup on ``train`` reconstructs for rank 2."""
+    model = image_model(bare(RESNET))
+    names = network.select_layers(model.model, ["all"])
+    plan = SimpleNamespace(
+        network=SimpleNamespace(layers=names, selection="all", calib_images=12,
+                                calibration="symmetric", reconstruction=FAST),
+        sweep=SweepConfig(init="svd_init", seed=3), include_bias=False,
+    )  # fmt: skip
+    setup = network.NetworkSetup.create(plan, model, train, 16)
+    return setup.method("int2", make_config("int2")).layer(2, 8, plan.sweep, 0).adapter_state()
+
+
+def test_reconstruction_never_reads_a_label():
+    pictures = images(20, 1)
+    labels = torch.arange(20) % 5
+    scrambled = labels[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    assert not torch.equal(labels, scrambled)
+    first = reconstructed_state(FeatureSplit(pictures, labels))
+    second = reconstructed_state(FeatureSplit(pictures, scrambled))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # the same with other images does change them: the comparison can fail
+    other = reconstructed_state(FeatureSplit(images(20, 2), labels))
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_the_command_line_defaults_are_the_configs():
+    from train_evaluate.config.cli import RECONSTRUCT_DEFAULTS
+
+    defaults = ReconstructionConfig()
+    assert {k: getattr(defaults, k) for k in RECONSTRUCT_DEFAULTS} == RECONSTRUCT_DEFAULTS
+
+
+def test_bad_reconstruction_options_are_refused(capsys):
+    with pytest.raises(ValueError, match="unknown reconstruction"):
+        ReconstructionConfig(mode="layer")
+    with pytest.raises(ValueError, match="at least 1"):
+        ReconstructionConfig(mode="block", block_steps=0)
+    assert isinstance(UnitRecord("u", (), 1.0, 0.5, 1, "trained"), UnitRecord)
+
+
+def test_the_driver_reconstructs_and_the_checkpoint_scores_what_init_only_reports(
+    tmp_path,
+    image_folder,
+    resnet_weights,  # noqa: F811 (the fixture imported above)
+    shared_cache,
+    capsys,
+):
+    from train_evaluate.evaluate import main as evaluate_main
+
+    results = tmp_path / "results"
+    common = ("--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
+              "--layers", "all", "--methods", "int2", "--ranks", "2", "--trials", "1",
+              "--epochs", "0", "--init", "svd_init", "--calib-images", "8",
+              "--results-dir", results, "--cache-dir", shared_cache)  # fmt: skip
+    head = [*common[:7], "head", *common[8:]]
+    code, _, err = run_driver(capsys, *head, "--reconstruct", "block")
+    assert code == 2 and err.count("\n") == 1 and "--reconstruct" in err, err
+    code, _, err = run_driver(capsys, *common, "--reconstruct", "block", "--reconstruct-steps",
+                              "10", "--reconstruct-batch", "4")  # fmt: skip
+    assert code == 0, err
+    out = run_folder(results, "svd_init_layers-all_reconstruct-block")
+    config = json.loads((out / "run.json").read_text())["config"]["network"]["reconstruct"]
+    assert config["mode"] == "block" and config["block_steps"] == 10 and config["batch_size"] == 4
+    layers = pd.read_csv(out / "layers.csv")
+    assert layers["block"].notna().all()
+    assert (layers["block_error_end"] <= layers["block_error_start"]).all()
+    checkpoint = out / "checkpoints" / "quant=int2_r=2.safetensors"
+    frame = pd.read_csv(out / "evaluation.csv").set_index("lora_rank")
+    # --epochs 0: the model scored is the reconstructed init, and the packed file holds it
+    assert frame.loc["2", "evaluation"] == frame.loc["2", "init_only"]
+    assert frame.loc["2", "file_evaluation"] == frame.loc["2", "evaluation"]
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--cache-dir", str(shared_cache)]) == 0
+    assert f"top-1 {frame.loc['2', 'evaluation']:.4f}%" in capsys.readouterr().out
