@@ -45,6 +45,9 @@ from compression.registry import (
 INT_BITS = (2, 4, 8)
 INT_SCALES = ("max", "mse")
 QUANTIZERS = ("rtn", "gptq")  # round to nearest; GPTQ's error feedback (needs the inputs)
+# intN only: rounding learned inside --reconstruct (compression.adaround); compressed alone, it
+# is round to nearest, the codes it starts from
+INT_QUANTIZERS = (*QUANTIZERS, "adaround")
 # mse's clip ratios: 0.01, 0.02, ..., 1.00; the last is exactly 1, the max scale itself
 CLIP_RATIOS = tuple(k / 100 for k in range(1, 101))
 # with the inputs: 0.05, 0.10, ..., 1.00 (a product with H per candidate)
@@ -67,9 +70,9 @@ class IntNConfig:
             raise ValueError(
                 f"unknown int scale {self.int_scale!r}; valid: {', '.join(INT_SCALES)}"
             )
-        if self.quantizer not in QUANTIZERS:
+        if self.quantizer not in INT_QUANTIZERS:
             raise ValueError(
-                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(QUANTIZERS)}"
+                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(INT_QUANTIZERS)}"
             )
 
     @property
@@ -162,7 +165,6 @@ def quantize(
 ) -> CompressedWeight:
     """``moment``: the layer's input second moment H (cols x cols), used by the mse scale and
     GPTQ; without it both work on the weights alone (GPTQ is then round-to-nearest)."""
-    rows, cols = weight.shape
     levels = 2 ** (config.bits - 1) - 1
     if config.int_scale == "mse":
         scale = mse_scale(weight, levels, moment)
@@ -171,15 +173,23 @@ def quantize(
     codes = _codes(weight, scale, levels)
     if config.quantizer == "gptq" and moment is not None:
         codes = better_rows(weight, codes, gptq_codes(weight, scale, levels, moment), scale, moment)
+    return from_codes(codes, scale, config)
+
+
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, config: IntNConfig) -> CompressedWeight:
+    """The stored form of ``codes`` (rows x cols, integers in [-levels, levels]) on the row
+    ``scale`` grid: what ``quantize`` returns, and what learned rounding stores."""
+    rows, cols = codes.shape
+    levels = 2 ** (config.bits - 1) - 1
     cost = StorageCost(
         value_bits=rows * cols * config.bits,
         index_bits=0,
-        scale_bits=rows * dtype_bits(weight.dtype),
+        scale_bits=rows * dtype_bits(scale.dtype),
         macs=rows * cols,
     )
     # stored: codes shifted to 0..2 * levels (N bits each) and the row scales
     parts = {"codes": (codes + levels).to(torch.uint8).flatten(), "scale": scale}
-    return CompressedWeight(codes * scale, cost, parts, codes={"codes": config.bits})
+    return CompressedWeight(codes * scale, cost, parts, codes={"codes": config.bits}, config=config)
 
 
 @register_expander(IntNConfig)

@@ -12,21 +12,32 @@ adapters against the uncompressed network on the calibration images, without rea
 - ``network``: ``block``, then every adapter together, end to end, on the uncompressed
   network's softened logits (KL divergence, as ``--objective kd``).
 
-Each stage measures its error over every calibration image before and after training and keeps
-the better of the two states, so a stage never leaves a unit worse than it found it. Only the
-adapters' tensors move: the compressed bases, BatchNorm statistics and everything else stay as
-they are (every module in eval mode).
+With ``--quantizer adaround`` a block's N-bit layers also learn each weight's rounding, with the
+block's adapters (``compression.adaround``); the learned codes then replace the stored ones.
+
+Each stage measures its error over every calibration image before and after training (after:
+with the learned codes themselves, not their soft form) and keeps the better of the two states,
+so a stage never leaves a unit worse than it found it. Nothing else moves: BatchNorm statistics
+and every other tensor stay as they are (every module in eval mode).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+
+from compression import CompressedWeight
+from compression.adaround import SoftRounding, beta_at, learns_rounding
+from compression.integer import from_codes
+from lora.layer import compressed_of
 
 MODES = ("none", "block", "network")
 
@@ -36,7 +47,9 @@ class ReconstructionConfig:
     """mode: ``none``, ``block`` or ``network`` (block, then end to end); block_steps: Adam steps
     per unit; network_steps: Adam steps of the end-to-end stage; lr: Adam's learning rate;
     batch_size: calibration images per step; temperature: the KL's softening of both logits;
-    seed: the order in which the steps draw their batches."""
+    seed: the order in which the steps draw their batches; rounding_lr, rounding_weight: Adam's
+    learning rate for learned rounding's logits and the weight of its regulariser against the
+    relative squared error (``--quantizer adaround``)."""
 
     mode: str = "none"
     block_steps: int = 100
@@ -45,6 +58,8 @@ class ReconstructionConfig:
     batch_size: int = 32
     temperature: float = 1.0
     seed: int = 0
+    rounding_lr: float = 1e-2
+    rounding_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,8 +82,8 @@ class UnitRecord:
     """One stage of a reconstruction: the unit's module name (``network`` for the end-to-end
     stage), its adapted layers, its error over every calibration image before and after
     training (a unit: squared error over the target's squared norm; the network: the KL), the
-    steps taken, and which state it kept (``trained``, or ``start`` when training made it
-    worse)."""
+    steps taken, which state it kept (``trained``, or ``start`` when training made it worse),
+    and how many stored codes learned rounding changed (kept ones only)."""
 
     unit: str
     layers: tuple[str, ...]
@@ -76,6 +91,7 @@ class UnitRecord:
     error_end: float
     steps: int
     kept: str
+    codes_changed: int = 0
 
 
 class ReconstructionError(ValueError):
@@ -179,24 +195,63 @@ def _restore(parameters: Sequence[nn.Parameter], state: Sequence[torch.Tensor]) 
 
 
 def _fit(
-    parameters: Sequence[nn.Parameter],
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    groups: list[dict],
+    loss_of: Callable[[torch.Tensor, int], torch.Tensor],
     rows: int,
     steps: int,
     config: ReconstructionConfig,
     generator: torch.Generator,
 ) -> None:
-    """``steps`` Adam steps on ``loss_of(batch rows)``, the batches drawn without replacement
-    from a fresh permutation of the ``rows`` each time one runs out."""
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    """``steps`` Adam steps (parameter ``groups``, each with its lr) on ``loss_of(batch rows,
+    step)``, the batches drawn without replacement from a fresh permutation of the ``rows``
+    each time one runs out."""
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        return
+    optimizer = torch.optim.Adam(groups)
     order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < min(config.batch_size, rows):
             order = torch.randperm(rows, generator=generator)
         batch, order = order[: config.batch_size], order[config.batch_size :]
         optimizer.zero_grad(set_to_none=True)
-        loss_of(batch).backward()
+        loss_of(batch, step).backward()
         optimizer.step()
+
+
+def _soft_roundings(
+    adapted: nn.Module, reference: nn.Module, layers: Sequence[str]
+) -> dict[str, SoftRounding]:
+    """A ``SoftRounding`` put on the base weight of every layer of ``layers`` whose compressor
+    learns its rounding, started from the uncompressed weight on the stored grid."""
+    found = {}
+    for name in layers:
+        base = getattr(adapted.get_submodule(name), "base_layer", None)
+        compressed = compressed_of(base) if base is not None else None
+        if compressed is None or not learns_rounding(compressed.config):
+            continue
+        levels = 2 ** (compressed.config.bits - 1) - 1
+        weight = reference.get_submodule(name).weight
+        rounding = SoftRounding(weight, compressed.parts["scale"], levels).to(weight.device)
+        parametrize.register_parametrization(base, "weight", rounding)
+        found[name] = rounding
+    return found
+
+
+def _harden(adapted: nn.Module, roundings: dict[str, SoftRounding]) -> dict[str, tuple]:
+    """Each soft rounding replaced by its learned codes, stored; returns, per layer, the stored
+    base it had before and the number of codes that changed."""
+    before = {}
+    for name, rounding in roundings.items():
+        base = adapted.get_submodule(name).base_layer
+        codes = rounding.hard_codes()
+        parametrize.remove_parametrizations(base, "weight", leave_parametrized=False)
+        old = _detached(base.compressed)
+        levels = rounding.levels
+        old_codes = old.parts["codes"].reshape(codes.shape).to(codes.dtype) - levels
+        base.set_compressed(from_codes(codes, rounding.scale, old.config))
+        before[name] = (old, int((old_codes != codes).sum()))
+    return before
 
 
 def _relative_error(module: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
@@ -234,6 +289,28 @@ def _keep_better(parameters, start, error_start: float, error_end: float) -> tup
     return error_start, "start"
 
 
+def refit_steps(config: ReconstructionConfig) -> int:
+    """Adam steps of a block's adapters after its rounding is learned and stored."""
+    return max(1, config.block_steps // 2)
+
+
+def learned_bases(adapted: nn.Module, layers: Sequence[str]) -> dict[str, CompressedWeight]:
+    """The stored base of each of ``layers`` whose rounding was learned (to carry them over to
+    a copy of the network)."""
+    found = {}
+    for name in layers:
+        compressed = compressed_of(getattr(adapted.get_submodule(name), "base_layer", None))
+        if compressed is not None and learns_rounding(compressed.config):
+            found[name] = _detached(compressed)
+    return found
+
+
+def _detached(compressed: CompressedWeight) -> CompressedWeight:
+    """``compressed`` with a copy of its weight: a layer's ``compressed`` is a view of the
+    weight that ``set_compressed`` overwrites in place."""
+    return dataclasses.replace(compressed, weight=compressed.weight.detach().clone())
+
+
 def reconstruct(
     adapted: nn.Module,
     reference: nn.Module,
@@ -265,15 +342,42 @@ def reconstruct(
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         start = _snapshot(parameters)
         before = _relative_error(module, x, target, chunk)
+        roundings = _soft_roundings(adapted, reference, layers)
+        power = float(target.double().square().mean().clamp_min(1e-30))
 
-        def loss_of(rows, module=module, x=x, target=target):
-            return F.mse_loss(module(x[rows]), target[rows])
+        def loss_of(
+            rows, step, module=module, x=x, target=target, roundings=roundings, power=power
+        ):
+            loss = F.mse_loss(module(x[rows]), target[rows]) / power
+            beta = beta_at(step, config.block_steps)
+            if roundings and beta is not None:
+                penalty = sum(r.regulariser(beta) for r in roundings.values()) / len(roundings)
+                loss = loss + config.rounding_weight * penalty
+            return loss
 
-        _fit(parameters, loss_of, len(x), config.block_steps, config, generator)
+        groups = [
+            {"params": parameters, "lr": config.lr},
+            {"params": [r.logits for r in roundings.values()], "lr": config.rounding_lr},
+        ]
+        _fit(groups, loss_of, len(x), config.block_steps, config, generator)
+        replaced = _harden(adapted, roundings)
+        if replaced:
+            # the adapters were trained beside soft codes, which a few hundred steps do not
+            # drive all the way to 0 or 1: they are refitted to the codes now stored
+            refit = [{"params": parameters, "lr": config.lr}]
+            plain = functools.partial(loss_of, roundings={})
+            _fit(refit, plain, len(x), refit_steps(config), config, generator)
         after, kept = _keep_better(
             parameters, start, before, _relative_error(module, x, target, chunk)
         )
-        records.append(UnitRecord(unit, tuple(layers), before, after, config.block_steps, kept))
+        changed = 0
+        for name, (old, count) in replaced.items():
+            if kept == "start":
+                adapted.get_submodule(name).base_layer.set_compressed(old)
+            else:
+                changed += count
+        steps = config.block_steps + (refit_steps(config) if replaced else 0)
+        records.append(UnitRecord(unit, tuple(layers), before, after, steps, kept, changed))
         if progress is not None:
             progress(unit)
         del x, target
@@ -285,10 +389,11 @@ def reconstruct(
         start = _snapshot(parameters)
         before = _network_error(adapted, inputs, teacher, chunk, config.temperature)
 
-        def network_loss(rows):
+        def network_loss(rows, _step):
             return _kl(adapted(inputs[rows]).float(), teacher[rows], config.temperature)
 
-        _fit(parameters, network_loss, len(inputs), config.network_steps, config, generator)
+        groups = [{"params": parameters, "lr": config.lr}]
+        _fit(groups, network_loss, len(inputs), config.network_steps, config, generator)
         after = _network_error(adapted, inputs, teacher, chunk, config.temperature)
         after, kept = _keep_better(parameters, start, before, after)
         records.append(UnitRecord("network", layers, before, after, config.network_steps, kept))

@@ -18,7 +18,7 @@ from compression import (
     uses_inputs,
 )
 from compression.gptq import weighted_row_errors
-from compression.integer import QUANTIZERS
+from compression.integer import INT_QUANTIZERS
 from lora.calibration import compress_sequentially
 from train_evaluate.config import cli
 from train_evaluate.search.sweep import Method
@@ -94,7 +94,7 @@ def test_only_calibrated_options_read_the_inputs_and_the_cli_names_match():
     configs = build_configs(["int4", "int1", "sparse"], quantizer="gptq")
     assert configs["int4"].describe() == "int4(per-row symmetric, gptq)"
     assert configs["int1"].describe() == "int1(scale=row, gptq)"
-    assert list(cli.QUANTIZER_NAMES) == list(QUANTIZERS)
+    assert list(cli.QUANTIZER_NAMES) == list(INT_QUANTIZERS)
     with pytest.raises(ValueError, match="unknown quantizer 'obq'"):
         IntNConfig(4, quantizer="obq")
 

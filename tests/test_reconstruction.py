@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from compression import make_config
+from compression import compress, make_config
+from compression.adaround import SoftRounding
 from lora import LoraConfig
 from lora.attach import make_adapter, make_init_context
 from lora.reconstruction import (
@@ -35,14 +36,17 @@ from train_evaluate.training.training import FeatureSplit
 FAST = ReconstructionConfig(mode="block", block_steps=30, network_steps=20, batch_size=8)
 
 
-def resnet_setup(calibration: torch.Tensor, config: ReconstructionConfig = FAST):
+def resnet_setup(
+    calibration: torch.Tensor, config: ReconstructionConfig = FAST, compression: str = "int2",
+    **options,
+):  # fmt: skip
     model = image_model(bare(RESNET))
     names = network.select_layers(model.model, ["all"])
     layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
     units = reconstruction_units([info.name for info in layers], boundaries(model.model))
     method = network.NetworkMethod.create(
-        "int2", make_config("int2"), model, layers, calibration, reconstruction=config,
-        units=units,
+        compression, make_config(compression, **options), model, layers, calibration,
+        reconstruction=config, units=units,
     )  # fmt: skip
     return method, units
 
@@ -183,14 +187,16 @@ def test_the_driver_reconstructs_and_the_checkpoint_scores_what_init_only_report
 
     results = tmp_path / "results"
     common = ("--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
-              "--layers", "all", "--methods", "int2", "--ranks", "2", "--trials", "1",
+              "--layers", "all", "--methods", "int4", "--ranks", "2", "--trials", "1",
               "--epochs", "0", "--init", "svd_init", "--calib-images", "8",
               "--results-dir", results, "--cache-dir", shared_cache)  # fmt: skip
     head = [*common[:7], "head", *common[8:]]
     code, _, err = run_driver(capsys, *head, "--reconstruct", "block")
     assert code == 2 and err.count("\n") == 1 and "--reconstruct" in err, err
-    code, _, err = run_driver(capsys, *common, "--reconstruct", "block", "--reconstruct-steps",
-                              "10", "--reconstruct-batch", "4")  # fmt: skip
+    code, _, err = run_driver(capsys, *common, "--quantizer", "adaround")
+    assert code == 2 and err.count("\n") == 1 and "--reconstruct block" in err, err
+    code, _, err = run_driver(capsys, *common, "--quantizer", "adaround", "--reconstruct", "block",
+                              "--reconstruct-steps", "10", "--reconstruct-batch", "4")  # fmt: skip
     assert code == 0, err
     out = run_folder(results, "svd_init_layers-all_reconstruct-block")
     config = json.loads((out / "run.json").read_text())["config"]["network"]["reconstruct"]
@@ -198,10 +204,70 @@ def test_the_driver_reconstructs_and_the_checkpoint_scores_what_init_only_report
     layers = pd.read_csv(out / "layers.csv")
     assert layers["block"].notna().all()
     assert (layers["block_error_end"] <= layers["block_error_start"]).all()
-    checkpoint = out / "checkpoints" / "quant=int2_r=2.safetensors"
+    assert layers["block_codes_changed"].sum() > 0  # the learned codes differ from the nearest
+    checkpoint = out / "checkpoints" / "quant=int4_r=2.safetensors"
     frame = pd.read_csv(out / "evaluation.csv").set_index("lora_rank")
     # --epochs 0: the model scored is the reconstructed init, and the packed file holds it
     assert frame.loc["2", "evaluation"] == frame.loc["2", "init_only"]
     assert frame.loc["2", "file_evaluation"] == frame.loc["2", "evaluation"]
     assert evaluate_main(["--checkpoint", str(checkpoint), "--cache-dir", str(shared_cache)]) == 0
     assert f"top-1 {frame.loc['2', 'evaluation']:.4f}%" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- learned rounding
+
+
+def test_rounding_starts_at_the_nearest_codes_and_hardens_to_the_floor_or_one_above():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 7, generator=generator)
+    scale = weight.abs().amax(dim=1, keepdim=True) / 7  # int4's max grid: nothing clipped
+    rounding = SoftRounding(weight, scale, 7)
+    # the soft codes start at the weight itself; the codes used, at round to nearest
+    assert torch.allclose(rounding.soft_weight(), weight, atol=1e-5)
+    assert torch.equal(rounding(weight), compress(weight, make_config("int4")).weight)
+    rounding(weight).square().sum().backward()  # straight through to the logits
+    assert rounding.logits.grad is not None and rounding.logits.grad.abs().sum() > 0
+    with torch.no_grad():
+        rounding.logits.normal_(generator=generator)
+    codes = rounding.hard_codes()
+    floor = (weight / scale).floor()
+    # the floor, or one level up where the logit says so, within the 4-bit range
+    assert torch.equal(codes, (floor + (rounding.logits >= 0)).clamp(-7, 7))
+    assert (codes - floor).abs().le(1).all() and codes.abs().max() <= 7
+
+
+def test_learned_rounding_codes_are_in_range_rounded_down_or_up_and_the_file_scores_the_same(
+    tmp_path,
+):
+    from compression.adaround import learns_rounding
+    from train_evaluate.outputs.checkpoint import write_packed
+
+    calibration = images(16, 0)
+    method, _ = resnet_setup(calibration, compression="int4", quantizer="adaround")
+    adapted = method.layer(4, 16, SweepConfig(init="svd_init"), seed=2)
+    records = method.records[4]
+    assert all(r.error_end <= r.error_start for r in records)
+    assert sum(r.codes_changed for r in records) > 0, records
+    rtn = resnet_setup(calibration, compression="int4")[0].compressed_model()
+    changed = 0
+    for name, adapter in adapted.adapters().items():
+        stored = adapter.base_compressed
+        assert (
+            learns_rounding(stored.config) and stored.cost.value_bits == 4 * stored.weight.numel()
+        )
+        codes = stored.parts["codes"].reshape(stored.weight.shape).double() - 7
+        assert codes.min() >= -7 and codes.max() <= 7
+        weight = method.model.model.get_submodule(name).weight.reshape(codes.shape).double()
+        floor = (weight / stored.parts["scale"].double()).floor()
+        # rounded down or up: the floor or the next level, clamped to the range
+        assert ((codes == floor.clamp(-7, 7)) | (codes == (floor + 1).clamp(-7, 7))).all(), name
+        assert torch.equal(adapter.base_layer.expand(), adapter.base_layer.weight)
+        plain = rtn.model.get_submodule(name).compressed
+        changed += int((plain.parts["codes"] != stored.parts["codes"]).sum())
+    assert changed == sum(r.codes_changed for r in records)
+    path = tmp_path / "network.safetensors"
+    write_packed(path, adapted, "fp32", {"model": RESNET})
+    rebuilt = network.load_adapted(method.model, path)
+    pictures = images(6, 9)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pictures), adapted(pictures))

@@ -54,7 +54,7 @@ PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
 INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
 INT_SCALE_NAMES = ("max", "mse")
-QUANTIZER_NAMES = ("rtn", "gptq")
+QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 DEFAULT_MODEL = "resnet18.tv_in1k"
@@ -243,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress_group.add_argument(
         "--quantizer",
-        help="int1/int2/int4/int8 rounding: rtn (to nearest, the default) or gptq (error "
-        "feedback through the layer's input moment, from the train split)",
+        help="int1/int2/int4/int8 rounding: rtn (to nearest, the default), gptq (error "
+        "feedback through the layer's input moment, from the train split), or, for "
+        "int2/int4/int8 with --reconstruct, adaround (each weight's rounding up or down learned "
+        "with its block's adapters)",
     )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(

@@ -514,6 +514,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "block; with the classifier alone there is one layer and no block: drop it or "
             "select more --layers"
         )
+    learned = [m for m, c in compressions.items() if getattr(c, "quantizer", "") == "adaround"]
+    if learned and (network_plan is None or not network_plan.reconstruction.enabled):
+        raise UsageError(
+            "--quantizer adaround learns each weight's rounding inside the block "
+            "reconstruction: add --reconstruct block (or network) and select --layers"
+        )
     run_name = args.init
     if network_plan is not None:
         run_name += f"_layers-{selection_name(network_plan.selection)}"

@@ -46,6 +46,7 @@ from lora.reconstruction import (
     NO_RECONSTRUCTION,
     ReconstructionConfig,
     UnitRecord,
+    learned_bases,
     reconstruct,
     reconstruction_units,
 )
@@ -445,10 +446,9 @@ class NetworkMethod:
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the blocks reconstruction trains
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
-    # per rank: each layer's reconstructed adapter tensors and the scaling they were found at
-    _learned: dict[tuple, dict[str, tuple[dict[str, torch.Tensor], float]]] = field(
-        default_factory=dict, repr=False
-    )
+    # per rank: each layer's reconstructed adapter tensors, the scaling they were found at and,
+    # with learned rounding, its stored base
+    _learned: dict[tuple, dict[str, tuple]] = field(default_factory=dict, repr=False)
     records: dict[int, list[UnitRecord]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -552,11 +552,10 @@ class NetworkMethod:
                 self._learned = {key: self._reconstruct(rank, sweep, self._contexts[key])}
         return self._contexts[key]
 
-    def _reconstruct(
-        self, rank: int, sweep: Any, contexts: dict[str, Any]
-    ) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+    def _reconstruct(self, rank: int, sweep: Any, contexts: dict[str, Any]) -> dict[str, tuple]:
         """The adapters of ``rank`` after ``--reconstruct`` (from the init at alpha 8 and seed
-        0), each layer's tensors with the scaling they were trained at."""
+        0): each layer's tensors, the scaling they were trained at and, where the rounding was
+        learned, the stored base with the learned codes (else None)."""
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -578,8 +577,9 @@ class NetworkMethod:
             records[-1].error_start, records[-1].error_end,
             f"; kept the start of {', '.join(worse)}" if worse else "",
         )  # fmt: skip
+        bases = learned_bases(network.network.model, self.names())
         return {
-            name: (adapter.adapter_state(), adapter.scaling)
+            name: (adapter.adapter_state(), adapter.scaling, bases.get(name))
             for name, adapter in network.adapters().items()
         }
 
@@ -606,9 +606,11 @@ class NetworkMethod:
         learned = self._learned.get((rank, sweep.init, sweep.loftq_iters))
         if learned:
             for name, adapter in network.adapters().items():
-                state, scaling = learned[name]
+                state, scaling, base = learned[name]
                 state = dict(state, lora_B=state["lora_B"] * (scaling / adapter.scaling))
                 adapter.load_adapter_state(state)
+                if base is not None:  # --quantizer adaround: the learned codes
+                    adapter.base_layer.set_compressed(base)
         return network
 
 
@@ -811,15 +813,16 @@ LAYER_COLUMNS = (
 )  # fmt: skip
 
 
-RECONSTRUCTION_COLUMNS = ("block", "block_error_start", "block_error_end")
+RECONSTRUCTION_COLUMNS = ("block", "block_error_start", "block_error_end", "block_codes_changed")
 
 
 def with_reconstruction(
     rows: Sequence[dict[str, Any]], records: Sequence[UnitRecord] | None
 ) -> list[dict[str, Any]]:
     """``rows`` (one rank's layers.csv rows) with the block each layer was reconstructed in and
-    that block's relative error before and after (``--reconstruct``; left empty for a rank this
-    process did not reconstruct, as a worker of another process's rank)."""
+    that block's relative error before and after and the stored codes learned rounding changed
+    in it (``--reconstruct``; left empty for a rank this process did not reconstruct, as a
+    worker of another process's rank)."""
     by_layer = {}
     for record in records or ():
         if record.unit != "network":
@@ -827,7 +830,11 @@ def with_reconstruction(
     out = []
     for row in rows:
         record = by_layer.get(row["layer"])
-        extra = (record.unit, record.error_start, record.error_end) if record else (None,) * 3
+        extra = (
+            (record.unit, record.error_start, record.error_end, record.codes_changed)
+            if record
+            else (None,) * len(RECONSTRUCTION_COLUMNS)
+        )
         out.append({**row, **dict(zip(RECONSTRUCTION_COLUMNS, extra, strict=True))})
     return out
 
