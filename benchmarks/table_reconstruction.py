@@ -3,16 +3,16 @@
 learned rounding, on the real ImageNet sample.
 
     python train_evaluate/inputs/convert_efficientnet_lite0.py          # once: the real weights
-    python -m benchmarks.table_reconstruction [--ranks 8 16] [--results-dir DIR]
+    python -m benchmarks.table_reconstruction [--ranks 8 16] [--methods int2 int4] [--variants ...]
 
-Every variant runs the driver once: int2 with the mse scale, ``act_svd_init``, adapters at fp16,
-the split 40/10/50 (80 train images, all of them calibration images; 100 test images, so one
-image is one point of accuracy). It prints one markdown table (bits per weight: every stored
-bit of the selected layers; the model's own column: every bit of the whole model over its
-conv and linear weights; test top-1; the seconds the run took; the rows no other row beats
-with at most its bits marked) and the two targets of the project's sub-4-bit work, met or not
-and by how much: at most 3.0 bits per weight within 5 points of the original's top-1, at most
-2.5 within 10.
+Every variant runs the driver once: each method (default int2) with the mse scale,
+``act_svd_init``, adapters at fp16, the split 40/10/50 (80 train images, all of them
+calibration images; 100 test images, so one image is one point of accuracy). It prints one
+markdown table (bits per weight: every stored bit of the selected layers; the model's own
+column: every bit of the whole model over its conv and linear weights; test top-1; the seconds
+the run took; the rows no other row beats with at most its bits marked) and the two targets of
+the project's sub-4-bit work, met or not and by how much: at most 3.0 bits per weight within 5
+points of the original's top-1, at most 2.5 within 10.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataF
     code = train_main(
         [
             "--model", MODEL, "--weights", str(args.weights), "--data-dir", str(args.data_dir),
-            "--layers", "all", "--epochs", "0", "--init", "act_svd_init", "--methods", "int2",
-            "--int-scale", "mse", "--ranks", *map(str, args.ranks), "--adapter-dtype", "fp16",
+            "--layers", "all", "--epochs", "0", "--init", "act_svd_init",
+            "--methods", *args.methods, "--int-scale", "mse", "--ranks", *map(str, args.ranks),
+            "--adapter-dtype", "fp16",
             "--split", "0.4", "0.1", "0.5", "--calib-images", str(args.calib_images),
             "--results-dir", str(results), *options,
         ]
@@ -71,7 +72,7 @@ def targets(frame: pd.DataFrame, original: float) -> list[str]:
         verdict = "met" if gap <= points else f"not met, by {gap - points:.1f} points"
         lines.append(
             f"- at most {bits} bits per weight within {points:g} points of {original:.1f}: best "
-            f"{best['evaluation']:.1f} ({best['variant']}, rank {best['rank']}, "
+            f"{best['evaluation']:.1f} ({best['method']}, {best['variant']}, rank {best['rank']}, "
             f"{best['bits_per_weight']:.2f} bits), {gap:.1f} below: {verdict}"
         )
     return lines
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/imagenet-sample")
     parser.add_argument("--weights", type=Path, default=REPO / f"weights/{MODEL}.safetensors")
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16])
+    parser.add_argument("--methods", nargs="+", default=["int2"])
     parser.add_argument("--calib-images", type=int, default=80)
     parser.add_argument("--variants", nargs="+", choices=[v for v, _ in VARIANTS])
     parser.add_argument(
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             if rank == "-":
                 original = row["evaluation"]
                 continue
-            if rank == "none" and any(r["rank"] == "none" for r in rows):
+            seen = {(r["method"], r["rank"]) for r in rows}
+            if rank == "none" and (row["quant"], "none") in seen:
                 continue  # the compressed-only row once: no init or reconstruction in it
             rows.append({
-                "variant": label if rank != "none" else "-", "rank": rank,
+                "method": row["quant"], "variant": label if rank != "none" else "-", "rank": rank,
                 "bits_per_weight": row["bits_per_weight"],
                 "model_bits_per_weight": row["model_bits_per_weight"],
                 "evaluation": row["evaluation"], "seconds": seconds if rank != "none" else None,
@@ -119,16 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     frame["front"] = pareto(frame)
     frame = frame.sort_values(["bits_per_weight", "evaluation"], ascending=[True, False])
     lines = [
-        f"EfficientNet-Lite0, `--layers all`, int2 (mse scale), act_svd_init, fp16 adapters, "
+        f"EfficientNet-Lite0, `--layers all`, mse scale, act_svd_init, fp16 adapters, "
         f"training-free; original {original:.1f}; {machine()}",
         "",
-        "| variant | rank | bits/weight | model bits/weight | top-1 | run seconds | front |",
-        "|---|---|---|---|---|---|---|",
+        "| method | variant | rank | bits/weight | model bits/weight | top-1 | run seconds "
+        "| front |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in frame.itertuples():
         seconds = "" if pd.isna(row.seconds) else f"{row.seconds:.0f}"
         lines.append(
-            f"| {row.variant} | {row.rank} | {row.bits_per_weight:.2f} | "
+            f"| {row.method} | {row.variant} | {row.rank} | {row.bits_per_weight:.2f} | "
             f"{row.model_bits_per_weight:.2f} | {row.evaluation:.1f} | {seconds} | "
             f"{'yes' if row.front else ''} |"
         )

@@ -278,14 +278,15 @@ def forward_order(model: nn.Module, example_input: torch.Tensor, names: Iterable
     return order
 
 
-def _moments(
+def input_moments(
     model: nn.Module,
     modules: dict[str, nn.Module],
     calibration: Iterable | Callable[[], Iterable],
     positions: int,
 ) -> dict[str, torch.Tensor]:
-    """The input moment of each of ``modules`` (given in forward order) over every calibration
-    batch, from passes that stop at the last of them."""
+    """The input moment X^T X / N (float64) of each of ``modules`` (given in forward order) over
+    every calibration batch, at most ``positions`` positions per sample, from passes that stop
+    at the last of them; the model as it is (no layer replaced)."""
     accumulators = {name: MomentAccumulator(m, positions) for name, m in modules.items()}
     last = next(reversed(modules.values()))
     device = _device(model)
@@ -413,7 +414,7 @@ def calibrate_sequentially(
             cross: dict[str, torch.Tensor] = {}
             if aware and not sequential:
                 chosen = {name: modules[name] for name in order if name in aware}
-                moments = _moments(model, chosen, calibration, positions)
+                moments = input_moments(model, chosen, calibration, positions)
             for name in order:
                 module = modules[name]
                 if name in crossed:
@@ -421,7 +422,9 @@ def calibrate_sequentially(
                         clean, clean.get_submodule(name), model, module, calibration, positions
                     )
                 elif name in aware and sequential:
-                    moments[name] = _moments(model, {name: module}, calibration, positions)[name]
+                    moments[name] = input_moments(model, {name: module}, calibration, positions)[
+                        name
+                    ]
                 context = make_init_context(
                     module, targets[name], moment=moments.get(name), cross_moment=cross.get(name)
                 )
@@ -470,7 +473,7 @@ def compress_sequentially(
                     )
                     weight = output_target(weight, moment, cross).to(weight.dtype)
                 elif name in calibrated:
-                    moment = _moments(model, {name: module}, calibration, positions)[name]
+                    moment = input_moments(model, {name: module}, calibration, positions)[name]
                 result = compress(weight, targets[name], moment)
                 if isinstance(module, nn.Conv2d):
                     replacement = CompressedConv2d.from_compressed(

@@ -329,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
         f"{RECONSTRUCT_DEFAULTS['batch_size']})",
     )
     network.add_argument(
+        "--bits-budget",
+        type=float,
+        default=None,
+        metavar="B",
+        help="also run one budgeted model: each selected layer takes its own method and rank "
+        "from --methods x --ranks, the stored bits of the selected layers at most B per weight, "
+        "the summed relative output error of the layers on the calibration images smallest "
+        "(a knapsack: exact, or greedy with its gap stated); its row's quant is budget<B>, its "
+        "lora_rank the largest rank it gives a layer, and layers.csv holds each layer's choice",
+    )
+    network.add_argument(
         "--cache-limit",
         type=float,
         default=DEFAULT_CACHE_LIMIT_GB,

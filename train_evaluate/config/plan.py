@@ -124,6 +124,7 @@ class NetworkPlan:
     left_out: dict[str, list[str]]
     calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
     reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
+    bits_budget: float | None = None  # --bits-budget: one more model, layers chosen to fit it
 
     @property
     def cache_bytes(self) -> int:
@@ -391,7 +392,29 @@ def plan_network(
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
         calibration=getattr(args, "calibration", "symmetric"),
         reconstruction=reconstruction_config(args),
+        bits_budget=getattr(args, "bits_budget", None),
     )
+
+
+def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
+    """--bits-budget's refusals, each in one line."""
+    budget = getattr(args, "bits_budget", None)
+    if budget is None:
+        return
+    if network_plan is None:
+        raise UsageError(
+            "--bits-budget spreads bits over the selected layers; with the classifier alone "
+            "there is one layer: drop it or select more --layers"
+        )
+    if not budget > 0 or not math.isfinite(budget):
+        raise UsageError(
+            f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
+        )
+    if args.search == "pareto" or args.workers > 1 or args.storage is not None:
+        raise UsageError(
+            "--bits-budget runs in one process with the rank-by-rank search: drop --search "
+            "pareto, --workers and --storage"
+        )
 
 
 def reconstruction_config(args: argparse.Namespace) -> Any:
@@ -520,6 +543,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
         )
+    check_budget(args, network_plan)
     run_name = args.init
     if network_plan is not None:
         run_name += f"_layers-{selection_name(network_plan.selection)}"

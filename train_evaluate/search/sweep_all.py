@@ -35,6 +35,8 @@ class Built:
     shared: dict[str, Any]  # the columns every row of the method carries
     compressed: dict[str, float]  # the compressed-only model's test metrics
     accounting: Any  # report.Accounting, or the network's accounting
+    budget: Any = None  # --bits-budget: the solved budget.Budget of this method
+    rank: int | None = None  # --bits-budget: the one rank its rows name (the largest chosen)
 
 
 def sweep_all(plan) -> dict:
@@ -128,11 +130,18 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     if plan.network is not None:
         setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits, code_bits)
 
-        def build(name: str, compression: Any) -> Built:
-            method = setup.method(name, compression)
+        def build(name: str, compression: Any, bits_budget: float | None = None) -> Built:
+            budget = None
+            if bits_budget is None:
+                method = setup.method(name, compression)
+            else:
+                budget = solve_budget(plan, setup, bits_budget)
+                method = setup.budget_method(name, budget, plan.compressions)
+                compression = method.config
             compressed = evaluate(method.compressed_model(), splits.test)
+            rank = max(c.rank for c in budget.chosen) if budget else None
             return Built(method, shared_columns(name, compression), compressed,
-                         setup.accounting(method))  # fmt: skip
+                         setup.accounting(method), budget, rank)  # fmt: skip
 
         return build
     accounting = report.Accounting(
@@ -154,13 +163,52 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     return build
 
 
+def solve_budget(plan, setup, bits_budget: float):
+    """--bits-budget: every layer's options measured, the knapsack solved, the choice logged."""
+    from tqdm import tqdm
+
+    from compression.budget import BudgetError
+    from train_evaluate.runtime.errors import UsageError
+    from train_evaluate.training import budget
+
+    started = time.perf_counter()
+    with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
+        try:
+            solved = budget.allocate(
+                setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, bar.update
+            )
+        except BudgetError as error:
+            weights = sum(info.matrix[0] * info.matrix[1] for info in setup.layers)
+            cheapest = error.cheapest_bits / weights
+            raise UsageError(
+                f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over "
+                f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
+                "budget, or add a cheaper method or a smaller rank"
+            ) from error
+    allocation = solved.allocation
+    log.info(
+        "bit budget %g bits/weight: %d layers x %d options each at most, %s in %.1f s; %.4f "
+        "bits/weight chosen, summed sensitivity %.4g%s",
+        bits_budget, len(setup.layers), max(len(o) for o in solved.options),
+        "solved exactly" if allocation.exact else "greedy", time.perf_counter() - started,
+        allocation.bits / (solved.budget_bits / bits_budget), allocation.sensitivity,
+        "" if allocation.exact else f" (at most {allocation.gap:.4g} above the optimum)",
+    )  # fmt: skip
+    return solved
+
+
+def budget_name(bits_budget: float) -> str:
+    return f"budget{bits_budget:g}"
+
+
 def total_steps(plan) -> int:
     """Progress units of the run: the Pareto study's trials, or every rank's steps."""
     from train_evaluate.search.sweep import steps_per_rank
 
     if plan.search == "pareto":
         return plan.sweep.trials
-    return len(plan.compressions) * len(plan.ranks) * steps_per_rank(plan.sweep)
+    budgeted = plan.network is not None and plan.network.bits_budget is not None
+    return (len(plan.compressions) * len(plan.ranks) + budgeted) * steps_per_rank(plan.sweep)
 
 
 def run_storage(plan):
@@ -180,11 +228,15 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
     from train_evaluate.search.records import rank_record
 
     rows, layer_rows, candidates, built, records = [], [], {}, [], {}
-    for name, compression in plan.compressions.items():
-        done = build(name, compression)
+    bits_budget = plan.network.bits_budget if plan.network is not None else None
+    jobs = list(plan.compressions.items())
+    if bits_budget is not None:  # first: a budget below every choice is refused at once
+        jobs.insert(0, (budget_name(bits_budget), None))
+    for name, compression in jobs:
+        done = build(name, compression) if compression else build(name, None, bits_budget)
         log.info(
             "%s: compressed only, test top-1 %.2f%%",
-            compression.describe(),
+            done.method.config.describe(),
             done.compressed["acc"],
         )
         if plan.search == "pareto":
@@ -197,7 +249,8 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             continue
         built.append(done)
         if context.sharing is None:  # one process: rank after rank, as they come
-            records[name] = [rank_record(context, done.method, rank) for rank in plan.ranks]
+            ranks = plan.ranks if done.rank is None else (done.rank,)
+            records[name] = [rank_record(context, done.method, rank) for rank in ranks]
     if context.sharing is not None:
         records = share_ranks(context, [done.method for done in built], plan.ranks)
     for done in built:
@@ -210,13 +263,15 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             done.accounting,
         )
         if plan.network is not None:
-            from train_evaluate.training.network import with_reconstruction
+            from train_evaluate.training.network import with_budget, with_reconstruction
 
             reconstructed = plan.network.reconstruction is not None and (
                 plan.network.reconstruction.enabled
             )
-            for r in plan.ranks:
+            for r in plan.ranks if done.rank is None else (done.rank,):
                 rank_rows = done.accounting.layer_rows(done.method.name, r)
+                if done.budget is not None:
+                    rank_rows = with_budget(rank_rows, done.budget)
                 if reconstructed:
                     rank_rows = with_reconstruction(rank_rows, done.method.records.get(r))
                 layer_rows += rank_rows

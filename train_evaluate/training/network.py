@@ -288,11 +288,14 @@ class NetworkAccounting:
     selection: str
     adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
     model_weights: int | None = None
+    # --bits-budget: each layer's own requested rank, whatever rank a row names (0: none)
+    ranks: tuple[int, ...] | None = None
 
     def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
         costs = self.costs if costs is None else costs
-        for info, cost in zip(self.layers, costs, strict=True):
-            r = info.rank(rank) if rank else 0
+        ranks = self.ranks or (rank,) * len(self.layers)
+        for info, cost, own in zip(self.layers, costs, ranks, strict=True):
+            r = info.rank(own) if rank and own else 0
             yield (
                 info,
                 r,
@@ -445,6 +448,10 @@ class NetworkMethod:
     asymmetric: bool = False  # --calibration asymmetric: fit the clean network's outputs
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the blocks reconstruction trains
+    # --bits-budget: each layer's own compressor and requested rank (``config`` is then a
+    # budget.PerLayerCompression, and the rank a row names is the largest of them)
+    layer_configs: dict[str, Any] | None = None
+    layer_ranks: dict[str, int] | None = None
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     # per rank: each layer's reconstructed adapter tensors, the scaling they were found at and,
     # with learned rounding, its stored base
@@ -462,14 +469,20 @@ class NetworkMethod:
         asymmetric: bool = False,
         reconstruction: ReconstructionConfig = NO_RECONSTRUCTION,
         units: Sequence[tuple[str, tuple[str, ...]]] = (),
+        layer_configs: dict[str, Any] | None = None,
+        layer_ranks: dict[str, int] | None = None,
     ) -> NetworkMethod:
+        configs = layer_configs or {}
         costs = tuple(
-            compress(weight_matrix(model.model.get_submodule(info.name)), config).cost
+            compress(
+                weight_matrix(model.model.get_submodule(info.name)), configs.get(info.name, config)
+            ).cost
             for info in layers
         )
         return cls(
             name, config, model, tuple(layers), calibration, costs, asymmetric=asymmetric,
-            reconstruction=reconstruction, units=tuple(units),
+            reconstruction=reconstruction, units=tuple(units), layer_configs=layer_configs,
+            layer_ranks=layer_ranks,
         )  # fmt: skip
 
     @property
@@ -485,16 +498,22 @@ class NetworkMethod:
     def names(self) -> list[str]:
         return [info.name for info in self.layers]
 
+    def targets(self) -> dict[str, Any]:
+        """Each selected layer's compressor config."""
+        configs = self.layer_configs or {}
+        return {info.name: configs.get(info.name, self.config) for info in self.layers}
+
     def compressed_model(self) -> ImageModel:
         """Every selected layer compressed, no adapters: the ``quantized`` row. A calibrated
         compressor compresses in forward order on the calibration images' inputs."""
         from compression import CompressedConv2d, CompressedLinear, uses_inputs
 
         network = copy.deepcopy(self.model)
-        if uses_inputs(self.config):
+        targets = self.targets()
+        if any(uses_inputs(config) for config in targets.values()):
             compress_sequentially(
                 network.model,
-                {info.name: self.config for info in self.layers},
+                targets,
                 lambda: self._calibration_batches(),
                 positions=self.positions,
                 asymmetric=self.asymmetric,
@@ -503,7 +522,7 @@ class NetworkMethod:
         for info in self.layers:
             dense = network.model.get_submodule(info.name)
             kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear
-            replace_submodule(network.model, info.name, kind.from_dense(dense, self.config))
+            replace_submodule(network.model, info.name, kind.from_dense(dense, targets[info.name]))
         return network.requires_grad_(False).eval()
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
@@ -512,6 +531,8 @@ class NetworkMethod:
             yield self.model.preprocess(chunk.to(device))
 
     def lora_config(self, info: LayerInfo, rank: int, alpha: float, sweep: Any) -> LoraConfig:
+        if self.layer_ranks is not None:
+            rank = self.layer_ranks[info.name]
         return LoraConfig(
             r=info.rank(rank),
             lora_alpha=alpha,
@@ -529,7 +550,7 @@ class NetworkMethod:
             by_name = {info.name: info for info in self.layers}
             adapted = calibrate_sequentially(
                 scratch,
-                {info.name: self.config for info in self.layers},
+                self.targets(),
                 lambda name, _module: self.lora_config(by_name[name], rank, 8.0, sweep),
                 lambda: self._calibration_batches(),
                 generator=torch.Generator().manual_seed(0),
@@ -804,8 +825,22 @@ class NetworkSetup:
             self.reconstruction, self.units,
         )  # fmt: skip
 
+    def budget_method(self, name: str, budget: Any, compressions: dict[str, Any]) -> NetworkMethod:
+        """The method of a solved ``--bits-budget`` (``budget.Budget``): each layer with its own
+        compressor and rank."""
+        chosen = budget.chosen
+        return NetworkMethod.create(
+            name, budget.compression(compressions), self.model, self.layers, self.calibration,
+            self.asymmetric, self.reconstruction, self.units,
+            layer_configs={c.layer: compressions[c.method] for c in chosen},
+            layer_ranks={c.layer: c.rank for c in chosen},
+        )  # fmt: skip
+
     def accounting(self, method: NetworkMethod) -> NetworkAccounting:
-        return replace(self.template, costs=method.costs)
+        ranks = None
+        if method.layer_ranks is not None:
+            ranks = tuple(method.layer_ranks[info.name] for info in method.layers)
+        return replace(self.template, costs=method.costs, ranks=ranks)
 
 
 LAYER_COLUMNS = (
@@ -839,12 +874,28 @@ def with_reconstruction(
     return out
 
 
+BUDGET_COLUMNS = ("choice", "sensitivity")
+
+
+def with_budget(rows: Sequence[dict[str, Any]], budget: Any) -> list[dict[str, Any]]:
+    """``rows`` (the budgeted method's layers.csv rows) with each layer's chosen method and
+    its measured sensitivity (``--bits-budget``)."""
+    chosen = {c.layer: c for c in budget.chosen}
+    return [
+        {**row, "choice": chosen[row["layer"]].method,
+         "sensitivity": chosen[row["layer"]].sensitivity}
+        for row in rows
+    ]  # fmt: skip
+
+
 def layers_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """``layers.csv``: one line per (method, rank, layer); with ``--reconstruct``, each layer's
-    block and its errors too."""
+    """``layers.csv``: one line per (method, rank, layer); with ``--bits-budget``, the budgeted
+    layers' choice and sensitivity; with ``--reconstruct``, each layer's block and its errors."""
     import pandas as pd
 
     columns = list(LAYER_COLUMNS)
+    if any("choice" in row for row in rows):
+        columns += BUDGET_COLUMNS
     if any("block" in row for row in rows):
         columns += RECONSTRUCTION_COLUMNS
     frame = pd.DataFrame(list(rows), columns=columns)
