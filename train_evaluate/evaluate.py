@@ -280,7 +280,7 @@ def report_accuracy(accuracy: float, count: int, described: str, info: dict, arg
             if accuracy == recorded
             else f"differs by {accuracy - recorded:+.4f}"
         )
-        log.info("recorded test top-1 of the trained model: %.4f%%: %s", recorded, verdict)
+        log.info("recorded test top-1 of the stored model: %.4f%%: %s", recorded, verdict)
 
 
 def settle_inputs(args: argparse.Namespace, info: dict):

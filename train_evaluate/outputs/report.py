@@ -282,6 +282,9 @@ def write_rank_artifacts(
         return None
     metrics = {k: record.get(k) for k in ("status", "test_acc", "objective", "seed")}
     metrics["init_only_test_acc"] = record["init_only"]["test_acc"]
+    # the accuracy of the model the file holds: the first final model, or the init itself
+    # when the rank was not trained (--epochs 0), so that evaluate can check either
+    metrics["this_model_test_acc"] = record["init_only"]["test_acc"]
     if record["finals"]:
         first = record["finals"][0]
         metrics.update(

@@ -186,12 +186,13 @@ def solve_budget(plan, setup, bits_budget: float):
                 "budget, or add a cheaper method or a smaller rank"
             ) from error
     allocation = solved.allocation
+    weights = sum(info.matrix[0] * info.matrix[1] for info in setup.layers)
     log.info(
         "bit budget %g bits/weight: %d layers x %d options each at most, %s in %.1f s; %.4f "
         "bits/weight chosen, summed sensitivity %.4g%s",
         bits_budget, len(setup.layers), max(len(o) for o in solved.options),
         "solved exactly" if allocation.exact else "greedy", time.perf_counter() - started,
-        allocation.bits / (solved.budget_bits / bits_budget), allocation.sensitivity,
+        allocation.bits / weights, allocation.sensitivity,
         "" if allocation.exact else f" (at most {allocation.gap:.4g} above the optimum)",
     )  # fmt: skip
     return solved

@@ -1,0 +1,272 @@
+"""``--bits-budget``: the knapsack solvers against every combination on small problems, the
+measured options against the run's own accounting, and one budgeted run end to end (its bits
+within the budget, its layers as chosen, its checkpoint reproduced)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from compression import make_config
+from compression.budget import (
+    BudgetError,
+    Option,
+    brute_force,
+    solve,
+    solve_exact,
+    solve_greedy,
+)
+from tests.conftest import run_driver, run_folder
+from tests.test_bits import small_setup
+from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
+from train_evaluate.outputs.checkpoint import read_packed_network
+from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import budget
+
+# --------------------------------------------------------------------------- the solvers
+
+
+def random_problem(seed: int, layers: int = 5, options: int = 4) -> list[list[Option]]:
+    """Layers whose options cost more bits for a lower sensitivity, mostly (a few not: an
+    option a cheaper one beats must never be taken over it)."""
+    rng = random.Random(seed)
+    problem = []
+    for i in range(layers):
+        layer = []
+        for k in range(rng.randint(1, options)):
+            layer.append(Option(f"{i}/{k}", rng.randint(1, 40), rng.uniform(0.0, 1.0)))
+        problem.append(layer)
+    return problem
+
+
+def budgets(problem: list[list[Option]]) -> list[int]:
+    """From the cheapest combination to past the dearest: every regime of the problem."""
+    low = sum(min(o.bits for o in layer) for layer in problem)
+    high = sum(max(o.bits for o in layer) for layer in problem)
+    span = high - low
+    return sorted({low, low + 1, low + span // 3, low + span // 2, high - 1, high, high + 5})
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_exact_solver_finds_the_best_combination(seed):
+    problem = random_problem(seed)
+    for bits in budgets(problem):
+        exact, best = solve_exact(problem, bits), brute_force(problem, bits)
+        assert exact.exact and exact.bits <= bits
+        assert exact.sensitivity == pytest.approx(best.sensitivity, rel=1e-12, abs=1e-12)
+        assert exact.bound == exact.sensitivity and exact.gap == 0.0
+        # the choice is what it claims: its bits and sum recomputed from the options
+        picked = [layer[k] for layer, k in zip(problem, exact.choice, strict=True)]
+        assert exact.bits == sum(o.bits for o in picked)
+        assert exact.sensitivity == pytest.approx(math.fsum(o.sensitivity for o in picked))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_greedy_solver_fits_and_brackets_the_optimum(seed):
+    problem = random_problem(seed, layers=6)
+    for bits in budgets(problem):
+        greedy, best = solve_greedy(problem, bits), brute_force(problem, bits)
+        assert not greedy.exact and greedy.bits <= bits
+        picked = [layer[k] for layer, k in zip(problem, greedy.choice, strict=True)]
+        assert greedy.bits == sum(o.bits for o in picked)
+        # the bound is below the optimum, the greedy sum above it, the gap covers the distance
+        assert greedy.bound <= best.sensitivity + 1e-12
+        assert greedy.sensitivity >= best.sensitivity - 1e-12
+        assert greedy.sensitivity - best.sensitivity <= greedy.gap + 1e-12
+
+
+def test_with_room_for_every_best_option_the_greedy_solver_is_exact():
+    problem = random_problem(7, layers=8)
+    roomy = sum(max(o.bits for o in layer) for layer in problem)
+    greedy = solve_greedy(problem, roomy)
+    best = [min(o.sensitivity for o in layer) for layer in problem]
+    assert greedy.sensitivity == pytest.approx(math.fsum(best))
+    assert greedy.gap == pytest.approx(0.0, abs=1e-12)
+
+
+def test_past_its_state_limit_the_exact_solver_gives_way_to_the_greedy_one():
+    problem = random_problem(3, layers=8, options=6)
+    bits = budgets(problem)[3]
+    assert solve_exact(problem, bits, max_states=2) is None
+    fallback = solve(problem, bits, max_states=2)
+    assert not fallback.exact and fallback.bits <= bits
+    assert solve(problem, bits).exact
+
+
+def test_a_budget_below_the_cheapest_combination_is_refused_with_its_price():
+    problem = random_problem(11)
+    cheapest = sum(min(o.bits for o in layer) for layer in problem)
+    for solver in (brute_force, solve_exact, solve_greedy, solve):
+        with pytest.raises(BudgetError) as refused:
+            solver(problem, cheapest - 1)
+        assert refused.value.cheapest_bits == cheapest
+        assert solver(problem, cheapest).bits == cheapest
+
+
+# --------------------------------------------------------------------------- the options
+
+
+def test_the_sensitivity_is_the_relative_output_error_on_the_inputs():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    approximation = weight + 0.1 * torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(50, 10, generator=generator, dtype=torch.float64) * torch.linspace(
+        0.1, 3.0, 10, dtype=torch.float64
+    )  # unequal input scales: a plain weight error would not match
+    moment = inputs.T @ inputs / len(inputs)
+    expected = (inputs @ (weight - approximation).T).square().sum() / (
+        (inputs @ weight.T).square().sum()
+    )
+    got = budget.relative_output_error(weight, approximation, moment)
+    assert got == pytest.approx(float(expected), rel=1e-10)
+
+
+COMPRESSIONS = {"int2": make_config("int2"), "int4": make_config("int4")}
+RANKS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def small():
+    setup = small_setup(include_bias=False)
+    sweep = SweepConfig(init="act_svd_init", seed=0)
+    return setup, sweep, budget.measure_options(setup, COMPRESSIONS, RANKS, sweep)
+
+
+def test_each_option_is_priced_as_the_run_prices_that_method_at_that_rank(small):
+    setup, _, options = small
+    for name, config in COMPRESSIONS.items():
+        method = setup.method(name, config)
+        for rank in RANKS:
+            priced = setup.accounting(method).per_layer(rank)
+            run_bits = [p.stored_bits for _, _, p in priced]
+            budget_bits = [
+                next(c.bits for c in layer if (c.method, c.rank) == (name, rank))
+                for layer in options
+            ]
+            assert budget_bits == run_bits
+
+
+def errors(options) -> list[dict[tuple[str, int], float]]:
+    return [{(c.method, c.rank): c.sensitivity for c in layer} for layer in options]
+
+
+def test_the_sensitivity_is_measured_in_the_norm_the_act_aware_init_minimises(small):
+    # the act-aware init is the best rank-r correction in the input-weighted norm the
+    # sensitivity measures: a larger rank cannot do worse, nor can the plain SVD init, which
+    # is the best in the unweighted norm instead
+    setup, _, options = small
+    plain = budget.measure_options(setup, COMPRESSIONS, RANKS, SweepConfig(init="svd_init"))
+    for act, svd in zip(errors(options), errors(plain), strict=True):
+        for method in COMPRESSIONS:
+            assert act[(method, 2)] <= act[(method, 1)] * (1 + 1e-9)
+            assert all(act[(method, r)] <= svd[(method, r)] * (1 + 1e-9) for r in RANKS)
+        assert act[("int4", 1)] < act[("int2", 1)]
+        assert all(0.0 <= value < 1.0 for value in act.values())
+    # the two inits differ somewhere: the comparison can fail
+    assert errors(options) != errors(plain)
+
+
+def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
+    setup, sweep, options = small
+    weights = sum(math.prod(info.matrix) for info in setup.layers)
+    problem = [
+        [Option(f"{c.method}/{c.rank}", c.bits, c.sensitivity) for c in layer] for layer in options
+    ]
+    cheapest = sum(min(o.bits for o in layer) for layer in problem) / weights
+    dearest = sum(max(o.bits for o in layer) for layer in problem) / weights
+    half_a_bit = 0.5 / weights  # a budget between two whole bit counts rounds down
+    for bits_per_weight in (cheapest, cheapest + half_a_bit, (cheapest + dearest) / 2, dearest):
+        solved = budget.allocate(setup, COMPRESSIONS, RANKS, bits_per_weight, sweep)
+        assert solved.budget_bits == math.floor(bits_per_weight * weights)
+        best = brute_force(problem, solved.budget_bits)
+        assert solved.allocation.exact and solved.allocation.bits <= solved.budget_bits
+        assert solved.allocation.sensitivity == pytest.approx(best.sensitivity, rel=1e-9)
+        assert [c.layer for c in solved.chosen] == [info.name for info in setup.layers]
+    with pytest.raises(BudgetError):
+        budget.allocate(setup, COMPRESSIONS, RANKS, cheapest * 0.99, sweep)
+
+
+# --------------------------------------------------------------------------- a budgeted run
+
+BUDGET = 4.0
+
+
+@pytest.fixture(scope="module")
+def budgeted_run(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811 (imported above)
+    from train_evaluate.train_model import main
+
+    root = tmp_path_factory.mktemp("budget")
+    results, cache = root / "results", root / "cache"
+    code = main([str(a) for a in (
+        "--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
+        "--layers", "all", "--init", "svd_init", "--methods", "int2", "int4",
+        "--ranks", "1", "2", "--epochs", "0", "--calib-images", "8", "--bits-budget", BUDGET,
+        "--results-dir", results,
+        "--cache-dir", cache,
+    )])  # fmt: skip
+    assert code == 0
+    return run_folder(results, "svd_init_layers-all"), cache
+
+
+def test_the_budgeted_model_stays_within_its_bits_and_stores_what_it_chose(budgeted_run):
+    folder, _ = budgeted_run
+    rows = pd.read_csv(folder / "evaluation.csv")
+    layers = pd.read_csv(folder / "layers.csv")
+    budgeted = rows[rows["quant"] == f"budget{BUDGET:g}"]
+    (row,) = [r for _, r in budgeted.iterrows() if str(r["lora_rank"]).isdigit()]
+    chosen = layers[layers["quant"] == row["quant"]]
+    # every selected layer once, its bits the row's bits, the whole within B per weight
+    assert chosen["layer"].is_unique and len(chosen) == len(layers["layer"].unique())
+    assert int(chosen["bits"].sum()) == int(row["bits"])
+    assert row["bits_per_weight"] <= BUDGET
+    assert set(chosen["choice"]) <= {"int2", "int4"}
+    assert (chosen["sensitivity"] >= 0).all()
+    # the largest chosen rank names the row; the checkpoint holds each layer as chosen
+    assert int(row["lora_rank"]) == chosen["rank"].max()
+    ckpt = folder / "checkpoints" / f"quant={row['quant']}_r={int(row['lora_rank'])}.safetensors"
+    stored = read_packed_network(ckpt).info["layers"]
+    for layer, method, rank in zip(chosen["layer"], chosen["choice"], chosen["rank"], strict=True):
+        assert (stored[layer]["method"], stored[layer]["rank"]) == (method, rank)
+
+
+def test_the_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys):
+    from train_evaluate.evaluate import main as evaluate_main
+
+    folder, cache = budgeted_run
+    (ckpt,) = (folder / "checkpoints").glob(f"quant=budget{BUDGET:g}_r=*.safetensors")
+    assert evaluate_main(["--checkpoint", str(ckpt), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced exactly" in out, out
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--layers", "all", "--bits-budget", "0.5"), "cheapest choice of every layer"),
+        (("--bits-budget", "4"), "with the classifier alone"),
+        (("--layers", "all", "--bits-budget", "-1"), "positive number"),
+        (
+            ("--layers", "all", "--bits-budget", "4", "--search", "pareto", "--epochs", "1"),
+            "drop --search",
+        ),
+        (("--layers", "all", "--bits-budget", "4", "--workers", "2"), "drop --search"),
+    ],
+)
+def test_an_impossible_budget_is_refused_in_one_line(
+    budgeted_run, image_folder, resnet_weights, tmp_path, capsys, extra, says,  # noqa: F811
+):  # fmt: skip
+    _, cache = budgeted_run
+    results = tmp_path / "results"
+    code, _, err = run_driver(
+        capsys, "--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
+        "--methods", "int2", "int4", "--ranks", "1", "--epochs", "0", "--calib-images", "8",
+        "--results-dir", results, "--cache-dir", cache, *extra,
+    )  # fmt: skip
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0]
+    assert not list(results.glob("**/evaluation.csv"))
