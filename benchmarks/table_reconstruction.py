@@ -4,6 +4,7 @@ learned rounding, on the real ImageNet sample.
 
     python train_evaluate/inputs/convert_efficientnet_lite0.py          # once: the real weights
     python -m benchmarks.table_reconstruction [--ranks 8 16] [--methods int2 int4] [--variants ...]
+        [--bits-budget 4]
 
 Every variant runs the driver once: each method (default int2) with the mse scale,
 ``act_svd_init``, adapters at fp16, the split 40/10/50 (80 train images, all of them
@@ -51,13 +52,18 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataF
             "--methods", *args.methods, "--int-scale", "mse", "--ranks", *map(str, args.ranks),
             "--adapter-dtype", "fp16",
             "--split", "0.4", "0.1", "0.5", "--calib-images", str(args.calib_images),
-            "--results-dir", str(results), *options,
+            "--results-dir", str(results), *options, *budget_options(args),
         ]
     )  # fmt: skip
     if code != 0:
         raise SystemExit(f"the driver failed for {options} (exit {code})")
     (csv,) = results.glob("*/*/*/evaluation.csv")
     return pd.read_csv(csv)
+
+
+def budget_options(args: argparse.Namespace) -> list[str]:
+    """--bits-budget B: every variant also runs its budgeted model (rows ``budget<B>``)."""
+    return [] if args.bits_budget is None else ["--bits-budget", f"{args.bits_budget:g}"]
 
 
 def targets(frame: pd.DataFrame, original: float) -> list[str]:
@@ -86,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["int2"])
     parser.add_argument("--calib-images", type=int, default=80)
     parser.add_argument("--variants", nargs="+", choices=[v for v, _ in VARIANTS])
+    parser.add_argument(
+        "--bits-budget",
+        type=float,
+        help="also run, in every variant, the model whose layers each take a method and rank "
+        "from --methods x --ranks within this many bits per weight",
+    )
     parser.add_argument(
         "--results-dir",
         type=Path,
