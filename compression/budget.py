@@ -162,17 +162,16 @@ def solve_greedy(options: Sequence[Sequence[Option]], budget_bits: int) -> Alloc
     _check(options, budget_bits)
     hulls = [_hull(layer) for layer in options]
     choice = [hull[0] for hull in hulls]
-    steps = [
-        (
-            (layer[hull[s]].sensitivity - layer[hull[s + 1]].sensitivity)
-            / (layer[hull[s + 1]].bits - layer[hull[s]].bits),
-            i,
-            s,
-        )
-        for i, (layer, hull) in enumerate(zip(options, hulls, strict=True))
-        for s in range(len(hull) - 1)
-    ]
-    steps.sort(key=lambda step: -step[0])
+    steps = []
+    for i, (layer, hull) in enumerate(zip(options, hulls, strict=True)):
+        rate = math.inf
+        for s in range(len(hull) - 1):
+            drop = layer[hull[s]].sensitivity - layer[hull[s + 1]].sensitivity
+            # a hull's rates fall; on points collinear to within rounding the division can
+            # put a later step ahead of an earlier one, which must never be taken first
+            rate = min(rate, drop / (layer[hull[s + 1]].bits - layer[hull[s]].bits))
+            steps.append((rate, i, s))
+    steps.sort(key=lambda step: -step[0])  # stable: a layer's equal rates stay in order
     left = budget_bits - sum(layer[k].bits for layer, k in zip(options, choice, strict=True))
     relaxed = math.fsum(layer[k].sensitivity for layer, k in zip(options, choice, strict=True))
     bound, blocked = None, set()
@@ -185,7 +184,7 @@ def solve_greedy(options: Sequence[Sequence[Option]], budget_bits: int) -> Alloc
                 relaxed -= drop
             else:
                 bound = relaxed - drop * left / extra
-        if i in blocked or extra > left:
+        if i in blocked or extra > left or choice[i] != hull[s]:
             blocked.add(i)
             continue
         choice[i] = hull[s + 1]
