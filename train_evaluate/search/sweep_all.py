@@ -178,21 +178,19 @@ def solve_budget(plan, setup, bits_budget: float):
                 setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, bar.update
             )
         except BudgetError as error:
-            weights = sum(info.matrix[0] * info.matrix[1] for info in setup.layers)
-            cheapest = error.cheapest_bits / weights
+            cheapest = error.cheapest_bits / setup.template.weights()
             raise UsageError(
                 f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over "
                 f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
                 "budget, or add a cheaper method or a smaller rank"
             ) from error
     allocation = solved.allocation
-    weights = sum(info.matrix[0] * info.matrix[1] for info in setup.layers)
     log.info(
         "bit budget %g bits/weight: %d layers x %d options each at most, %s in %.1f s; %.4f "
         "bits/weight chosen, summed sensitivity %.4g%s",
         bits_budget, len(setup.layers), max(len(o) for o in solved.options),
         "solved exactly" if allocation.exact else "greedy", time.perf_counter() - started,
-        allocation.bits / weights, allocation.sensitivity,
+        allocation.bits / setup.template.weights(), allocation.sensitivity,
         "" if allocation.exact else f" (at most {allocation.gap:.4g} above the optimum)",
     )  # fmt: skip
     return solved

@@ -170,8 +170,7 @@ def allocate(
     """The budget solved over the run's methods and ranks; ``compression.budget.BudgetError``
     when even the cheapest choice of every layer is over it."""
     options = measure_options(setup, compressions, ranks, sweep, progress)
-    weights = sum(math.prod(info.matrix) for info in setup.layers)
-    budget_bits = math.floor(bits_per_weight * weights)
+    budget_bits = math.floor(bits_per_weight * setup.template.weights())
     allocation = solve(
         [
             [Option(f"{c.method} r={c.rank}", c.bits, c.sensitivity) for c in layer]
