@@ -4,7 +4,7 @@ learned rounding, on the real ImageNet sample.
 
     python train_evaluate/inputs/convert_efficientnet_lite0.py          # once: the real weights
     python -m benchmarks.table_reconstruction [--ranks 8 16] [--methods int2 int4] [--variants ...]
-        [--bits-budget 4]
+        [--bits-budget 4 [--budget-sensitivity kl]]
 
 Every variant runs the driver once: each method (default int2) with the mse scale,
 ``act_svd_init``, adapters at fp16, the split 40/10/50 (80 train images, all of them
@@ -63,7 +63,11 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataF
 
 def budget_options(args: argparse.Namespace) -> list[str]:
     """--bits-budget B: every variant also runs its budgeted model (rows ``budget<B>``)."""
-    return [] if args.bits_budget is None else ["--bits-budget", f"{args.bits_budget:g}"]
+    if args.bits_budget is None:
+        return []
+    return [
+        "--bits-budget", f"{args.bits_budget:g}", "--budget-sensitivity", args.budget_sensitivity
+    ]  # fmt: skip
 
 
 def targets(frame: pd.DataFrame, original: float) -> list[str]:
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="also run, in every variant, the model whose layers each take a method and rank "
         "from --methods x --ranks within this many bits per weight",
+    )
+    parser.add_argument(
+        "--budget-sensitivity",
+        choices=("output", "kl"),
+        default="output",
+        help="what the budget minimises (the driver's option of that name)",
     )
     parser.add_argument(
         "--results-dir",

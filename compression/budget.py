@@ -29,6 +29,10 @@ class BudgetError(ValueError):
         self.cheapest_bits = cheapest_bits
 
 
+class SensitivityError(ValueError):
+    """An option's sensitivity is NaN or infinite: no two sums could be compared."""
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to store one layer: its label, the bits it stores, its sensitivity."""
@@ -59,6 +63,13 @@ class Allocation:
 def _check(options: Sequence[Sequence[Option]], budget_bits: int) -> None:
     if not options or any(not layer for layer in options):
         raise ValueError("every layer needs at least one option")
+    for layer in options:
+        for option in layer:
+            if not math.isfinite(option.sensitivity):
+                raise SensitivityError(
+                    f"option {option.label} has sensitivity {option.sensitivity}; every "
+                    "sensitivity must be a finite number"
+                )
     cheapest = sum(min(o.bits for o in layer) for layer in options)
     if cheapest > budget_bits:
         raise BudgetError(

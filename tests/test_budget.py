@@ -4,18 +4,22 @@ within the budget, its layers as chosen, its checkpoint reproduced)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from compression import make_config
 from compression.budget import (
     BudgetError,
     Option,
+    SensitivityError,
     brute_force,
     solve,
     solve_exact,
@@ -119,6 +123,18 @@ def test_a_budget_below_the_cheapest_combination_is_refused_with_its_price():
         assert solver(problem, cheapest).bits == cheapest
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_sensitivity_that_is_not_a_finite_number_is_refused_by_name(bad):
+    problem = random_problem(5)
+    layer = next(i for i, options in enumerate(problem) if len(options) > 1)
+    broken = problem[layer][1]
+    problem[layer][1] = Option(broken.label, broken.bits, bad)
+    bits = budgets(problem)[3]
+    for solver in (solve_exact, solve_greedy, solve):
+        with pytest.raises(SensitivityError, match=f"option {broken.label} has sensitivity"):
+            solver(problem, bits)
+
+
 # --------------------------------------------------------------------------- the options
 
 
@@ -217,6 +233,56 @@ def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
         budget.allocate(setup, COMPRESSIONS, RANKS, cheapest * 0.99, sweep)
 
 
+def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(small):
+    setup, sweep, _ = small
+    before = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    measured = budget.measure_options(setup, COMPRESSIONS, RANKS, sweep, sensitivity="kl")
+    # the network is left as it was
+    after = setup.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        teacher = F.log_softmax(setup.model(setup.calibration).double(), dim=-1)
+    full_rank = []
+    for (info, _, _, options), layer in zip(
+        budget.layer_options(setup, COMPRESSIONS, RANKS, sweep), measured, strict=True
+    ):
+        for (method, rank, bits, merged), choice in zip(options, layer, strict=True):
+            assert (choice.layer, choice.method, choice.rank, choice.bits) == (
+                info.name, method, rank, bits
+            )  # fmt: skip
+            # by hand: a copy of the network, this one layer's weight replaced
+            replaced = copy.deepcopy(setup.model)
+            module = replaced.model.get_submodule(info.name)
+            with torch.no_grad():
+                module.weight.copy_(merged.reshape(module.weight.shape))
+                student = F.log_softmax(replaced(setup.calibration).double(), dim=-1)
+            expected = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+            assert choice.sensitivity == pytest.approx(expected, rel=1e-6, abs=1e-12)
+            if info.rank(rank) == min(info.matrix):
+                full_rank.append(choice.sensitivity)
+    # at full rank the act-aware adapter restores the weight: the network is the original
+    # (its KL is float rounding, about 1e-17; int2 at rank 1 moves the logits far more)
+    assert full_rank and max(abs(value) for value in full_rank) < 1e-12
+    assert max(c.sensitivity for layer in measured for c in layer) > 1e-6
+
+
+def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small):
+    from train_evaluate.search.sweep_all import solve_budget
+
+    setup, sweep, output = small
+    kl = budget.measure_options(setup, COMPRESSIONS, RANKS, sweep, sensitivity="kl")
+    weights = setup.template.weights()
+    middle = sum(max(c.bits for c in layer) + min(c.bits for c in layer) for layer in kl) / 2
+    for name, options in (("output", output), ("kl", kl)):
+        plan = SimpleNamespace(
+            compressions=COMPRESSIONS, ranks=RANKS, sweep=sweep,
+            network=SimpleNamespace(budget_sensitivity=name),
+        )  # fmt: skip
+        solved = solve_budget(plan, setup, middle / weights)
+        assert [list(layer) for layer in solved.options] == options
+    assert errors(kl) != errors(output)
+
+
 # --------------------------------------------------------------------------- a budgeted run
 
 BUDGET = 4.0
@@ -281,6 +347,7 @@ def test_the_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys):
             "drop --search",
         ),
         (("--layers", "all", "--bits-budget", "4", "--workers", "2"), "drop --search"),
+        (("--layers", "all", "--budget-sensitivity", "kl"), "add --bits-budget"),
     ],
 )
 def test_an_impossible_budget_is_refused_in_one_line(

@@ -148,6 +148,24 @@ def test_random_bytes_as_weights_are_one_clear_line(tmp_path):
     assert "weights_only" not in message and "\n" not in message
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_a_nan_or_infinity_are_one_clear_line(tmp_path, bad):
+    state = timm.create_model(TINY_MODEL).state_dict()
+    key = next(k for k, v in state.items() if v.ndim == 2)
+    state[key][0, 0] = bad
+    weights = tmp_path / "weights.pth"
+    torch.save(state, weights)
+    with pytest.raises(BackboneError) as raised:
+        create_backbone(TINY_MODEL, weights, CPU)
+    message = str(raised.value)
+    assert message == (
+        f"weights {weights} hold NaN or infinite values in {key}; pass intact weights"
+    ), message
+    state[key][0, 0] = 0.0  # the same file intact loads
+    torch.save(state, weights)
+    create_backbone(TINY_MODEL, weights, CPU)
+
+
 def test_weights_of_another_architecture_name_the_mismatching_keys(tmp_path):
     other = write_state(tmp_path / "efficientnet.pth", "test_efficientnet")
     with pytest.raises(BackboneError) as raised:

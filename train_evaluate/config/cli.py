@@ -335,9 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="also run one budgeted model: each selected layer takes its own method and rank "
         "from --methods x --ranks, the stored bits of the selected layers at most B per weight, "
-        "the summed relative output error of the layers on the calibration images smallest "
+        "the summed sensitivity of the layers (--budget-sensitivity) smallest "
         "(a knapsack: exact, or greedy with its gap stated); its row's quant is budget<B>, its "
         "lora_rank the largest rank it gives a layer, and layers.csv holds each layer's choice",
+    )
+    network.add_argument(
+        "--budget-sensitivity",
+        choices=("output", "kl"),
+        default="output",
+        help="what --bits-budget minimises, summed over the layers, each measured with that "
+        "layer alone compressed: output, its relative output error on the calibration images "
+        "(every layer counts the same); kl, KL(original || model) of the network's logits on "
+        "them (one pass per layer and option; weighs each layer by its effect on the output)",
     )
     network.add_argument(
         "--cache-limit",

@@ -125,6 +125,7 @@ class NetworkPlan:
     calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
     reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
     bits_budget: float | None = None  # --bits-budget: one more model, layers chosen to fit it
+    budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
 
     @property
     def cache_bytes(self) -> int:
@@ -393,6 +394,7 @@ def plan_network(
         calibration=getattr(args, "calibration", "symmetric"),
         reconstruction=reconstruction_config(args),
         bits_budget=getattr(args, "bits_budget", None),
+        budget_sensitivity=getattr(args, "budget_sensitivity", "output"),
     )
 
 
@@ -400,6 +402,10 @@ def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> 
     """--bits-budget's refusals, each in one line."""
     budget = getattr(args, "bits_budget", None)
     if budget is None:
+        if getattr(args, "budget_sensitivity", "output") != "output":
+            raise UsageError(
+                "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
+            )
         return
     if network_plan is None:
         raise UsageError(

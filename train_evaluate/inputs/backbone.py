@@ -57,6 +57,19 @@ def create_backbone(name: str, weights: Path | None, device: torch.device) -> nn
             f"cannot fetch pretrained weights for {name} ({first_line(error)}); with no internet, "
             "pass a local state dict with --weights FILE"
         ) from error
+    # a NaN or infinity would surface far later, as a failed SVD or an empty budget frontier
+    damaged = [
+        key for key, value in model.state_dict().items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]  # fmt: skip
+    if damaged:
+        source = (
+            f"weights {weights}" if weights is not None else f"the pretrained weights of {name}"
+        )
+        more = f" and {len(damaged) - 1} more tensors" if len(damaged) > 1 else ""
+        raise BackboneError(
+            f"{source} hold NaN or infinite values in {damaged[0]}{more}; pass intact weights"
+        )
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -167,7 +167,7 @@ def solve_budget(plan, setup, bits_budget: float):
     """--bits-budget: every layer's options measured, the knapsack solved, the choice logged."""
     from tqdm import tqdm
 
-    from compression.budget import BudgetError
+    from compression.budget import BudgetError, SensitivityError
     from train_evaluate.runtime.errors import UsageError
     from train_evaluate.training import budget
 
@@ -175,8 +175,9 @@ def solve_budget(plan, setup, bits_budget: float):
     with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
         try:
             solved = budget.allocate(
-                setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, bar.update
-            )
+                setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, bar.update,
+                plan.network.budget_sensitivity,
+            )  # fmt: skip
         except BudgetError as error:
             cheapest = error.cheapest_bits / setup.template.weights()
             raise UsageError(
@@ -184,13 +185,19 @@ def solve_budget(plan, setup, bits_budget: float):
                 f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
                 "budget, or add a cheaper method or a smaller rank"
             ) from error
+        except SensitivityError as error:
+            raise UsageError(
+                f"--bits-budget {bits_budget:g}: {error} (NaN or infinite weights or outputs); "
+                "check the model's weights"
+            ) from error
     allocation = solved.allocation
     log.info(
         "bit budget %g bits/weight: %d layers x %d options each at most, %s in %.1f s; %.4f "
-        "bits/weight chosen, summed sensitivity %.4g%s",
+        "bits/weight chosen, summed sensitivity (%s) %.4g%s",
         bits_budget, len(setup.layers), max(len(o) for o in solved.options),
         "solved exactly" if allocation.exact else "greedy", time.perf_counter() - started,
-        allocation.bits / setup.template.weights(), allocation.sensitivity,
+        allocation.bits / setup.template.weights(), plan.network.budget_sensitivity,
+        allocation.sensitivity,
         "" if allocation.exact else f" (at most {allocation.gap:.4g} above the optimum)",
     )  # fmt: skip
     return solved

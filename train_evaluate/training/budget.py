@@ -2,15 +2,25 @@
 ``--methods`` x ``--ranks``, so that the stored bits of the selected layers come to at most B
 per weight and the summed sensitivity is smallest (``compression.budget`` solves it).
 
-A layer's sensitivity to one choice is its relative output error on the clean calibration
-inputs, the layer alone compressed and initialised:
+A layer's sensitivity to one choice (``--budget-sensitivity``) is measured with that layer
+alone compressed and initialised, W~ being its compressed weight plus its initialised adapter
+(the run's ``--init``):
 
-    ||(W - W~) X^T||^2 / ||W X^T||^2 = tr(D S D^T) / tr(W S W^T),  D = W - W~,
+- ``output``: its relative output error on the clean calibration inputs,
 
-with W~ the compressed weight plus its initialised adapter (the run's ``--init``) and S the
-second moment X^T X / N of the layer's inputs in the uncompressed network (one pass over the
-calibration images, every layer at once). Each option is priced by the run's own accounting,
-so the budget holds in the bits ``evaluation.csv`` reports.
+      ||(W - W~) X^T||^2 / ||W X^T||^2 = tr(D S D^T) / tr(W S W^T),  D = W - W~,
+
+  with S the second moment X^T X / N of the layer's inputs in the uncompressed network (one
+  pass over the calibration images, every layer at once). Every layer counts the same, however
+  much or little its error moves the logits.
+- ``kl``: KL(original || model) of the network's logits over the calibration images, that
+  layer alone replaced by W~ (one pass per option). The original's own KL is 0, so this is the
+  increase the choice causes, in the units the network's output is judged in (HAWQ-v2 and
+  BRECQ weigh layers by their effect on the loss for the same reason).
+
+Summing either over the layers, as the knapsack does, assumes the layers' effects add up.
+Each option is priced by the run's own accounting, so the budget holds in the bits
+``evaluation.csv`` reports.
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from compression.budget import Allocation, Option, solve
 from compression.registry import uses_inputs as config_uses_inputs
@@ -103,13 +114,29 @@ def relative_output_error(
     return error / scale if scale > 0 else error
 
 
-def measure_options(
-    setup: Any, compressions: dict[str, Any], ranks: Sequence[int], sweep: Any, progress=None
-) -> list[list[LayerChoice]]:
-    """Every layer's options (each method at each rank, a rank the layer clamps to one already
-    listed left out), priced and measured; ``setup``: the run's ``NetworkSetup``."""
-    from compression import weight_matrix
+SENSITIVITIES = ("output", "kl")  # --budget-sensitivity; the first is the default
 
+
+def network_kl(model: Any, inputs: torch.Tensor, teacher: torch.Tensor, chunk: int = 32) -> float:
+    """KL(teacher || model) of the softmax over classes, summed over classes and averaged over
+    the rows of ``inputs`` (what ``model`` takes), in float64."""
+    total = 0.0
+    with torch.no_grad():
+        for rows, wanted in zip(inputs.split(chunk), teacher.split(chunk), strict=True):
+            log_p = F.log_softmax(model(rows).double(), dim=-1)
+            log_q = F.log_softmax(wanted.double(), dim=-1)
+            total += float((log_q.exp() * (log_q - log_p)).sum())
+    return total / max(len(inputs), 1)
+
+
+def layer_options(
+    setup: Any, compressions: dict[str, Any], ranks: Sequence[int], sweep: Any
+) -> Iterator[tuple[Any, torch.nn.Module, torch.Tensor, list[tuple[str, int, int, torch.Tensor]]]]:
+    """For each selected layer in forward order: its ``LayerInfo``, module and input moment (on
+    the clean calibration images), and its options ``(method, rank, stored bits, W~)``: each
+    method at each rank, a rank the layer clamps to one already listed left out; W~ the layer's
+    compressed weight plus its initialised adapter, a matrix out x in. ``setup``: the run's
+    ``NetworkSetup``."""
     model = setup.model
     modules = {info.name: model.model.get_submodule(info.name) for info in setup.layers}
     device = next(model.parameters()).device
@@ -121,11 +148,9 @@ def measure_options(
     with torch.no_grad():
         moments = input_moments(model.model, modules, batches, 64)
     generator = torch.Generator(device=device)
-    options = []
     for info in setup.layers:
         module, moment = modules[info.name], moments[info.name]
-        weight = weight_matrix(module).detach()
-        layer = []
+        options = []
         for method, config in compressions.items():
             context = make_init_context(module, config, moment=moment)
             cost = context.compressed.cost
@@ -144,19 +169,52 @@ def measure_options(
                     adapter = make_adapter(module, lora, context, generator)
                     merged = adapter.merged_weight().flatten(1)
                 (_, _, priced), *_ = pricing.per_layer(rank)
-                layer.append(
-                    LayerChoice(
-                        info.name,
-                        method,
-                        rank,
-                        priced.stored_bits,
-                        relative_output_error(weight, merged, moment),
-                    )
-                )
-        options.append(layer)
+                options.append((method, rank, priced.stored_bits, merged))
+        yield info, module, moment, options
+
+
+def measure_options(
+    setup: Any,
+    compressions: dict[str, Any],
+    ranks: Sequence[int],
+    sweep: Any,
+    progress=None,
+    sensitivity: str = SENSITIVITIES[0],
+) -> list[list[LayerChoice]]:
+    """Every layer's options (``layer_options``), priced and measured by ``sensitivity`` (one
+    of ``SENSITIVITIES``); the network is left as it was."""
+    from compression import weight_matrix
+
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity: one of {', '.join(SENSITIVITIES)}; got {sensitivity}")
+    model = setup.model
+    device = next(model.parameters()).device
+    calibration = setup.calibration.to(device)
+    if sensitivity == "kl":  # the original network's logits, which every option is judged by
+        with torch.no_grad():
+            teacher = torch.cat([model(chunk) for chunk in calibration.split(32)])
+
+    def measured(module: torch.nn.Module, merged: torch.Tensor, moment: torch.Tensor) -> float:
+        if sensitivity == "output":
+            return relative_output_error(weight_matrix(module), merged, moment)
+        kept = module.weight.detach().clone()
+        try:  # the layer alone replaced, for one pass over the calibration images
+            with torch.no_grad():
+                module.weight.copy_(merged.reshape(kept.shape).to(kept.dtype))
+            return network_kl(model, calibration, teacher)
+        finally:
+            with torch.no_grad():
+                module.weight.copy_(kept)
+
+    measured_options = []
+    for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
+        measured_options.append([
+            LayerChoice(info.name, method, rank, bits, measured(module, merged, moment))
+            for method, rank, bits, merged in options
+        ])  # fmt: skip
         if progress is not None:
             progress()
-    return options
+    return measured_options
 
 
 def allocate(
@@ -166,14 +224,16 @@ def allocate(
     bits_per_weight: float,
     sweep: Any,
     progress=None,
+    sensitivity: str = SENSITIVITIES[0],
 ) -> Budget:
     """The budget solved over the run's methods and ranks; ``compression.budget.BudgetError``
-    when even the cheapest choice of every layer is over it."""
-    options = measure_options(setup, compressions, ranks, sweep, progress)
+    when even the cheapest choice of every layer is over it, ``SensitivityError`` when a
+    sensitivity is NaN or infinite."""
+    options = measure_options(setup, compressions, ranks, sweep, progress, sensitivity)
     budget_bits = math.floor(bits_per_weight * setup.template.weights())
     allocation = solve(
         [
-            [Option(f"{c.method} r={c.rank}", c.bits, c.sensitivity) for c in layer]
+            [Option(f"{c.layer} {c.method} r={c.rank}", c.bits, c.sensitivity) for c in layer]
             for layer in options
         ],
         budget_bits,
