@@ -62,11 +62,12 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataF
 
 
 def budget_options(args: argparse.Namespace) -> list[str]:
-    """--bits-budget B: every variant also runs its budgeted model (rows ``budget<B>``)."""
+    """--bits-budget B...: every variant also runs its budgeted models (rows ``budget<B>``)."""
     if args.bits_budget is None:
         return []
     return [
-        "--bits-budget", f"{args.bits_budget:g}", "--budget-sensitivity", args.budget_sensitivity
+        "--bits-budget", *(f"{b:g}" for b in args.bits_budget),
+        "--budget-sensitivity", args.budget_sensitivity,
     ]  # fmt: skip
 
 
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bits-budget",
         type=float,
-        help="also run, in every variant, the model whose layers each take a method and rank "
-        "from --methods x --ranks within this many bits per weight",
+        nargs="+",
+        help="also run, in every variant, one model per budget whose layers each take a method "
+        "and rank from --methods x --ranks within that many bits per weight",
     )
     parser.add_argument(
         "--budget-sensitivity",

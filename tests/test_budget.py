@@ -278,14 +278,14 @@ def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small):
             compressions=COMPRESSIONS, ranks=RANKS, sweep=sweep,
             network=SimpleNamespace(budget_sensitivity=name),
         )  # fmt: skip
-        solved = solve_budget(plan, setup, middle / weights)
+        solved = solve_budget(plan, setup, middle / weights, [])
         assert [list(layer) for layer in solved.options] == options
     assert errors(kl) != errors(output)
 
 
 # --------------------------------------------------------------------------- a budgeted run
 
-BUDGET = 4.0
+BUDGETS = (4.0, 3.5)  # given largest first: the run takes the smallest first
 
 
 @pytest.fixture(scope="module")
@@ -297,40 +297,50 @@ def budgeted_run(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811 
     code = main([str(a) for a in (
         "--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
         "--layers", "all", "--init", "svd_init", "--methods", "int2", "int4",
-        "--ranks", "1", "2", "--epochs", "0", "--calib-images", "8", "--bits-budget", BUDGET,
-        "--results-dir", results,
+        "--ranks", "1", "2", "--epochs", "0", "--calib-images", "8", "--bits-budget", *BUDGETS,
+        "--budget-sensitivity", "kl", "--results-dir", results,
         "--cache-dir", cache,
     )])  # fmt: skip
     assert code == 0
     return run_folder(results, "svd_init_layers-all"), cache
 
 
-def test_the_budgeted_model_stays_within_its_bits_and_stores_what_it_chose(budgeted_run):
+def test_each_budgeted_model_stays_within_its_bits_and_stores_what_it_chose(budgeted_run):
     folder, _ = budgeted_run
     rows = pd.read_csv(folder / "evaluation.csv")
     layers = pd.read_csv(folder / "layers.csv")
-    budgeted = rows[rows["quant"] == f"budget{BUDGET:g}"]
-    (row,) = [r for _, r in budgeted.iterrows() if str(r["lora_rank"]).isdigit()]
-    chosen = layers[layers["quant"] == row["quant"]]
-    # every selected layer once, its bits the row's bits, the whole within B per weight
-    assert chosen["layer"].is_unique and len(chosen) == len(layers["layer"].unique())
-    assert int(chosen["bits"].sum()) == int(row["bits"])
-    assert row["bits_per_weight"] <= BUDGET
-    assert set(chosen["choice"]) <= {"int2", "int4"}
-    assert (chosen["sensitivity"] >= 0).all()
-    # the largest chosen rank names the row; the checkpoint holds each layer as chosen
-    assert int(row["lora_rank"]) == chosen["rank"].max()
-    ckpt = folder / "checkpoints" / f"quant={row['quant']}_r={int(row['lora_rank'])}.safetensors"
-    stored = read_packed_network(ckpt).info["layers"]
-    for layer, method, rank in zip(chosen["layer"], chosen["choice"], chosen["rank"], strict=True):
-        assert (stored[layer]["method"], stored[layer]["rank"]) == (method, rank)
+    summed = {}
+    for bits_budget in BUDGETS:
+        budgeted = rows[rows["quant"] == f"budget{bits_budget:g}"]
+        (row,) = [r for _, r in budgeted.iterrows() if str(r["lora_rank"]).isdigit()]
+        chosen = layers[layers["quant"] == row["quant"]]
+        # every selected layer once, its bits the row's bits, the whole within B per weight
+        assert chosen["layer"].is_unique and len(chosen) == len(layers["layer"].unique())
+        assert int(chosen["bits"].sum()) == int(row["bits"])
+        assert row["bits_per_weight"] <= bits_budget
+        assert set(chosen["choice"]) <= {"int2", "int4"}
+        assert (chosen["sensitivity"] >= -1e-12).all()  # a KL, up to float rounding
+        summed[bits_budget] = chosen["sensitivity"].sum()
+        # the largest chosen rank names the row; the checkpoint holds each layer as chosen
+        assert int(row["lora_rank"]) == chosen["rank"].max()
+        ckpt = folder / "checkpoints" / (
+            f"quant={row['quant']}_r={int(row['lora_rank'])}.safetensors"
+        )  # fmt: skip
+        stored = read_packed_network(ckpt).info["layers"]
+        for layer, method, rank in zip(
+            chosen["layer"], chosen["choice"], chosen["rank"], strict=True
+        ):
+            assert (stored[layer]["method"], stored[layer]["rank"]) == (method, rank)
+    # one set of measured options, solved exactly: more bits never cost sensitivity
+    assert summed[max(BUDGETS)] <= summed[min(BUDGETS)] + 1e-12
 
 
-def test_the_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys):
+@pytest.mark.parametrize("bits_budget", BUDGETS)
+def test_each_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys, bits_budget):
     from train_evaluate.evaluate import main as evaluate_main
 
     folder, cache = budgeted_run
-    (ckpt,) = (folder / "checkpoints").glob(f"quant=budget{BUDGET:g}_r=*.safetensors")
+    (ckpt,) = (folder / "checkpoints").glob(f"quant=budget{bits_budget:g}_r=*.safetensors")
     assert evaluate_main(["--checkpoint", str(ckpt), "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert "reproduced exactly" in out, out
@@ -340,6 +350,7 @@ def test_the_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys):
     ("extra", "says"),
     [
         (("--layers", "all", "--bits-budget", "0.5"), "cheapest choice of every layer"),
+        (("--layers", "all", "--bits-budget", "4", "0.5"), "--bits-budget 0.5: the cheapest"),
         (("--bits-budget", "4"), "with the classifier alone"),
         (("--layers", "all", "--bits-budget", "-1"), "positive number"),
         (
@@ -363,4 +374,6 @@ def test_an_impossible_budget_is_refused_in_one_line(
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and says in lines[0]
+    # refused before any model was built: no result, no checkpoint
     assert not list(results.glob("**/evaluation.csv"))
+    assert not list(results.glob("**/*.safetensors"))

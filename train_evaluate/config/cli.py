@@ -331,13 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--bits-budget",
         type=float,
+        nargs="+",
         default=None,
         metavar="B",
-        help="also run one budgeted model: each selected layer takes its own method and rank "
-        "from --methods x --ranks, the stored bits of the selected layers at most B per weight, "
-        "the summed sensitivity of the layers (--budget-sensitivity) smallest "
-        "(a knapsack: exact, or greedy with its gap stated); its row's quant is budget<B>, its "
-        "lora_rank the largest rank it gives a layer, and layers.csv holds each layer's choice",
+        help="also run one budgeted model per B: each selected layer takes its own method and "
+        "rank from --methods x --ranks, the stored bits of the selected layers at most B per "
+        "weight, the summed sensitivity of the layers (--budget-sensitivity, measured once for "
+        "every B) smallest (a knapsack: exact, or greedy with its gap stated); its rows' quant is "
+        "budget<B>, their lora_rank the largest rank it gives a layer, and layers.csv holds each "
+        "layer's choice",
     )
     network.add_argument(
         "--budget-sensitivity",

@@ -124,7 +124,7 @@ class NetworkPlan:
     left_out: dict[str, list[str]]
     calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
     reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
-    bits_budget: float | None = None  # --bits-budget: one more model, layers chosen to fit it
+    bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
 
     @property
@@ -393,15 +393,18 @@ def plan_network(
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
         calibration=getattr(args, "calibration", "symmetric"),
         reconstruction=reconstruction_config(args),
-        bits_budget=getattr(args, "bits_budget", None),
+        # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
+        bits_budgets=tuple(
+            sorted({float(f"{b:g}") for b in getattr(args, "bits_budget", None) or ()})
+        ),
         budget_sensitivity=getattr(args, "budget_sensitivity", "output"),
     )
 
 
 def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
     """--bits-budget's refusals, each in one line."""
-    budget = getattr(args, "bits_budget", None)
-    if budget is None:
+    budgets = getattr(args, "bits_budget", None)
+    if budgets is None:
         if getattr(args, "budget_sensitivity", "output") != "output":
             raise UsageError(
                 "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
@@ -412,10 +415,11 @@ def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> 
             "--bits-budget spreads bits over the selected layers; with the classifier alone "
             "there is one layer: drop it or select more --layers"
         )
-    if not budget > 0 or not math.isfinite(budget):
-        raise UsageError(
-            f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
-        )
+    for budget in budgets:
+        if not budget > 0 or not math.isfinite(budget):
+            raise UsageError(
+                f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
+            )
     if args.search == "pareto" or args.workers > 1 or args.storage is not None:
         raise UsageError(
             "--bits-budget runs in one process with the rank-by-rank search: drop --search "

@@ -130,12 +130,14 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     if plan.network is not None:
         setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits, code_bits)
 
+        measured: list = []  # --bits-budget: the options, measured for the first budget
+
         def build(name: str, compression: Any, bits_budget: float | None = None) -> Built:
             budget = None
             if bits_budget is None:
                 method = setup.method(name, compression)
             else:
-                budget = solve_budget(plan, setup, bits_budget)
+                budget = solve_budget(plan, setup, bits_budget, measured)
                 method = setup.budget_method(name, budget, plan.compressions)
                 compression = method.config
             compressed = evaluate(method.compressed_model(), splits.test)
@@ -163,40 +165,50 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     return build
 
 
-def solve_budget(plan, setup, bits_budget: float):
-    """--bits-budget: every layer's options measured, the knapsack solved, the choice logged."""
+def solve_budget(plan, setup, bits_budget: float, measured: list):
+    """--bits-budget: every layer's options measured (once per run: ``measured`` keeps them for
+    the run's other budgets), the knapsack solved, the choice logged."""
     from tqdm import tqdm
 
     from compression.budget import BudgetError, SensitivityError
     from train_evaluate.runtime.errors import UsageError
     from train_evaluate.training import budget
 
+    sensitivity = plan.network.budget_sensitivity
+    if not measured:
+        started = time.perf_counter()
+        with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
+            measured.append(budget.measure_options(
+                setup, plan.compressions, plan.ranks, plan.sweep, bar.update, sensitivity
+            ))  # fmt: skip
+        log.info(
+            "bit budget: %d layers x %d options each at most, sensitivities (%s) measured in "
+            "%.1f s", len(setup.layers), max(map(len, measured[0])), sensitivity,
+            time.perf_counter() - started,
+        )  # fmt: skip
     started = time.perf_counter()
-    with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
-        try:
-            solved = budget.allocate(
-                setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, bar.update,
-                plan.network.budget_sensitivity,
-            )  # fmt: skip
-        except BudgetError as error:
-            cheapest = error.cheapest_bits / setup.template.weights()
-            raise UsageError(
-                f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over "
-                f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
-                "budget, or add a cheaper method or a smaller rank"
-            ) from error
-        except SensitivityError as error:
-            raise UsageError(
-                f"--bits-budget {bits_budget:g}: {error} (NaN or infinite weights or outputs); "
-                "check the model's weights"
-            ) from error
+    try:
+        solved = budget.allocate(
+            setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, options=measured[0]
+        )
+    except BudgetError as error:
+        cheapest = error.cheapest_bits / setup.template.weights()
+        raise UsageError(
+            f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over "
+            f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
+            "budget, or add a cheaper method or a smaller rank"
+        ) from error
+    except SensitivityError as error:
+        raise UsageError(
+            f"--bits-budget {bits_budget:g}: {error} (NaN or infinite weights or outputs); "
+            "check the model's weights"
+        ) from error
     allocation = solved.allocation
     log.info(
-        "bit budget %g bits/weight: %d layers x %d options each at most, %s in %.1f s; %.4f "
-        "bits/weight chosen, summed sensitivity (%s) %.4g%s",
-        bits_budget, len(setup.layers), max(len(o) for o in solved.options),
-        "solved exactly" if allocation.exact else "greedy", time.perf_counter() - started,
-        allocation.bits / setup.template.weights(), plan.network.budget_sensitivity,
+        "bit budget %g bits/weight: %s in %.1f s; %.4f bits/weight chosen, summed sensitivity "
+        "(%s) %.4g%s",
+        bits_budget, "solved exactly" if allocation.exact else "greedy",
+        time.perf_counter() - started, allocation.bits / setup.template.weights(), sensitivity,
         allocation.sensitivity,
         "" if allocation.exact else f" (at most {allocation.gap:.4g} above the optimum)",
     )  # fmt: skip
@@ -213,8 +225,8 @@ def total_steps(plan) -> int:
 
     if plan.search == "pareto":
         return plan.sweep.trials
-    budgeted = plan.network is not None and plan.network.bits_budget is not None
-    return (len(plan.compressions) * len(plan.ranks) + budgeted) * steps_per_rank(plan.sweep)
+    budgets = len(plan.network.bits_budgets) if plan.network is not None else 0
+    return (len(plan.compressions) * len(plan.ranks) + budgets) * steps_per_rank(plan.sweep)
 
 
 def run_storage(plan):
@@ -234,11 +246,11 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
     from train_evaluate.search.records import rank_record
 
     rows, layer_rows, candidates, built, records = [], [], {}, [], {}
-    bits_budget = plan.network.bits_budget if plan.network is not None else None
-    jobs = list(plan.compressions.items())
-    if bits_budget is not None:  # first: a budget below every choice is refused at once
-        jobs.insert(0, (budget_name(bits_budget), None))
-    for name, compression in jobs:
+    # the budgets first, smallest first: one below every choice is refused before any other work
+    budgets = plan.network.bits_budgets if plan.network is not None else ()
+    jobs = [(budget_name(b), None, b) for b in budgets]
+    jobs += [(name, compression, None) for name, compression in plan.compressions.items()]
+    for name, compression, bits_budget in jobs:
         done = build(name, compression) if compression else build(name, None, bits_budget)
         log.info(
             "%s: compressed only, test top-1 %.2f%%",

@@ -225,11 +225,14 @@ def allocate(
     sweep: Any,
     progress=None,
     sensitivity: str = SENSITIVITIES[0],
+    options: list[list[LayerChoice]] | None = None,
 ) -> Budget:
-    """The budget solved over the run's methods and ranks; ``compression.budget.BudgetError``
-    when even the cheapest choice of every layer is over it, ``SensitivityError`` when a
-    sensitivity is NaN or infinite."""
-    options = measure_options(setup, compressions, ranks, sweep, progress, sensitivity)
+    """The budget solved over the run's methods and ranks (``options``: those already measured
+    by ``measure_options``, else measured here); ``compression.budget.BudgetError`` when even
+    the cheapest choice of every layer is over it, ``SensitivityError`` when a sensitivity is
+    NaN or infinite."""
+    if options is None:
+        options = measure_options(setup, compressions, ranks, sweep, progress, sensitivity)
     budget_bits = math.floor(bits_per_weight * setup.template.weights())
     allocation = solve(
         [
