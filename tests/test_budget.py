@@ -266,6 +266,14 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
     assert max(c.sensitivity for layer in measured for c in layer) > 1e-6
 
 
+def test_the_command_line_offers_every_sensitivity_the_budget_measures():
+    from train_evaluate.config.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "budget_sensitivity"]
+    assert tuple(action.choices) == budget.SENSITIVITIES
+    assert action.default == budget.SENSITIVITIES[0]
+
+
 def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small):
     from train_evaluate.search.sweep_all import solve_budget
 
