@@ -236,7 +236,17 @@ def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
 def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(small):
     setup, sweep, _ = small
     before = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    measured = budget.measure_options(setup, COMPRESSIONS, RANKS, sweep, sensitivity="kl")
+    stem_passes = []
+    stem = setup.model.model.get_submodule("stem")
+    handle = stem.register_forward_hook(lambda *_: stem_passes.append(1))
+    try:
+        measured = budget.measure_options(setup, COMPRESSIONS, RANKS, sweep, sensitivity="kl")
+    finally:
+        handle.remove()
+    # the passes for the later layers' options start at their blocks: the stem runs fewer times
+    # than one pass per option would take (every chunk of the calibration images is one call)
+    assert len(setup.calibration) <= budget.CHUNK
+    assert len(stem_passes) < sum(map(len, measured))
     # the network is left as it was
     after = setup.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -264,6 +274,46 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
     # (its KL is float rounding, about 1e-17; int2 at rank 1 moves the logits far more)
     assert full_rank and max(abs(value) for value in full_rank) < 1e-12
     assert max(c.sensitivity for layer in measured for c in layer) > 1e-6
+
+
+def test_a_pass_from_a_later_block_skips_the_ones_before_and_answers_the_same(small):
+    setup = small[0]
+    model, calibration = setup.model, setup.calibration
+    structure = [(name, type(m)) for name, m in model.named_modules()]
+    with torch.no_grad():  # in the chunks the passes take: the same sums, bit for bit
+        teacher = torch.cat([model(rows) for rows in calibration.split(3)])
+    shapes = budget.output_shapes(model, ["stem", "pw"], calibration[:1])
+    calls = []
+    stem = model.model.get_submodule("stem")
+    handle = stem.register_forward_hook(lambda *_: calls.append(1))
+    pw = model.model.get_submodule("pw")
+    kept = pw.weight.detach().clone()
+    try:
+        for unit, before in (("pw", ["stem"]), ("fc", ["stem", "pw"])):
+            stand_ins = [(name, shapes[name]) for name in before]
+            start = budget.FromUnit(model, unit, stand_ins, calibration, chunk=3)
+            calls.clear()  # (taking the unit's clean input ran the stem)
+            with start:
+                assert start.reproduces(calibration, teacher)
+                assert not calls  # the units before it did not run
+        # a changed layer inside the unit: the KL is the full pass's
+        with torch.no_grad():
+            pw.weight.mul_(0.5)
+        changed = torch.cat([model(rows) for rows in calibration.split(3)])
+        full = budget.network_kl(model, calibration, teacher, chunk=3)
+        start = budget.FromUnit(model, "pw", [("stem", shapes["stem"])], calibration, 3)
+        calls.clear()
+        with start:
+            assert start.kl(calibration, teacher) == pytest.approx(full, rel=1e-9)
+            assert not calls
+        assert full > 1e-6 and not torch.equal(changed, teacher)
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            pw.weight.copy_(kept)
+    # the network is whole again
+    assert [(name, type(m)) for name, m in model.named_modules()] == structure
+    assert torch.equal(torch.cat([model(rows) for rows in calibration.split(3)]), teacher)
 
 
 def test_the_command_line_offers_every_sensitivity_the_budget_measures():

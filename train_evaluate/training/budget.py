@@ -25,6 +25,7 @@ Each option is priced by the run's own accounting, so the budget holds in the bi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -36,10 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from compression.budget import Allocation, Option, solve
+from compression.modules import replace_submodule
 from compression.registry import uses_inputs as config_uses_inputs
 from lora import LoraConfig, make_adapter
 from lora.attach import make_init_context
 from lora.calibration import input_moments
+from lora.reconstruction import reconstruction_units
 
 log = logging.getLogger("train_model")
 
@@ -115,6 +118,7 @@ def relative_output_error(
 
 
 SENSITIVITIES = ("output", "kl")  # --budget-sensitivity; the first is the default
+CHUNK = 32  # calibration images per pass
 
 
 def network_kl(model: Any, inputs: torch.Tensor, teacher: torch.Tensor, chunk: int = 32) -> float:
@@ -127,6 +131,101 @@ def network_kl(model: Any, inputs: torch.Tensor, teacher: torch.Tensor, chunk: i
             log_q = F.log_softmax(wanted.double(), dim=-1)
             total += float((log_q.exp() * (log_q - log_p)).sum())
     return total / max(len(inputs), 1)
+
+
+class _Reached(Exception):
+    """Raised from a hook once a pass has what it needs."""
+
+
+class FromUnit:
+    """The network run from one unit (a block holding selected layers) on, for passes that
+    change nothing before it: each unit before it answers zeros of its output's shape (a
+    ``SkippedModule``, the original kept inside), and the unit takes its clean input, cached
+    once, chunk by chunk. Trusted only where it reproduces the original logits bit for bit
+    (``reproduces``), so that a layer's KL costs the network from its block on."""
+
+    def __init__(
+        self,
+        model: Any,
+        unit: str,
+        before: Sequence[tuple[str, tuple[int, ...]]],
+        calibration: torch.Tensor,
+        chunk: int,
+    ) -> None:
+        self.model, self.before, self.chunk = model, tuple(before), chunk
+        self.unit = model.model.get_submodule(unit)
+        taken: list[torch.Tensor] = []
+
+        def take(_module: torch.nn.Module, args: tuple) -> None:
+            taken.append(args[0].detach())
+            raise _Reached
+
+        handle = self.unit.register_forward_pre_hook(take)
+        try:
+            with torch.no_grad():
+                for rows in calibration.split(chunk):
+                    with contextlib.suppress(_Reached):
+                        model(rows)
+        finally:
+            handle.remove()
+        self.clean = torch.cat(taken)
+        self.start = 0
+
+    def _hand(self, _module: torch.nn.Module, args: tuple) -> tuple:
+        rows = len(args[0])
+        # a copy: the unit may write in place on its input, which would damage the cache
+        clean = self.clean[self.start : self.start + rows].clone()
+        self.start += rows
+        return (clean, *args[1:])
+
+    def __enter__(self) -> FromUnit:
+        from train_evaluate.inputs.cut import SkippedModule
+
+        bare = self.model.model
+        self.replaced = []
+        for name, shape in self.before:
+            stand_in = SkippedModule(bare.get_submodule(name), shape)
+            self.replaced.append((name, replace_submodule(bare, name, stand_in)))
+        self.handle = self.unit.register_forward_pre_hook(self._hand)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.handle.remove()
+        for name, original in reversed(self.replaced):
+            replace_submodule(self.model.model, name, original)
+
+    def kl(self, calibration: torch.Tensor, teacher: torch.Tensor) -> float:
+        self.start = 0
+        return network_kl(self.model, calibration, teacher, self.chunk)
+
+    def reproduces(self, calibration: torch.Tensor, teacher: torch.Tensor) -> bool:
+        self.start = 0
+        try:
+            with torch.no_grad():
+                answers = [self.model(rows) for rows in calibration.split(self.chunk)]
+        except RuntimeError:  # a stand-in written to in place: this unit cannot start a pass
+            return False
+        return torch.equal(torch.cat(answers), teacher)
+
+
+def output_shapes(model: Any, names: Sequence[str], rows: torch.Tensor) -> dict[str, tuple]:
+    """Each of ``names``' output shape per image (the first call, tensors only) on ``rows``."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+
+        def keep(_module, _args, output, name=name) -> None:
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape[1:]))
+
+        handles.append(model.model.get_submodule(name).register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            model(rows)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 def layer_options(
@@ -184,6 +283,7 @@ def measure_options(
     """Every layer's options (``layer_options``), priced and measured by ``sensitivity`` (one
     of ``SENSITIVITIES``); the network is left as it was."""
     from compression import weight_matrix
+    from train_evaluate.inputs.cut import boundaries
 
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity: one of {', '.join(SENSITIVITIES)}; got {sensitivity}")
@@ -192,7 +292,7 @@ def measure_options(
     calibration = setup.calibration.to(device)
     if sensitivity == "kl":  # the original network's logits, which every option is judged by
         with torch.no_grad():
-            teacher = torch.cat([model(chunk) for chunk in calibration.split(32)])
+            teacher = torch.cat([model(rows) for rows in calibration.split(CHUNK)])
 
     def measured(module: torch.nn.Module, merged: torch.Tensor, moment: torch.Tensor) -> float:
         if sensitivity == "output":
@@ -201,19 +301,40 @@ def measure_options(
         try:  # the layer alone replaced, for one pass over the calibration images
             with torch.no_grad():
                 module.weight.copy_(merged.reshape(kept.shape).to(kept.dtype))
-            return network_kl(model, calibration, teacher)
+            if start is not None:
+                return start.kl(calibration, teacher)
+            return network_kl(model, calibration, teacher, CHUNK)
         finally:
             with torch.no_grad():
                 module.weight.copy_(kept)
 
-    measured_options = []
-    for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
-        measured_options.append([
-            LayerChoice(info.name, method, rank, bits, measured(module, merged, moment))
-            for method, rank, bits, merged in options
-        ])  # fmt: skip
-        if progress is not None:
-            progress()
+    # kl: each layer's passes start at its unit where that reproduces the original logits
+    units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
+    unit_of = {name: index for index, (_, names) in enumerate(units) for name in names}
+    shapes = {}
+    if sensitivity == "kl":
+        shapes = output_shapes(model, [unit for unit, _ in units], calibration[:1])
+    measured_options, start, current = [], None, None
+    with contextlib.ExitStack() as stack:
+        for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
+            index = unit_of[info.name]
+            if sensitivity == "kl" and index != current:
+                stack.close()
+                start, current = None, index
+                before = [(unit, shapes.get(unit)) for unit, _ in units[:index]]
+                if before and all(shape is not None for _, shape in before):
+                    candidate = FromUnit(model, units[index][0], before, calibration, CHUNK)
+                    stack.enter_context(candidate)
+                    if candidate.reproduces(calibration, teacher):
+                        start = candidate
+                    else:
+                        stack.close()
+            measured_options.append([
+                LayerChoice(info.name, method, rank, bits, measured(module, merged, moment))
+                for method, rank, bits, merged in options
+            ])  # fmt: skip
+            if progress is not None:
+                progress()
     return measured_options
 
 
