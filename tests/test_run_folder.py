@@ -97,18 +97,20 @@ def test_a_finished_rank_is_reused_only_when_its_files_verify(small_run, capsys,
 def test_another_configuration_is_refused_in_one_line_then_overwritten(small_run, capsys):
     out, args = small_run
     before = tree_digest(out)
-    code, _, err = run_driver(capsys, *args, "--seed", "1")
+    # (another search space, not another seed: the demo's classifier stays the cached one)
+    code, _, err = run_driver(capsys, *args, "--alphas", "4")
     assert code == 2
     line = one_error_line(err)
-    assert "another seed" in line and "--overwrite" in line
+    assert "another space" in line and "--overwrite" in line
     assert tree_digest(out) == before  # nothing in the folder changed
 
-    code, _, err = run_driver(capsys, *args, "--seed", "1", "--overwrite")
+    code, _, err = run_driver(capsys, *args, "--alphas", "4", "--overwrite")
     assert code == 0, err
-    assert json.loads((out / "run.json").read_text())["config"]["sweep"]["seed"] == 1
+    assert json.loads((out / "run.json").read_text())["config"]["sweep"]["space"]["alphas"] == [4]
     # every file now belongs to the new configuration: no record of the old run is left
     assert sorted(p.name for p in (out / "records").iterdir()) == ["sparse_r2.json"]
-    assert json.loads((out / "records" / "sparse_r2.json").read_text())["seed"] == 1
+    record = json.loads((out / "records" / "sparse_r2.json").read_text())
+    assert record["best_params"]["lora_alpha"] == 4
 
 
 def test_more_trials_or_ranks_extend_the_run_in_its_folder(small_run, capsys):
