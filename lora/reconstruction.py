@@ -131,7 +131,7 @@ class _Reached(Exception):
     """Raised from a hook once the pass has what it needs."""
 
 
-def _capture(
+def capture_module_io(
     model: nn.Module, module: nn.Module, inputs: torch.Tensor, chunk: int, with_output: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module``'s input (and output) on every row of ``inputs`` when ``model`` runs on them,
@@ -333,12 +333,12 @@ def reconstruct(
     for unit, layers in units:
         module, clean = adapted.get_submodule(unit), reference.get_submodule(unit)
         try:
-            clean_in, target = _capture(reference, clean, inputs, chunk, with_output=True)
+            clean_in, target = capture_module_io(reference, clean, inputs, chunk, with_output=True)
             _check_alone(clean, clean_in, target, chunk)
         except ReconstructionError as error:
             raise ReconstructionError(f"block {unit} cannot be reconstructed: {error}") from None
         del clean_in
-        x, _ = _capture(adapted, module, inputs, chunk, with_output=False)
+        x, _ = capture_module_io(adapted, module, inputs, chunk, with_output=False)
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         start = _snapshot(parameters)
         before = _relative_error(module, x, target, chunk)

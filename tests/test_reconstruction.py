@@ -22,7 +22,7 @@ from lora.attach import make_adapter, make_init_context
 from lora.reconstruction import (
     ReconstructionConfig,
     UnitRecord,
-    _capture,
+    capture_module_io,
     reconstruct,
     reconstruction_units,
 )
@@ -74,8 +74,8 @@ def test_units_are_the_blocks_and_a_shortcut_conv_joins_its_block():
 def unit_error(adapted, reference, unit: str, inputs: torch.Tensor) -> float:
     """A block's relative squared error, measured here from hooks: its input from the adapted
     network's own prefix, its target from the uncompressed network."""
-    _, target = _capture(reference, reference.get_submodule(unit), inputs, 8, True)
-    x, _ = _capture(adapted, adapted.get_submodule(unit), inputs, 8, False)
+    _, target = capture_module_io(reference, reference.get_submodule(unit), inputs, 8, True)
+    x, _ = capture_module_io(adapted, adapted.get_submodule(unit), inputs, 8, False)
     with torch.no_grad():
         out = adapted.get_submodule(unit)(x)
     return float((out - target).double().square().sum() / target.double().square().sum())

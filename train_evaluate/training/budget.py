@@ -42,7 +42,7 @@ from compression.registry import uses_inputs as config_uses_inputs
 from lora import LoraConfig, make_adapter
 from lora.attach import make_init_context
 from lora.calibration import input_moments
-from lora.reconstruction import reconstruction_units
+from lora.reconstruction import capture_module_io, reconstruction_units
 
 log = logging.getLogger("train_model")
 
@@ -133,10 +133,6 @@ def network_kl(model: Any, inputs: torch.Tensor, teacher: torch.Tensor, chunk: i
     return total / max(len(inputs), 1)
 
 
-class _Reached(Exception):
-    """Raised from a hook once a pass has what it needs."""
-
-
 class FromUnit:
     """The network run from one unit (a block holding selected layers) on, for passes that
     change nothing before it: each unit before it answers zeros of its output's shape (a
@@ -154,21 +150,7 @@ class FromUnit:
     ) -> None:
         self.model, self.before, self.chunk = model, tuple(before), chunk
         self.unit = model.model.get_submodule(unit)
-        taken: list[torch.Tensor] = []
-
-        def take(_module: torch.nn.Module, args: tuple) -> None:
-            taken.append(args[0].detach())
-            raise _Reached
-
-        handle = self.unit.register_forward_pre_hook(take)
-        try:
-            with torch.no_grad():
-                for rows in calibration.split(chunk):
-                    with contextlib.suppress(_Reached):
-                        model(rows)
-        finally:
-            handle.remove()
-        self.clean = torch.cat(taken)
+        self.clean, _ = capture_module_io(model, self.unit, calibration, chunk, with_output=False)
         self.start = 0
 
     def _hand(self, _module: torch.nn.Module, args: tuple) -> tuple:
