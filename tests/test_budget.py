@@ -404,9 +404,33 @@ def test_each_budgeted_checkpoint_reproduces_its_row(budgeted_run, capsys, bits_
     assert "reproduced exactly" in out, out
 
 
+def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
+    budgeted_run, image_folder, resnet_weights, tmp_path,  # noqa: F811
+):  # fmt: skip
+    from train_evaluate.train_model import main
+
+    full, cache = budgeted_run
+    results = tmp_path / "results"
+    code = main([str(a) for a in (
+        "--model", RESNET, "--weights", resnet_weights, "--data-dir", image_folder,
+        "--layers", "all", "--init", "svd_init", "--methods", "int2", "int4",
+        "--ranks", "1", "2", "--epochs", "0", "--calib-images", "8", "--bits-budget", *BUDGETS,
+        "--budget-sensitivity", "kl", "--budget-only", "--results-dir", results,
+        "--cache-dir", cache,
+    )])  # fmt: skip
+    assert code == 0
+    alone = pd.read_csv(run_folder(results, "svd_init_layers-all") / "evaluation.csv")
+    assert set(alone["quant"]) == {f"budget{b:g}" for b in BUDGETS}
+    every = pd.read_csv(full / "evaluation.csv")
+    every = every[every["quant"].isin(alone["quant"])].reset_index(drop=True)
+    columns = [c for c in every.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(alone[columns], every[columns], check_dtype=False)
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
+        (("--layers", "all", "--budget-only"), "add --bits-budget"),
         (("--layers", "all", "--bits-budget", "0.5"), "cheapest choice of every layer"),
         (("--layers", "all", "--bits-budget", "4", "0.5"), "--bits-budget 0.5: the cheapest"),
         (("--bits-budget", "4"), "with the classifier alone"),

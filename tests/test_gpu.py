@@ -165,3 +165,30 @@ def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(
     rebuilt = network.load_adapted(wrapped, path, cuda)
     with torch.no_grad():
         assert torch.equal(rebuilt(images), adapted(images))
+
+
+@gpu
+def test_block_reconstruction_with_learned_rounding_runs_on_cuda(cuda, tmp_path):
+    from compression.adaround import learns_rounding
+    from tests.test_reconstruction import RESNET, images, resnet_setup
+    from train_evaluate.search.sweep import SweepConfig
+    from train_evaluate.training import network
+
+    calibration = images(16, 0).to(cuda)
+    method, units = resnet_setup(calibration, compression="int4", quantizer="adaround")
+    adapted = method.layer(4, 16, SweepConfig(init="act_svd_init"), seed=0)
+    records = method.records[4]
+    assert [r.unit for r in records] == [u for u, _ in units]
+    assert all(r.error_end <= r.error_start for r in records), records
+    assert sum(r.codes_changed for r in records) > 0, records
+    for adapter in adapted.adapters().values():
+        stored = adapter.base_compressed
+        assert stored.weight.is_cuda and learns_rounding(stored.config)
+        codes = stored.parts["codes"].long() - 7
+        assert codes.min() >= -7 and codes.max() <= 7
+    path = tmp_path / "network.safetensors"
+    write_packed(path, adapted, "fp32", {"model": RESNET})
+    rebuilt = network.load_adapted(method.model, path, cuda)
+    pictures = images(6, 9).to(cuda)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pictures), adapted(pictures))

@@ -40,7 +40,9 @@ def resnet_setup(
     calibration: torch.Tensor, config: ReconstructionConfig = FAST, compression: str = "int2",
     **options,
 ):  # fmt: skip
-    model = image_model(bare(RESNET))
+    """The small resnet's every layer compressed, ready to reconstruct on ``calibration``'s
+    device."""
+    model = image_model(bare(RESNET)).to(calibration.device)
     names = network.select_layers(model.model, ["all"])
     layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
     units = reconstruction_units([info.name for info in layers], boundaries(model.model))

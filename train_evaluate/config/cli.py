@@ -342,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         "layer's choice",
     )
     network.add_argument(
+        "--budget-only",
+        action="store_true",
+        help="with --bits-budget, build and score the budgeted models alone: no model with one "
+        "method and rank everywhere (each of those costs its own init and reconstruction)",
+    )
+    network.add_argument(
         "--budget-sensitivity",
         choices=("output", "kl"),
         default="output",

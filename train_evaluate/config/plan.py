@@ -97,6 +97,15 @@ class Plan:
     argv: tuple[str, ...] = ()
 
     @property
+    def models(self) -> int:
+        """The (method, rank) models the run builds: every method at every rank (none with
+        --budget-only), and one per --bits-budget."""
+        if self.network is None:
+            return len(self.compressions) * len(self.ranks)
+        uniform = 0 if self.network.budget_only else len(self.compressions) * len(self.ranks)
+        return uniform + len(self.network.bits_budgets)
+
+    @property
     def shared(self) -> bool:
         """Whether other processes may work on the same studies: then nothing running may be
         taken for dead at start, and trials beat a heartbeat."""
@@ -126,6 +135,7 @@ class NetworkPlan:
     reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
     bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
+    budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
 
     @property
     def cache_bytes(self) -> int:
@@ -398,6 +408,7 @@ def plan_network(
             sorted({float(f"{b:g}") for b in getattr(args, "bits_budget", None) or ()})
         ),
         budget_sensitivity=getattr(args, "budget_sensitivity", "output"),
+        budget_only=getattr(args, "budget_only", False),
     )
 
 
@@ -409,6 +420,8 @@ def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> 
             raise UsageError(
                 "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
             )
+        if getattr(args, "budget_only", False):
+            raise UsageError("--budget-only keeps the budgeted models alone; add --bits-budget B")
         return
     if network_plan is None:
         raise UsageError(
@@ -687,7 +700,7 @@ def announce(plan: Plan) -> None:
                 net.epoch_seconds,
             )
     sweep = plan.sweep
-    runs = len(plan.compressions) * len(plan.ranks)
+    runs = plan.models
     log.info(
         "study: init %s%s, methods %s, ranks %s, objective %s, seed %d -> %s",
         sweep.init,
@@ -701,17 +714,17 @@ def announce(plan: Plan) -> None:
     if sweep.epochs == 0:
         log.info("--epochs 0: every rank is the init only (no Optuna search, no training)")
         log.info(
-            "size: %d images; %d ranks, init only (no search, no training)",
+            "size: %d images; %d models (method and rank, or budget), init only (no search, "
+            "no training)",
             len(plan.source.ids),
             runs,
         )
     else:
         log.info(
-            "size: %d images; %d methods x %d ranks x (%d trials + %d final) x %d epochs = "
-            "%d training runs, at most %d epochs",
+            "size: %d images; %d models (method and rank, or budget) x (%d trials + %d final) x "
+            "%d epochs = %d training runs, at most %d epochs",
             len(plan.source.ids),
-            len(plan.compressions),
-            len(plan.ranks),
+            runs,
             sweep.trials,
             sweep.final_seeds,
             sweep.epochs,

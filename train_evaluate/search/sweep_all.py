@@ -225,8 +225,7 @@ def total_steps(plan) -> int:
 
     if plan.search == "pareto":
         return plan.sweep.trials
-    budgets = len(plan.network.bits_budgets) if plan.network is not None else 0
-    return (len(plan.compressions) * len(plan.ranks) + budgets) * steps_per_rank(plan.sweep)
+    return plan.models * steps_per_rank(plan.sweep)
 
 
 def run_storage(plan):
@@ -249,7 +248,8 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
     # the budgets first, smallest first: one below every choice is refused before any other work
     budgets = plan.network.bits_budgets if plan.network is not None else ()
     jobs = [(budget_name(b), None, b) for b in budgets]
-    jobs += [(name, compression, None) for name, compression in plan.compressions.items()]
+    if plan.network is None or not plan.network.budget_only:
+        jobs += [(name, compression, None) for name, compression in plan.compressions.items()]
     for name, compression, bits_budget in jobs:
         done = build(name, compression) if compression else build(name, None, bits_budget)
         log.info(
