@@ -52,7 +52,7 @@ class Int1Config:
             raise ValueError(f"unknown int1 scale {self.scale!r}; valid: {', '.join(INT1_SCALES)}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(
-                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(QUANTIZERS)}"
+                f"int1 takes the quantizer {' or '.join(QUANTIZERS)}, not {self.quantizer!r}"
             )
 
     @property

@@ -72,7 +72,8 @@ class IntNConfig:
             )
         if self.quantizer not in INT_QUANTIZERS:
             raise ValueError(
-                f"unknown quantizer {self.quantizer!r}; valid: {', '.join(INT_QUANTIZERS)}"
+                f"int{self.bits} takes the quantizer {', '.join(INT_QUANTIZERS)}, not "
+                f"{self.quantizer!r}"
             )
 
     @property

@@ -66,8 +66,11 @@ class ReconstructionConfig:
             raise ValueError(f"unknown reconstruction {self.mode!r}; valid: {', '.join(MODES)}")
         if self.block_steps < 1 or self.network_steps < 1 or self.batch_size < 1:
             raise ValueError("reconstruction steps and batch size must be at least 1")
-        if not (self.lr > 0 and self.temperature > 0):
-            raise ValueError("the reconstruction's learning rate and temperature must be positive")
+        rates = (self.lr, self.temperature, self.rounding_lr)
+        if not all(0 < value < float("inf") for value in rates):
+            raise ValueError(
+                "the reconstruction's learning rates and temperature must be positive and finite"
+            )
 
     @property
     def enabled(self) -> bool:

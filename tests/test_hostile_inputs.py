@@ -268,3 +268,169 @@ def test_an_option_a_chosen_method_uses_is_not_warned_about(tmp_path, caplog):
     used = ["--quantizer", "gptq", "--int-scale", "mse", "--block", "1x16", "--nm", "1:4",
             "--preset", "seed-compat", "--methods", "sparse", "int4", "nm"]  # fmt: skip
     assert plan_log(tmp_path, caplog, *used) == []
+
+
+# ------------------------------------------ 6. a whole-network run on the demo, pushed around
+
+# The offline demo with every Linear selected: quick, and every whole-network option applies.
+NETWORK_DEMO = ["--init", "svd_init", "--layers", "all", "--epochs", "0", "--ranks", "2",
+                "--methods", "int2"]  # fmt: skip
+
+
+def refusal(capsys, tmp_path: Path, cache: Path, *options: str) -> str:
+    """The one error line the demo driver answers ``options`` with (exit 2, nothing written)."""
+    from tests.conftest import run_driver
+
+    results = tmp_path / "results"
+    code, _, err = run_driver(
+        capsys, *NETWORK_DEMO, "--results-dir", results, "--cache-dir", cache, *options
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not results.exists() or not any(results.rglob("*")), sorted(results.rglob("*"))
+    return lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_results_dir_that_cannot_be_made_is_refused_in_one_line(tmp_path, demo_cache, capsys):
+    line = refusal(capsys, tmp_path, demo_cache, "--results-dir", "/proc/nope/x")
+    assert "--results-dir /proc/nope/x" in line and "/proc" in line
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real file system of 160 kB (tmpfs), too small for the demo run's files; skipped where
+    this process may not mount one."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_safetensors_file_on_a_full_disk_is_an_oserror_and_leaves_nothing(tiny_disk):
+    import errno
+
+    from train_evaluate.runtime.files import write_safetensors
+
+    target = tiny_disk / "big.safetensors"
+    with pytest.raises(OSError) as raised:
+        write_safetensors(target, {"x": torch.zeros(1 << 18)})  # 1 MB
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_leaves_no_half_written_file(
+    tiny_disk, own_demo_cache, capsys
+):
+    from tests.conftest import run_driver
+
+    code, _, err = run_driver(
+        capsys, *NETWORK_DEMO, "--results-dir", tiny_disk, "--cache-dir", own_demo_cache
+    )
+    errors = [line for line in err.splitlines() if not line.startswith("progress ")]
+    assert code != 0 and len(errors) == 1 and "no space left on the device" in errors[0], err
+    # no temporary left, no result file, and every file that is there is whole
+    assert not [p for p in tiny_disk.rglob("*") if ".tmp" in p.name]
+    assert not list(tiny_disk.rglob("evaluation.csv"))
+    for path in tiny_disk.rglob("*.json"):
+        json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--bits-budget", "5", "5.0000001", "4.9999999"], "both be the rows budget5"),
+        (["--reconstruct", "block", "--reconstruct-lr", "inf"], "positive and finite"),
+        (["--calibration", "asymmetric"], "--calibration asymmetric changes only"),
+        (
+            ["--methods", "int1", "--quantizer", "adaround", "--reconstruct", "block"],
+            "int1 takes the quantizer rtn or gptq, not 'adaround'",
+        ),
+    ],
+)
+def test_an_option_that_cannot_work_is_refused_before_any_work(
+    options, says, tmp_path, demo_cache, capsys
+):
+    assert says in refusal(capsys, tmp_path, demo_cache, *options)
+
+
+def test_more_calibration_images_or_a_larger_batch_than_there_are_is_said_and_recorded(
+    tmp_path, caplog
+):
+    from train_evaluate.config.cli import build_parser
+    from train_evaluate.config.plan import log, plan_run
+
+    args = build_parser().parse_args([
+        "--demo", *NETWORK_DEMO, "--results-dir", str(tmp_path), "--calib-images", "100000",
+        "--reconstruct", "block", "--reconstruct-batch", "5000",
+    ])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        plan = plan_run(args)
+    train = len(plan.source.ids) - sum(
+        plan.fractions.sizes(len(plan.source.ids))[s] for s in ("val", "test")
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--calib-images 100000 is more than" in w for w in warnings), warnings
+    assert any("--reconstruct-batch 5000 is more than" in w for w in warnings), warnings
+    # what the run records is what it does: every train image, each step all of them
+    assert plan.network.calib_images == train
+    assert plan.network.reconstruction.batch_size == train
+
+
+def test_the_help_names_the_int_methods_the_registry_has():
+    from compression import list_methods
+    from train_evaluate.config.cli import INT_METHODS
+    from train_evaluate.config.plan import uses_field
+
+    assert list(INT_METHODS) == [m for m in list_methods() if uses_field(m, "int_scale")]
+    assert [m for m in list_methods() if uses_field(m, "quantizer", "adaround")] == list(
+        INT_METHODS
+    )
+
+
+def test_a_hand_edited_run_json_is_refused_naming_the_key_that_differs(
+    tmp_path, own_demo_cache, capsys
+):
+    from tests.conftest import run_driver
+
+    results = tmp_path / "results"
+    args = [*NETWORK_DEMO, "--results-dir", results, "--cache-dir", own_demo_cache]
+    assert run_driver(capsys, *args)[0] == 0
+    (run_json,) = results.glob("*/*/*/run.json")
+    recorded = json.loads(run_json.read_text())
+    recorded["config"]["network"]["calib_images"] = 7
+    run_json.write_text(json.dumps(recorded))
+    code, _, err = run_driver(capsys, *args)
+    assert code == 2 and "another network.calib_images (7 there, 512 here)" in err, err
+
+
+def test_layers_csv_after_a_resume_equals_the_uninterrupted_run(tmp_path, own_demo_cache, capsys):
+    """A run killed after its first rank's record leaves that record and nothing of the second
+    rank that a resume would use; the resume reuses the first rank from records/."""
+    from tests.conftest import run_driver
+
+    results = tmp_path / "results"
+    options = ["--ranks", "2", "4", "--reconstruct", "block", "--reconstruct-steps", "3"]
+    args = [*NETWORK_DEMO, *options, "--results-dir", results, "--cache-dir", own_demo_cache]
+    assert run_driver(capsys, *args)[0] == 0
+    (folder,) = [p.parent for p in results.glob("*/*/*/run.json")]
+    uninterrupted = pd.read_csv(folder / "layers.csv")
+    assert uninterrupted["block"].notna().all()
+    for name in ("evaluation.csv", "layers.csv", "records/int2_r4.json"):
+        (folder / name).unlink()
+    code, out, _ = run_driver(capsys, *args)
+    assert code == 0 and "int2 r=2: finished already" in out
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "layers.csv"), uninterrupted)
+
+
+def test_the_warning_for_an_unused_quantizer_lists_only_the_methods_that_take_it(tmp_path, caplog):
+    options = ["--quantizer", "adaround", "--methods", "sparse"]
+    (warning,) = [w for w in plan_log(tmp_path, caplog, *options) if "--quantizer" in w]
+    assert "applies to --methods int2 int4 int8 only" in warning, warning

@@ -53,6 +53,9 @@ METHOD_NAMES = ("int1", "int2", "int4", "int8", "sparse", "nm")
 PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
 INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
+# the methods the int options apply to, spelled out here for --help (a test holds them equal to
+# the registry's methods with those fields)
+INT_METHODS = ("int2", "int4", "int8")
 INT_SCALE_NAMES = ("max", "mse")
 QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -239,14 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--keep", help=f"sparse keep rule: {', '.join(KEEP_NAMES)}")
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALE_NAMES)}")
     compress_group.add_argument(
-        "--int-scale", help=f"int2/int4/int8 row scale: {', '.join(INT_SCALE_NAMES)} (default: max)"
+        "--int-scale",
+        help=f"{'/'.join(INT_METHODS)} row scale: {', '.join(INT_SCALE_NAMES)} (default: max)",
     )
     compress_group.add_argument(
         "--quantizer",
-        help="int1/int2/int4/int8 rounding: rtn (to nearest, the default), gptq (error "
-        "feedback through the layer's input moment, from the train split), or, for "
-        "int2/int4/int8 with --reconstruct, adaround (each weight's rounding up or down learned "
-        "with its block's adapters)",
+        help=f"int1/{'/'.join(INT_METHODS)} rounding: rtn (to nearest, the default), gptq (error "
+        f"feedback through the layer's input moment, from the train split), or, for "
+        f"{'/'.join(INT_METHODS)} only (not int1) with --reconstruct, adaround (each weight's "
+        "rounding up or down learned with its block's adapters)",
     )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(

@@ -8,6 +8,7 @@ head does not predict ImageNet-1k classes, weights that do not load into the mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import re
@@ -386,14 +387,29 @@ def plan_network(
         model = network.StateModel(
             cut.cut_model(bare, found, input_size), mean, std, found.state_shape
         )
-    train_images = max(1, int(images * fractions.train))
+    train_images = max(1, fractions.sizes(images)["train"])
+    calib_images = min(args.calib_images, train_images)
+    if calib_images < args.calib_images:
+        log.warning(
+            "warning: --calib-images %d is more than the %d train images (the calibration "
+            "images are drawn from them): calibrating on all %d",
+            args.calib_images, train_images, calib_images,
+        )  # fmt: skip
+    reconstruction = reconstruction_config(args)
+    if reconstruction.enabled and reconstruction.batch_size > calib_images:
+        log.warning(
+            "warning: --reconstruct-batch %d is more than the %d calibration images: each "
+            "step takes all %d",
+            reconstruction.batch_size, calib_images, calib_images,
+        )  # fmt: skip
+        reconstruction = dataclasses.replace(reconstruction, batch_size=calib_images)
     seconds = network.epoch_seconds(
         model.to(device), network.example_inputs(model, input_size, 8), train_images
     )
     return NetworkPlan(
         layers=tuple(names),
         selection=" ".join(patterns),
-        calib_images=args.calib_images,
+        calib_images=calib_images,
         input_size=input_size,
         cut=found,
         image_bytes=image_bytes,
@@ -402,7 +418,7 @@ def plan_network(
         epoch_seconds=seconds,
         left_out=network.left_out(bare, names) if network.ALL in patterns else {},
         calibration=getattr(args, "calibration", "symmetric"),
-        reconstruction=reconstruction_config(args),
+        reconstruction=reconstruction,
         # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
         bits_budgets=tuple(
             sorted({float(f"{b:g}") for b in getattr(args, "bits_budget", None) or ()})
@@ -428,16 +444,49 @@ def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> 
             "--bits-budget spreads bits over the selected layers; with the classifier alone "
             "there is one layer: drop it or select more --layers"
         )
+    named: dict[str, float] = {}
     for budget in budgets:
         if not budget > 0 or not math.isfinite(budget):
             raise UsageError(
                 f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
             )
+        # rows are named budget<B> with B to 6 significant digits: two budgets, one name
+        name = f"{budget:g}"
+        if name in named:
+            raise UsageError(
+                f"--bits-budget {named[name]:.15g} and {budget:.15g} would both be the rows "
+                f"budget{name}; "
+                "give each budget once, differing within 6 significant digits"
+            )
+        named[name] = budget
     if args.search == "pareto" or args.workers > 1 or args.storage is not None:
         raise UsageError(
             "--bits-budget runs in one process with the rank-by-rank search: drop --search "
             "pareto, --workers and --storage"
         )
+
+
+def check_budgets_reachable(
+    model: str, network_plan: NetworkPlan, compressions: dict[str, Any], ranks, args
+) -> None:
+    """Every --bits-budget at least what the cheapest option of every layer stores, checked on
+    the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
+    from train_evaluate.outputs.checkpoint import adapter_storage
+    from train_evaluate.training import budget, network
+
+    with torch.device("meta"):
+        bare = timm.create_model(model, pretrained=False)
+    layers = tuple(network.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
+    adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
+    template = network.NetworkAccounting(
+        layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
+        code_bits,
+    )  # fmt: skip
+    cheapest = budget.cheapest_bits(template, compressions, ranks)
+    for bits_budget in network_plan.bits_budgets:
+        # the solver's own test: the budget in whole bits over the selected layers' weights
+        if cheapest > math.floor(bits_budget * template.weights()):
+            raise UsageError(budget.unreachable(bits_budget, cheapest / template.weights()))
 
 
 def reconstruction_config(args: argparse.Namespace) -> Any:
@@ -470,12 +519,18 @@ COMPRESSION_OPTIONS = {
 }
 
 
-def uses_field(method: str, field: str) -> bool:
+def uses_field(method: str, field: str, value: Any = None) -> bool:
+    """Whether ``method``'s config has ``field`` (and, given a ``value``, accepts it)."""
     import dataclasses
 
     from compression import make_config
 
-    return field in {f.name for f in dataclasses.fields(make_config(method))}
+    if field not in {f.name for f in dataclasses.fields(make_config(method))}:
+        return False
+    try:
+        return value is None or make_config(method, **{field: value}) is not None
+    except ValueError:
+        return False
 
 
 def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) -> None:
@@ -491,7 +546,7 @@ def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) 
         field = COMPRESSION_OPTIONS[option]
         if value is None or any(uses_field(m, field) for m in methods):
             continue
-        users = [m for m in list_methods() if uses_field(m, field)]
+        users = [m for m in list_methods() if uses_field(m, field, value)]
         log.warning(
             "warning: --%s %s applies to --methods %s only; none of --methods %s uses it: ignored",
             option.replace("_", "-"),
@@ -554,6 +609,18 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
             "or select more --layers"
         )
+    if network_plan is not None and network_plan.calibration == "asymmetric":
+        from lora.inits import ACTIVATION_AWARE_INITS, compresses_target
+
+        if args.init not in ACTIVATION_AWARE_INITS and not any(
+            compresses_target(config) for config in compressions.values()
+        ):
+            raise UsageError(
+                f"--calibration asymmetric changes only the fits of "
+                f"{' and '.join(ACTIVATION_AWARE_INITS)} and the rounding of --quantizer gptq; "
+                f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
+                "nothing: drop it, or choose one of those"
+            )
     if network_plan is None and getattr(args, "reconstruct", "none") != "none":
         raise UsageError(
             "--reconstruct trains adapters to reproduce the uncompressed network block by "
@@ -588,6 +655,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
         check_imagenet_head(model, fc_shape[0])
     rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
     ranks, skipped = choose_ranks(args.ranks, rank_shape, model, network_plan is not None)
+    if network_plan is not None and network_plan.bits_budgets:
+        check_budgets_reachable(model, network_plan, compressions, ranks, args)
     backbone = None if demo else load_backbone(model, weights, device)
     # only once every check has passed (a refused run gets its one error line alone), and
     # not again in each worker: its launcher warned

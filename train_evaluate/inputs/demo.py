@@ -23,14 +23,18 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from train_evaluate.inputs.backbone import eval_transform
 from train_evaluate.inputs.features import feature_key
 from train_evaluate.runtime import interrupt
-from train_evaluate.runtime.files import atomic_path, digest_matches, read_safetensors, with_digest
+from train_evaluate.runtime.files import (
+    digest_matches,
+    read_safetensors,
+    with_digest,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +126,7 @@ def check_demo_weights(path: Path, key: str) -> None:
 def save_demo_weights(path: Path, key: str, state: dict[str, torch.Tensor]) -> None:
     tensors = {name: tensor.contiguous() for name, tensor in state.items()}
     metadata = with_digest(tensors, {"format": WEIGHTS_FORMAT, "key": key})
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 def _scratch_folder() -> Path:

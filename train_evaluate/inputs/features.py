@@ -29,7 +29,6 @@ from typing import Any
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -43,7 +42,12 @@ from train_evaluate.inputs.backbone import (
     weights_id,
 )
 from train_evaluate.runtime import interrupt
-from train_evaluate.runtime.files import atomic_path, digest_matches, read_safetensors, with_digest
+from train_evaluate.runtime.files import (
+    digest_matches,
+    read_safetensors,
+    with_digest,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +371,7 @@ def save_features(path: Path, key: str, cached: CachedFeatures) -> None:
         "skipped": json.dumps(cached.skipped),
     }
     tensors = {"features": cached.features.contiguous(), "labels": cached.labels.contiguous()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=with_digest(tensors, metadata))
+    write_safetensors(path, tensors, with_digest(tensors, metadata))
 
 
 def _read_features(path: Path, key: str, num_classes: int) -> CachedFeatures:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from compression import (
@@ -46,12 +45,19 @@ from compression import (
 from lora import LoraConv2d, LoraLinear
 from lora.attach import classifier_name
 from lora.rounding import ADAPTER_INT_BITS, factor_config, rounded_factors
-from train_evaluate.runtime.files import atomic_path, digest, read_safetensors
+from train_evaluate.runtime.files import digest, read_safetensors, write_safetensors
 
 FORMAT = "lora-compression-packed/1"
 ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # float dtypes, then integer codes with row scales (lora.rounding)
 ADAPTER_FORMATS = (*ADAPTER_DTYPES, *ADAPTER_INT_BITS)
+
+
+def adapter_storage(adapter_dtype: str) -> tuple[int, int]:
+    """(bits per adapter value, bits per code) as ``--adapter-dtype`` stores the adapters:
+    float ones at their dtype (no codes); int8 / int4 ones as codes with fp32 row scales."""
+    code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
+    return (32 if code_bits else ADAPTER_DTYPES[adapter_dtype].itemsize * 8), code_bits
 
 
 class CheckpointError(ValueError):
@@ -164,8 +170,7 @@ def _unpack_adapter(
 def _save(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: str) -> int:
     text = json.dumps(info)
     metadata = {"format": fmt, "checkpoint": text, "sha256": digest(tensors, text)}
-    with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    write_safetensors(Path(path), tensors, metadata)
     return Path(path).stat().st_size
 
 
@@ -430,8 +435,7 @@ def write_merged(path: Path, layer: LoraLinear, metadata: dict[str, str] | None 
         if layer.base_layer.bias is not None:
             tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
     strings = {"format": "dense-linear", "note": "merged", **(metadata or {})}
-    with atomic_path(Path(path)) as temporary:
-        save_file(tensors, str(temporary), metadata={k: str(v) for k, v in strings.items()})
+    write_safetensors(Path(path), tensors, {k: str(v) for k, v in strings.items()})
     return Path(path).stat().st_size
 
 

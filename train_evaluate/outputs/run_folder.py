@@ -77,19 +77,28 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Names of the settings that differ; a method present in only one run is no conflict."""
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings that differ, each named by its path in run.json's config (the sweep's
+    without the ``sweep.`` prefix) with both values; a method present in only one run is no
+    conflict."""
     found = []
     for key in sorted(old.keys() | new.keys()):
-        if key == "compressions":
-            common = old.get(key, {}).keys() & new.get(key, {}).keys()
-            found += [f"compression of {m}" for m in sorted(common) if old[key][m] != new[key][m]]
-        elif key == "sweep" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-            inner = old[key].keys() | new[key].keys()
-            found += sorted(k for k in inner if old[key].get(k) != new[key].get(k))
-        elif old.get(key) != new.get(key):
-            found.append(key)
+        then, now = old.get(key), new.get(key)
+        both = isinstance(then, dict) and isinstance(now, dict)
+        if key == "compressions" and not prefix and both:
+            common = then.keys() & now.keys()
+            found += [f"compression of {m}" for m in sorted(common) if then[m] != now[m]]
+        elif both:
+            inner = "" if key == "sweep" and not prefix else f"{prefix}{key}."
+            found += differences(then, now, inner)
+        elif then != now:
+            found.append(f"{prefix}{key} ({_shown(then)} there, {_shown(now)} here)")
     return found
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def holds_outputs(out: Path) -> bool:

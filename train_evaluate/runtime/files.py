@@ -138,6 +138,30 @@ def digest_matches(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     return metadata.get("sha256") == digest(tensors, _metadata_text(metadata))
 
 
+# safetensors reports an operating system error as text ending in "(os error N)"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_safetensors(
+    target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """``tensors`` (and their string ``metadata``) to ``target``, atomically. A failure of the
+    disk (full, read-only...) is raised as the OSError it is, naming ``target``: safetensors
+    raises its own error type, which says the same only in its message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(target) as temporary:
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except SafetensorError as error:
+            found = _OS_ERROR.search(str(error))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(target)) from error
+
+
 def write_text(target: Path, text: str) -> None:
     with atomic_path(target) as path:
         path.write_text(text)
@@ -168,4 +192,10 @@ def check_writable(folder: Path) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    # the permission bits do not tell everything (root passes them; /proc and read-only mounts
+    # refuse anyway): make a folder there and remove it
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as error:
+        return f"no folder can be made in {existing} ({error.strerror or error})"
     return None

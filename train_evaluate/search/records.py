@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the plan is built by config/, which imports this group
 log = logging.getLogger(__name__)
 
 # Raised when a record gains fields: older records are then recomputed, not reused half-empty.
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -117,6 +117,8 @@ class Method:
     head: nn.Linear
     context: InitContext
     cost: StorageCost
+    # per rank, the reconstruction's stages (``--reconstruct``; the classifier alone has none)
+    records: dict[int, list] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, name: str, config: Any, head: nn.Linear, features: torch.Tensor) -> Method:
@@ -503,6 +505,8 @@ def _run_rank(
         "init_only": {"val_acc": evaluate(probe, data.val)["acc"], "test_acc": init_test["acc"]},
         "test": test_facts(init_test, probe, splits.test),
     }
+    if method.records.get(rank):  # kept with the rank, for layers.csv when it is reused
+        record["reconstruction"] = [asdict(stage) for stage in method.records[rank]]
     if sweep.epochs == 0:
         record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
         record["seconds"] = time.perf_counter() - started

@@ -110,17 +110,14 @@ def training_splits(plan, cached, split, head):
 def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     """``build(name, compression)``: the method compressed, its accounting, and its
     compressed-only test metrics; the FC study and the whole network alike."""
-    from lora.rounding import ADAPTER_INT_BITS
     from train_evaluate.inputs.backbone import layer_weights, tensor_bits
     from train_evaluate.outputs import report
-    from train_evaluate.outputs.checkpoint import ADAPTER_DTYPES
+    from train_evaluate.outputs.checkpoint import adapter_storage
     from train_evaluate.search.sweep import Method
     from train_evaluate.training import network
     from train_evaluate.training.training import evaluate
 
-    # int8 / int4 adapters: codes and fp32 row scales; float ones at their dtype
-    code_bits = ADAPTER_INT_BITS.get(plan.adapter_dtype, 0)
-    adapter_bits = 32 if code_bits else ADAPTER_DTYPES[plan.adapter_dtype].itemsize * 8
+    adapter_bits, code_bits = adapter_storage(plan.adapter_dtype)
     shared_columns = lambda name, compression: {  # noqa: E731
         "quant": name,
         "init": plan.sweep.init,
@@ -192,12 +189,10 @@ def solve_budget(plan, setup, bits_budget: float, measured: list):
             setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, options=measured[0]
         )
     except BudgetError as error:
+        # refused before any work by the plan (config.plan.check_budgets_reachable); kept in
+        # case a measured option ever prices above its shape's cost
         cheapest = error.cheapest_bits / setup.template.weights()
-        raise UsageError(
-            f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over "
-            f"--methods and --ranks) stores {cheapest:.3f} bits per weight; raise the "
-            "budget, or add a cheaper method or a smaller rank"
-        ) from error
+        raise UsageError(budget.unreachable(bits_budget, cheapest)) from error
     except SensitivityError as error:
         raise UsageError(
             f"--bits-budget {bits_budget:g}: {error} (NaN or infinite weights or outputs); "
@@ -286,12 +281,12 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             reconstructed = plan.network.reconstruction is not None and (
                 plan.network.reconstruction.enabled
             )
-            for r in plan.ranks if done.rank is None else (done.rank,):
-                rank_rows = done.accounting.layer_rows(done.method.name, r)
+            for record in records[done.method.name]:
+                rank_rows = done.accounting.layer_rows(done.method.name, record["rank"])
                 if done.budget is not None:
                     rank_rows = with_budget(rank_rows, done.budget)
                 if reconstructed:
-                    rank_rows = with_reconstruction(rank_rows, done.method.records.get(r))
+                    rank_rows = with_reconstruction(rank_rows, record.get("reconstruction"))
                 layer_rows += rank_rows
     if candidates:
         pareto_search(plan, context, candidates, found, plan.out)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compression import compress
 from compression.budget import Allocation, Option, solve
 from compression.modules import replace_submodule
 from compression.registry import uses_inputs as config_uses_inputs
@@ -210,6 +211,37 @@ def output_shapes(model: Any, names: Sequence[str], rows: torch.Tensor) -> dict[
     return shapes
 
 
+def option_bits(template: Any, info: Any, cost: Any, rank: int) -> int:
+    """The bits one layer (``info``) stores compressed at ``cost`` with an adapter of ``rank``
+    (clamped to the layer), as the run's accounting (``template``) prices it."""
+    pricing = replace(template, layers=(info,), costs=(cost,), ranks=None)
+    (_, _, priced), *_ = pricing.per_layer(rank)
+    return priced.stored_bits
+
+
+def cheapest_bits(template: Any, compressions: dict[str, Any], ranks: Sequence[int]) -> int:
+    """The fewest bits ``template``'s layers can store over ``compressions`` x ``ranks``, every
+    layer at its cheapest option. A compressor's cost depends on the matrix's shape alone, so a
+    seeded random matrix of that shape prices it: no weights and no image are needed, and a
+    budget below this is refused before any work."""
+    generator = torch.Generator().manual_seed(0)
+    total = 0
+    for info in template.layers:
+        matrix = torch.randn(info.matrix, generator=generator)
+        costs = [compress(matrix, config).cost for config in compressions.values()]
+        total += min(option_bits(template, info, cost, rank) for cost in costs for rank in ranks)
+    return total
+
+
+def unreachable(bits_budget: float, cheapest_per_weight: float) -> str:
+    """The one line that refuses a budget below the cheapest option of every layer."""
+    return (
+        f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over --methods and "
+        f"--ranks) stores {cheapest_per_weight:.3f} bits per weight; raise the budget, or add a "
+        "cheaper method or a smaller rank"
+    )
+
+
 def layer_options(
     setup: Any, compressions: dict[str, Any], ranks: Sequence[int], sweep: Any
 ) -> Iterator[tuple[Any, torch.nn.Module, torch.Tensor, list[tuple[str, int, int, torch.Tensor]]]]:
@@ -235,7 +267,6 @@ def layer_options(
         for method, config in compressions.items():
             context = make_init_context(module, config, moment=moment)
             cost = context.compressed.cost
-            pricing = replace(setup.template, layers=(info,), costs=(cost,), ranks=None)
             clamped = set()
             for rank in ranks:
                 if info.rank(rank) in clamped:
@@ -249,8 +280,9 @@ def layer_options(
                 with torch.no_grad():
                     adapter = make_adapter(module, lora, context, generator)
                     merged = adapter.merged_weight().flatten(1)
-                (_, _, priced), *_ = pricing.per_layer(rank)
-                options.append((method, rank, priced.stored_bits, merged))
+                options.append(
+                    (method, rank, option_bits(setup.template, info, cost, rank), merged)
+                )
         yield info, module, moment, options
 
 

@@ -236,6 +236,12 @@ class LayerInfo:
         """The requested rank, clamped to what the layer can hold: min(out, in*kh*kw)."""
         return min(requested, min(self.matrix))
 
+    @classmethod
+    def of(cls, name: str, module: nn.Module, positions: int = 1) -> LayerInfo:
+        """The layer ``module`` (a Linear or Conv2d, on any device, ``meta`` included)."""
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        return cls(name, kind, tuple(module.weight.shape), positions, module.bias is not None)
+
 
 def describe_layers(
     model: nn.Module, names: Sequence[str], example: torch.Tensor
@@ -259,13 +265,7 @@ def describe_layers(
     finally:
         for hook in hooks:
             hook.remove()
-    infos = []
-    for name in order:
-        module = model.get_submodule(name)
-        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-        shape, bias = tuple(module.weight.shape), module.bias is not None
-        infos.append(LayerInfo(name, kind, shape, positions.get(name, 1), bias))
-    return infos
+    return [LayerInfo.of(name, model.get_submodule(name), positions.get(name, 1)) for name in order]
 
 
 @dataclass(frozen=True)
@@ -852,22 +852,22 @@ RECONSTRUCTION_COLUMNS = ("block", "block_error_start", "block_error_end", "bloc
 
 
 def with_reconstruction(
-    rows: Sequence[dict[str, Any]], records: Sequence[UnitRecord] | None
+    rows: Sequence[dict[str, Any]], stages: Sequence[dict[str, Any]] | None
 ) -> list[dict[str, Any]]:
     """``rows`` (one rank's layers.csv rows) with the block each layer was reconstructed in and
     that block's relative error before and after and the stored codes learned rounding changed
-    in it (``--reconstruct``; left empty for a rank this process did not reconstruct, as a
-    worker of another process's rank)."""
+    in it. ``stages``: the rank record's ``reconstruction`` (``UnitRecord`` fields), the same
+    whether the rank ran here or was reused from an earlier run or another worker."""
     by_layer = {}
-    for record in records or ():
-        if record.unit != "network":
-            by_layer.update(dict.fromkeys(record.layers, record))
+    for stage in stages or ():
+        if stage["unit"] != "network":
+            by_layer.update(dict.fromkeys(stage["layers"], stage))
     out = []
     for row in rows:
-        record = by_layer.get(row["layer"])
+        stage = by_layer.get(row["layer"])
         extra = (
-            (record.unit, record.error_start, record.error_end, record.codes_changed)
-            if record
+            (stage["unit"], stage["error_start"], stage["error_end"], stage["codes_changed"])
+            if stage
             else (None,) * len(RECONSTRUCTION_COLUMNS)
         )
         out.append({**row, **dict(zip(RECONSTRUCTION_COLUMNS, extra, strict=True))})
