@@ -11,7 +11,8 @@ from lora.attach import (
     make_lora_conv2d,
     make_lora_linear,
 )
-from lora.calibration import MomentAccumulator, calibrate_sequentially, forward_order
+from lora.calibration import MomentAccumulator, calibrate_sequentially
+from lora.capture import forward_order
 from lora.config import LoraConfig
 from lora.conv import LoraConv2d
 from lora.inits import ACTIVATION_AWARE_INITS, LORA_INITS, InitContext, get_init, register_init

@@ -36,6 +36,7 @@ from compression.modules import (
 )
 from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
+from lora.capture import first_call, forward_order, run_until
 from lora.config import LoraConfig
 from lora.inits import ACTIVATION_AWARE_INITS, InitContext, compresses_target, output_target
 from lora.layer import check_rank
@@ -177,11 +178,6 @@ class CrossMomentAccumulator(MomentAccumulator):
         return self.cross_total / self.rows
 
 
-class _Reached(Exception):
-    """Raised from a hook once a pass has seen what it needs: the rest of the forward is
-    skipped."""
-
-
 def _batches(calibration: Iterable | Callable[[], Iterable]) -> Iterable:
     return calibration() if callable(calibration) else calibration
 
@@ -195,40 +191,6 @@ def _input(batch: Any, device: torch.device | None) -> torch.Tensor:
 def _device(model: nn.Module) -> torch.device | None:
     parameter = next(model.parameters(), None)
     return None if parameter is None else parameter.device
-
-
-def _run_until(model: nn.Module, x: torch.Tensor, last: nn.Module) -> None:
-    """Run ``model(x)`` but stop as soon as ``last`` is entered: its input is all a calibration
-    pass needs, so the layers after it are never run."""
-
-    def stop(module: nn.Module, args: tuple) -> None:
-        raise _Reached
-
-    # registered after any accumulator on the same module, so that it runs after them
-    handle = last.register_forward_pre_hook(stop)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-
-
-def _input_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of ``module``'s first call in ``model(x)``; the rest of the pass is skipped."""
-    captured: list[torch.Tensor] = []
-
-    def grab(_module: nn.Module, args: tuple) -> None:
-        captured.append(args[0].detach())
-
-    handle = module.register_forward_pre_hook(grab)  # before _run_until's stop: runs first
-    try:
-        _run_until(model, x, module)
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError("the forward pass never called the layer being calibrated")
-    return captured[0]
 
 
 def _cross_moments(
@@ -246,36 +208,10 @@ def _cross_moments(
     device = _device(model)
     for batch in _batches(calibration):
         x = _input(batch, device)
-        accumulator.update(_input_of(clean_model, clean_module, x), _input_of(model, module, x))
+        clean, _ = first_call(clean_model, clean_module, x)
+        perturbed, _ = first_call(model, module, x)
+        accumulator.update(clean, perturbed)
     return accumulator.moment(), accumulator.cross_moment()
-
-
-def forward_order(model: nn.Module, example_input: torch.Tensor, names: Iterable[str]) -> list[str]:
-    """``names`` in the order the forward pass first calls their modules (modules the pass never
-    calls are left out). Runs ``model`` once on ``example_input`` under no_grad, stopping as soon
-    as every named module has been called."""
-    wanted = list(dict.fromkeys(names))
-    order: list[str] = []
-
-    def entered(name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name not in order:
-                order.append(name)
-            if len(order) == len(wanted):
-                raise _Reached
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(entered(n)) for n in wanted]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    except _Reached:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
 
 
 def input_moments(
@@ -294,7 +230,7 @@ def input_moments(
         accumulator.attach()
     try:
         for batch in _batches(calibration):
-            _run_until(model, _input(batch, device), last)
+            run_until(model, _input(batch, device), last)
     finally:
         for accumulator in accumulators.values():
             accumulator.detach()

@@ -23,7 +23,6 @@ and every other tensor stay as they are (every module in eval mode).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +36,7 @@ from torch.nn.utils import parametrize
 from compression import CompressedWeight
 from compression.adaround import SoftRounding, beta_at, learns_rounding
 from compression.integer import from_codes
+from lora.capture import NotCalled, first_call
 from lora.layer import compressed_of
 
 MODES = ("none", "block", "network")
@@ -130,43 +130,21 @@ def reconstruction_units(
     return [(unit, tuple(layers)) for unit, layers in units.items()]
 
 
-class _Reached(Exception):
-    """Raised from a hook once the pass has what it needs."""
-
-
 def capture_module_io(
     model: nn.Module, module: nn.Module, inputs: torch.Tensor, chunk: int, with_output: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module``'s input (and output) on every row of ``inputs`` when ``model`` runs on them,
     ``chunk`` rows at a time; each pass stops as soon as it has them."""
-    taken: list[torch.Tensor] = []
-    given: list[torch.Tensor] = []
-
-    def before(_module: nn.Module, args: tuple) -> None:
-        taken.append(args[0].detach())
-        if not with_output:
-            raise _Reached
-
-    def after(_module: nn.Module, _args: tuple, output: object) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise ReconstructionError(f"it answers a {type(output).__name__}, not a tensor")
-        given.append(output.detach())
-        raise _Reached
-
-    handles = [module.register_forward_pre_hook(before)]
-    if with_output:
-        handles.append(module.register_forward_hook(after))
-    try:
-        with torch.no_grad():
-            for rows in inputs.split(chunk):
-                count = len(taken)
-                with contextlib.suppress(_Reached):
-                    model(rows)
-                if len(taken) != count + 1:
-                    raise ReconstructionError("the forward pass never calls it")
-    finally:
-        for handle in handles:
-            handle.remove()
+    taken, given = [], []
+    for rows in inputs.split(chunk):
+        try:
+            x, y = first_call(model, module, rows, with_output)
+        except NotCalled as error:
+            raise ReconstructionError(str(error)) from None
+        if with_output and not isinstance(y, torch.Tensor):
+            raise ReconstructionError(f"it answers a {type(y).__name__}, not a tensor")
+        taken.append(x)
+        given.append(y)
     return torch.cat(taken), torch.cat(given) if with_output else None
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compression.modules import replace_submodule
+from lora.capture import NotCalled, first_call
 
 STATE_BYTES = 4  # the state is cached in float32: the suffix then sees what the full pass sees
 
@@ -111,25 +112,13 @@ def cut_model(model: nn.Module, cut: Cut, input_shape: Sequence[int]) -> nn.Modu
     return model
 
 
-class _Stop(Exception):
-    def __init__(self, output: torch.Tensor) -> None:
-        self.output = output
-
-
 def state_of(model: nn.Module, boundary: str, x: torch.Tensor) -> torch.Tensor:
     """``boundary``'s output when ``model`` runs on ``x``; nothing after it is run."""
-
-    def stop(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        raise _Stop(output)
-
-    handle = model.get_submodule(boundary).register_forward_hook(stop)
     try:
-        model(x)
-    except _Stop as stopped:
-        return stopped.output.float()
-    finally:
-        handle.remove()
-    raise RuntimeError(f"the forward pass never called {boundary}")
+        _, output = first_call(model, model.get_submodule(boundary), x, with_output=True)
+    except NotCalled:
+        raise RuntimeError(f"the forward pass never called {boundary}") from None
+    return output.float()
 
 
 def boundaries(model: nn.Module) -> set[str]:

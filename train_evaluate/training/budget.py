@@ -43,6 +43,7 @@ from compression.registry import uses_inputs as config_uses_inputs
 from lora import LoraConfig, make_adapter
 from lora.attach import make_init_context
 from lora.calibration import input_moments
+from lora.capture import first_outputs
 from lora.reconstruction import capture_module_io, reconstruction_units
 
 log = logging.getLogger("train_model")
@@ -193,22 +194,8 @@ class FromUnit:
 
 def output_shapes(model: Any, names: Sequence[str], rows: torch.Tensor) -> dict[str, tuple]:
     """Each of ``names``' output shape per image (the first call, tensors only) on ``rows``."""
-    shapes: dict[str, tuple] = {}
-    handles = []
-    for name in names:
-
-        def keep(_module, _args, output, name=name) -> None:
-            if isinstance(output, torch.Tensor):
-                shapes.setdefault(name, tuple(output.shape[1:]))
-
-        handles.append(model.model.get_submodule(name).register_forward_hook(keep))
-    try:
-        with torch.no_grad():
-            model(rows)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
+    modules = {name: model.model.get_submodule(name) for name in names}
+    return {name: tuple(out.shape[1:]) for name, out in first_outputs(model, modules, rows).items()}
 
 
 def option_bits(template: Any, info: Any, cost: Any, rank: int) -> int:

@@ -41,7 +41,8 @@ from compression import StorageCost, compress, compressible, replace_submodule, 
 from compression.accounting import account_layer, dense_cost, model_bits_per_weight
 from lora import LoraConfig, make_adapter
 from lora.attach import classifier_name
-from lora.calibration import calibrate_sequentially, compress_sequentially, forward_order
+from lora.calibration import calibrate_sequentially, compress_sequentially
+from lora.capture import first_outputs, forward_order
 from lora.reconstruction import (
     NO_RECONSTRUCTION,
     ReconstructionConfig,
@@ -248,23 +249,13 @@ def describe_layers(
 ) -> list[LayerInfo]:
     """The selected layers in forward order, with their output positions on ``example``."""
     order = forward_order(model, example, list(names))
-    positions: dict[str, int] = {}
-    hooks = []
-    for name in order:
-        module = model.get_submodule(name)
-
-        def record(module, _inputs, output, name=name) -> None:
-            # one image's output holds positions x out values, whatever its layout (NCHW
-            # convs, tokens, NHWC or window-partitioned Linears)
-            positions[name] = max(1, output.numel() // module.weight.shape[0])
-
-        hooks.append(module.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    modules = {name: model.get_submodule(name) for name in order}
+    outputs = first_outputs(model, modules, example[:1])
+    # one image's output holds positions x out values, whatever its layout (NCHW convs,
+    # tokens, NHWC or window-partitioned Linears)
+    positions = {
+        name: max(1, outputs[name].numel() // modules[name].weight.shape[0]) for name in outputs
+    }
     return [LayerInfo.of(name, model.get_submodule(name), positions.get(name, 1)) for name in order]
 
 
