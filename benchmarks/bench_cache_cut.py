@@ -21,17 +21,20 @@ from timm.data import resolve_data_config
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line
 from compression import make_config
+from train_evaluate.inputs import images as image_cache
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform
 from train_evaluate.inputs.cut import cut_model, find_cut, state_of
 from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
 DEFAULT_LAYERS = ["blocks.5.*.conv_p*", "blocks.6.*.conv_p*", "conv_head", "classifier"]
 
 
-def adapted(model: network.ImageModel, names: list[str], inputs: torch.Tensor):
-    layers = network.describe_layers(model.model, names, model.preprocess(inputs[:1]))
+def adapted(model: image_cache.ImageModel, names: list[str], inputs: torch.Tensor):
+    layers = network_accounting.describe_layers(model.model, names, model.preprocess(inputs[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, inputs[:8])
     return method.layer(8, 16.0, SweepConfig(init="svd_init"), seed=0)
 
@@ -50,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = timm.create_model(args.model, pretrained=False).eval()
     input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
-    names = network.select_layers(bare, args.layers)
+    names = layer_selection.select_layers(bare, args.layers)
     cut = find_cut(bare, names, input_size)
     if cut is None:
         print(f"no block boundary precedes {args.layers} in {args.model}: nothing to compare")
         return 1
-    mean, std = network.normalisation(eval_transform(bare))
-    full = network.ImageModel(bare, mean, std).eval().requires_grad_(False)
-    suffix = network.StateModel(cut_model(bare, cut, input_size), mean, std, cut.state_shape)
+    mean, std = image_cache.normalisation(eval_transform(bare))
+    full = image_cache.ImageModel(bare, mean, std).eval().requires_grad_(False)
+    suffix = image_cache.StateModel(cut_model(bare, cut, input_size), mean, std, cut.state_shape)
     suffix.eval().requires_grad_(False)
     images = torch.randint(0, 256, (args.images, *input_size), dtype=torch.uint8)
     with torch.no_grad():

@@ -16,6 +16,8 @@ from torch import nn
 
 from compression import compress, make_config
 from tests.conftest import run_driver, run_folder
+from train_evaluate.inputs import images as image_cache
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.outputs.checkpoint import write_packed
 from train_evaluate.outputs.report import Accounting, file_columns
 from train_evaluate.runtime.files import read_safetensors
@@ -57,9 +59,9 @@ def small_setup(include_bias: bool) -> network.NetworkSetup:
     """The tool's own setup of ``--layers all`` on ``Small``, adapters at fp16."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = network.ImageModel(Small(), (0.5,) * 3, (0.5,) * 3).eval()
+        model = image_cache.ImageModel(Small(), (0.5,) * 3, (0.5,) * 3).eval()
     model.requires_grad_(False)
-    names = network.select_layers(model.model, ["all"])
+    names = layer_selection.select_layers(model.model, ["all"])
     assert names == ["stem", "pw", "fc"]  # the depthwise conv stays uncompressed
     plan = SimpleNamespace(
         network=SimpleNamespace(layers=names, calib_images=4, selection="all"),

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from tests.conftest import run_driver, run_folder
+from train_evaluate.inputs import images as image_cache
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform, tensor_bits
 from train_evaluate.inputs.cut import cut_model, find_cut, state_of
 from train_evaluate.outputs.report import TIMING_COLUMNS
-from train_evaluate.training import network
 
 RESNET = "test_resnet"
 RESNET_INPUT = (3, 160, 160)
@@ -28,16 +29,16 @@ def bare(name: str) -> nn.Module:
 
 def test_the_cut_is_the_last_stage_before_the_selection_and_gives_the_full_logits():
     model = bare(RESNET)
-    names = network.select_layers(model, ["layer4.*"])
+    names = layer_selection.select_layers(model, ["layer4.*"])
     cut = find_cut(model, names, RESNET_INPUT)
     assert cut is not None and cut.module == "layer3"
     skipped = [name for name, _ in cut.skipped]
     assert skipped == ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"]
     assert cut.state_shape == (192, 10, 10)
 
-    mean, std = network.normalisation(eval_transform(model))
-    full = network.ImageModel(model, mean, std).eval()
-    suffix = network.StateModel(cut_model(model, cut, RESNET_INPUT), mean, std, cut.state_shape)
+    mean, std = image_cache.normalisation(eval_transform(model))
+    full = image_cache.ImageModel(model, mean, std).eval()
+    suffix = image_cache.StateModel(cut_model(model, cut, RESNET_INPUT), mean, std, cut.state_shape)
     images = torch.randint(0, 256, (5, *RESNET_INPUT), dtype=torch.uint8)
     with torch.no_grad():
         states = state_of(full.model, cut.module, full.preprocess(images))
@@ -86,7 +87,7 @@ def test_a_module_the_suffix_calls_again_is_never_skipped():
 
 def test_a_cut_that_does_not_fit_gives_way_to_a_shallower_one_or_to_the_images():
     model = bare(RESNET)
-    names = network.select_layers(model, ["layer4.*"])
+    names = layer_selection.select_layers(model, ["layer4.*"])
     deepest = find_cut(model, names, RESNET_INPUT)
     assert deepest.module == "layer3"
     # layer3 holds one block: its output is layer3.0's too

@@ -143,17 +143,20 @@ def test_gpu_decode_gives_features_close_to_the_cpu_decode(cuda, tiny_weights, i
 def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(cuda, tmp_path):
     import timm
 
+    from train_evaluate.inputs import images as image_cache
+    from train_evaluate.inputs import selection as layer_selection
     from train_evaluate.search.sweep import SweepConfig
+    from train_evaluate.training import accounting as network_accounting
     from train_evaluate.training import network
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = timm.create_model("test_resnet").eval()
-    mean, std = network.normalisation(eval_transform(model))
-    wrapped = network.ImageModel(model, mean, std).to(cuda).eval().requires_grad_(False)
-    names = network.select_layers(model, ["all"])
+    mean, std = image_cache.normalisation(eval_transform(model))
+    wrapped = image_cache.ImageModel(model, mean, std).to(cuda).eval().requires_grad_(False)
+    names = layer_selection.select_layers(model, ["all"])
     images = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, device=cuda)
-    layers = network.describe_layers(model, names, wrapped.preprocess(images[:1]))
+    layers = network_accounting.describe_layers(model, names, wrapped.preprocess(images[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), wrapped, layers, images[:8])
     adapted = method.layer(4, 16, SweepConfig(init="act_svd_init"), seed=0)
     labels = torch.randint(0, 1000, (32,), device=cuda)

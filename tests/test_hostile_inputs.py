@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from compression import make_config
 from tests.test_workers import postgres as postgres_server  # noqa: F401 (a fixture)
 from train_evaluate import compare
+from train_evaluate.inputs import images as image_cache
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.outputs import report
 from train_evaluate.outputs.checkpoint import (
     CheckpointError,
@@ -30,6 +32,7 @@ from train_evaluate.outputs.run_folder import FORMAT
 from train_evaluate.outputs.summary import log as summary_log
 from train_evaluate.runtime.files import digest
 from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 
 # ------------------------------------------------------ 1. an edited whole-network checkpoint
@@ -53,11 +56,11 @@ def resnet_files(tmp_path_factory) -> tuple[Path, Path]:
     torch.save(model.state_dict(), weights)
     from train_evaluate.inputs.backbone import eval_transform
 
-    mean, std = network.normalisation(eval_transform(model))
-    images = network.ImageModel(model, mean, std).eval().requires_grad_(False)
-    names = network.select_layers(model, LAYERS)
+    mean, std = image_cache.normalisation(eval_transform(model))
+    images = image_cache.ImageModel(model, mean, std).eval().requires_grad_(False)
+    names = layer_selection.select_layers(model, LAYERS)
     calibration = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
-    infos = network.describe_layers(model, names, images.preprocess(calibration[:1]))
+    infos = network_accounting.describe_layers(model, names, images.preprocess(calibration[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), images, infos, calibration)
     adapted = method.layer(2, 16, SweepConfig(init="paper_init"), seed=1)
     checkpoint = folder / "network.safetensors"

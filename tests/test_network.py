@@ -16,10 +16,13 @@ from torch import nn
 
 from compression import CompressedConv2d, compress, make_config
 from tests.conftest import run_driver, run_folder
+from train_evaluate.inputs import images as image_cache
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform
 from train_evaluate.outputs.checkpoint import CheckpointError, write_packed
 from train_evaluate.outputs.report import TIMING_COLUMNS
 from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
@@ -48,9 +51,9 @@ def resnet_weights(tmp_path_factory) -> Path:
     return path
 
 
-def image_model(model: nn.Module) -> network.ImageModel:
-    mean, std = network.normalisation(eval_transform(model))
-    return network.ImageModel(model, mean, std).eval().requires_grad_(False)
+def image_model(model: nn.Module) -> image_cache.ImageModel:
+    mean, std = image_cache.normalisation(eval_transform(model))
+    return image_cache.ImageModel(model, mean, std).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------ selection
@@ -58,7 +61,7 @@ def image_model(model: nn.Module) -> network.ImageModel:
 
 def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classifier():
     model = bare("test_efficientnet")
-    names = network.select_layers(model, ["all"])
+    names = layer_selection.select_layers(model, ["all"])
     modules = dict(model.named_modules())
     expected = [
         n
@@ -67,9 +70,9 @@ def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classif
     ]
     assert names == expected and "classifier" in names
     assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in modules.values())
-    assert network.select_layers(model, ["head"]) == ["classifier"]
-    assert network.is_head_only(model, network.select_layers(model, ["classifier"]))
-    assert not network.is_head_only(model, names)
+    assert layer_selection.select_layers(model, ["head"]) == ["classifier"]
+    assert layer_selection.is_head_only(model, layer_selection.select_layers(model, ["classifier"]))
+    assert not layer_selection.is_head_only(model, names)
 
 
 @pytest.mark.parametrize(
@@ -82,8 +85,8 @@ def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classif
     ],
 )
 def test_a_bad_selection_is_refused_by_name(pattern, fragment):
-    with pytest.raises(network.SelectionError, match=fragment):
-        network.select_layers(bare("test_efficientnet"), [pattern])
+    with pytest.raises(layer_selection.SelectionError, match=fragment):
+        layer_selection.select_layers(bare("test_efficientnet"), [pattern])
 
 
 BAD_SELECTIONS = {
@@ -116,7 +119,7 @@ def test_uint8_images_give_the_float_pipelines_logits_exactly():
     transform = eval_transform(model)
     pixels = torch.randint(0, 256, (40, 50, 3), generator=torch.Generator().manual_seed(0))
     image = Image.fromarray(pixels.to(torch.uint8).numpy())
-    stored = network.uint8_transform(transform)(image)
+    stored = image_cache.uint8_transform(transform)(image)
     assert stored.dtype == torch.uint8
     with torch.no_grad():
         expected = model(transform(image).unsqueeze(0))
@@ -136,10 +139,12 @@ class TwoLayers(nn.Module):
 
 def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
     model = TwoLayers()
-    infos = network.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
+    infos = network_accounting.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
     config = make_config("int4")
     costs = tuple(compress(m.weight.flatten(1), config).cost for m in (model.conv, model.fc))
-    accounting = network.NetworkAccounting(infos, costs, 16, False, False, 1000, "all (2)")
+    accounting = network_accounting.NetworkAccounting(
+        infos, costs, 16, False, False, 1000, "all (2)"
+    )
     columns = accounting.columns(costs[0], 4)
     # int4: 4 bits per weight and one fp32 scale per row; conv rank min(4, 8, 27) = 4 and fc
     # rank min(4, 5, 8) = 4; adapters r * (out + in*kh*kw) at 16 bits
@@ -162,9 +167,11 @@ def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
 
 def resnet_method(init: str = "svd_init") -> tuple[network.NetworkMethod, SweepConfig]:
     model = image_model(bare(RESNET))
-    names = network.select_layers(model.model, ["all"])
+    names = layer_selection.select_layers(model.model, ["all"])
     calibration = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
-    layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
+    layers = network_accounting.describe_layers(
+        model.model, names, model.preprocess(calibration[:1])
+    )
     method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, calibration)
     return method, SweepConfig(init=init)
 
@@ -243,7 +250,7 @@ def test_layers_all_end_to_end_on_a_small_resnet(
     frame = pd.read_csv(out / "evaluation.csv")
     layers = pd.read_csv(out / "layers.csv")
     model = bare(RESNET)
-    names = network.select_layers(model, ["all"])
+    names = layer_selection.select_layers(model, ["all"])
     assert set(layers["layer"]) == set(names) and len(layers) == 2 * len(names)
     for row in layers.itertuples():
         weight = model.get_submodule(row.layer).weight
@@ -329,7 +336,7 @@ def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_la
         def forward(self, x):
             return self.fc(x.permute(0, 2, 3, 1))
 
-    (info,) = network.describe_layers(ChannelsLast(), ["fc"], torch.zeros(1, 4, 5, 7))
+    (info,) = network_accounting.describe_layers(ChannelsLast(), ["fc"], torch.zeros(1, 4, 5, 7))
     assert info.positions == 35
 
 

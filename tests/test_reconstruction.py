@@ -28,8 +28,10 @@ from lora.reconstruction import (
 )
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, bare, image_model, resnet_weights  # noqa: F401 (fixture)
+from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.cut import boundaries
 from train_evaluate.search.sweep import SweepConfig
+from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit
 
@@ -43,8 +45,10 @@ def resnet_setup(
     """The small resnet's every layer compressed, ready to reconstruct on ``calibration``'s
     device."""
     model = image_model(bare(RESNET)).to(calibration.device)
-    names = network.select_layers(model.model, ["all"])
-    layers = network.describe_layers(model.model, names, model.preprocess(calibration[:1]))
+    names = layer_selection.select_layers(model.model, ["all"])
+    layers = network_accounting.describe_layers(
+        model.model, names, model.preprocess(calibration[:1])
+    )
     units = reconstruction_units([info.name for info in layers], boundaries(model.model))
     method = network.NetworkMethod.create(
         compression, make_config(compression, **options), model, layers, calibration,
@@ -60,7 +64,7 @@ def images(count: int, seed: int) -> torch.Tensor:
 
 def test_units_are_the_blocks_and_a_shortcut_conv_joins_its_block():
     model = bare(RESNET)
-    names = network.select_layers(model, ["all"])
+    names = layer_selection.select_layers(model, ["all"])
     units = dict(reconstruction_units(names, boundaries(model)))
     assert [n for layers in units.values() for n in layers] == names  # each layer once, in order
     # the shortcut conv is a child of its own Sequential (a boundary) inside the block
@@ -68,7 +72,7 @@ def test_units_are_the_blocks_and_a_shortcut_conv_joins_its_block():
     assert "layer2.0.downsample.1" not in units
     assert units["fc"] == ("fc",)
     efficientnet = bare("test_efficientnet")
-    chosen = network.select_layers(efficientnet, ["all"])
+    chosen = layer_selection.select_layers(efficientnet, ["all"])
     blocks = dict(reconstruction_units(chosen, boundaries(efficientnet)))
     assert all(u.startswith("blocks.") and u.count(".") == 2 for u in blocks if "." in u), blocks
 
@@ -139,7 +143,7 @@ def test_the_network_stage_lowers_the_kl_to_the_uncompressed_logits():
 def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
     """The adapters a whole-network setup on ``train`` reconstructs for rank 2."""
     model = image_model(bare(RESNET))
-    names = network.select_layers(model.model, ["all"])
+    names = layer_selection.select_layers(model.model, ["all"])
     plan = SimpleNamespace(
         network=SimpleNamespace(layers=names, selection="all", calib_images=12,
                                 calibration="symmetric", reconstruction=FAST),

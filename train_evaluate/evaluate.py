@@ -297,6 +297,7 @@ def settle_inputs(args: argparse.Namespace, info: dict):
 def run_network(args: argparse.Namespace, device: torch.device) -> None:
     """A whole-network checkpoint: the backbone from its weights, every compressed layer and
     adapter from the file, evaluated on the decoded images (from the image cache)."""
+    from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import create_backbone, eval_transform
     from train_evaluate.inputs.features import check_labels
     from train_evaluate.outputs.checkpoint import install_network, read_packed_network
@@ -324,16 +325,16 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     # image pass: a mismatch is one line, and no cache is written for a run that cannot be
     installed = install_network(model, packed)
     transform = eval_transform(model)
-    cached, _, _ = network.cached_images(
+    cached, _, _ = image_cache.cached_images(
         source,
-        network.uint8_transform(transform),
+        image_cache.uint8_transform(transform),
         args.cache_dir,
         model.get_classifier().out_features,
     )
     ids, rows = image_rows(cached, wanted, described)
-    mean, std = network.normalisation(transform)
+    mean, std = image_cache.normalisation(transform)
     adapted = network.AdaptedNetwork(
-        network.ImageModel(installed, mean, std).to(device),
+        image_cache.ImageModel(installed, mean, std).to(device),
         list(packed.layers),
     )
     split = FeatureSplit(cached.features[rows].to(device), cached.labels[rows].to(device))

@@ -339,11 +339,12 @@ def plan_network(
     from timm.data import resolve_data_config
 
     from train_evaluate.inputs import cut
+    from train_evaluate.inputs import images as image_cache
+    from train_evaluate.inputs import selection as layer_selection
     from train_evaluate.inputs.backbone import eval_transform
-    from train_evaluate.training import network
 
     patterns = unique(args.layers)
-    if patterns == [network.HEAD]:
+    if patterns == [layer_selection.HEAD]:
         return None
     try:
         with torch.random.fork_rng():
@@ -351,14 +352,14 @@ def plan_network(
     except Exception as error:  # a model that cannot be built without extra arguments
         raise UsageError(f"cannot build timm model {model}: {error}") from error
     try:
-        names = network.select_layers(bare, patterns)
-    except network.SelectionError as error:
+        names = layer_selection.select_layers(bare, patterns)
+    except layer_selection.SelectionError as error:
         raise UsageError(str(error)) from error
-    if network.is_head_only(bare, names):
+    if layer_selection.is_head_only(bare, names):
         return None
     input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
     images = len(source.ids)
-    image_bytes = network.image_bytes(images, input_size)
+    image_bytes = image_cache.image_bytes(images, input_size)
     limit = args.cache_limit * 1e9
     if image_bytes > limit:
         raise UsageError(
@@ -380,11 +381,11 @@ def plan_network(
                 f"{unlimited.state_bytes(images) / 1e9:.2f} GB more, over --cache-limit"
             )
     transform = eval_transform(bare)
-    mean, std = network.normalisation(transform)
+    mean, std = image_cache.normalisation(transform)
     if found is None:
-        model = network.ImageModel(bare, mean, std)
+        model = image_cache.ImageModel(bare, mean, std)
     else:
-        model = network.StateModel(
+        model = image_cache.StateModel(
             cut.cut_model(bare, found, input_size), mean, std, found.state_shape
         )
     train_images = max(1, fractions.sizes(images)["train"])
@@ -403,8 +404,8 @@ def plan_network(
             reconstruction.batch_size, calib_images, calib_images,
         )  # fmt: skip
         reconstruction = dataclasses.replace(reconstruction, batch_size=calib_images)
-    seconds = network.epoch_seconds(
-        model.to(device), network.example_inputs(model, input_size, 8), train_images
+    seconds = image_cache.epoch_seconds(
+        model.to(device), image_cache.example_inputs(model, input_size, 8), train_images
     )
     return NetworkPlan(
         layers=tuple(names),
@@ -416,7 +417,7 @@ def plan_network(
         state_bytes=0 if found is None else found.state_bytes(images),
         why_input=why_input if found is None else "",
         epoch_seconds=seconds,
-        left_out=network.left_out(bare, names) if network.ALL in patterns else {},
+        left_out=layer_selection.left_out(bare, names) if layer_selection.ALL in patterns else {},
         calibration=getattr(args, "calibration", "symmetric"),
         reconstruction=reconstruction,
         # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
@@ -472,13 +473,13 @@ def check_budgets_reachable(
     """Every --bits-budget at least what the cheapest option of every layer stores, checked on
     the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
     from train_evaluate.outputs.checkpoint import adapter_storage
-    from train_evaluate.training import budget, network
+    from train_evaluate.training import accounting, budget
 
     with torch.device("meta"):
         bare = timm.create_model(model, pretrained=False)
-    layers = tuple(network.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
+    layers = tuple(accounting.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
     adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
-    template = network.NetworkAccounting(
+    template = accounting.NetworkAccounting(
         layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
         code_bits,
     )  # fmt: skip

@@ -12,7 +12,7 @@ skipped must give exactly the full network's logits. Skipped modules answer zero
 output's shape and the boundary module answers the state, so a skip connection around the
 boundary, a module called twice or an in-place write on a skipped output changes the logits or
 fails, and the boundary is passed over for a shallower one. When none qualifies, the cache
-holds the input images (``network.uint8_transform``).
+holds the input images (``train_evaluate.inputs.images.uint8_transform``).
 """
 
 from __future__ import annotations

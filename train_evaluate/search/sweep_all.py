@@ -276,7 +276,7 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             done.accounting,
         )
         if plan.network is not None:
-            from train_evaluate.training.network import with_budget, with_reconstruction
+            from train_evaluate.training.accounting import with_budget, with_reconstruction
 
             reconstructed = plan.network.reconstruction is not None and (
                 plan.network.reconstruction.enabled
@@ -372,7 +372,7 @@ def write_report(plan, storage, rows, layer_rows) -> None:
     from train_evaluate.outputs import report, run_folder, summary
     from train_evaluate.runtime.files import write_text
     from train_evaluate.search.storage import store_report
-    from train_evaluate.training import network
+    from train_evaluate.training import accounting as network_accounting
 
     out, whole = plan.out, plan.network is not None
     frame = report.evaluation_frame(rows)
@@ -380,7 +380,7 @@ def write_report(plan, storage, rows, layer_rows) -> None:
     with run_folder.writing(out):
         csv_path = report.write_evaluation(out, frame)
         if whole:
-            write_text(out / "layers.csv", network.layers_csv(layer_rows))
+            write_text(out / "layers.csv", network_accounting.layers_csv(layer_rows))
         report.repair_plotly_bundle(out)
         title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
         report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
@@ -389,7 +389,7 @@ def write_report(plan, storage, rows, layer_rows) -> None:
             identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"
             store_report(
                 storage, plan.study_prefix, run_folder.run_config(plan, identity), frame, title,
-                network.layers_csv(layer_rows) if whole else None,
+                network_accounting.layers_csv(layer_rows) if whole else None,
             )  # fmt: skip
         comparison = summary.write_report(plan.results_dir)
         log.info(

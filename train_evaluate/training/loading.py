@@ -52,6 +52,7 @@ def load_images(plan):
     """Whole-network mode: the model, the decoded uint8 images (cached), the split and the
     weights file. Same split, same demo classifier as ``load_features``."""
     from data import split_indices
+    from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import (
         BackboneError,
         create_backbone,
@@ -67,7 +68,6 @@ def load_images(plan):
         environment,
         feature_key,
     )
-    from train_evaluate.training import network
 
     weights, model = plan.weights, plan.backbone
     if plan.demo:
@@ -81,9 +81,9 @@ def load_images(plan):
         num_classes = model.get_classifier().out_features
         check_labels(plan.source, num_classes, plan.model)
         transform = eval_transform(model)
-        cached, key, reused = network.cached_images(
+        cached, key, reused = image_cache.cached_images(
             plan.source,
-            network.uint8_transform(transform),
+            image_cache.uint8_transform(transform),
             plan.cache_dir,
             num_classes,
             plan.feature_batch_size,
@@ -95,8 +95,8 @@ def load_images(plan):
     if cached.skipped:
         log.warning("%d unreadable images were skipped; they are listed in run.json",
                     len(cached.skipped))  # fmt: skip
-    mean, std = network.normalisation(transform)
-    wrapped = network.ImageModel(model, mean, std).to(plan.device).eval().requires_grad_(False)
+    mean, std = image_cache.normalisation(transform)
+    wrapped = image_cache.ImageModel(model, mean, std).to(plan.device).eval().requires_grad_(False)
     found = plan.network.cut
     if found is not None:
         # the prefix before the cut is never compressed: its output is cached once, and every
@@ -108,13 +108,13 @@ def load_images(plan):
             environment=environment(plan.device),
             cut=found.module,
         )
-        cached, reused = network.cached_states(
+        cached, reused = image_cache.cached_states(
             cached, wrapped, found, plan.cache_dir, states_key, num_classes,
             plan.feature_batch_size,
         )  # fmt: skip
         key = states_key
         suffix = cut_model(model, found, plan.network.input_size)
-        wrapped = network.StateModel(suffix, mean, std, found.state_shape).to(plan.device)
+        wrapped = image_cache.StateModel(suffix, mean, std, found.state_shape).to(plan.device)
         wrapped.eval().requires_grad_(False)
     # what the studies and records depend on besides the pixels: the model, its weights, the
     # selected layers and the calibration set's size

@@ -1,0 +1,90 @@
+"""Which layers a run compresses: ``--layers`` patterns resolved to module names.
+
+``head`` is the classifier, ``all`` every Linear and every Conv2d no compressor refuses (a
+depthwise conv is left out), anything else an fnmatch pattern over ``named_modules()`` names;
+a pattern that selects nothing, or something no compressor handles, is refused in one line.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+from compression import compressible
+from lora.attach import classifier_name
+
+HEAD, ALL = "head", "all"
+
+
+class SelectionError(ValueError):
+    """A ``--layers`` selection that cannot be run; the message says what to change."""
+
+
+def classifier_module_name(model: nn.Module) -> str:
+    try:
+        return classifier_name(model)
+    except ValueError as error:
+        raise SelectionError(str(error)) from error
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The module names ``patterns`` select, in the model's order.
+
+    ``head``: the classifier; ``all``: every Linear and every Conv2d with groups == 1 (a
+    depthwise conv is left out: no compressor here handles it); anything else: an fnmatch
+    pattern over ``named_modules()`` names, which must select at least one Linear or Conv2d and
+    no module that cannot be compressed.
+    """
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if n and isinstance(m, nn.Linear | nn.Conv2d)}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern == HEAD:
+            chosen.add(classifier_module_name(model))
+            continue
+        if pattern == ALL:
+            chosen.update(n for n, m in layers.items() if compressible(m) is None)
+            continue
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            examples = ", ".join(list(layers)[:3])
+            raise SelectionError(
+                f"--layers {pattern!r} matches no module of the model; names look like "
+                f"{examples} (or use 'head' or 'all')"
+            )
+        selected = [n for n in matched if n in layers]
+        if not selected:
+            kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in matched[:3])
+            raise SelectionError(
+                f"--layers {pattern!r} matches {kinds}, not a Linear or Conv2d layer; "
+                "select Linear or Conv2d layers"
+            )
+        for name in selected:
+            reason = compressible(layers[name])
+            if reason is not None:
+                raise SelectionError(
+                    f"--layers {pattern!r} selects {name}: {reason}; narrow the pattern"
+                )
+        chosen.update(selected)
+    return [n for n in layers if n in chosen]
+
+
+def left_out(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
+    """The Linear and Conv2d layers a selection does not compress, grouped by why they cannot
+    be (depthwise convs, layers with a forward of their own), for the run's announcement."""
+    chosen = set(names)
+    reasons: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name in chosen or not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        reason = compressible(module)
+        if reason is not None:
+            reasons.setdefault(reason.split(";")[0], []).append(name)
+    return reasons
+
+
+def is_head_only(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether the selection is the classifier alone: today's FC path."""
+    return list(names) == [classifier_module_name(model)]

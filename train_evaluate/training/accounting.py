@@ -1,0 +1,224 @@
+"""What a whole-network run stores, bit for bit: every bit of the selected layers (values,
+indices, scales, adapters at their dtype, the biases they have) against their dense fp32 size,
+per layer and in total (``bits_per_weight``), and of the whole model
+(``model_bits_per_weight``); and layers.csv, one row per compressed layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression import StorageCost
+from compression.accounting import account_layer, dense_cost, model_bits_per_weight
+from lora.capture import first_outputs, forward_order
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw), the
+    spatial positions (tokens, pixels) of its output per image, which multiply its compute, and
+    whether it has a bias (a conv before a BatchNorm has none: nothing stored, nothing counted)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    positions: int
+    bias: bool = True
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def rank(self, requested: int) -> int:
+        """The requested rank, clamped to what the layer can hold: min(out, in*kh*kw)."""
+        return min(requested, min(self.matrix))
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, positions: int = 1) -> LayerInfo:
+        """The layer ``module`` (a Linear or Conv2d, on any device, ``meta`` included)."""
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        return cls(name, kind, tuple(module.weight.shape), positions, module.bias is not None)
+
+
+def describe_layers(
+    model: nn.Module, names: Sequence[str], example: torch.Tensor
+) -> list[LayerInfo]:
+    """The selected layers in forward order, with their output positions on ``example``."""
+    order = forward_order(model, example, list(names))
+    modules = {name: model.get_submodule(name) for name in order}
+    outputs = first_outputs(model, modules, example[:1])
+    # one image's output holds positions x out values, whatever its layout (NCHW convs,
+    # tokens, NHWC or window-partitioned Linears)
+    positions = {
+        name: max(1, outputs[name].numel() // modules[name].weight.shape[0]) for name in outputs
+    }
+    return [LayerInfo.of(name, model.get_submodule(name), positions.get(name, 1)) for name in order]
+
+
+@dataclass(frozen=True)
+class NetworkAccounting:
+    """How a whole-network run prices its rows: every selected layer with its own clamped rank,
+    its compressor's exact cost and its adapter at the stored dtype; the rest of the model at
+    its own dtype for ``ratio_model`` and ``model_bits_per_weight``.
+
+    The bias, as in the FC study: ``bits`` and ``bits_per_weight`` hold every bit the packed
+    file stores, so the biases the selected layers have, always; ``include_bias`` decides only
+    the ratios, counting those biases on both sides or on neither. A layer without a bias adds
+    nothing anywhere. ``model_weights``: the Linear and Conv2d weights of the whole model."""
+
+    layers: tuple[LayerInfo, ...]
+    costs: tuple[StorageCost, ...]
+    adapter_dtype_bits: int
+    dora: bool
+    include_bias: bool
+    backbone_bits: int  # every other parameter and buffer of the model
+    selection: str
+    adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
+    model_weights: int | None = None
+    # --bits-budget: each layer's own requested rank, whatever rank a row names (0: none)
+    ranks: tuple[int, ...] | None = None
+
+    def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
+        costs = self.costs if costs is None else costs
+        ranks = self.ranks or (rank,) * len(self.layers)
+        for info, cost, own in zip(self.layers, costs, ranks, strict=True):
+            r = info.rank(own) if rank and own else 0
+            yield (
+                info,
+                r,
+                account_layer(
+                    *info.matrix,
+                    cost,
+                    r,
+                    adapter_dtype_bits=self.adapter_dtype_bits,
+                    extra_adapter_params=info.shape[0] if self.dora and r else 0,
+                    include_bias=self.include_bias,
+                    adapter_code_bits=self.adapter_code_bits,
+                    has_bias=info.bias,
+                ),
+            )
+
+    def weights(self) -> int:
+        return sum(math.prod(info.matrix) for info in self.layers)
+
+    def original_cost(self) -> StorageCost:
+        """The selected layers uncompressed (fp32), for the ``original`` row."""
+        costs = [dense_cost(*info.matrix) for info in self.layers]
+        return StorageCost(*(sum(getattr(c, f) for c in costs) for f in StorageCost.__match_args__))
+
+    def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
+        """The ratio columns of a row: ``cost`` is ``original_cost()`` for the ``original`` row;
+        every other row prices each layer with its own compressor cost (``costs``)."""
+        original = cost == self.original_cost()
+        costs = [dense_cost(*info.matrix) for info in self.layers] if original else None
+        rows = list(self.per_layer(rank, costs))
+        dense_bits = sum(a.dense_bits for _, _, a in rows)
+        bits = sum(a.compressed_bits for _, _, a in rows)  # the ratios' side: include_bias
+        stored = sum(a.stored_bits for _, _, a in rows)  # what the file holds: biases too
+        seed_bits = sum(a.seed_bits for _, _, a in rows)
+        dense_macs = sum(a.dense_macs * info.positions for info, _, a in rows)
+        macs = sum(a.compressed_macs * info.positions for info, _, a in rows)
+        return {
+            "ratio": dense_bits / bits,
+            "ratio_seed": dense_bits / seed_bits,
+            "ratio_model": (self.backbone_bits + dense_bits) / (self.backbone_bits + bits),
+            "compute_ratio": dense_macs / macs,
+            "bits": stored,
+            "bias_counted": self.include_bias,
+            "layers": self.selection,
+            "bits_per_weight": stored / self.weights(),
+            "model_bits_per_weight": model_bits_per_weight(
+                self.backbone_bits, stored, self.model_weights
+            ),
+        }
+
+    @property
+    def dense_bytes(self) -> int:
+        """The selected layers' weights and the biases they have, at fp32: what ``ratio_file``
+        divides (a bias-free conv has no bias to count)."""
+        return 4 * sum(
+            math.prod(info.matrix) + (info.shape[0] if info.bias else 0) for info in self.layers
+        )
+
+    def layer_rows(self, method: str, rank: int) -> list[dict[str, Any]]:
+        """``layers.csv`` rows of one (method, rank): each layer's shape, clamped rank, bits and
+        ratio."""
+        return [
+            {
+                "quant": method,
+                "lora_rank": rank,
+                "layer": info.name,
+                "kind": info.kind,
+                "shape": "x".join(map(str, info.shape)),
+                "rank": r,
+                "bits": a.stored_bits,
+                "bits_per_weight": a.stored_bits / math.prod(info.matrix),
+                "ratio": a.ratio,
+            }
+            for info, r, a in self.per_layer(rank)
+        ]
+
+
+LAYER_COLUMNS = (
+    "quant", "lora_rank", "layer", "kind", "shape", "rank", "bits", "bits_per_weight", "ratio",
+)  # fmt: skip
+
+
+RECONSTRUCTION_COLUMNS = ("block", "block_error_start", "block_error_end", "block_codes_changed")
+
+
+def with_reconstruction(
+    rows: Sequence[dict[str, Any]], stages: Sequence[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """``rows`` (one rank's layers.csv rows) with the block each layer was reconstructed in and
+    that block's relative error before and after and the stored codes learned rounding changed
+    in it. ``stages``: the rank record's ``reconstruction`` (``UnitRecord`` fields), the same
+    whether the rank ran here or was reused from an earlier run or another worker."""
+    by_layer = {}
+    for stage in stages or ():
+        if stage["unit"] != "network":
+            by_layer.update(dict.fromkeys(stage["layers"], stage))
+    out = []
+    for row in rows:
+        stage = by_layer.get(row["layer"])
+        extra = (
+            (stage["unit"], stage["error_start"], stage["error_end"], stage["codes_changed"])
+            if stage
+            else (None,) * len(RECONSTRUCTION_COLUMNS)
+        )
+        out.append({**row, **dict(zip(RECONSTRUCTION_COLUMNS, extra, strict=True))})
+    return out
+
+
+BUDGET_COLUMNS = ("choice", "sensitivity")
+
+
+def with_budget(rows: Sequence[dict[str, Any]], budget: Any) -> list[dict[str, Any]]:
+    """``rows`` (the budgeted method's layers.csv rows) with each layer's chosen method and
+    its measured sensitivity (``--bits-budget``)."""
+    chosen = {c.layer: c for c in budget.chosen}
+    return [
+        {**row, "choice": chosen[row["layer"]].method,
+         "sensitivity": chosen[row["layer"]].sensitivity}
+        for row in rows
+    ]  # fmt: skip
+
+
+def layers_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """``layers.csv``: one line per (method, rank, layer); with ``--bits-budget``, the budgeted
+    layers' choice and sensitivity; with ``--reconstruct``, each layer's block and its errors."""
+    import pandas as pd
+
+    columns = list(LAYER_COLUMNS)
+    if any("choice" in row for row in rows):
+        columns += BUDGET_COLUMNS
+    if any("block" in row for row in rows):
+        columns += RECONSTRUCTION_COLUMNS
+    frame = pd.DataFrame(list(rows), columns=columns)
+    return frame.to_csv(index=False, float_format="%.6g")
