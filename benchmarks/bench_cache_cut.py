@@ -36,7 +36,7 @@ DEFAULT_LAYERS = ["blocks.5.*.conv_p*", "blocks.6.*.conv_p*", "conv_head", "clas
 def adapted(model: image_cache.ImageModel, names: list[str], inputs: torch.Tensor):
     layers = network_accounting.describe_layers(model.model, names, model.preprocess(inputs[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, inputs[:8])
-    return method.layer(8, 16.0, SweepConfig(init="svd_init"), seed=0)
+    return method.adapted(8, 16.0, SweepConfig(init="svd_init"), seed=0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def test_ratio_file_divides_the_biases_the_packed_file_holds(tmp_path):
     setup = small_setup(include_bias=False)
     method = setup.method("int4", make_config("int4"))
     accounting = setup.accounting(method)
-    adapted = method.layer(2, 8.0, SweepConfig(init="svd_init"), seed=0)
+    adapted = method.adapted(2, 8.0, SweepConfig(init="svd_init"), seed=0)
     path = tmp_path / "small.safetensors"
     size = write_packed(path, adapted, "fp16", {"model": "small"})
     assert size == path.stat().st_size

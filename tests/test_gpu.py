@@ -158,7 +158,7 @@ def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(
     images = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, device=cuda)
     layers = network_accounting.describe_layers(model, names, wrapped.preprocess(images[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), wrapped, layers, images[:8])
-    adapted = method.layer(4, 16, SweepConfig(init="act_svd_init"), seed=0)
+    adapted = method.adapted(4, 16, SweepConfig(init="act_svd_init"), seed=0)
     labels = torch.randint(0, 1000, (32,), device=cuda)
     split = FeatureSplit(images, labels)
     result = train_adapter(adapted, split, split, TrainConfig(epochs=2, batch_size=8, lr=1e-3))
@@ -179,7 +179,7 @@ def test_block_reconstruction_with_learned_rounding_runs_on_cuda(cuda, tmp_path)
 
     calibration = images(16, 0).to(cuda)
     method, units = resnet_setup(calibration, compression="int4", quantizer="adaround")
-    adapted = method.layer(4, 16, SweepConfig(init="act_svd_init"), seed=0)
+    adapted = method.adapted(4, 16, SweepConfig(init="act_svd_init"), seed=0)
     records = method.records[4]
     assert [r.unit for r in records] == [u for u, _ in units]
     assert all(r.error_end <= r.error_start for r in records), records

@@ -62,7 +62,7 @@ def resnet_files(tmp_path_factory) -> tuple[Path, Path]:
     calibration = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     infos = network_accounting.describe_layers(model, names, images.preprocess(calibration[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), images, infos, calibration)
-    adapted = method.layer(2, 16, SweepConfig(init="paper_init"), seed=1)
+    adapted = method.adapted(2, 16, SweepConfig(init="paper_init"), seed=1)
     checkpoint = folder / "network.safetensors"
     write_packed(checkpoint, adapted, "fp32", {"model": RESNET})
     return weights, checkpoint

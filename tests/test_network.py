@@ -178,7 +178,7 @@ def resnet_method(init: str = "svd_init") -> tuple[network.NetworkMethod, SweepC
 
 def test_a_packed_network_reloads_to_identical_logits(tmp_path):
     method, sweep = resnet_method()
-    adapted = method.layer(4, 16, sweep, seed=1)
+    adapted = method.adapted(4, 16, sweep, seed=1)
     assert any(isinstance(a.base_layer, CompressedConv2d) for a in adapted.adapters().values())
     with torch.no_grad():  # trained-looking adapters: nothing about them is an init identity
         for name, parameter in adapted.named_parameters():
@@ -199,7 +199,7 @@ def test_a_packed_network_reloads_to_identical_logits(tmp_path):
 
 def test_training_moves_only_the_adapters_and_never_the_batchnorm_statistics():
     method, sweep = resnet_method()
-    adapted = method.layer(2, 8, sweep, seed=0)
+    adapted = method.adapted(2, 8, sweep, seed=0)
     before = {k: v.clone() for k, v in adapted.network.state_dict().items()}
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.randint(0, 1000, (16,))
@@ -220,12 +220,12 @@ def test_training_moves_only_the_adapters_and_never_the_batchnorm_statistics():
 
 def test_activation_aware_init_is_computed_once_per_rank_and_is_deterministic():
     method, sweep = resnet_method("act_svd_init")
-    first = method.layer(2, 8, sweep, seed=0).adapter_state()
+    first = method.adapted(2, 8, sweep, seed=0).adapter_state()
     assert len(method._contexts) == 1
-    again = method.layer(2, 8, sweep, seed=0).adapter_state()
+    again = method.adapted(2, 8, sweep, seed=0).adapter_state()
     assert len(method._contexts) == 1
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    plain = resnet_method("svd_init")[0].layer(2, 8, SweepConfig(init="svd_init"), 0)
+    plain = resnet_method("svd_init")[0].adapted(2, 8, SweepConfig(init="svd_init"), 0)
     plain_state = plain.adapter_state()
     assert any(not torch.allclose(first[k], plain_state[k]) for k in first)
 
@@ -439,7 +439,7 @@ def test_a_calibrated_compressor_sees_each_layers_calibration_inputs(monkeypatch
 
     seen = moments_given_to_compress(monkeypatch)
     gptq.contexts(2, sweep)  # the adapters' bases: compressed and adapted in forward order
-    adapted = gptq.layer(2, 8.0, sweep, seed=0).network.model  # the same bases and inits
+    adapted = gptq.adapted(2, 8.0, sweep, seed=0).network.model  # the same bases and inits
     check(received(seen), input_moments(adapted, dense, names, gptq._calibration_batches()))
     assert all(torch.equal(gptq.contexts(2, sweep)[n].moment, m) for n, m in received(seen).items())
 

@@ -141,7 +141,7 @@ def test_the_final_model_trains_from_the_requested_init(init):
         """Val metrics of the adapter that init ``name`` gives the final model (same alpha,
         same seed), before any step."""
         sweep = replace(SWEEP, init=name)
-        layer = method.layer(RANK, record["best_params"]["lora_alpha"], sweep, final["seed"])
+        layer = method.adapted(RANK, record["best_params"]["lora_alpha"], sweep, final["seed"])
         return evaluate(layer, splits.val.with_base(layer))
 
     requested = epoch_zero(init)

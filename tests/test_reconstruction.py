@@ -92,7 +92,7 @@ def test_each_block_ends_at_most_at_its_start_and_every_trial_starts_there():
     method, units = resnet_setup(calibration)
     sweep = SweepConfig(init="svd_init")
     # another alpha and seed than the reconstruction's (8 and 0): B is rescaled, A kept
-    adapted = method.layer(4, 32, sweep, seed=5)
+    adapted = method.adapted(4, 32, sweep, seed=5)
     records = method.records[4]
     assert [r.unit for r in records] == [u for u, _ in units]
     assert all(r.error_end <= r.error_start for r in records)
@@ -134,7 +134,7 @@ def test_a_worse_training_keeps_the_start():
 def test_the_network_stage_lowers_the_kl_to_the_uncompressed_logits():
     method, units = resnet_setup(images(16, 0), ReconstructionConfig(
         mode="network", block_steps=10, network_steps=20, batch_size=8))  # fmt: skip
-    method.layer(2, 8, SweepConfig(init="svd_init"), seed=0)
+    method.adapted(2, 8, SweepConfig(init="svd_init"), seed=0)
     *blocks, last = method.records[2]
     assert len(blocks) == len(units) and last.unit == "network"
     assert last.error_end < last.error_start
@@ -150,7 +150,7 @@ def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
         sweep=SweepConfig(init="svd_init", seed=3), include_bias=False,
     )  # fmt: skip
     setup = network.NetworkSetup.create(plan, model, train, 16)
-    return setup.method("int2", make_config("int2")).layer(2, 8, plan.sweep, 0).adapter_state()
+    return setup.method("int2", make_config("int2")).adapted(2, 8, plan.sweep, 0).adapter_state()
 
 
 def test_reconstruction_never_reads_a_label():
@@ -250,7 +250,7 @@ def test_learned_rounding_codes_are_in_range_rounded_down_or_up_and_the_file_sco
 
     calibration = images(16, 0)
     method, _ = resnet_setup(calibration, compression="int4", quantizer="adaround")
-    adapted = method.layer(4, 16, SweepConfig(init="svd_init"), seed=2)
+    adapted = method.adapted(4, 16, SweepConfig(init="svd_init"), seed=2)
     records = method.records[4]
     assert all(r.error_end <= r.error_start for r in records)
     assert sum(r.codes_changed for r in records) > 0, records

@@ -305,3 +305,36 @@ def test_the_packed_file_does_not_depend_on_where_data_and_weights_live(
         frame = pd.read_csv(folder / "evaluation.csv")
         assert frame["file_bytes"].dropna().tolist() == [checkpoint.stat().st_size]
     assert sizes[0] == sizes[1]
+
+
+def test_config_from_a_finished_run_reproduces_it(small_run, tmp_path, capsys):
+    from train_evaluate.outputs.report import TIMING_COLUMNS
+
+    out, _ = small_run
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["options"]["methods"] == ["sparse"] and recorded["options"]["trials"] == 2
+    # the same options from the file alone, into another folder (the command line overrides)
+    again = tmp_path / "again"
+    code, _, err = run_driver(capsys, "--config", out / "run.json", "--out", again)
+    assert code == 0, err
+    first = pd.read_csv(out / "evaluation.csv").drop(columns=TIMING_COLUMNS)
+    second = pd.read_csv(again / "evaluation.csv").drop(columns=TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(first, second)
+    assert json.loads((again / "run.json").read_text())["config"] == recorded["config"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"calib_imagez": 3}', "unknown option 'calib_imagez'"),
+        ('{"format": "lora-compression-run/1", "config": {}}', "records no options"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{not json", "cannot read it as JSON"),
+    ],
+)
+def test_a_config_that_is_not_one_is_refused_in_one_line(content, says, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    code, _, err = run_driver(capsys, "--config", config, "--results-dir", tmp_path / "results")
+    assert code == 2 and says in one_error_line(err)
+    assert not (tmp_path / "results").exists()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from train_evaluate.config.cli import UsageError, build_parser, configure_logging, storage_failure
+from train_evaluate.config.cli import UsageError, configure_logging, parse_args, storage_failure
 from train_evaluate.runtime import interrupt
 
 log = logging.getLogger("train_model")
@@ -44,7 +44,7 @@ def run(plan) -> None:
         return
     with run_folder.exclusive(plan.out, plan.shared):
         with run_folder.writing(plan.out):
-            run_folder.claim(plan.out, config, plan.overwrite)
+            run_folder.claim(plan.out, config, plan.overwrite, plan.options)
         remove_leftovers(plan)
         announce(plan)
         started = start_workers(plan)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         with interrupt.deferred():
-            args = build_parser().parse_args(argv)
+            args = parse_args(argv)
             args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
             import optuna
 

@@ -30,6 +30,7 @@ from train_evaluate.config.cli import (
     DEFAULT_RANKS,
     UsageError,
     available_cores,
+    dump_options,
     resolve_device,
 )
 from train_evaluate.inputs.backbone import (
@@ -96,6 +97,7 @@ class Plan:
     heartbeat: int = 10
     worker_of: int | None = None
     argv: tuple[str, ...] = ()
+    options: dict[str, Any] | None = None  # every option, as run.json records them (--config)
 
     @property
     def models(self) -> int:
@@ -698,6 +700,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         heartbeat=args.heartbeat,
         worker_of=args.worker_of,
         argv=tuple(getattr(args, "argv", ())),
+        options=dump_options(args),
     )
 
 

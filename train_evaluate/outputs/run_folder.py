@@ -115,8 +115,11 @@ def clear(out: Path) -> None:
             path.unlink()
 
 
-def claim(out: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Make ``out`` this configuration's folder (the caller holds its lock), or refuse."""
+def claim(
+    out: Path, config: dict[str, Any], overwrite: bool, options: dict[str, Any] | None = None
+) -> None:
+    """Make ``out`` this configuration's folder (the caller holds its lock), or refuse.
+    ``options``: the command's options, recorded for ``--config`` to read back."""
     if holds_outputs(out):
         recorded = read_json(out / "run.json") or {}
         if recorded.get("format") != FORMAT or not isinstance(recorded.get("config"), dict):
@@ -131,11 +134,16 @@ def claim(out: Path, config: dict[str, Any], overwrite: bool) -> None:
         if problem:
             clear(out)
     previous = read_json(out / "run.json") or {}
-    write_json(out / "run.json", {**previous, "format": FORMAT, "config": config})
+    recorded = {**previous, "format": FORMAT, "config": config}
+    if options is not None:
+        recorded["options"] = options
+    write_json(out / "run.json", recorded)
 
 
 def finish(out: Path, config: dict[str, Any], results: dict[str, Any]) -> None:
-    write_json(out / "run.json", {"format": FORMAT, "config": config, **results})
+    options = (read_json(out / "run.json") or {}).get("options")
+    recorded = {"format": FORMAT, "config": config, **results}
+    write_json(out / "run.json", recorded if options is None else {**recorded, "options": options})
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ def run_search(
         seed = derive_seed(sweep.seed, "pareto", "trial", trial.number)
         trial.set_user_attr("seed", seed)
         candidate = candidates[name]
-        layer = candidate.method.layer(rank, params["lora_alpha"], sweep, seed)
+        layer = candidate.method.adapted(rank, params["lora_alpha"], sweep, seed)
         data = splits.with_base(layer)
         result = train_one(layer, data, sweep.train_config(params, seed), curves=False)
         trial.set_user_attr("best_epoch", result.best_epoch)
@@ -151,7 +151,7 @@ def final_rows(
         params = {k: v for k, v in trial.params.items() if k not in ("method", "rank")}
         seed = trial.user_attrs["seed"]
         candidate = candidates[name]
-        layer = candidate.method.layer(rank, params["lora_alpha"], sweep, seed)
+        layer = candidate.method.adapted(rank, params["lora_alpha"], sweep, seed)
         data = splits.with_base(layer)
         result = train_one(layer, data, sweep.train_config(params, seed))
         finish_layer(layer)  # integer adapters: rounded, as the file stores them

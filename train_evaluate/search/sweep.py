@@ -143,7 +143,8 @@ class Method:
                 linear.bias.copy_(head.bias)
         return linear.requires_grad_(False)
 
-    def layer(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:
+    def adapted(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:
+        """The compressed classifier with a fresh adapter of ``rank``, ``alpha`` and ``seed``."""
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -489,7 +490,7 @@ def _run_rank(
     seed_parts = (sweep.seed, method.name, rank)
     claim = held[0] if held else None
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
-    probe = method.layer(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
+    probe = method.adapted(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
     if code_bits:
         round_adapter_(probe, code_bits)
@@ -517,7 +518,7 @@ def _run_rank(
         params = sweep.space.suggest(trial)
         seed = derive_seed(*seed_parts, "trial", index)
         trial.set_user_attr("seed", seed)
-        layer = method.layer(rank, params["lora_alpha"], sweep, seed)
+        layer = method.adapted(rank, params["lora_alpha"], sweep, seed)
         # a trial's train curve is never drawn: it is not measured
         return Run(layer, sweep.train_config(params, seed), curves=False)
 
@@ -597,7 +598,7 @@ def _run_rank(
     finals, kept = [], None
     for index in range(sweep.final_seeds):
         seed = derive_seed(*seed_parts, "final", index)
-        layer = method.layer(rank, best.params["lora_alpha"], sweep, seed)
+        layer = method.adapted(rank, best.params["lora_alpha"], sweep, seed)
         assert same_base(layer, probe)
         result = train_one(layer, data, sweep.train_config(best.params, seed))
         if code_bits:

@@ -291,7 +291,7 @@ class NetworkMethod:
             replace_submodule(network.model, info.name, adapter)
         return AdaptedNetwork(network, self.names())
 
-    def layer(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
+    def adapted(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
         """A fresh compressed network with adapters of ``rank`` (clamped per layer), ``alpha``
         and ``seed`` (the random draws of paper_init, in forward order). After
         ``--reconstruct``, every adapter starts from its reconstructed tensors whatever the
