@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compression import compress, make_config
+from lora.reconstruction import NO_RECONSTRUCTION
 from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
@@ -64,7 +65,13 @@ def small_setup(include_bias: bool) -> network.NetworkSetup:
     names = layer_selection.select_layers(model.model, ["all"])
     assert names == ["stem", "pw", "fc"]  # the depthwise conv stays uncompressed
     plan = SimpleNamespace(
-        network=SimpleNamespace(layers=names, calib_images=4, selection="all"),
+        network=SimpleNamespace(
+            layers=names,
+            calib_images=4,
+            selection="all",
+            calibration="symmetric",
+            reconstruction=NO_RECONSTRUCTION,
+        ),
         sweep=SimpleNamespace(seed=0, use_dora=False),
         include_bias=include_bias,
     )

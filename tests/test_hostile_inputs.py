@@ -420,7 +420,7 @@ def test_layers_csv_after_a_resume_equals_the_uninterrupted_run(tmp_path, own_de
     from tests.conftest import run_driver
 
     results = tmp_path / "results"
-    options = ["--ranks", "2", "4", "--reconstruct", "block", "--reconstruct-steps", "3"]
+    options = ["--ranks", "2", "4", "--reconstruct", "block", "--reconstruct-steps", "1"]
     args = [*NETWORK_DEMO, *options, "--results-dir", results, "--cache-dir", own_demo_cache]
     assert run_driver(capsys, *args)[0] == 0
     (folder,) = [p.parent for p in results.glob("*/*/*/run.json")]

@@ -436,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the options of a run's run.json (or a JSON object of option names to "
         "values); options given on the command line override them",
     )
+    parser.set_defaults(argv=[])  # the command line as given: the driver's main sets it
     return parser
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
+from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -135,7 +136,7 @@ class NetworkPlan:
     epoch_seconds: float
     left_out: dict[str, list[str]]
     calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
-    reconstruction: Any = None  # --reconstruct: lora.reconstruction.ReconstructionConfig
+    reconstruction: ReconstructionConfig = NO_RECONSTRUCTION  # --reconstruct and its options
     bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
     budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
@@ -420,26 +421,24 @@ def plan_network(
         why_input=why_input if found is None else "",
         epoch_seconds=seconds,
         left_out=layer_selection.left_out(bare, names) if layer_selection.ALL in patterns else {},
-        calibration=getattr(args, "calibration", "symmetric"),
+        calibration=args.calibration,
         reconstruction=reconstruction,
         # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
-        bits_budgets=tuple(
-            sorted({float(f"{b:g}") for b in getattr(args, "bits_budget", None) or ()})
-        ),
-        budget_sensitivity=getattr(args, "budget_sensitivity", "output"),
-        budget_only=getattr(args, "budget_only", False),
+        bits_budgets=tuple(sorted({float(f"{b:g}") for b in args.bits_budget or ()})),
+        budget_sensitivity=args.budget_sensitivity,
+        budget_only=args.budget_only,
     )
 
 
 def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
     """--bits-budget's refusals, each in one line."""
-    budgets = getattr(args, "bits_budget", None)
+    budgets = args.bits_budget
     if budgets is None:
-        if getattr(args, "budget_sensitivity", "output") != "output":
+        if args.budget_sensitivity != "output":
             raise UsageError(
                 "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
             )
-        if getattr(args, "budget_only", False):
+        if args.budget_only:
             raise UsageError("--budget-only keeps the budgeted models alone; add --bits-budget B")
         return
     if network_plan is None:
@@ -494,17 +493,13 @@ def check_budgets_reachable(
 
 def reconstruction_config(args: argparse.Namespace) -> Any:
     """--reconstruct and its options as a ReconstructionConfig (checked)."""
-    from lora.reconstruction import ReconstructionConfig
-
     try:
         return ReconstructionConfig(
-            mode=getattr(args, "reconstruct", "none"),
-            block_steps=getattr(args, "reconstruct_steps", ReconstructionConfig.block_steps),
-            network_steps=getattr(
-                args, "reconstruct_network_steps", ReconstructionConfig.network_steps
-            ),
-            lr=getattr(args, "reconstruct_lr", ReconstructionConfig.lr),
-            batch_size=getattr(args, "reconstruct_batch", ReconstructionConfig.batch_size),
+            mode=args.reconstruct,
+            block_steps=args.reconstruct_steps,
+            network_steps=args.reconstruct_network_steps,
+            lr=args.reconstruct_lr,
+            batch_size=args.reconstruct_batch,
         )
     except ValueError as error:
         raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr and "
@@ -544,7 +539,7 @@ def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) 
     from compression.presets import PRESETS
 
     methods = list(compressions)
-    given = {k: getattr(args, k, None) for k in COMPRESSION_OPTIONS}
+    given = {k: vars(args)[k] for k in COMPRESSION_OPTIONS}
     for option, value in given.items():
         field = COMPRESSION_OPTIONS[option]
         if value is None or any(uses_field(m, field) for m in methods):
@@ -606,7 +601,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
             "--decode gpu applies to the feature pass of --layers head; whole-network runs "
             "decode their image cache with PIL: drop --decode"
         )
-    if network_plan is None and getattr(args, "calibration", "symmetric") == "asymmetric":
+    if network_plan is None and args.calibration == "asymmetric":
         raise UsageError(
             "--calibration asymmetric corrects the error that compressed layers before a layer "
             "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
@@ -624,7 +619,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
                 f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
                 "nothing: drop it, or choose one of those"
             )
-    if network_plan is None and getattr(args, "reconstruct", "none") != "none":
+    if network_plan is None and args.reconstruct != "none":
         raise UsageError(
             "--reconstruct trains adapters to reproduce the uncompressed network block by "
             "block; with the classifier alone there is one layer and no block: drop it or "
@@ -663,7 +658,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     backbone = None if demo else load_backbone(model, weights, device)
     # only once every check has passed (a refused run gets its one error line alone), and
     # not again in each worker: its launcher warned
-    if getattr(args, "worker_of", None) is None:
+    if args.worker_of is None:
         warn_unused_options(args, compressions)
     return Plan(
         demo=demo,
@@ -699,7 +694,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         share=args.share,
         heartbeat=args.heartbeat,
         worker_of=args.worker_of,
-        argv=tuple(getattr(args, "argv", ())),
+        argv=tuple(args.argv),
         options=dump_options(args),
     )
 

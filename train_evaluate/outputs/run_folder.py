@@ -51,16 +51,16 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         "include_bias": plan.include_bias,
         "device": plan.device.type,
     }
-    if getattr(plan, "decode", "cpu") != "cpu":  # absent for the default: older runs match
+    if plan.decode != "cpu":  # absent for the default: older runs match
         config["decode"] = plan.decode
-    if getattr(plan, "search", "rank") != "rank":
+    if plan.search != "rank":
         config["search"] = plan.search
-    if getattr(plan, "storage", None) is not None:  # the password hidden
+    if plan.storage is not None:  # the password hidden
         from train_evaluate.runtime.urls import shown
 
         config["storage"] = shown(plan.storage)
         config["study_prefix"] = plan.study_prefix
-    network = getattr(plan, "network", None)
+    network = plan.network
     if network is not None:  # absent for the classifier alone: older FC runs still match
         config["network"] = {
             "layers": list(network.layers),
@@ -68,11 +68,11 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
         }
         if network.cut is not None:  # the states trained on: absent for the images
             config["network"]["cut"] = network.cut.module
-        calibration = getattr(network, "calibration", "symmetric")
+        calibration = network.calibration
         if calibration != "symmetric":  # absent for the default: older runs still match
             config["network"]["calibration"] = calibration
-        reconstruction = getattr(network, "reconstruction", None)
-        if reconstruction is not None and reconstruction.enabled:  # absent for none, as above
+        reconstruction = network.reconstruction
+        if reconstruction.enabled:  # absent for none, as above
             config["network"]["reconstruct"] = asdict(reconstruction)
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 

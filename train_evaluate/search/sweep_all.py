@@ -278,9 +278,7 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
         if plan.network is not None:
             from train_evaluate.training.accounting import with_budget, with_reconstruction
 
-            reconstructed = plan.network.reconstruction is not None and (
-                plan.network.reconstruction.enabled
-            )
+            reconstructed = plan.network.reconstruction.enabled
             for record in records[done.method.name]:
                 rank_rows = done.accounting.layer_rows(done.method.name, record["rank"])
                 if done.budget is not None:

@@ -371,8 +371,8 @@ class NetworkSetup:
             adapter_code_bits,
             layer_weights(model),
         )
-        asymmetric = getattr(net, "calibration", "symmetric") == "asymmetric"
-        reconstruction = getattr(net, "reconstruction", None) or NO_RECONSTRUCTION
+        asymmetric = net.calibration == "asymmetric"
+        reconstruction = net.reconstruction
         units = ()
         if reconstruction.enabled:
             units = tuple(
