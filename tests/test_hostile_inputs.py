@@ -218,7 +218,7 @@ def test_report_still_reads_a_storage_that_is_one(tmp_path, capsys):
 
 
 def test_layer_selections_that_slug_alike_get_different_folder_names():
-    from train_evaluate.config.plan import selection_name
+    from train_evaluate.config.network_plan import selection_name
 
     collided = [["*", "?", "**", "*.*"], ["blocks.*.mlp.fc*", "blocks.?.mlp.fc*"]]
     for patterns in collided:

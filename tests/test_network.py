@@ -321,7 +321,7 @@ def test_the_fc_study_is_the_same_through_every_path(
 
 
 def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_layout():
-    from train_evaluate.config.plan import selection_name
+    from train_evaluate.config.network_plan import selection_name
 
     names = " ".join(f"stages.0.blocks.{i}.mlp.fc1" for i in range(30))
     short = selection_name(names)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from train_evaluate.config.cli import UsageError, configure_logging, parse_args, storage_failure
+from train_evaluate.config.cli import UsageError, configure_logging, storage_failure
+from train_evaluate.config.options import parse_args
 from train_evaluate.runtime import interrupt
 
 log = logging.getLogger("train_model")
@@ -29,7 +30,7 @@ def run(plan) -> None:
     and rank (``search/sweep_all.py``), and record the results in run.json."""
     import torch
 
-    from train_evaluate.config.plan import announce
+    from train_evaluate.config.announce import announce
     from train_evaluate.inputs.backbone import weights_id
     from train_evaluate.outputs import run_folder
     from train_evaluate.search.sweep_all import sweep_all

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +23,30 @@ from torch import nn
 from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
-from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
     DEFAULT_RANKS,
     UsageError,
     available_cores,
-    dump_options,
     resolve_device,
 )
+from train_evaluate.config.network_plan import (
+    NetworkPlan,
+    check_budget,
+    check_budgets_reachable,
+    check_network_options,
+    largest_layer,
+    plan_network,
+    run_name,
+)
+from train_evaluate.config.options import dump_options
 from train_evaluate.inputs.backbone import (
     BackboneError,
     check_model_name,
     classifier_shape,
     create_backbone,
 )
-from train_evaluate.inputs.cut import Cut
 from train_evaluate.inputs.demo import DEMO_MODEL
 from train_evaluate.outputs.run_folder import folder_name
 from train_evaluate.runtime.files import check_writable
@@ -114,36 +120,6 @@ class Plan:
         """Whether other processes may work on the same studies: then nothing running may be
         taken for dead at start, and trials beat a heartbeat."""
         return self.storage is not None or self.workers > 1 or self.worker_of is not None
-
-
-@dataclass(frozen=True)
-class NetworkPlan:
-    """Whole-network mode (any selection but the classifier alone). layers: the selected
-    module names; selection: the --layers text; input_size: the model's (C, H, W), at which
-    the images are cached as uint8; cut: the block boundary whose output is cached and trained
-    from (None: the images themselves, for the reason ``why_input`` gives); image_bytes,
-    state_bytes: those caches' sizes; epoch_seconds: a rough cost of one training epoch on
-    this machine."""
-
-    layers: tuple[str, ...]
-    selection: str
-    calib_images: int
-    input_size: tuple[int, ...]
-    cut: Cut | None
-    image_bytes: int
-    state_bytes: int
-    why_input: str
-    epoch_seconds: float
-    left_out: dict[str, list[str]]
-    calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
-    reconstruction: ReconstructionConfig = NO_RECONSTRUCTION  # --reconstruct and its options
-    bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
-    budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
-    budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.image_bytes + self.state_bytes
 
 
 def unique(values) -> list:
@@ -312,200 +288,6 @@ def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.
         raise UsageError(str(error)) from error
 
 
-def selection_name(selection: str, limit: int = 48) -> str:
-    """--layers as part of a folder name: the readable slug alone where it names exactly this
-    selection, else the slug (cut to ``limit``) and a hash of the selection's text.
-
-    The slug drops what a folder name cannot hold: ``*``, ``?`` and ``**`` all became ``data``,
-    ``blocks.*.mlp.fc*`` and ``blocks.?.mlp.fc*`` one name, so a second selection found the
-    first one's folder and was told to --overwrite it. The slug alone is kept (today's names)
-    for a module name (``all``, ``layer1.0.conv1``) and for ``X.*`` when ``X`` is one: the
-    slug then drops only the ``.*``, and ``X`` and ``X.*`` are never both valid selections of
-    one model (X is a Linear/Conv2d with no submodules, or a container that is not a layer).
-    """
-    import hashlib
-
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", selection).strip("._")
-    exact = bool(name) and " " not in selection and selection in (name, f"{name}.*")
-    name = name or "pattern"  # '*', '?': nothing readable is left
-    if exact and len(name) <= limit:
-        return name
-    return f"{name[:limit]}-{hashlib.sha256(selection.encode()).hexdigest()[:8]}"
-
-
-def plan_network(
-    args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
-) -> NetworkPlan | None:
-    """The whole-network plan for ``--layers``, or None when it selects the classifier alone.
-    Selection, cache size and epoch cost are worked out on a bare model (random weights: the
-    structure and the compute are those of the pretrained one)."""
-    from timm.data import resolve_data_config
-
-    from train_evaluate.inputs import cut
-    from train_evaluate.inputs import images as image_cache
-    from train_evaluate.inputs import selection as layer_selection
-    from train_evaluate.inputs.backbone import eval_transform
-
-    patterns = unique(args.layers)
-    if patterns == [layer_selection.HEAD]:
-        return None
-    try:
-        with torch.random.fork_rng():
-            bare = timm.create_model(model, pretrained=False).eval()
-    except Exception as error:  # a model that cannot be built without extra arguments
-        raise UsageError(f"cannot build timm model {model}: {error}") from error
-    try:
-        names = layer_selection.select_layers(bare, patterns)
-    except layer_selection.SelectionError as error:
-        raise UsageError(str(error)) from error
-    if layer_selection.is_head_only(bare, names):
-        return None
-    input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
-    images = len(source.ids)
-    image_bytes = image_cache.image_bytes(images, input_size)
-    limit = args.cache_limit * 1e9
-    if image_bytes > limit:
-        raise UsageError(
-            f"the image cache for --layers {' '.join(patterns)} would take "
-            f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
-            f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
-        )
-    # the deepest block boundary before every selected layer whose states fit beside the images
-    # (which stay cached: the states are computed from them, and evaluate.py reads them)
-    found = cut.find_cut(
-        bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
-    )
-    why_input = "no block boundary before every selected layer carries the whole state"
-    if found is None:
-        unlimited = cut.find_cut(bare, names, input_size)
-        if unlimited is not None:
-            why_input = (
-                f"the states at {unlimited.module} would take "
-                f"{unlimited.state_bytes(images) / 1e9:.2f} GB more, over --cache-limit"
-            )
-    transform = eval_transform(bare)
-    mean, std = image_cache.normalisation(transform)
-    if found is None:
-        model = image_cache.ImageModel(bare, mean, std)
-    else:
-        model = image_cache.StateModel(
-            cut.cut_model(bare, found, input_size), mean, std, found.state_shape
-        )
-    train_images = max(1, fractions.sizes(images)["train"])
-    calib_images = min(args.calib_images, train_images)
-    if calib_images < args.calib_images:
-        log.warning(
-            "warning: --calib-images %d is more than the %d train images (the calibration "
-            "images are drawn from them): calibrating on all %d",
-            args.calib_images, train_images, calib_images,
-        )  # fmt: skip
-    reconstruction = reconstruction_config(args)
-    if reconstruction.enabled and reconstruction.batch_size > calib_images:
-        log.warning(
-            "warning: --reconstruct-batch %d is more than the %d calibration images: each "
-            "step takes all %d",
-            reconstruction.batch_size, calib_images, calib_images,
-        )  # fmt: skip
-        reconstruction = dataclasses.replace(reconstruction, batch_size=calib_images)
-    seconds = image_cache.epoch_seconds(
-        model.to(device), image_cache.example_inputs(model, input_size, 8), train_images
-    )
-    return NetworkPlan(
-        layers=tuple(names),
-        selection=" ".join(patterns),
-        calib_images=calib_images,
-        input_size=input_size,
-        cut=found,
-        image_bytes=image_bytes,
-        state_bytes=0 if found is None else found.state_bytes(images),
-        why_input=why_input if found is None else "",
-        epoch_seconds=seconds,
-        left_out=layer_selection.left_out(bare, names) if layer_selection.ALL in patterns else {},
-        calibration=args.calibration,
-        reconstruction=reconstruction,
-        # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
-        bits_budgets=tuple(sorted({float(f"{b:g}") for b in args.bits_budget or ()})),
-        budget_sensitivity=args.budget_sensitivity,
-        budget_only=args.budget_only,
-    )
-
-
-def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
-    """--bits-budget's refusals, each in one line."""
-    budgets = args.bits_budget
-    if budgets is None:
-        if args.budget_sensitivity != "output":
-            raise UsageError(
-                "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
-            )
-        if args.budget_only:
-            raise UsageError("--budget-only keeps the budgeted models alone; add --bits-budget B")
-        return
-    if network_plan is None:
-        raise UsageError(
-            "--bits-budget spreads bits over the selected layers; with the classifier alone "
-            "there is one layer: drop it or select more --layers"
-        )
-    named: dict[str, float] = {}
-    for budget in budgets:
-        if not budget > 0 or not math.isfinite(budget):
-            raise UsageError(
-                f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
-            )
-        # rows are named budget<B> with B to 6 significant digits: two budgets, one name
-        name = f"{budget:g}"
-        if name in named:
-            raise UsageError(
-                f"--bits-budget {named[name]:.15g} and {budget:.15g} would both be the rows "
-                f"budget{name}; "
-                "give each budget once, differing within 6 significant digits"
-            )
-        named[name] = budget
-    if args.search == "pareto" or args.workers > 1 or args.storage is not None:
-        raise UsageError(
-            "--bits-budget runs in one process with the rank-by-rank search: drop --search "
-            "pareto, --workers and --storage"
-        )
-
-
-def check_budgets_reachable(
-    model: str, network_plan: NetworkPlan, compressions: dict[str, Any], ranks, args
-) -> None:
-    """Every --bits-budget at least what the cheapest option of every layer stores, checked on
-    the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
-    from train_evaluate.outputs.checkpoint import adapter_storage
-    from train_evaluate.training import accounting, budget
-
-    with torch.device("meta"):
-        bare = timm.create_model(model, pretrained=False)
-    layers = tuple(accounting.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
-    adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
-    template = accounting.NetworkAccounting(
-        layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
-        code_bits,
-    )  # fmt: skip
-    cheapest = budget.cheapest_bits(template, compressions, ranks)
-    for bits_budget in network_plan.bits_budgets:
-        # the solver's own test: the budget in whole bits over the selected layers' weights
-        if cheapest > math.floor(bits_budget * template.weights()):
-            raise UsageError(budget.unreachable(bits_budget, cheapest / template.weights()))
-
-
-def reconstruction_config(args: argparse.Namespace) -> Any:
-    """--reconstruct and its options as a ReconstructionConfig (checked)."""
-    try:
-        return ReconstructionConfig(
-            mode=args.reconstruct,
-            block_steps=args.reconstruct_steps,
-            network_steps=args.reconstruct_network_steps,
-            lr=args.reconstruct_lr,
-            batch_size=args.reconstruct_batch,
-        )
-    except ValueError as error:
-        raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr and "
-                         "-batch") from error  # fmt: skip
-
-
 # The compression options of the command line and the config field each one sets.
 COMPRESSION_OPTIONS = {
     "block": "block",
@@ -519,7 +301,6 @@ COMPRESSION_OPTIONS = {
 
 def uses_field(method: str, field: str, value: Any = None) -> bool:
     """Whether ``method``'s config has ``field`` (and, given a ``value``, accepts it)."""
-    import dataclasses
 
     from compression import make_config
 
@@ -565,12 +346,10 @@ def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) 
         )
 
 
-def plan_run(args: argparse.Namespace) -> Plan:
-    """Check every argument and the data; raise UsageError with a one-line reason."""
-    if args.init not in LORA_INITS:
-        raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
+def compression_configs(args: argparse.Namespace) -> dict[str, Any]:
+    """--methods with the compression options: one checked config per method."""
     try:
-        compressions = build_configs(
+        return build_configs(
             unique(args.methods),
             args.preset,
             block=parse_block(args.block) if args.block else None,
@@ -580,6 +359,24 @@ def plan_run(args: argparse.Namespace) -> Plan:
             quantizer=args.quantizer,
             pattern=args.nm,
         )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def check_storage_reachable(url: str) -> None:
+    from train_evaluate.search.storage import check_storage
+
+    problem = check_storage(url)
+    if problem is not None:
+        raise UsageError(f"{problem}; check the URL, that the server runs, and the user")
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Check every argument and the data; raise UsageError with a one-line reason."""
+    if args.init not in LORA_INITS:
+        raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
+    compressions = compression_configs(args)
+    try:
         fractions = SplitFractions(*args.split)
         TrainConfig(objective=args.objective, kd_temperature=args.kd_temperature,
                     kd_weight=args.kd_weight)  # fmt: skip
@@ -590,58 +387,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
     demo, reason, source, model, weights = resolve_data_and_model(args)
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
     if args.storage is not None and args.worker_of is None:
-        from train_evaluate.search.storage import check_storage
-
-        problem = check_storage(args.storage)
-        if problem is not None:
-            raise UsageError(f"{problem}; check the URL, that the server runs, and the user")
+        check_storage_reachable(args.storage)
     network_plan = plan_network(args, model, source, fractions, device)
-    if network_plan is not None and args.decode != "cpu":
-        raise UsageError(
-            "--decode gpu applies to the feature pass of --layers head; whole-network runs "
-            "decode their image cache with PIL: drop --decode"
-        )
-    if network_plan is None and args.calibration == "asymmetric":
-        raise UsageError(
-            "--calibration asymmetric corrects the error that compressed layers before a layer "
-            "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
-            "or select more --layers"
-        )
-    if network_plan is not None and network_plan.calibration == "asymmetric":
-        from lora.inits import ACTIVATION_AWARE_INITS, compresses_target
-
-        if args.init not in ACTIVATION_AWARE_INITS and not any(
-            compresses_target(config) for config in compressions.values()
-        ):
-            raise UsageError(
-                f"--calibration asymmetric changes only the fits of "
-                f"{' and '.join(ACTIVATION_AWARE_INITS)} and the rounding of --quantizer gptq; "
-                f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
-                "nothing: drop it, or choose one of those"
-            )
-    if network_plan is None and args.reconstruct != "none":
-        raise UsageError(
-            "--reconstruct trains adapters to reproduce the uncompressed network block by "
-            "block; with the classifier alone there is one layer and no block: drop it or "
-            "select more --layers"
-        )
-    learned = [m for m, c in compressions.items() if getattr(c, "quantizer", "") == "adaround"]
-    if learned and (network_plan is None or not network_plan.reconstruction.enabled):
-        raise UsageError(
-            "--quantizer adaround learns each weight's rounding inside the block "
-            "reconstruction: add --reconstruct block (or network) and select --layers"
-        )
+    check_network_options(args, network_plan, compressions)
     check_budget(args, network_plan)
-    run_name = args.init
-    if network_plan is not None:
-        run_name += f"_layers-{selection_name(network_plan.selection)}"
-        if network_plan.calibration != "symmetric":
-            run_name += f"_{network_plan.calibration}"
-        if network_plan.reconstruction.enabled:
-            run_name += f"_reconstruct-{network_plan.reconstruction.mode}"
-    if args.search == "pareto":
-        run_name += "_pareto"
-    out = args.out or args.results_dir / folder_name(model) / data_name / run_name
+    name = run_name(args, network_plan)
+    out = args.out or args.results_dir / folder_name(model) / data_name / name
     cache_dir = args.cache_dir or args.results_dir / "cache"
     check_folders(args, out, cache_dir)
     try:
@@ -697,105 +448,3 @@ def plan_run(args: argparse.Namespace) -> Plan:
         argv=tuple(args.argv),
         options=dump_options(args),
     )
-
-
-def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:
-    """The (out, in*kh*kw) matrix of the selected layer that can hold the largest rank."""
-    with torch.device("meta"):
-        bare = timm.create_model(model, pretrained=False)
-    shapes = [tuple(bare.get_submodule(n).weight.flatten(1).shape) for n in names]
-    return max(shapes, key=min)
-
-
-def announce(plan: Plan) -> None:
-    """What the run will do and how big it is, logged before any work."""
-    if plan.demo:
-        log.info(
-            "DEMO RUN (%s): the offline demo on scikit-learn's digits with a small ViT trained "
-            "here. For the real study, put the ImageNet validation folders (one per synset) at "
-            "%s or pass --data-dir.",
-            plan.demo_reason,
-            DEFAULT_DATA,
-        )
-    log.info("data: %s", plan.source.description)
-    log.info(
-        "model: %s (classifier %d x %d), device %s, %d CPU threads",
-        plan.model,
-        *plan.fc_shape,
-        plan.device,
-        plan.threads,
-    )
-    if plan.default_ranks_skipped:
-        log.info(
-            "ranks %s do not fit %s; running %s",
-            list(plan.default_ranks_skipped),
-            "this classifier" if plan.network is None else "any selected layer",
-            list(plan.ranks),
-        )
-    if plan.network is not None:
-        net = plan.network
-        log.info(
-            "layers: %d selected by --layers %s (ranks clamped per layer to min(out, in*kh*kw); "
-            "the list with each layer's rank and bits goes to layers.csv)",
-            len(net.layers),
-            net.selection,
-        )
-        for reason, names in net.left_out.items():
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            log.info("left out by 'all' (%s): %s", reason, shown)
-        size = "x".join(map(str, net.input_size))
-        if net.cut is None:
-            log.info(
-                "cache: cut at the input (the decoded images, uint8 at %s): %.1f MB on disk "
-                "(%s); every step runs the whole network, about %.0f s per training epoch here "
-                "(estimated)",
-                size,
-                net.image_bytes / 1e6,
-                net.why_input,
-                net.epoch_seconds,
-            )
-        else:
-            log.info(
-                "cache: cut at %s, %.1f MB on disk, beside the decoded images (uint8 at %s, "
-                "%.1f MB); every step runs the network from %s on (%d modules before it are "
-                "skipped), about %.0f s per training epoch here (estimated)",
-                net.cut.describe(),
-                net.state_bytes / 1e6,
-                size,
-                net.image_bytes / 1e6,
-                net.cut.module,
-                len(net.cut.skipped),
-                net.epoch_seconds,
-            )
-    sweep = plan.sweep
-    runs = plan.models
-    log.info(
-        "study: init %s%s, methods %s, ranks %s, objective %s, seed %d -> %s",
-        sweep.init,
-        " + DoRA" if sweep.use_dora else "",
-        ", ".join(c.describe() for c in plan.compressions.values()),
-        list(plan.ranks),
-        sweep.objective,
-        sweep.seed,
-        plan.out,
-    )
-    if sweep.epochs == 0:
-        log.info("--epochs 0: every rank is the init only (no Optuna search, no training)")
-        log.info(
-            "size: %d images; %d models (method and rank, or budget), init only (no search, "
-            "no training)",
-            len(plan.source.ids),
-            runs,
-        )
-    else:
-        log.info(
-            "size: %d images; %d models (method and rank, or budget) x (%d trials + %d final) x "
-            "%d epochs = %d training runs, at most %d epochs",
-            len(plan.source.ids),
-            runs,
-            sweep.trials,
-            sweep.final_seeds,
-            sweep.epochs,
-            runs * (sweep.trials + sweep.final_seeds),
-            runs * (sweep.trials + sweep.final_seeds) * sweep.epochs,
-        )

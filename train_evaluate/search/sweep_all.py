@@ -189,7 +189,7 @@ def solve_budget(plan, setup, bits_budget: float, measured: list):
             setup, plan.compressions, plan.ranks, bits_budget, plan.sweep, options=measured[0]
         )
     except BudgetError as error:
-        # refused before any work by the plan (config.plan.check_budgets_reachable); kept in
+        # refused before any work by the plan (config.network_plan.check_budgets_reachable); kept in
         # case a measured option ever prices above its shape's cost
         cheapest = error.cheapest_bits / setup.template.weights()
         raise UsageError(budget.unreachable(bits_budget, cheapest)) from error

@@ -1,0 +1,323 @@
+"""Whole-network planning: what ``--layers`` selects, where its cache is cut, the calibration,
+reconstruction and bit-budget options, each checked before any work (one-line ``UsageError``);
+the run folder's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+
+from data import SplitFractions
+from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
+from train_evaluate.config.cli import UsageError
+from train_evaluate.inputs.cut import Cut
+
+log = logging.getLogger("train_model")
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Whole-network mode (any selection but the classifier alone). layers: the selected
+    module names; selection: the --layers text; input_size: the model's (C, H, W), at which
+    the images are cached as uint8; cut: the block boundary whose output is cached and trained
+    from (None: the images themselves, for the reason ``why_input`` gives); image_bytes,
+    state_bytes: those caches' sizes; epoch_seconds: a rough cost of one training epoch on
+    this machine."""
+
+    layers: tuple[str, ...]
+    selection: str
+    calib_images: int
+    input_size: tuple[int, ...]
+    cut: Cut | None
+    image_bytes: int
+    state_bytes: int
+    why_input: str
+    epoch_seconds: float
+    left_out: dict[str, list[str]]
+    calibration: str = "symmetric"  # --calibration: asymmetric fits the clean outputs
+    reconstruction: ReconstructionConfig = NO_RECONSTRUCTION  # --reconstruct and its options
+    bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
+    budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
+    budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.image_bytes + self.state_bytes
+
+
+def selection_name(selection: str, limit: int = 48) -> str:
+    """--layers as part of a folder name: the readable slug alone where it names exactly this
+    selection, else the slug (cut to ``limit``) and a hash of the selection's text.
+
+    The slug drops what a folder name cannot hold: ``*``, ``?`` and ``**`` all became ``data``,
+    ``blocks.*.mlp.fc*`` and ``blocks.?.mlp.fc*`` one name, so a second selection found the
+    first one's folder and was told to --overwrite it. The slug alone is kept (today's names)
+    for a module name (``all``, ``layer1.0.conv1``) and for ``X.*`` when ``X`` is one: the
+    slug then drops only the ``.*``, and ``X`` and ``X.*`` are never both valid selections of
+    one model (X is a Linear/Conv2d with no submodules, or a container that is not a layer).
+    """
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", selection).strip("._")
+    exact = bool(name) and " " not in selection and selection in (name, f"{name}.*")
+    name = name or "pattern"  # '*', '?': nothing readable is left
+    if exact and len(name) <= limit:
+        return name
+    return f"{name[:limit]}-{hashlib.sha256(selection.encode()).hexdigest()[:8]}"
+
+
+def calibration_settings(
+    args: argparse.Namespace, train_images: int
+) -> tuple[int, ReconstructionConfig]:
+    """The calibration images a run uses and its reconstruction's options: at most the train
+    images, a reconstruction batch of at most those, each cut said in a warning (run.json
+    records what is used, not what was asked)."""
+    calib_images = min(args.calib_images, train_images)
+    if calib_images < args.calib_images:
+        log.warning(
+            "warning: --calib-images %d is more than the %d train images (the calibration "
+            "images are drawn from them): calibrating on all %d",
+            args.calib_images, train_images, calib_images,
+        )  # fmt: skip
+    reconstruction = reconstruction_config(args)
+    if reconstruction.enabled and reconstruction.batch_size > calib_images:
+        log.warning(
+            "warning: --reconstruct-batch %d is more than the %d calibration images: each "
+            "step takes all %d",
+            reconstruction.batch_size, calib_images, calib_images,
+        )  # fmt: skip
+        reconstruction = dataclasses.replace(reconstruction, batch_size=calib_images)
+    return calib_images, reconstruction
+
+
+def plan_network(
+    args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
+) -> NetworkPlan | None:
+    """The whole-network plan for ``--layers``, or None when it selects the classifier alone.
+    Selection, cache size and epoch cost are worked out on a bare model (random weights: the
+    structure and the compute are those of the pretrained one)."""
+    from timm.data import resolve_data_config
+
+    from train_evaluate.inputs import cut
+    from train_evaluate.inputs import images as image_cache
+    from train_evaluate.inputs import selection as layer_selection
+    from train_evaluate.inputs.backbone import eval_transform
+
+    patterns = list(dict.fromkeys(args.layers))
+    if patterns == [layer_selection.HEAD]:
+        return None
+    try:
+        with torch.random.fork_rng():
+            bare = timm.create_model(model, pretrained=False).eval()
+    except Exception as error:  # a model that cannot be built without extra arguments
+        raise UsageError(f"cannot build timm model {model}: {error}") from error
+    try:
+        names = layer_selection.select_layers(bare, patterns)
+    except layer_selection.SelectionError as error:
+        raise UsageError(str(error)) from error
+    if layer_selection.is_head_only(bare, names):
+        return None
+    input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
+    images = len(source.ids)
+    image_bytes = image_cache.image_bytes(images, input_size)
+    limit = args.cache_limit * 1e9
+    if image_bytes > limit:
+        raise UsageError(
+            f"the image cache for --layers {' '.join(patterns)} would take "
+            f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
+            f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
+        )
+    # the deepest block boundary before every selected layer whose states fit beside the images
+    # (which stay cached: the states are computed from them, and evaluate.py reads them)
+    found = cut.find_cut(
+        bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
+    )
+    why_input = "no block boundary before every selected layer carries the whole state"
+    if found is None:
+        unlimited = cut.find_cut(bare, names, input_size)
+        if unlimited is not None:
+            why_input = (
+                f"the states at {unlimited.module} would take "
+                f"{unlimited.state_bytes(images) / 1e9:.2f} GB more, over --cache-limit"
+            )
+    transform = eval_transform(bare)
+    mean, std = image_cache.normalisation(transform)
+    if found is None:
+        model = image_cache.ImageModel(bare, mean, std)
+    else:
+        model = image_cache.StateModel(
+            cut.cut_model(bare, found, input_size), mean, std, found.state_shape
+        )
+    train_images = max(1, fractions.sizes(images)["train"])
+    calib_images, reconstruction = calibration_settings(args, train_images)
+    seconds = image_cache.epoch_seconds(
+        model.to(device), image_cache.example_inputs(model, input_size, 8), train_images
+    )
+    return NetworkPlan(
+        layers=tuple(names),
+        selection=" ".join(patterns),
+        calib_images=calib_images,
+        input_size=input_size,
+        cut=found,
+        image_bytes=image_bytes,
+        state_bytes=0 if found is None else found.state_bytes(images),
+        why_input=why_input if found is None else "",
+        epoch_seconds=seconds,
+        left_out=layer_selection.left_out(bare, names) if layer_selection.ALL in patterns else {},
+        calibration=args.calibration,
+        reconstruction=reconstruction,
+        # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
+        bits_budgets=tuple(sorted({float(f"{b:g}") for b in args.bits_budget or ()})),
+        budget_sensitivity=args.budget_sensitivity,
+        budget_only=args.budget_only,
+    )
+
+
+def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
+    """--bits-budget's refusals, each in one line."""
+    budgets = args.bits_budget
+    if budgets is None:
+        if args.budget_sensitivity != "output":
+            raise UsageError(
+                "--budget-sensitivity says what --bits-budget minimises; add --bits-budget B"
+            )
+        if args.budget_only:
+            raise UsageError("--budget-only keeps the budgeted models alone; add --bits-budget B")
+        return
+    if network_plan is None:
+        raise UsageError(
+            "--bits-budget spreads bits over the selected layers; with the classifier alone "
+            "there is one layer: drop it or select more --layers"
+        )
+    named: dict[str, float] = {}
+    for budget in budgets:
+        if not budget > 0 or not math.isfinite(budget):
+            raise UsageError(
+                f"--bits-budget must be a positive number of bits per weight; got {budget:g}"
+            )
+        # rows are named budget<B> with B to 6 significant digits: two budgets, one name
+        name = f"{budget:g}"
+        if name in named:
+            raise UsageError(
+                f"--bits-budget {named[name]:.15g} and {budget:.15g} would both be the rows "
+                f"budget{name}; "
+                "give each budget once, differing within 6 significant digits"
+            )
+        named[name] = budget
+    if args.search == "pareto" or args.workers > 1 or args.storage is not None:
+        raise UsageError(
+            "--bits-budget runs in one process with the rank-by-rank search: drop --search "
+            "pareto, --workers and --storage"
+        )
+
+
+def check_budgets_reachable(
+    model: str, network_plan: NetworkPlan, compressions: dict[str, Any], ranks, args
+) -> None:
+    """Every --bits-budget at least what the cheapest option of every layer stores, checked on
+    the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
+    from train_evaluate.outputs.checkpoint import adapter_storage
+    from train_evaluate.training import accounting, budget
+
+    with torch.device("meta"):
+        bare = timm.create_model(model, pretrained=False)
+    layers = tuple(accounting.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
+    adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
+    template = accounting.NetworkAccounting(
+        layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
+        code_bits,
+    )  # fmt: skip
+    cheapest = budget.cheapest_bits(template, compressions, ranks)
+    for bits_budget in network_plan.bits_budgets:
+        # the solver's own test: the budget in whole bits over the selected layers' weights
+        if cheapest > math.floor(bits_budget * template.weights()):
+            raise UsageError(budget.unreachable(bits_budget, cheapest / template.weights()))
+
+
+def reconstruction_config(args: argparse.Namespace) -> Any:
+    """--reconstruct and its options as a ReconstructionConfig (checked)."""
+    try:
+        return ReconstructionConfig(
+            mode=args.reconstruct,
+            block_steps=args.reconstruct_steps,
+            network_steps=args.reconstruct_network_steps,
+            lr=args.reconstruct_lr,
+            batch_size=args.reconstruct_batch,
+        )
+    except ValueError as error:
+        raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr and "
+                         "-batch") from error  # fmt: skip
+
+
+def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:
+    """The (out, in*kh*kw) matrix of the selected layer that can hold the largest rank."""
+    with torch.device("meta"):
+        bare = timm.create_model(model, pretrained=False)
+    shapes = [tuple(bare.get_submodule(n).weight.flatten(1).shape) for n in names]
+    return max(shapes, key=min)
+
+
+def check_network_options(
+    args: argparse.Namespace, network_plan: NetworkPlan | None, compressions: dict[str, Any]
+) -> None:
+    """The options that only a whole-network run (or only the classifier alone) can use,
+    refused in one line where they would be ignored or cannot work."""
+    if network_plan is not None and args.decode != "cpu":
+        raise UsageError(
+            "--decode gpu applies to the feature pass of --layers head; whole-network runs "
+            "decode their image cache with PIL: drop --decode"
+        )
+    if network_plan is None and args.calibration == "asymmetric":
+        raise UsageError(
+            "--calibration asymmetric corrects the error that compressed layers before a layer "
+            "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
+            "or select more --layers"
+        )
+    if network_plan is not None and network_plan.calibration == "asymmetric":
+        from lora.inits import ACTIVATION_AWARE_INITS, compresses_target
+
+        if args.init not in ACTIVATION_AWARE_INITS and not any(
+            compresses_target(config) for config in compressions.values()
+        ):
+            raise UsageError(
+                f"--calibration asymmetric changes only the fits of "
+                f"{' and '.join(ACTIVATION_AWARE_INITS)} and the rounding of --quantizer gptq; "
+                f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
+                "nothing: drop it, or choose one of those"
+            )
+    if network_plan is None and args.reconstruct != "none":
+        raise UsageError(
+            "--reconstruct trains adapters to reproduce the uncompressed network block by "
+            "block; with the classifier alone there is one layer and no block: drop it or "
+            "select more --layers"
+        )
+    learned = [m for m, c in compressions.items() if getattr(c, "quantizer", "") == "adaround"]
+    if learned and (network_plan is None or not network_plan.reconstruction.enabled):
+        raise UsageError(
+            "--quantizer adaround learns each weight's rounding inside the block "
+            "reconstruction: add --reconstruct block (or network) and select --layers"
+        )
+
+
+def run_name(args: argparse.Namespace, network_plan: NetworkPlan | None) -> str:
+    """The run folder's last part: the init, then what sets the run apart (the selection, the
+    calibration, the reconstruction, the Pareto search), so that such runs never share one."""
+    run_name = args.init
+    if network_plan is not None:
+        run_name += f"_layers-{selection_name(network_plan.selection)}"
+        if network_plan.calibration != "symmetric":
+            run_name += f"_{network_plan.calibration}"
+        if network_plan.reconstruction.enabled:
+            run_name += f"_reconstruct-{network_plan.reconstruction.mode}"
+    if args.search == "pareto":
+        run_name += "_pareto"
+    return run_name
