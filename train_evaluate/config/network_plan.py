@@ -99,6 +99,34 @@ def calibration_settings(
     return calib_images, reconstruction
 
 
+def cache_cut(
+    bare: torch.nn.Module,
+    names: list[str],
+    input_size: tuple,
+    images: int,
+    image_bytes: int,
+    limit: float,
+) -> tuple[Cut | None, str]:
+    """The deepest block boundary before every selected layer whose states fit beside the
+    images within ``limit`` bytes (the images stay cached: the states are computed from them,
+    and evaluate.py reads them), or None and why the input itself is cached."""
+    from train_evaluate.inputs import cut
+
+    found = cut.find_cut(
+        bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
+    )
+    if found is not None:
+        return found, ""
+    unlimited = cut.find_cut(bare, names, input_size)
+    if unlimited is None:
+        return None, "no block boundary before every selected layer carries the whole state"
+    more = unlimited.state_bytes(images) / 1e9
+    return (
+        None,
+        f"the states at {unlimited.module} would take {more:.2f} GB more, over --cache-limit",
+    )
+
+
 def plan_network(
     args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
 ) -> NetworkPlan | None:
@@ -136,19 +164,7 @@ def plan_network(
             f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
             f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
         )
-    # the deepest block boundary before every selected layer whose states fit beside the images
-    # (which stay cached: the states are computed from them, and evaluate.py reads them)
-    found = cut.find_cut(
-        bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
-    )
-    why_input = "no block boundary before every selected layer carries the whole state"
-    if found is None:
-        unlimited = cut.find_cut(bare, names, input_size)
-        if unlimited is not None:
-            why_input = (
-                f"the states at {unlimited.module} would take "
-                f"{unlimited.state_bytes(images) / 1e9:.2f} GB more, over --cache-limit"
-            )
+    found, why_input = cache_cut(bare, names, input_size, images, image_bytes, limit)
     transform = eval_transform(bare)
     mean, std = image_cache.normalisation(transform)
     if found is None:
@@ -170,7 +186,7 @@ def plan_network(
         cut=found,
         image_bytes=image_bytes,
         state_bytes=0 if found is None else found.state_bytes(images),
-        why_input=why_input if found is None else "",
+        why_input=why_input,
         epoch_seconds=seconds,
         left_out=layer_selection.left_out(bare, names) if layer_selection.ALL in patterns else {},
         calibration=args.calibration,

@@ -475,25 +475,12 @@ def run_rank(
         raise
 
 
-def _run_rank(
-    method: Method,
-    rank: int,
-    splits: Splits,
-    sweep: SweepConfig,
-    study: optuna.Study | None,
-    on_step: Callable[[], None],
-    code_bits: int,
-    sharing: Sharing | None,
-    held: list,
-    started: float,
-) -> RankOutcome | None:
-    seed_parts = (sweep.seed, method.name, rank)
-    claim = held[0] if held else None
-    # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
-    probe = method.adapted(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
-    data = splits.with_base(probe)
-    if code_bits:
-        round_adapter_(probe, code_bits)
+def init_record(
+    method: Method, rank: int, sweep: SweepConfig, probe: nn.Module, data: Splits, splits: Splits
+) -> dict[str, Any]:
+    """A rank's record as far as its init goes: what it is, the init scored on val and test
+    (``data``: the splits with ``probe``'s base; ``splits``: without), and its reconstruction's
+    stages, kept with the rank so that layers.csv is the same when the rank is reused."""
     init_test = evaluate(probe, data.test)
     record: dict[str, Any] = {
         "method": method.name,
@@ -506,22 +493,37 @@ def _run_rank(
         "init_only": {"val_acc": evaluate(probe, data.val)["acc"], "test_acc": init_test["acc"]},
         "test": test_facts(init_test, probe, splits.test),
     }
-    if method.records.get(rank):  # kept with the rank, for layers.csv when it is reused
+    if method.records.get(rank):
         record["reconstruction"] = [asdict(stage) for stage in method.records[rank]]
-    if sweep.epochs == 0:
-        record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
-        record["seconds"] = time.perf_counter() - started
-        on_step()
-        return RankOutcome(record, probe, None, claim)
+    return record
 
-    def prepare(trial: optuna.Trial, index: int) -> Run:
-        params = sweep.space.suggest(trial)
-        seed = derive_seed(*seed_parts, "trial", index)
+
+def rank_seed_parts(sweep: SweepConfig, method: Method, rank: int) -> tuple:
+    """What every seed of a (method, rank) derives from: its trials', its finals', its init's."""
+    return (sweep.seed, method.name, rank)
+
+
+@dataclass
+class RankTrials:
+    """The Optuna trials of one (method, rank): each built from its own seed, trained alone
+    (``objective``) or with others (``prepare_batched``, ``train_batched``), and told to Optuna
+    epoch by epoch, so that the median pruner decides as in a sequential sweep."""
+
+    method: Method
+    rank: int
+    sweep: SweepConfig
+    data: Splits
+    seed_parts: tuple
+
+    def prepare(self, trial: optuna.Trial, index: int) -> Run:
+        params = self.sweep.space.suggest(trial)
+        seed = derive_seed(*self.seed_parts, "trial", index)
         trial.set_user_attr("seed", seed)
-        layer = method.adapted(rank, params["lora_alpha"], sweep, seed)
+        layer = self.method.adapted(self.rank, params["lora_alpha"], self.sweep, seed)
         # a trial's train curve is never drawn: it is not measured
-        return Run(layer, sweep.train_config(params, seed), curves=False)
+        return Run(layer, self.sweep.train_config(params, seed), curves=False)
 
+    @staticmethod
     def reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
         def report(epoch: int, val_acc: float) -> None:
             trial.report(val_acc, epoch)
@@ -530,6 +532,7 @@ def _run_rank(
 
         return report
 
+    @staticmethod
     def conclude(trial: optuna.Trial, result: TrainResult) -> float:
         trial.set_user_attr("best_epoch", result.best_epoch)
         if result.diverged_at is not None:
@@ -537,37 +540,113 @@ def _run_rank(
             raise optuna.TrialPruned(f"loss diverged in epoch {result.diverged_at}")
         return result.best_val_acc
 
-    def objective(trial: optuna.Trial, index: int) -> float:
-        run = prepare(trial, index)
-        result = train_one(run.layer, data, run.config, reporter(trial), run.curves)
-        return conclude(trial, result)
+    def objective(self, trial: optuna.Trial, index: int) -> float:
+        run = self.prepare(trial, index)
+        result = train_one(run.layer, self.data, run.config, self.reporter(trial), run.curves)
+        return self.conclude(trial, result)
 
-    def prepare_batched(trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
-        return trial, prepare(trial, index)
+    def prepare_batched(self, trial: optuna.Trial, index: int) -> tuple[optuna.Trial, Run]:
+        return trial, self.prepare(trial, index)
 
-    def train_batched(prepared: list[tuple[optuna.Trial, Run]]) -> list[Callable[[], float]]:
-        outcomes = train_adapters([run for _, run in prepared], data.train, data.val)
+    def train_batched(self, prepared: list[tuple[optuna.Trial, Run]]) -> list[Callable[[], float]]:
+        outcomes = train_adapters([run for _, run in prepared], self.data.train, self.data.val)
 
         def replay(trial: optuna.Trial, result: TrainResult) -> float:
-            report = reporter(trial)
+            report = self.reporter(trial)
             for epoch, val_acc in enumerate(result.history["val_acc"]):
                 report(epoch, val_acc)
-            return conclude(trial, result)
+            return self.conclude(trial, result)
 
         return [
             lambda t=trial, o=outcome: replay(t, o.result)
             for (trial, _), outcome in zip(prepared, outcomes, strict=True)
         ]
 
+
+def train_finals(
+    method: Method,
+    rank: int,
+    params: dict[str, Any],
+    data: Splits,
+    sweep: SweepConfig,
+    probe: nn.Module,
+    code_bits: int,
+    on_step: Callable[[], None],
+) -> tuple[list[dict[str, Any]], nn.Module | None]:
+    """The rank's final models, one per final seed, trained with the best trial's ``params``;
+    each scored on the test split once. Returns their facts and the first seed's model (the
+    one the checkpoint holds)."""
+    seed_parts = rank_seed_parts(sweep, method, rank)
+    finals, kept = [], None
+    for index in range(sweep.final_seeds):
+        seed = derive_seed(*seed_parts, "final", index)
+        layer = method.adapted(rank, params["lora_alpha"], sweep, seed)
+        assert same_base(layer, probe)
+        result = train_one(layer, data, sweep.train_config(params, seed))
+        if code_bits:
+            round_adapter_(layer, code_bits)
+        finals.append(
+            {
+                "seed": seed,
+                "best_epoch": result.best_epoch,
+                "best_val_acc": result.best_val_acc,
+                "diverged_at": result.diverged_at,
+                # the test split is read here, once, for the model that the val split selected
+                **test_scores(evaluate(layer, data.test)),
+                "history": result.history,
+            }
+        )
+        if index == 0:
+            kept = layer
+        on_step()
+    return finals, kept
+
+
+def _run_rank(
+    method: Method,
+    rank: int,
+    splits: Splits,
+    sweep: SweepConfig,
+    study: optuna.Study | None,
+    on_step: Callable[[], None],
+    code_bits: int,
+    sharing: Sharing | None,
+    held: list,
+    started: float,
+) -> RankOutcome | None:
+    seed_parts = rank_seed_parts(sweep, method, rank)
+    claim = held[0] if held else None
+    # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
+    probe = method.adapted(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
+    data = splits.with_base(probe)
+    if code_bits:
+        round_adapter_(probe, code_bits)
+    record = init_record(method, rank, sweep, probe, data, splits)
+    if sweep.epochs == 0:
+        record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
+        record["seconds"] = time.perf_counter() - started
+        on_step()
+        return RankOutcome(record, probe, None, claim)
+
+    trials_of_rank = RankTrials(method, rank, sweep, data, seed_parts)
+
     if sharing is None:
         # a whole adapted network (not one LoraLinear) trains its trials one at a time
         batched = use_batched(data) and not sweep.use_dora and isinstance(probe, LoraLinear)
-        batch = TrialBatch(prepare_batched, train_batched) if batched else None
-        run_study(study, objective, sweep.trials, seed_parts, on_step, batch)
+        batch = (
+            TrialBatch(trials_of_rank.prepare_batched, trials_of_rank.train_batched)
+            if batched
+            else None
+        )
+        run_study(study, trials_of_rank.objective, sweep.trials, seed_parts, on_step, batch)
     elif sharing.whole_ranks or claim is None:
         # a whole rank's trials run here under its claim; shared trials, then the claim
         ready = workers.run_shared_study(
-            study, objective, sweep.trials, lambda i: seeded_sampler(seed_parts, i), on_step
+            study,
+            trials_of_rank.objective,
+            sweep.trials,
+            lambda i: seeded_sampler(seed_parts, i),
+            on_step,
         )
         if not ready:
             if claim is not None:  # another worker's last trials (one dividing trials)
@@ -584,39 +663,15 @@ def _run_rank(
     record["study"] = study.study_name
     best = best_trial(trials)
     if best is None:
-        log.warning(
-            "%s r=%d: no trial completed (all pruned or diverged); no final model",
-            method.name,
-            rank,
-        )
+        log.warning("%s r=%d: no trial completed (all pruned or diverged); no final model",
+                    method.name, rank)  # fmt: skip
         record.update(status="no_complete_trial", test_acc=None, finals=[])
         record["seconds"] = time.perf_counter() - started
         for _ in range(sweep.final_seeds):
             on_step()
         return RankOutcome(record, None, study, claim)
 
-    finals, kept = [], None
-    for index in range(sweep.final_seeds):
-        seed = derive_seed(*seed_parts, "final", index)
-        layer = method.adapted(rank, best.params["lora_alpha"], sweep, seed)
-        assert same_base(layer, probe)
-        result = train_one(layer, data, sweep.train_config(best.params, seed))
-        if code_bits:
-            round_adapter_(layer, code_bits)
-        finals.append(
-            {
-                "seed": seed,
-                "best_epoch": result.best_epoch,
-                "best_val_acc": result.best_val_acc,
-                "diverged_at": result.diverged_at,
-                # the test split is read here, once, for the model that the val split selected
-                **test_scores(evaluate(layer, data.test)),
-                "history": result.history,
-            }
-        )
-        if index == 0:
-            kept = layer  # the checkpoint holds the first seed's model
-        on_step()
+    finals, kept = train_finals(method, rank, best.params, data, sweep, probe, code_bits, on_step)
     record.update(
         status="ok",
         best_params=best.params,
