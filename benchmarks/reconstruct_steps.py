@@ -112,7 +112,10 @@ def one_run(args: argparse.Namespace, steps: int, scratch: Path) -> tuple[dict, 
     (compressed,) = [r for _, r in rows[rows["lora_rank"] == "quantized"].iterrows()]
     (original,) = [r for _, r in rows[rows["lora_rank"] == "original"].iterrows()]
     blocks = layers.drop_duplicates("block")
-    reconstruction = phases.seconds.get("reconstruction", float("nan"))
+    reconstruction = phases.seconds.get("reconstruction")
+    if reconstruction is None:
+        raise SystemExit(f"error: the driver logged no reconstruction time at {steps} steps per "
+                         "block; the next step counts cannot be priced")  # fmt: skip
     row = {
         "steps": steps,
         "original": original["evaluation"],

@@ -36,7 +36,7 @@ from compression.modules import (
 )
 from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
-from lora.capture import first_call, forward_order, run_until
+from lora.capture import NotCalled, first_call, forward_order, run_until
 from lora.config import LoraConfig
 from lora.inits import ACTIVATION_AWARE_INITS, InitContext, compresses_target, output_target
 from lora.layer import check_rank
@@ -208,8 +208,11 @@ def _cross_moments(
     device = _device(model)
     for batch in _batches(calibration):
         x = _input(batch, device)
-        clean, _ = first_call(clean_model, clean_module, x)
-        perturbed, _ = first_call(model, module, x)
+        try:
+            clean, _ = first_call(clean_model, clean_module, x)
+            perturbed, _ = first_call(model, module, x)
+        except NotCalled:
+            raise ValueError("the forward pass never called the layer being calibrated") from None
         accumulator.update(clean, perturbed)
     return accumulator.moment(), accumulator.cross_moment()
 
