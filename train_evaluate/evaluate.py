@@ -294,6 +294,23 @@ def settle_inputs(args: argparse.Namespace, info: dict):
     return source, weights, wanted, described
 
 
+def log_plan(info: dict) -> None:
+    """The layer plan the file holds (checked against its layers when it was read): what made
+    it and its mix of choices; ``--layer-plan`` rebuilds the model from the run's plans/ copy."""
+    plan = info.get("layer_plan")
+    if plan is None:
+        log.info("layer plan: not recorded (a file written before plans were)")
+        return
+    from lora.plan import mix
+
+    log.info(
+        "layer plan %s%s: %s",
+        plan.get("name"),
+        f" ({plan['origin']})" if plan.get("origin") else "",
+        mix(f"{entry['method']} r={entry['rank']}" for entry in plan["layers"].values()),
+    )
+
+
 def run_network(args: argparse.Namespace, device: torch.device) -> None:
     """A whole-network checkpoint: the backbone from its weights, every compressed layer and
     adapter from the file, evaluated on the decoded images (from the image cache)."""
@@ -318,6 +335,7 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
         recorded_string(info, "init") or "init unrecorded",
         args.checkpoint.stat().st_size,
     )
+    log_plan(info)
     source, weights, wanted, described = settle_inputs(args, info)
     model = create_backbone(info["model"], weights, device)
     check_labels(source, model.get_classifier().out_features, info["model"])
@@ -363,6 +381,7 @@ def run(args: argparse.Namespace) -> None:
         info["adapter_dtype"],
         args.checkpoint.stat().st_size,
     )
+    log_plan(info)
     source, weights, wanted, described = settle_inputs(args, info)
     if args.merge is not None:
         split = run_folder(args.checkpoint) / "split"

@@ -352,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
         "method and rank everywhere (each of those costs its own init and reconstruction)",
     )
     network.add_argument(
+        "--layer-plan",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="each layer's method and rank from FILE (JSON or YAML: module-name patterns to "
+        "{method, rank}; every run writes its models' plans to plans/): one model, in place of "
+        "--layers, --methods and --ranks (docs/layer-plans.md)",
+    )
+    network.add_argument(
         "--budget-sensitivity",
         choices=("output", "kl"),
         default="output",

@@ -17,6 +17,7 @@ import timm
 import torch
 
 from data import SplitFractions
+from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
 from train_evaluate.inputs.cut import Cut
@@ -48,6 +49,7 @@ class NetworkPlan:
     bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
     budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
+    layer_plan: LayerPlan | None = None  # --layer-plan with a choice per layer: its one model
 
     @property
     def cache_bytes(self) -> int:
@@ -73,6 +75,11 @@ def selection_name(selection: str, limit: int = 48) -> str:
     if exact and len(name) <= limit:
         return name
     return f"{name[:limit]}-{hashlib.sha256(selection.encode()).hexdigest()[:8]}"
+
+
+def plan_selection(planned: LayerPlan) -> str:
+    """What a ``--layer-plan`` selects, as run folders and reports name it."""
+    return f"plan {planned.name} {planned.digest()}"
 
 
 def calibration_settings(
@@ -128,11 +135,19 @@ def cache_cut(
 
 
 def plan_network(
-    args: argparse.Namespace, model: str, source: Any, fractions: SplitFractions, device
+    args: argparse.Namespace,
+    model: str,
+    source: Any,
+    fractions: SplitFractions,
+    device,
+    planned: LayerPlan | None = None,
 ) -> NetworkPlan | None:
-    """The whole-network plan for ``--layers``, or None when it selects the classifier alone.
-    Selection, cache size and epoch cost are worked out on a bare model (random weights: the
-    structure and the compute are those of the pretrained one)."""
+    """The whole-network plan for ``--layers`` (or the modules of ``--layer-plan``), or None
+    when it selects the classifier alone. Selection, cache size and epoch cost are worked out
+    on a bare model (random weights: the structure and the compute are those of the pretrained
+    one). ``planned``: the ``--layer-plan``, whose modules are the selection; a plan with a
+    choice per layer runs as one model (``NetworkPlan.layer_plan``), one choice everywhere as
+    that (method, rank)."""
     from timm.data import resolve_data_config
 
     from train_evaluate.inputs import cut
@@ -140,7 +155,7 @@ def plan_network(
     from train_evaluate.inputs import selection as layer_selection
     from train_evaluate.inputs.backbone import eval_transform
 
-    patterns = list(dict.fromkeys(args.layers))
+    patterns = list(dict.fromkeys(args.layers if planned is None else planned.names))
     if patterns == [layer_selection.HEAD]:
         return None
     try:
@@ -180,7 +195,7 @@ def plan_network(
     )
     return NetworkPlan(
         layers=tuple(names),
-        selection=" ".join(patterns),
+        selection=" ".join(patterns) if planned is None else plan_selection(planned),
         calib_images=calib_images,
         input_size=input_size,
         cut=found,
@@ -195,6 +210,7 @@ def plan_network(
         bits_budgets=tuple(sorted({float(f"{b:g}") for b in args.bits_budget or ()})),
         budget_sensitivity=args.budget_sensitivity,
         budget_only=args.budget_only,
+        layer_plan=None if planned is None or planned.cell else planned,
     )
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from train_evaluate.config.cli import (
     available_cores,
     resolve_device,
 )
+from train_evaluate.config.layer_plans import check_descriptions, read_layer_plan
 from train_evaluate.config.network_plan import (
     NetworkPlan,
     check_budget,
@@ -109,9 +111,12 @@ class Plan:
     @property
     def models(self) -> int:
         """The (method, rank) models the run builds: every method at every rank (none with
-        --budget-only), and one per --bits-budget."""
+        --budget-only), and one per --bits-budget; a --layer-plan with a choice per layer
+        builds one."""
         if self.network is None:
             return len(self.compressions) * len(self.ranks)
+        if self.network.layer_plan is not None:
+            return 1
         uniform = 0 if self.network.budget_only else len(self.compressions) * len(self.ranks)
         return uniform + len(self.network.bits_budgets)
 
@@ -346,11 +351,14 @@ def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) 
         )
 
 
-def compression_configs(args: argparse.Namespace) -> dict[str, Any]:
-    """--methods with the compression options: one checked config per method."""
+def compression_configs(
+    args: argparse.Namespace, methods: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``methods`` (default --methods) with the compression options: one checked config per
+    method."""
     try:
         return build_configs(
-            unique(args.methods),
+            unique(args.methods if methods is None else methods),
             args.preset,
             block=parse_block(args.block) if args.block else None,
             keep=args.keep,
@@ -375,7 +383,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     """Check every argument and the data; raise UsageError with a one-line reason."""
     if args.init not in LORA_INITS:
         raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
-    compressions = compression_configs(args)
+    compressions = compression_configs(args) if args.layer_plan is None else {}
     try:
         fractions = SplitFractions(*args.split)
         TrainConfig(objective=args.objective, kd_temperature=args.kd_temperature,
@@ -388,7 +396,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
     if args.storage is not None and args.worker_of is None:
         check_storage_reachable(args.storage)
-    network_plan = plan_network(args, model, source, fractions, device)
+    planned = None
+    if args.layer_plan is not None:
+        planned, described = read_layer_plan(args, model)
+        compressions = compression_configs(args, planned.methods)
+        check_descriptions(args.layer_plan, described, compressions)
+    network_plan = plan_network(args, model, source, fractions, device, planned)
     check_network_options(args, network_plan, compressions)
     check_budget(args, network_plan)
     name = run_name(args, network_plan)
@@ -403,7 +416,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if not demo:
         check_imagenet_head(model, fc_shape[0])
     rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
-    ranks, skipped = choose_ranks(args.ranks, rank_shape, model, network_plan is not None)
+    requested = args.ranks
+    if planned is not None:  # one model: a rank per layer (clamped there), or one rank
+        requested = [planned.rank]
+        if network_plan is None or network_plan.layer_plan is None:
+            compressions = {planned.uniform.method: compressions[planned.uniform.method]}
+    ranks, skipped = choose_ranks(requested, rank_shape, model, network_plan is not None)
     if network_plan is not None and network_plan.bits_budgets:
         check_budgets_reachable(model, network_plan, compressions, ranks, args)
     backbone = None if demo else load_backbone(model, weights, device)

@@ -255,6 +255,26 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     return (out_features, in_features), rank, float(alpha), use_dora, adapter_dtype
 
 
+def _check_plan(plan: Any, stored: dict[str, tuple[str, nn.Module]]) -> None:
+    """The layer plan a file records (``lora.plan``; files written before plans were recorded
+    have none) names exactly its layers, each with its method and a rank that, clamped to the
+    layer, is the adapter's."""
+    _require(isinstance(plan, dict) and isinstance(plan.get("layers"), dict),
+             "its layer plan has no layers")  # fmt: skip
+    planned = plan["layers"]
+    _require(set(planned) == set(stored),
+             f"its layer plan names {len(planned)} layers, its tensors hold {len(stored)} "
+             "others")  # fmt: skip
+    for name, (method, layer) in stored.items():
+        entry = planned[name]
+        _require(isinstance(entry, dict) and _is_int(entry.get("rank")),
+                 f"its layer plan's {name} has no rank")  # fmt: skip
+        clamped = min(entry["rank"], layer.in_features, layer.out_features)
+        _require(entry.get("method") == method and clamped == layer.r,
+                 f"its layer plan gives {name} {entry.get('method')} r={entry['rank']}; the "
+                 f"layer holds {method} r={layer.r}")  # fmt: skip
+
+
 def _compressor_config(info: dict[str, Any]) -> Any:
     """The compressor's config; it must be exactly what the writer stores for that method."""
     method = info.get("method")
@@ -416,6 +436,9 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
     try:
         info = json.loads(text)
         layer = _rebuild(info, tensors)
+        if "layer_plan" in info:
+            (name,) = info["layer_plan"]["layers"]  # the classifier alone
+            _check_plan(info["layer_plan"], {name: (info["method"], layer)})
     # _Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
     # what no check foresaw, so that any inconsistency is still one line, never a traceback
     except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
@@ -577,6 +600,11 @@ def read_packed_network(path: Path | str, device: torch.device | str = "cpu") ->
                 raise _Unsound(f"layer {name}: {error}") from error
         strangers = sorted(set(tensors) - claimed)
         _require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
+        if "layer_plan" in info:
+            methods = {
+                name: (info["layers"][name]["method"], layer) for name, layer in layers.items()
+            }
+            _check_plan(info["layer_plan"], methods)
     except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise _inconsistent(path, error) from error
     return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -131,7 +132,13 @@ def rank_artifacts(out: Path, method: str, rank: int) -> list[Path]:
         out / f"{name}_optimization_history.html",
         out / f"{name}_param_importances.html",
         checkpoint_path(out, method, rank),
+        plan_path(out, method, rank),
     ]
+
+
+def plan_path(out: Path, method: str, rank: int) -> Path:
+    """Where a rank's layer plan is written (``--layer-plan`` reads it back)."""
+    return out / "plans" / f"{stem(method, rank)}.json"
 
 
 @functools.cache
@@ -270,6 +277,10 @@ def write_rank_artifacts(
     # no study) must not stay behind from an earlier run, with another split or settings.
     for old in rank_artifacts(out, method, rank):
         old.unlink(missing_ok=True)
+    if "layer_plan" in checkpoint_info:
+        # the layers in the model's order (write_json would sort them)
+        text = json.dumps(checkpoint_info["layer_plan"], indent=2)
+        write_text(plan_path(out, method, rank), text + "\n")
     if record["finals"]:
         for metric, word in (("acc", "Accuracy"), ("loss", "Loss")):
             figure = plot_epochs(

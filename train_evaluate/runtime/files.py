@@ -160,6 +160,44 @@ def write_safetensors(
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(target)) from error
+        sort_metadata(temporary)
+
+
+METADATA_START = b'{"__metadata__":{'
+
+
+def _json_string_end(text: bytes, start: int) -> int:
+    """The index just past the JSON string that opens at ``text[start]`` (a quote)."""
+    index = start + 1
+    while text[index : index + 1] != b'"':
+        index += 2 if text[index : index + 1] == b"\\" else 1
+    return index + 1
+
+
+def sort_metadata(path: Path) -> None:
+    """Put a safetensors file's metadata entries in key order, in place.
+
+    safetensors writes its metadata map in the order of a Rust HashMap, which changes from
+    process to process: the same tensors and metadata made files with different bytes. Sorted,
+    the same content gives the same file. The entries are permuted as they were written (same
+    bytes, same length), so nothing else in the file moves."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = handle.read(length)
+        if not header.startswith(METADATA_START):
+            return  # no metadata, or a layout this does not know: left as written
+        entries, index = [], len(METADATA_START)
+        while header[index : index + 1] == b'"':
+            key_end = _json_string_end(header, index)
+            value_end = _json_string_end(header, key_end + 1)  # past the ':'
+            entries.append((json.loads(header[index:key_end]), header[index:value_end]))
+            index = value_end + (header[value_end : value_end + 1] == b",")
+        ordered = b",".join(entry for _, entry in sorted(entries))
+        start = len(METADATA_START)
+        if len(ordered) != index - start - (header[index - 1 : index] == b","):
+            return  # not the layout above: left as written
+        handle.seek(8 + start)
+        handle.write(ordered)
 
 
 def write_text(target: Path, text: str) -> None:

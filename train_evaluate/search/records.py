@@ -167,7 +167,7 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     if outcome is None:
         return None
     try:
-        record = write_record(context, outcome, key, path)
+        record = write_record(context, outcome, key, path, method)
     except BaseException:
         if outcome.claim is not None:
             outcome.claim.release(False)
@@ -177,14 +177,18 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
     return record
 
 
-def write_record(context: RunContext, outcome: Any, key: str, path: Path) -> dict[str, Any]:
-    """The rank's files (curves, pages, checkpoint, read back and scored) and, last, its
-    record."""
+def write_record(
+    context: RunContext, outcome: Any, key: str, path: Path, built: Any
+) -> dict[str, Any]:
+    """The rank's files (curves, pages, its plan, checkpoint, read back and scored) and, last,
+    its record. ``built``: the method (FC or whole network) the rank was trained with."""
     plan = context.plan
     method, rank = outcome.record["method"], outcome.record["rank"]
     record = {**outcome.record, "key": key}
+    layer_plan = built.layer_plan(rank, plan.adapter_dtype).to_json(built.descriptions())
+    info = {**checkpoint_info(context), "layer_plan": layer_plan}
     checkpoint = report.write_rank_artifacts(
-        plan.out, record, outcome.layer, outcome.study, plan.adapter_dtype, checkpoint_info(context)
+        plan.out, record, outcome.layer, outcome.study, plan.adapter_dtype, info
     )
     if checkpoint is not None:
         # Read the file back and score the model it holds: the number a user of the file gets.

@@ -31,6 +31,7 @@ from torch import nn
 
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
+from lora.plan import LayerPlan, LayerSpec
 from lora.rounding import ADAPTER_INT_BITS, round_adapter_
 from train_evaluate.runtime import interrupt
 from train_evaluate.search import workers
@@ -119,14 +120,32 @@ class Method:
     cost: StorageCost
     # per rank, the reconstruction's stages (``--reconstruct``; the classifier alone has none)
     records: dict[int, list] = field(default_factory=dict, repr=False)
+    module: str | None = None  # the classifier's name in the model (what its plans name)
 
     @classmethod
-    def create(cls, name: str, config: Any, head: nn.Linear, features: torch.Tensor) -> Method:
+    def create(
+        cls,
+        name: str,
+        config: Any,
+        head: nn.Linear,
+        features: torch.Tensor,
+        module: str | None = None,
+    ) -> Method:
         weight = head.weight.detach()
         context = InitContext(weight, None, config, features)
         # a calibrated compressor sees the train features' moment (never val or test)
         context.compressed = compress(weight, config, context.compress_moment)
-        return cls(name, config, head, context, context.compressed.cost)
+        return cls(name, config, head, context, context.compressed.cost, module=module)
+
+    def layer_plan(self, rank: int, adapter_dtype: str) -> LayerPlan:
+        """The plan of this method's model at ``rank``: the classifier alone."""
+        if self.module is None:
+            raise ValueError(f"{self.name}: the classifier's module name was not given")
+        layers = ((self.module, LayerSpec(self.name, rank)),)
+        return LayerPlan(self.name, layers, adapter_dtype)
+
+    def descriptions(self) -> dict[str, str]:
+        return {self.name: self.config.describe()}
 
     def compressed_linear(self) -> nn.Linear:
         """The compressed layer alone (W_c and the original bias): the "quantized" row."""

@@ -110,6 +110,7 @@ def training_splits(plan, cached, split, head):
 def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     """``build(name, compression)``: the method compressed, its accounting, and its
     compressed-only test metrics; the FC study and the whole network alike."""
+    from lora.attach import classifier_name
     from train_evaluate.inputs.backbone import layer_weights, tensor_bits
     from train_evaluate.outputs import report
     from train_evaluate.outputs.checkpoint import adapter_storage
@@ -130,15 +131,17 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         measured: list = []  # --bits-budget: the options, measured for the first budget
 
         def build(name: str, compression: Any, bits_budget: float | None = None) -> Built:
-            budget = None
-            if bits_budget is None:
-                method = setup.method(name, compression)
-            else:
+            budget, layer_plan = None, plan.network.layer_plan
+            if bits_budget is not None:
                 budget = solve_budget(plan, setup, bits_budget, measured)
-                method = setup.budget_method(name, budget, plan.compressions)
+                layer_plan = budget.layer_plan(name, plan.adapter_dtype)
+            if compression is None:  # a plan: each layer its own method and rank
+                method = setup.planned_method(layer_plan, plan.compressions)
                 compression = method.config
+            else:
+                method = setup.method(name, compression)
             compressed = evaluate(method.compressed_model(), splits.test)
-            rank = max(c.rank for c in budget.chosen) if budget else None
+            rank = None if method.plan is None else method.plan.rank
             return Built(method, shared_columns(name, compression), compressed,
                          setup.accounting(method), budget, rank)  # fmt: skip
 
@@ -154,8 +157,10 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         model_weights=layer_weights(found.model),
     )
 
+    module = classifier_name(found.model)
+
     def build(name: str, compression: Any) -> Built:
-        method = Method.create(name, compression, head, splits.train.features)
+        method = Method.create(name, compression, head, splits.train.features, module)
         compressed = evaluate(method.compressed_linear(), splits.test)
         return Built(method, shared_columns(name, compression), compressed, accounting)
 
@@ -241,9 +246,12 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
 
     rows, layer_rows, candidates, built, records = [], [], {}, [], {}
     # the budgets first, smallest first: one below every choice is refused before any other work
-    budgets = plan.network.bits_budgets if plan.network is not None else ()
+    network = plan.network
+    budgets = network.bits_budgets if network is not None else ()
     jobs = [(budget_name(b), None, b) for b in budgets]
-    if plan.network is None or not plan.network.budget_only:
+    if network is not None and network.layer_plan is not None:
+        jobs.append((network.layer_plan.name, None, None))
+    elif network is None or not network.budget_only:
         jobs += [(name, compression, None) for name, compression in plan.compressions.items()]
     for name, compression, bits_budget in jobs:
         done = build(name, compression) if compression else build(name, None, bits_budget)

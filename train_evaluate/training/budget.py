@@ -44,6 +44,7 @@ from lora import LoraConfig, make_adapter
 from lora.attach import make_init_context
 from lora.calibration import input_moments
 from lora.capture import first_outputs
+from lora.plan import LayerPlan, LayerSpec, mix
 from lora.reconstruction import capture_module_io, reconstruction_units
 
 log = logging.getLogger("train_model")
@@ -51,28 +52,30 @@ log = logging.getLogger("train_model")
 
 @dataclass(frozen=True)
 class PerLayerCompression:
-    """The compressor config of a budgeted method: each layer's method, config and requested
-    rank, in forward order. ``describe()`` names the mix and a digest of every layer's choice,
-    so that a study or record of one allocation is never taken for another's."""
+    """The compressor config of a method with a choice per layer (a bit budget's, or a
+    ``--layer-plan``'s): each layer's method, config and requested rank, in forward order.
+    ``describe()`` names what made it (``label``), the mix and a digest of every layer's
+    choice, so that a study or record of one allocation is never taken for another's."""
 
-    budget: float
+    label: str
     layers: tuple[tuple[str, str, Any, int], ...]  # (layer, method, config, rank)
-    exact: bool
+
+    @classmethod
+    def of(cls, plan: LayerPlan, compressions: dict[str, Any]) -> PerLayerCompression:
+        label = plan.origin or f"layer plan {plan.name}"
+        return cls(
+            label, tuple((n, s.method, compressions[s.method], s.rank) for n, s in plan.layers)
+        )
 
     @property
     def uses_inputs(self) -> bool:
         return any(config_uses_inputs(config) for _, _, config, _ in self.layers)
 
     def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for _, _, config, rank in self.layers:
-            key = f"{config.describe()} r={rank}"
-            counts[key] = counts.get(key, 0) + 1
         choice = ";".join(f"{n}={c.describe()}/{r}" for n, _, c, r in self.layers)
         digest = hashlib.sha256(choice.encode()).hexdigest()[:12]
-        mix = ", ".join(f"{count} x {key}" for key, count in counts.items())
-        how = "exact" if self.exact else "greedy"
-        return f"bit budget {self.budget:g} bits/weight ({how}): {mix} [{digest}]"
+        choices = mix(f"{config.describe()} r={rank}" for _, _, config, rank in self.layers)
+        return f"{self.label}: {choices} [{digest}]"
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,14 @@ class Budget:
     def chosen(self) -> tuple[LayerChoice, ...]:
         return tuple(opts[k] for opts, k in zip(self.options, self.allocation.choice, strict=True))
 
-    def compression(self, compressions: dict[str, Any]) -> PerLayerCompression:
-        return PerLayerCompression(
-            self.bits_per_weight,
-            tuple((c.layer, c.method, compressions[c.method], c.rank) for c in self.chosen),
-            self.allocation.exact,
+    def layer_plan(self, name: str, adapter_dtype: str) -> LayerPlan:
+        """The budget's choice as a plan (what ``--layer-plan`` reads back)."""
+        how = "exact" if self.allocation.exact else "greedy"
+        return LayerPlan(
+            name,
+            tuple((c.layer, LayerSpec(c.method, c.rank)) for c in self.chosen),
+            adapter_dtype,
+            f"bit budget {self.bits_per_weight:g} bits/weight ({how})",
         )
 
 

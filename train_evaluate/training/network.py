@@ -31,6 +31,7 @@ from torch import nn
 from compression import StorageCost, compress, replace_submodule, weight_matrix
 from lora import LoraConfig, make_adapter
 from lora.calibration import calibrate_sequentially, compress_sequentially
+from lora.plan import LayerPlan, LayerSpec
 from lora.reconstruction import (
     NO_RECONSTRUCTION,
     ReconstructionConfig,
@@ -122,10 +123,10 @@ class NetworkMethod:
     asymmetric: bool = False  # --calibration asymmetric: fit the clean network's outputs
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the blocks reconstruction trains
-    # --bits-budget: each layer's own compressor and requested rank (``config`` is then a
-    # budget.PerLayerCompression, and the rank a row names is the largest of them)
-    layer_configs: dict[str, Any] | None = None
-    layer_ranks: dict[str, int] | None = None
+    # a choice per layer (--bits-budget, --layer-plan): each layer's compressor and requested
+    # rank (``config`` is then a budget.PerLayerCompression, and the rank a row names the
+    # largest of them)
+    plan: LayerPlan | None = None
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     # per rank: each layer's reconstructed adapter tensors, the scaling they were found at and,
     # with learned rounding, its stored base
@@ -143,21 +144,18 @@ class NetworkMethod:
         asymmetric: bool = False,
         reconstruction: ReconstructionConfig = NO_RECONSTRUCTION,
         units: Sequence[tuple[str, tuple[str, ...]]] = (),
-        layer_configs: dict[str, Any] | None = None,
-        layer_ranks: dict[str, int] | None = None,
+        plan: LayerPlan | None = None,
     ) -> NetworkMethod:
-        configs = layer_configs or {}
-        costs = tuple(
-            compress(
-                weight_matrix(model.model.get_submodule(info.name)), configs.get(info.name, config)
-            ).cost
+        method = cls(
+            name, config, model, tuple(layers), calibration, (), asymmetric=asymmetric,
+            reconstruction=reconstruction, units=tuple(units), plan=plan,
+        )  # fmt: skip
+        targets = method.targets()
+        method.costs = tuple(
+            compress(weight_matrix(model.model.get_submodule(info.name)), targets[info.name]).cost
             for info in layers
         )
-        return cls(
-            name, config, model, tuple(layers), calibration, costs, asymmetric=asymmetric,
-            reconstruction=reconstruction, units=tuple(units), layer_configs=layer_configs,
-            layer_ranks=layer_ranks,
-        )  # fmt: skip
+        return method
 
     @property
     def cost(self) -> StorageCost:
@@ -174,8 +172,30 @@ class NetworkMethod:
 
     def targets(self) -> dict[str, Any]:
         """Each selected layer's compressor config."""
-        configs = self.layer_configs or {}
-        return {info.name: configs.get(info.name, self.config) for info in self.layers}
+        if self.plan is None:
+            return {info.name: self.config for info in self.layers}
+        configs = {layer: config for layer, _, config, _ in self.config.layers}
+        return {info.name: configs[info.name] for info in self.layers}
+
+    def requested_ranks(self, rank: int) -> dict[str, int]:
+        """Each selected layer's requested rank for the rows of ``rank``."""
+        if self.plan is None:
+            return {info.name: rank for info in self.layers}
+        specs = self.plan.specs()
+        return {info.name: specs[info.name].rank for info in self.layers}
+
+    def layer_plan(self, rank: int, adapter_dtype: str) -> LayerPlan:
+        """The plan of this method's models at ``rank`` (what ``--layer-plan`` reads back)."""
+        if self.plan is not None:
+            return self.plan
+        spec = LayerSpec(self.name, rank)
+        return LayerPlan(self.name, tuple((info.name, spec) for info in self.layers), adapter_dtype)
+
+    def descriptions(self) -> dict[str, str]:
+        """Each method's full description (what a plan file records beside its name)."""
+        if self.plan is None:
+            return {self.name: self.config.describe()}
+        return {method: config.describe() for _, method, config, _ in self.config.layers}
 
     def compressed_model(self) -> ImageModel:
         """Every selected layer compressed, no adapters: the ``quantized`` row. A calibrated
@@ -205,8 +225,8 @@ class NetworkMethod:
             yield self.model.preprocess(chunk.to(device))
 
     def lora_config(self, info: LayerInfo, rank: int, alpha: float, sweep: Any) -> LoraConfig:
-        if self.layer_ranks is not None:
-            rank = self.layer_ranks[info.name]
+        if self.plan is not None:
+            rank = self.plan.specs()[info.name].rank
         return LoraConfig(
             r=info.rank(rank),
             lora_alpha=alpha,
@@ -386,21 +406,22 @@ class NetworkSetup:
             self.reconstruction, self.units,
         )  # fmt: skip
 
-    def budget_method(self, name: str, budget: Any, compressions: dict[str, Any]) -> NetworkMethod:
-        """The method of a solved ``--bits-budget`` (``budget.Budget``): each layer with its own
-        compressor and rank."""
-        chosen = budget.chosen
+    def planned_method(self, plan: LayerPlan, compressions: dict[str, Any]) -> NetworkMethod:
+        """The method of a plan (a solved ``--bits-budget``'s, or ``--layer-plan``'s): each
+        layer with its own compressor and rank; named as the plan is."""
+        from train_evaluate.training.budget import PerLayerCompression
+
+        specs = plan.specs()  # in forward order, as every other list of the layers
+        plan = replace(plan, layers=tuple((info.name, specs[info.name]) for info in self.layers))
         return NetworkMethod.create(
-            name, budget.compression(compressions), self.model, self.layers, self.calibration,
-            self.asymmetric, self.reconstruction, self.units,
-            layer_configs={c.layer: compressions[c.method] for c in chosen},
-            layer_ranks={c.layer: c.rank for c in chosen},
+            plan.name, PerLayerCompression.of(plan, compressions), self.model, self.layers,
+            self.calibration, self.asymmetric, self.reconstruction, self.units, plan=plan,
         )  # fmt: skip
 
     def accounting(self, method: NetworkMethod) -> NetworkAccounting:
         ranks = None
-        if method.layer_ranks is not None:
-            ranks = tuple(method.layer_ranks[info.name] for info in method.layers)
+        if method.plan is not None:
+            ranks = tuple(method.requested_ranks(method.plan.rank).values())
         return replace(self.template, costs=method.costs, ranks=ranks)
 
 

@@ -1,0 +1,261 @@
+"""Per-layer plans as data (``lora.plan``, ``--layer-plan``): how patterns resolve, the plan
+every run writes, fed back to rebuild the same checkpoint byte for byte (a bit budget's on a
+network, the FC study's), the checkpoint's copy checked against its layers, and each bad plan
+refused in one line before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+from lora.plan import LayerPlanError, read_plan_file, resolve_plan
+from tests.conftest import run_driver, run_folder
+from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
+from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, read_packed_network
+from train_evaluate.runtime.files import digest, write_safetensors
+
+# ------------------------------------------------------------------------ resolving a plan
+
+
+@pytest.fixture(scope="module")
+def resnet() -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(RESNET, pretrained=False)
+
+
+def test_an_exact_name_wins_over_patterns_and_the_first_pattern_over_later_ones(resnet):
+    raw = {
+        "layers": {
+            "layer1.*": {"method": "int2", "rank": 1},
+            "layer1.0.conv*": {"method": "int8", "rank": 3},  # later: loses to layer1.*
+            "layer1.0.conv2": {"method": "int4", "rank": 2},  # exact: wins wherever it stands
+        }
+    }
+    plan, _ = resolve_plan(raw, resnet)
+    specs = {name: (s.method, s.rank) for name, s in plan.layers}
+    assert specs["layer1.0.conv2"] == ("int4", 2)
+    assert specs["layer1.0.conv1"] == ("int2", 1)
+    # every Linear and Conv2d the patterns reach, in the model's order, and nothing else
+    modules = [
+        n for n, m in resnet.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
+    assert list(specs) == [n for n in modules if n.startswith("layer1.")]
+    assert plan.name == "plan" and plan.rank == 2 and plan.uniform is None
+
+
+def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):
+    as_json = tmp_path / "plan.json"
+    as_json.write_text(
+        json.dumps({"name": "mine", "layers": {"fc": {"method": "int4", "rank": 4}}})
+    )
+    as_yaml = tmp_path / "plan.yaml"
+    as_yaml.write_text("name: mine\nlayers:\n  fc: {method: int4, rank: 4}\n")
+    assert resolve_plan(read_plan_file(as_yaml), resnet) == resolve_plan(
+        read_plan_file(as_json), resnet
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({"layers": {"layer9.*": {"method": "int4", "rank": 2}}}, "'layer9.*' names no Linear"),
+        ({"layers": {"fc": {"method": "int3", "rank": 2}}}, "unknown method 'int3'"),
+        ({"layers": {"fc": {"method": "int4", "rank": -1}}}, "rank -1"),
+        ({"layers": {"fc": {"method": "int4", "rank": 0}}}, "rank 0"),
+        ({"layers": {"fc": {"method": "int4", "rank": 2.5}}}, "rank 2.5"),
+        ({"layers": {"fc": {"method": "int4", "rank": True}}}, "rank True"),
+        ({"layers": {"fc": {"method": "int4", "rank": 2, "alpha": 8}}}, "unknown key 'alpha'"),
+        ({"layers": {"fc": "int4"}}, "must map to {method, rank}"),
+        ({"layers": {}}, "'layers' must map"),
+        ({"layer": {"fc": {"method": "int4", "rank": 2}}}, "unknown key 'layer'"),
+        ({"name": "a/b", "layers": {"fc": {"method": "int4", "rank": 2}}}, "name 'a/b'"),
+        ({"format": "other/1", "layers": {"fc": {"method": "int4", "rank": 2}}}, "format"),
+    ],
+)
+def test_a_bad_plan_is_refused_in_one_line_naming_what_is_wrong(resnet, raw, says):
+    with pytest.raises(LayerPlanError) as caught:
+        resolve_plan(raw, resnet)
+    message = str(caught.value)
+    assert says in message and "\n" not in message, message
+
+
+# ------------------------------------------------------------- a plan fed back, byte for byte
+
+
+def common(weights, image_folder, cache):
+    return ("--model", RESNET, "--weights", weights, "--data-dir", image_folder,
+            "--init", "svd_init", "--epochs", "1", "--trials", "2", "--calib-images", "8",
+            "--cache-dir", cache)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def budget_and_replay(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811
+    """A budgeted run (trained: the plan must give the trials the same seeds), then its plan
+    fed back with --layer-plan in another results folder."""
+    from train_evaluate.train_model import main
+
+    root = tmp_path_factory.mktemp("plan")
+    cache = root / "cache"
+    base = common(resnet_weights, image_folder, cache)
+    code = main([str(a) for a in (
+        *base, "--layers", "all", "--methods", "int2", "int4", "--ranks", "1", "2",
+        "--bits-budget", "3.5", "--budget-only", "--results-dir", root / "budget",
+    )])  # fmt: skip
+    assert code == 0
+    budgeted = run_folder(root / "budget", "svd_init_layers-all")
+    (plan,) = (budgeted / "plans").glob("*.json")
+    code = main([str(a) for a in (
+        *base, "--layer-plan", plan, "--results-dir", root / "replay",
+    )])  # fmt: skip
+    assert code == 0
+    (replayed,) = [p.parent for p in (root / "replay").glob("*/*/*/run.json")]
+    return budgeted, replayed, plan, cache
+
+
+def test_a_budgets_plan_fed_back_rebuilds_its_checkpoint_byte_for_byte(budget_and_replay):
+    budgeted, replayed, plan, _ = budget_and_replay
+    written = json.loads(plan.read_text())
+    # a mix the budget chose: more than one (method, rank), so it runs as a per-layer plan
+    assert len({(e["method"], e["rank"]) for e in written["layers"].values()}) > 1
+    assert written["origin"].startswith("bit budget 3.5")
+    (first,) = (budgeted / "checkpoints").glob("*.safetensors")
+    (second,) = (replayed / "checkpoints").glob("*.safetensors")
+    assert first.name == second.name
+    assert first.read_bytes() == second.read_bytes()
+    # and the same rows: every column but the time and the selection's name (layers)
+    rows = [pd.read_csv(folder / "evaluation.csv") for folder in (budgeted, replayed)]
+    columns = [c for c in rows[0].columns if c not in ("seconds", "layers")]
+    pd.testing.assert_frame_equal(rows[0][columns], rows[1][columns])
+    # the replay wrote the same plan again
+    assert (replayed / "plans" / plan.name).read_text() == plan.read_text()
+
+
+def test_the_checkpoint_holds_its_plan_and_evaluate_reads_it(budget_and_replay, capsys):
+    from train_evaluate.evaluate import main as evaluate_main
+
+    budgeted, _, plan, cache = budget_and_replay
+    (ckpt,) = (budgeted / "checkpoints").glob("*.safetensors")
+    assert read_packed_network(ckpt).info["layer_plan"] == json.loads(plan.read_text())
+    assert evaluate_main(["--checkpoint", str(ckpt), "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "layer plan budget3.5 (bit budget 3.5" in out and "reproduced exactly" in out, out
+
+
+def rewritten(path: Path, target: Path, edit) -> Path:
+    """``path`` with its metadata edited by ``edit`` and the digest recomputed (a careful
+    forger's file: only the checks on the content can catch it)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    info = json.loads(metadata["checkpoint"])
+    edit(info)
+    text = json.dumps(info)
+    metadata = dict(metadata, checkpoint=text, sha256=digest(tensors, text))
+    write_safetensors(target, tensors, metadata)
+    return target
+
+
+def test_a_checkpoint_whose_plan_disagrees_with_its_layers_is_refused(budget_and_replay, tmp_path):
+    budgeted, _, _, _ = budget_and_replay
+    (ckpt,) = (budgeted / "checkpoints").glob("*.safetensors")
+
+    def other_method(info):
+        entry = next(iter(info["layer_plan"]["layers"].values()))
+        entry["method"] = "int8" if entry["method"] != "int8" else "int2"
+
+    def one_layer_less(info):
+        info["layer_plan"]["layers"].popitem()
+
+    for edit, says in ((other_method, "its layer plan gives"), (one_layer_less, "names")):
+        forged = rewritten(ckpt, tmp_path / "forged.safetensors", edit)
+        with pytest.raises(CheckpointError, match=says):
+            read_packed_network(forged)
+    # a file from before plans were recorded has none, and still loads
+    old = rewritten(ckpt, tmp_path / "old.safetensors", lambda info: info.pop("layer_plan"))
+    assert set(read_packed_network(old).layers) == set(read_packed_network(ckpt).layers)
+
+
+def test_the_fc_studys_plan_fed_back_rebuilds_its_checkpoint(demo_cache, tmp_path, capsys):
+    base = ("--methods", "int4", "--epochs", "1", "--trials", "2", "--cache-dir", demo_cache)
+    code, _, err = run_driver(capsys, *base, "--ranks", "2", "--results-dir", tmp_path / "a")
+    assert code == 0, err
+    first = run_folder(tmp_path / "a", "paper_init")
+    plan = first / "plans" / "quant=int4_r=2.json"
+    written = json.loads(plan.read_text())
+    assert list(written["layers"]) == ["head"] and written["name"] == "int4"
+    code, _, err = run_driver(capsys, *base, "--layer-plan", plan, "--results-dir", tmp_path / "b")
+    assert code == 0, err
+    second = run_folder(tmp_path / "b", "paper_init")
+    ckpt = "checkpoints/quant=int4_r=2.safetensors"
+    assert (first / ckpt).read_bytes() == (second / ckpt).read_bytes()
+    assert read_packed(first / ckpt).info["layer_plan"] == written
+
+
+# --------------------------------------------------------------- refused before any work
+
+INT4_RTN = "int4(per-row symmetric)"  # how a plan written by a run with default options says it
+
+
+@pytest.mark.parametrize(
+    ("plan", "extra", "says"),
+    [
+        ({"layers": {"layer9.conv": {"method": "int4", "rank": 2}}}, (), "names no Linear"),
+        ({"layers": {"fc": {"method": "int5", "rank": 2}}}, (), "unknown method 'int5'"),
+        ({"layers": {"fc": {"method": "int4", "rank": -2}}}, (), "rank -2"),
+        ("{not json", (), "not valid JSON"),
+        (
+            {"layers": {"layer1.*": {"method": "int4", "rank": 1}}},
+            ("--bits-budget", "4"),
+            "give one of the two",
+        ),
+        (
+            {"adapter_dtype": "fp16", "layers": {"layer1.*": {"method": "int4", "rank": 1}}},
+            (),
+            "pass --adapter-dtype fp16",
+        ),
+        (
+            {"layers": {"layer1.*": {"method": "int4", "rank": 1, "compression": INT4_RTN}}},
+            ("--quantizer", "gptq"),
+            "give the options it was written with",
+        ),
+    ],
+)
+def test_a_bad_layer_plan_is_refused_before_any_work(
+    image_folder, resnet_weights, tmp_path, capsys, plan, extra, says,  # noqa: F811
+):  # fmt: skip
+    path = tmp_path / "plan.json"
+    path.write_text(plan if isinstance(plan, str) else json.dumps(plan))
+    results = tmp_path / "results"
+    code, _, err = run_driver(
+        capsys, *common(resnet_weights, image_folder, tmp_path / "cache"),
+        "--layer-plan", path, "--results-dir", results, *extra,
+    )  # fmt: skip
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], err
+    assert not results.exists() or not any(results.rglob("*")), sorted(results.rglob("*"))
+
+
+# ------------------------------------------------------------------- reproducible files
+
+
+def test_the_same_tensors_and_metadata_always_make_the_same_file(tmp_path):
+    # safetensors orders its metadata as a Rust HashMap does, differently from map to map
+    tensors = {"b": torch.ones(3), "a": torch.arange(4.0)}
+    metadata = {"format": "f", "checkpoint": json.dumps({"x": 'a "quoted" \\ é'}), "sha256": "s"}
+    digests = set()
+    for index in range(12):
+        target = tmp_path / f"{index}.safetensors"
+        write_safetensors(target, tensors, metadata)
+        digests.add(hashlib.sha256(target.read_bytes()).hexdigest())
+        with safe_open(str(target), framework="pt") as handle:
+            assert handle.metadata() == metadata
+            assert torch.equal(handle.get_tensor("a"), tensors["a"])
+    assert len(digests) == 1
