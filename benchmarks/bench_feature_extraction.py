@@ -22,20 +22,19 @@ import torch
 
 from benchmarks.common import REPEATS, image_folder, interleaved, machine
 from data import scan_imagenet_folder
-from train_evaluate.inputs import features
 from train_evaluate.inputs.backbone import eval_transform, pre_logits
 from train_evaluate.inputs.features import default_workers, extract_features
 
 
 def caching_pass(model, source, transform, device, batch_size, workers, decode) -> None:
-    ahead = features.DECODE_AHEAD
-    features.DECODE_AHEAD = 0 if decode == "gpu-serial" else ahead
+    ahead = decode.DECODE_AHEAD
+    decode.DECODE_AHEAD = 0 if decode == "gpu-serial" else ahead
     try:
         extract_features(
             model, source, transform, device, batch_size, workers, decode.removesuffix("-serial")
         )
     finally:
-        features.DECODE_AHEAD = ahead
+        decode.DECODE_AHEAD = ahead
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from benchmarks.common import REPEATS, interleaved, machine, ratio_line, synthet
 from compression import make_config
 from train_evaluate.search import sweep
 from train_evaluate.search.storage import open_storage, shared_storage
-from train_evaluate.training import batched
+from train_evaluate.training import batched, fc_method
 
 # seconds: CPU, half the loop's earlier 9.0 min (the ratio against the loop is printed too);
 # GPU, one minute for the whole protocol
@@ -65,7 +65,7 @@ def protocol(args, head, splits, device) -> Ranks:
     with tempfile.TemporaryDirectory() as scratch:
         storage = open_storage(Path(scratch) / "optuna.sqlite3")
         for name in args.methods:
-            method = sweep.Method.create(name, make_config(name), head, splits.train.features)
+            method = fc_method.Method.create(name, make_config(name), head, splits.train.features)
             for rank in args.ranks:
                 outcome = sweep.run_rank(method, rank, splits, config, storage, f"{name}_r{rank}")
                 ranks[name, rank] = (outcome.record["seconds"], epochs_of(outcome))
@@ -94,7 +94,7 @@ def _whole_ranks(args, head, splits, url: str) -> Ranks:
     storage = shared_storage(url, HEARTBEAT)
     sharing = sweep.Sharing(storage, HEARTBEAT, whole_ranks=True)
     methods = {
-        name: sweep.Method.create(name, make_config(name), head, splits.train.features)
+        name: fc_method.Method.create(name, make_config(name), head, splits.train.features)
         for name in args.methods
     }
     ranks: Ranks = {}

@@ -12,9 +12,11 @@ from compression import StorageCost, account_layer, make_config
 from lora import LoraConfig, make_init_context, make_lora_conv2d, make_lora_linear
 from lora.rounding import round_adapter_
 from tests.conftest import run_driver, run_folder
-from train_evaluate.outputs.checkpoint import read_packed, read_packed_network, write_packed
+from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.outputs.network_checkpoint import read_packed_network
 from train_evaluate.search import sweep
 from train_evaluate.search.storage import open_storage
+from train_evaluate.training import fc_method
 from train_evaluate.training.synthetic import synthetic_features
 
 NO_BASE = StorageCost(0, 0, 0, 0)
@@ -107,7 +109,7 @@ def test_a_rounded_adapter_is_on_its_grid_and_its_file_holds_exactly_it(
 
 def test_the_sweep_scores_the_rounded_adapters(tmp_path):
     head, splits = synthetic_features(400, 100, in_features=24, classes=10)
-    method = sweep.Method.create("int1", make_config("int1"), head, splits.train.features)
+    method = fc_method.Method.create("int1", make_config("int1"), head, splits.train.features)
     config = sweep.SweepConfig(init="svd_init", trials=2, epochs=2)
     storage = open_storage(tmp_path / "s.sqlite3")
     outcome = sweep.run_rank(method, 4, splits, config, storage, "s", adapter_dtype="int4")

@@ -15,7 +15,7 @@ from compression import SparseConfig, make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
 from train_evaluate.search import sweep
 from train_evaluate.search.storage import open_storage
-from train_evaluate.training import batched
+from train_evaluate.training import batched, fc_method
 from train_evaluate.training.batched import Run, train_adapters
 from train_evaluate.training.synthetic import synthetic_features
 from train_evaluate.training.training import FeatureSplit, TrainConfig, evaluate, train_adapter
@@ -155,7 +155,7 @@ def test_the_trial_batches_record_the_study_a_sequential_sweep_records(tmp_path,
     and pruning decisions, trial by trial. The 7th trial is asked together with the 6th, before
     the 6th finishes (the constant liar sees it running), and told after it."""
     head, splits = synthetic_features(600, 200, in_features=32, classes=20)
-    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    method = fc_method.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     config = sweep.SweepConfig(
         init="paper_init", trials=7, epochs=4, space=sweep.SearchSpace(lr=(1e-3, 3e-1))
     )
@@ -274,7 +274,7 @@ def test_the_engine_records_the_study_the_loop_records(tmp_path, monkeypatch):
     """One trial at a time (the CPU's default): every trial's parameters, values, states and
     pruning decisions, and the final model, as today's autograd loop records them."""
     head, splits = synthetic_features(600, 200, in_features=32, classes=20)
-    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    method = fc_method.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     config = sweep.SweepConfig(
         init="svd_init", trials=8, epochs=4, space=sweep.SearchSpace(lr=(1e-3, 3e-1))
     )
@@ -326,7 +326,7 @@ def test_a_cpu_trains_each_run_alone_on_the_engine(monkeypatch):
 def test_only_the_final_model_measures_its_train_curve(tmp_path, monkeypatch, together):
     """Trials, alone or batched, never draw a train curve, so none is scored for them."""
     head, splits = synthetic_features(200, 60, in_features=16, classes=8)
-    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    method = fc_method.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     config = sweep.SweepConfig(init="svd_init", trials=6, epochs=2)
     calls = []
 

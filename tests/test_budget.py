@@ -28,7 +28,7 @@ from compression.budget import (
 from tests.conftest import run_driver, run_folder
 from tests.test_bits import small_setup
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
-from train_evaluate.outputs.checkpoint import read_packed_network
+from train_evaluate.outputs.network_checkpoint import read_packed_network
 from train_evaluate.search.sweep import SweepConfig
 from train_evaluate.training import budget
 

@@ -12,9 +12,9 @@ from train_evaluate.config import cli
 from train_evaluate.outputs.checkpoint import (
     FORMAT,
     CheckpointError,
-    _save,
     pack_layer,
     read_packed,
+    save_packed,
     write_packed,
 )
 
@@ -162,7 +162,7 @@ def test_a_file_written_before_int_scale_and_quantizer_loads_as_max_rtn(tmp_path
     assert info["compression"] == {"bits": 4, "int_scale": "max"}  # quantizer rtn: left out
     info["compression"] = {"bits": 4}  # what write_packed stored before the fields existed
     path = tmp_path / "old.safetensors"
-    _save(path, tensors, info, FORMAT)
+    save_packed(path, tensors, info, FORMAT)
     loaded = read_packed(path)
     assert loaded.layer.base_compressed.config == IntNConfig(4)
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_only_absent_fields_at_their_default_are_filled_in(method, fields, tmp_p
     tensors, info = pack_layer(layer)
     info["compression"] = fields
     path = tmp_path / "edited.safetensors"
-    _save(path, tensors, info, FORMAT)
+    save_packed(path, tensors, info, FORMAT)
     with pytest.raises(CheckpointError, match=f"is not what method {method} stores"):
         read_packed(path)
 

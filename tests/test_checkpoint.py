@@ -20,13 +20,8 @@ from compression import (
 from lora import LoraConfig, LoraLinear, make_init_context, make_lora_linear
 from tests.conftest import REPO, TINY_MODEL
 from train_evaluate.inputs.backbone import pre_logits
-from train_evaluate.outputs.checkpoint import (
-    CheckpointError,
-    load_into,
-    read_packed,
-    write_merged,
-    write_packed,
-)
+from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, write_packed
+from train_evaluate.outputs.deploy import load_into, write_merged
 
 COMPRESSIONS = [SparseConfig(), SparseConfig(block=(3, 3)), SparseConfig(block=(16, 32)),
                 Int1Config(scale="none"), Int1Config(scale="tensor"), Int1Config(scale="row"),

@@ -184,7 +184,7 @@ def test_weights_of_another_architecture_name_the_mismatching_keys(tmp_path):
 def test_the_device_transform_of_a_batch_equals_each_image_transformed_alone():
     """``--decode gpu``'s grouped resize (one call per image size) changes no pixel; checked
     on CPU tensors, which the same torchvision kernels handle."""
-    from train_evaluate.inputs.features import DeviceTransform
+    from train_evaluate.inputs.decode import DeviceTransform
 
     transform = DeviceTransform(eval_transform(timm.create_model(TINY_MODEL, pretrained=False)))
     generator = torch.Generator().manual_seed(0)
@@ -196,9 +196,9 @@ def test_the_device_transform_of_a_batch_equals_each_image_transformed_alone():
 
 
 def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the_consumer():
-    from train_evaluate.inputs.features import _ahead
+    from train_evaluate.inputs.decode import ahead
 
-    assert list(_ahead(iter(range(50)), depth=2)) == list(range(50))
+    assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
 
     def failing():
         yield 1
@@ -206,11 +206,11 @@ def test_work_made_ahead_in_a_thread_arrives_whole_in_order_and_errors_reach_the
 
     seen = []
     with pytest.raises(OSError, match="disk gone"):
-        for item in _ahead(failing(), depth=2):
+        for item in ahead(failing(), depth=2):
             seen.append(item)
     assert seen == [1]
     # a consumer that stops early leaves no producer blocked behind it
-    for item in _ahead(iter(range(1000)), depth=1):
+    for item in ahead(iter(range(1000)), depth=1):
         if item == 3:
             break
     assert not [t for t in threading.enumerate() if t.name == "decode-ahead"]

@@ -21,7 +21,7 @@ from compression.gptq import weighted_row_errors
 from compression.integer import INT_QUANTIZERS
 from lora.calibration import compress_sequentially
 from train_evaluate.config import cli
-from train_evaluate.search.sweep import Method
+from train_evaluate.training.fc_method import Method
 
 CONFIGS = [IntNConfig(4), IntNConfig(2), Int1Config("row"), Int1Config("rowcol")]
 

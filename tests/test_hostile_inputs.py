@@ -22,12 +22,8 @@ from train_evaluate import compare
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.outputs import report
-from train_evaluate.outputs.checkpoint import (
-    CheckpointError,
-    install_network,
-    read_packed_network,
-    write_packed,
-)
+from train_evaluate.outputs.checkpoint import CheckpointError, write_packed
+from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
 from train_evaluate.outputs.run_folder import FORMAT
 from train_evaluate.outputs.summary import log as summary_log
 from train_evaluate.runtime.files import digest

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from lora.plan import LayerPlanError, read_plan_file, resolve_plan
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, read_packed_network
+from train_evaluate.outputs.checkpoint import CheckpointError, read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed_network
 from train_evaluate.runtime.files import digest, write_safetensors
 
 # ------------------------------------------------------------------------ resolving a plan

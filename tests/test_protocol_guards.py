@@ -29,13 +29,13 @@ from compression import make_config
 from tests.conftest import REPO
 from train_evaluate.outputs.checkpoint import read_packed
 from train_evaluate.search.sweep import (
-    Method,
     RankOutcome,
     SearchSpace,
     Splits,
     SweepConfig,
     run_rank,
 )
+from train_evaluate.training.fc_method import Method
 from train_evaluate.training.synthetic import synthetic_features
 from train_evaluate.training.training import FeatureSplit, evaluate
 

@@ -17,10 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
 from compression import make_config
-from train_evaluate.outputs import report
+from train_evaluate.outputs import figures, report
 from train_evaluate.outputs import summary as compare
 from train_evaluate.outputs.run_folder import FORMAT
-from train_evaluate.search.sweep import Method, SearchSpace, SweepConfig, run_rank
+from train_evaluate.search.sweep import SearchSpace, SweepConfig, run_rank
+from train_evaluate.training.fc_method import Method
 from train_evaluate.training.synthetic import synthetic_features
 from train_evaluate.training.training import FeatureSplit, evaluate
 
@@ -235,7 +236,7 @@ def finals(epochs: int) -> list[dict]:
 
 @pytest.mark.parametrize("epochs", [1, 2, 3])
 def test_epoch_axis_has_whole_numbers_only(epochs):
-    figure = report.plot_epochs(finals(epochs), "acc", "t")
+    figure = figures.plot_epochs(finals(epochs), "acc", "t")
     FigureCanvasAgg(figure).draw()
     (axes,) = figure.axes
     low, high = axes.get_xlim()
@@ -376,7 +377,7 @@ def test_summary_series_are_told_apart_and_the_legend_is_outside_the_data(tmp_pa
         assert not overlaps(legend.get_window_extent(renderer), axes.get_window_extent(renderer))
     # the per-run figure too
     frame = many_series_frame(1).drop(columns="run")
-    figure = report.plot_summary(frame, "m, init0")
+    figure = figures.plot_summary(frame, "m, init0")
     FigureCanvasAgg(figure).draw()
     renderer = figure.canvas.get_renderer()
     (legend,) = figure.legends
@@ -397,7 +398,7 @@ def test_each_group_figure_draws_its_own_original(results):
 
 
 def test_series_styles_are_distinct_for_a_hundred_series():
-    styles = [tuple(report.series_style(i).values()) for i in range(100)]
+    styles = [tuple(figures.series_style(i).values()) for i in range(100)]
     assert len(set(styles)) == 100
 
 
@@ -408,7 +409,7 @@ def test_figures_take_an_interval_rounded_to_a_hair_inside_its_value():
     for row in rows:
         row["ci95_test_high"] = min(row["ci95_test_high"], 99.9999999)
     frame = report.evaluation_frame(rows)
-    report.plot_summary(frame, "m, svd_init")
+    figures.plot_summary(frame, "m, svd_init")
     frame.insert(0, "run", "m/d/svd_init")
     frame["lora_rank"] = frame["lora_rank"].astype(str)
     compare.plot_group(compare.with_pareto(compare.with_accuracy(frame.assign(group="g"))), "g")

@@ -5,13 +5,13 @@ import torch
 
 from compression import make_config
 from train_evaluate.search.storage import open_storage
+from train_evaluate.search.study import counted_trials
 from train_evaluate.search.sweep import (
-    Method,
     SearchSpace,
     SweepConfig,
-    counted_trials,
     run_rank,
 )
+from train_evaluate.training.fc_method import Method
 from train_evaluate.training.synthetic import synthetic_features
 
 

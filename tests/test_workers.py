@@ -316,11 +316,12 @@ def test_a_whole_rank_is_one_workers_and_its_study_is_the_one_process_study(tmp_
     from compression import make_config
     from train_evaluate.search import sweep, workers
     from train_evaluate.search.storage import open_storage, shared_storage
+    from train_evaluate.training import fc_method
     from train_evaluate.training.synthetic import synthetic_features
 
     head, splits = synthetic_features(600, 300)
     config = sweep.SweepConfig(init="svd_init", trials=7, epochs=3)  # past TPE's 5 random
-    method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+    method = fc_method.Method.create("sparse", make_config("sparse"), head, splits.train.features)
     alone = sweep.run_rank(method, 4, splits, config, open_storage(tmp_path / "1.db"), "s")
 
     storage = shared_storage(f"sqlite:///{tmp_path / 'shared.db'}", 1)
@@ -415,12 +416,13 @@ import torch
 torch.set_num_threads(1)
 from compression import make_config
 from train_evaluate.search import sweep
+from train_evaluate.training import fc_method
 from train_evaluate.search.storage import shared_storage
 from train_evaluate.training.synthetic import synthetic_features
 
 head, splits = synthetic_features(1500, 300, classes=10)
 config = sweep.SweepConfig(init="svd_init", trials=6, epochs=12)
-method = sweep.Method.create("sparse", make_config("sparse"), head, splits.train.features)
+method = fc_method.Method.create("sparse", make_config("sparse"), head, splits.train.features)
 storage = shared_storage(sys.argv[1], 1)
 sharing = sweep.Sharing(storage, 1, whole_ranks=True)
 # None while a dead holder's claim has not yet gone stale

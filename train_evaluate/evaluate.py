@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from data import DataError, load_digits_source, scan_imagenet_folder
+from lora.attach import classifier_name
 from train_evaluate.config.cli import (
     DEFAULT_RESULTS,
     OneLineParser,
@@ -40,11 +41,10 @@ from train_evaluate.inputs.features import backbone_features
 from train_evaluate.outputs.checkpoint import (
     NETWORK_FORMAT,
     CheckpointError,
-    classifier_name,
     packed_format,
     read_packed,
-    write_merged,
 )
+from train_evaluate.outputs.deploy import write_merged
 from train_evaluate.runtime.files import check_writable
 from train_evaluate.training.training import FeatureSplit, evaluate
 
@@ -317,7 +317,7 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import create_backbone, eval_transform
     from train_evaluate.inputs.features import check_labels
-    from train_evaluate.outputs.checkpoint import install_network, read_packed_network
+    from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
     from train_evaluate.training import network
 
     packed = read_packed_network(args.checkpoint, device)

@@ -10,12 +10,8 @@ from pathlib import Path
 
 import optuna
 
-from train_evaluate.outputs.report import (
-    evaluation_frame,
-    plot_summary,
-    save_figure,
-    write_evaluation,
-)
+from train_evaluate.outputs.figures import plot_summary, save_figure
+from train_evaluate.outputs.report import evaluation_frame, write_evaluation
 from train_evaluate.runtime.files import write_text
 
 

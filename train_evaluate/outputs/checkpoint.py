@@ -43,7 +43,6 @@ from compression import (
     unpack_codes,
 )
 from lora import LoraConv2d, LoraLinear
-from lora.attach import classifier_name
 from lora.rounding import ADAPTER_INT_BITS, factor_config, rounded_factors
 from train_evaluate.runtime.files import digest, read_safetensors, write_safetensors
 
@@ -157,7 +156,7 @@ def _unpack_adapter(
         _check_tensor(tensors, codes, (-(-rows * cols * bits // 8),), torch.uint8, why)
         levels = 2 ** (bits - 1) - 1
         values = unpack_codes(tensors[codes], bits, rows * cols)
-        _require(
+        require(
             values.numel() == 0 or int(values.max()) <= 2 * levels,
             f"{codes} holds codes past the {bits}-bit range",
         )
@@ -167,7 +166,7 @@ def _unpack_adapter(
     return state, names
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: str) -> int:
+def save_packed(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: str) -> int:
     text = json.dumps(info)
     metadata = {"format": fmt, "checkpoint": text, "sha256": digest(tensors, text)}
     write_safetensors(Path(path), tensors, metadata)
@@ -182,10 +181,10 @@ def write_packed(
     if hasattr(layer, "adapters"):
         return write_packed_network(path, layer, adapter_dtype, extra)
     tensors, info = pack_layer(layer, adapter_dtype)
-    return _save(path, tensors, {**(extra or {}), **info}, FORMAT)
+    return save_packed(path, tensors, {**(extra or {}), **info}, FORMAT)
 
 
-def _inconsistent(path: Path | str, error: Exception) -> CheckpointError:
+def inconsistent(path: Path | str, error: Exception) -> CheckpointError:
     reason = " ".join(str(error).split())
     return CheckpointError(
         f"{path} is not a consistent packed checkpoint: {reason} (edited metadata? write it "
@@ -193,17 +192,17 @@ def _inconsistent(path: Path | str, error: Exception) -> CheckpointError:
     )
 
 
-class _Unsound(Exception):
+class Unsound(Exception):
     """One reason the metadata and tensors of a file do not agree (read_packed adds the path)."""
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(condition: bool, reason: str) -> None:
+def require(condition: bool, reason: str) -> None:
     if not condition:
-        raise _Unsound(reason)
+        raise Unsound(reason)
 
 
 def _check_tensor(
@@ -213,32 +212,32 @@ def _check_tensor(
     dtype: torch.dtype,
     why: str,
 ) -> None:
-    _require(name in tensors, f"tensor {name} is missing")
+    require(name in tensors, f"tensor {name} is missing")
     tensor = tensors[name]
-    _require(
+    require(
         tuple(tensor.shape) == shape,
         f"{name} has shape {tuple(tensor.shape)}, but {why} needs {shape}",
     )
-    _require(tensor.dtype == dtype, f"{name} is {tensor.dtype}, but {why} needs {dtype}")
+    require(tensor.dtype == dtype, f"{name} is {tensor.dtype}, but {why} needs {dtype}")
 
 
 def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     """(shape, rank, alpha, DoRA, adapter dtype), each checked for type and range."""
-    _require(isinstance(info, dict), "its metadata is not a JSON object")
+    require(isinstance(info, dict), "its metadata is not a JSON object")
     shape = info.get("shape")
-    _require(
-        isinstance(shape, list) and len(shape) == 2 and all(_is_int(n) and n > 0 for n in shape),
+    require(
+        isinstance(shape, list) and len(shape) == 2 and all(is_int(n) and n > 0 for n in shape),
         f"layer shape {shape!r} is not two positive integers (out, in)",
     )
     out_features, in_features = shape
     rank = info.get("rank")
     limit = min(out_features, in_features)
-    _require(
-        _is_int(rank) and 1 <= rank <= limit,
+    require(
+        is_int(rank) and 1 <= rank <= limit,
         f"rank {rank!r} is not an integer in 1..{limit} (a {out_features} x {in_features} layer)",
     )
     alpha = info.get("lora_alpha")
-    _require(
+    require(
         isinstance(alpha, int | float)
         and not isinstance(alpha, bool)
         and math.isfinite(alpha)
@@ -246,31 +245,31 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
         f"lora_alpha {alpha!r} is not a positive number",
     )
     use_dora = info.get("use_dora")
-    _require(isinstance(use_dora, bool), f"use_dora {use_dora!r} is not true or false")
+    require(isinstance(use_dora, bool), f"use_dora {use_dora!r} is not true or false")
     adapter_dtype = info.get("adapter_dtype")
-    _require(
+    require(
         adapter_dtype in ADAPTER_FORMATS,
         f"adapter dtype {adapter_dtype!r} is not one of {', '.join(ADAPTER_FORMATS)}",
     )
     return (out_features, in_features), rank, float(alpha), use_dora, adapter_dtype
 
 
-def _check_plan(plan: Any, stored: dict[str, tuple[str, nn.Module]]) -> None:
+def check_plan(plan: Any, stored: dict[str, tuple[str, nn.Module]]) -> None:
     """The layer plan a file records (``lora.plan``; files written before plans were recorded
     have none) names exactly its layers, each with its method and a rank that, clamped to the
     layer, is the adapter's."""
-    _require(isinstance(plan, dict) and isinstance(plan.get("layers"), dict),
+    require(isinstance(plan, dict) and isinstance(plan.get("layers"), dict),
              "its layer plan has no layers")  # fmt: skip
     planned = plan["layers"]
-    _require(set(planned) == set(stored),
+    require(set(planned) == set(stored),
              f"its layer plan names {len(planned)} layers, its tensors hold {len(stored)} "
              "others")  # fmt: skip
     for name, (method, layer) in stored.items():
         entry = planned[name]
-        _require(isinstance(entry, dict) and _is_int(entry.get("rank")),
+        require(isinstance(entry, dict) and is_int(entry.get("rank")),
                  f"its layer plan's {name} has no rank")  # fmt: skip
         clamped = min(entry["rank"], layer.in_features, layer.out_features)
-        _require(entry.get("method") == method and clamped == layer.r,
+        require(entry.get("method") == method and clamped == layer.r,
                  f"its layer plan gives {name} {entry.get('method')} r={entry['rank']}; the "
                  f"layer holds {method} r={layer.r}")  # fmt: skip
 
@@ -278,18 +277,18 @@ def _check_plan(plan: Any, stored: dict[str, tuple[str, nn.Module]]) -> None:
 def _compressor_config(info: dict[str, Any]) -> Any:
     """The compressor's config; it must be exactly what the writer stores for that method."""
     method = info.get("method")
-    _require(
+    require(
         method in list_methods(),
         f"unknown compression method {method!r} (valid: {', '.join(list_methods())})",
     )
     fields = info.get("compression")
-    _require(isinstance(fields, dict), f"compression config {fields!r} is not a JSON object")
+    require(isinstance(fields, dict), f"compression config {fields!r} is not a JSON object")
     try:
         config = make_config(
             method, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         )
     except (ValueError, TypeError) as error:
-        raise _Unsound(f"compression config {fields} is not valid for {method}: {error}") from error
+        raise Unsound(f"compression config {fields} is not valid for {method}: {error}") from error
     # make_config ignores unknown fields and fills in the ones a method name fixes (int4 ->
     # bits=4): a config that does not round-trip was not written by write_packed. A field the
     # file lacks must hold its default: files written before the field existed (int_scale).
@@ -301,7 +300,7 @@ def _compressor_config(info: dict[str, Any]) -> Any:
     }
     absent = written.keys() - fields.keys()
     absent_at_default = all(name in defaults and written[name] == defaults[name] for name in absent)
-    _require(
+    require(
         {k: v for k, v in written.items() if k in fields} == fields
         and absent_at_default
         and method_of(config) == method,
@@ -327,7 +326,7 @@ def _reference(config: Any, shape: tuple[int, int], dtype: torch.dtype) -> Compr
         return compress(torch.zeros(shape, dtype=dtype), config)
     except (ValueError, RuntimeError, MemoryError) as error:  # e.g. a block far past the layer
         reason = f"{config} cannot compress a {shape[0]} x {shape[1]} layer ({error})"
-        raise _Unsound(reason) from error
+        raise Unsound(reason) from error
 
 
 def _expected_parts(
@@ -340,21 +339,21 @@ def _expected_parts(
     the reference layout (and the storage cost) the file must match exactly.
     """
     parts = info.get("parts")
-    _require(
+    require(
         isinstance(parts, dict) and all(isinstance(e, dict) for e in parts.values()),
         f"parts {parts!r} is not a JSON object of part entries",
     )
     stored = {name[len("base.") :]: t for name, t in tensors.items() if name.startswith("base.")}
     expected = _reference(config, shape, torch.float32)
     names = sorted(expected.parts)
-    _require(
+    require(
         sorted(parts) == names and sorted(stored) == names,
         f"{info['method']} on a {shape[0]} x {shape[1]} layer stores parts {names}; the "
         f"metadata lists {sorted(parts)} and the file holds {sorted(stored)}",
     )
     # the values and scales are stored at the weight's own dtype (fp32 from the driver)
     float_dtypes = {stored[name].dtype for name in names if name not in expected.codes}
-    _require(
+    require(
         len(float_dtypes) <= 1 and all(d.is_floating_point for d in float_dtypes),
         f"the stored values have dtypes {sorted(map(str, float_dtypes))}, not one float dtype",
     )
@@ -370,27 +369,27 @@ def _expected_parts(
         if name in expected.codes:
             want["bits"] = expected.codes[name]
             packed = (reference.numel() * want["bits"] + 7) // 8
-            _require(
+            require(
                 tensor.dtype == torch.uint8 and tuple(tensor.shape) == (packed,),
                 f"part {name} should be {packed} packed bytes; it is {tensor.dtype} "
                 f"{tuple(tensor.shape)}",
             )
         else:
-            _require(
+            require(
                 tuple(tensor.shape) == tuple(reference.shape),
                 f"part {name} has shape {tuple(tensor.shape)}; expected {tuple(reference.shape)}",
             )
-        _require(entry == want, f"part {name} is described as {entry}; expected {want}")
+        require(entry == want, f"part {name} is described as {entry}; expected {want}")
     cost = info.get("cost")
-    _require(
+    require(
         cost == asdict(expected.cost),
         f"storage cost {cost} is not the {asdict(expected.cost)} that this layout takes",
     )
     return expected
 
 
-def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
-    """The layer a sound file describes; _Unsound with the first inconsistency otherwise."""
+def rebuild_layer(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
+    """The layer a sound file describes; Unsound with the first inconsistency otherwise."""
     shape, rank, alpha, use_dora, adapter_dtype = _layer_fields(info)
     out_features, in_features = shape
     why = f"rank {rank} on a {out_features} x {in_features} layer ({info['adapter_dtype']})"
@@ -404,7 +403,7 @@ def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     expected = _expected_parts(info, tensors, config, shape)
     known = {f"base.{n}" for n in expected.parts} | adapter_tensors | {"bias"}
     strangers = sorted(set(tensors) - known)
-    _require(not strangers, f"it holds tensors no packed layer has: {', '.join(strangers)}")
+    require(not strangers, f"it holds tensors no packed layer has: {', '.join(strangers)}")
     parts = {}
     for name, reference in expected.parts.items():
         stored = tensors[f"base.{name}"]
@@ -415,8 +414,8 @@ def _rebuild(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     try:
         weight = expand(parts, config, shape)
     except (ValueError, RuntimeError, IndexError) as error:  # e.g. a position past its block
-        raise _Unsound(f"its parts do not rebuild the compressed weight ({error})") from error
-    _require(tuple(weight.shape) == shape, f"its parts rebuild a {tuple(weight.shape)} weight")
+        raise Unsound(f"its parts do not rebuild the compressed weight ({error})") from error
+    require(tuple(weight.shape) == shape, f"its parts rebuild a {tuple(weight.shape)} weight")
     stored = CompressedWeight(weight, expected.cost, parts, dict(expected.codes), config)
     base = CompressedLinear.from_compressed(stored, tensors.get("bias"))
     layer = LoraLinear(base, rank, alpha, use_dora=use_dora)
@@ -431,139 +430,22 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
     tensors: a file edited with a recomputed digest (another rank, shape, method or parts) is
     refused with the first inconsistency rather than failing somewhere inside the rebuild.
     """
-    metadata, tensors = _read_verified(path, FORMAT)
+    metadata, tensors = read_verified(path, FORMAT)
     text = metadata.get("checkpoint", "")
     try:
         info = json.loads(text)
-        layer = _rebuild(info, tensors)
+        layer = rebuild_layer(info, tensors)
         if "layer_plan" in info:
             (name,) = info["layer_plan"]["layers"]  # the classifier alone
-            _check_plan(info["layer_plan"], {name: (info["method"], layer)})
-    # _Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
+            check_plan(info["layer_plan"], {name: (info["method"], layer)})
+    # Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
     # what no check foresaw, so that any inconsistency is still one line, never a traceback
-    except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-        raise _inconsistent(path, error) from error
+    except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise inconsistent(path, error) from error
     return PackedCheckpoint(layer.to(device).eval(), info)
 
 
-def write_merged(path: Path, layer: LoraLinear, metadata: dict[str, str] | None = None) -> int:
-    """One dense FC, W_c + (alpha/r) B @ A (with DoRA's magnitudes), and the bias, in fp32.
-
-    For deployment without this tool: any framework can load it, and it gives up the
-    compression (the file is as large as the original FC). ``metadata``: safetensors' string
-    map, to say which model, weights and layer the FC belongs to (see evaluate.py).
-    """
-    with torch.no_grad():
-        tensors = {"weight": layer.merged_weight().detach().cpu().contiguous()}
-        if layer.base_layer.bias is not None:
-            tensors["bias"] = layer.base_layer.bias.detach().cpu().contiguous()
-    strings = {"format": "dense-linear", "note": "merged", **(metadata or {})}
-    write_safetensors(Path(path), tensors, {k: str(v) for k, v in strings.items()})
-    return Path(path).stat().st_size
-
-
-def merged_linear(layer: LoraLinear) -> nn.Linear:
-    """A plain ``nn.Linear`` computing what ``layer`` computes (one dense weight, fp32)."""
-    merged = nn.Linear(
-        layer.in_features,
-        layer.out_features,
-        bias=layer.base_layer.bias is not None,
-        device=layer.base_layer.weight.device,
-    )
-    with torch.no_grad():
-        merged.weight.copy_(layer.merged_weight())
-        if layer.base_layer.bias is not None:
-            merged.bias.copy_(layer.base_layer.bias)
-    return merged.requires_grad_(False).eval()
-
-
-def load_into(model: nn.Module, path: Path | str, *, merge: bool = False) -> nn.Module:
-    """Put a packed checkpoint's classifier into a timm model; returns the model.
-
-    The file is verified (read_packed), its layer shape must be the model's classifier's, and
-    its model name (when it records one) must be the same architecture. The classifier is then
-    replaced by the rebuilt ``LoraLinear`` (compressed base + adapter, exactly the trained
-    layer), or with ``merge=True`` by one dense ``nn.Linear`` (W_c + (alpha/r) B A, fp32).
-    """
-    name = classifier_name(model)
-    head = model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"the model's classifier {name} is {type(head).__name__}, not nn.Linear "
-            "(create the model with its classes, num_classes > 0)"
-        )
-    packed = read_packed(path, head.weight.device)
-    wanted = tuple(packed.info["shape"])
-    if wanted != (head.out_features, head.in_features):
-        raise CheckpointError(
-            f"{path} holds a {wanted[0]} x {wanted[1]} classifier; this model's {name} is "
-            f"{head.out_features} x {head.in_features}"
-        )
-    recorded = packed.info.get("model")
-    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if isinstance(recorded, str) and architecture and recorded.split(".")[0] != architecture:
-        raise CheckpointError(f"{path} was trained for {recorded}; this model is {architecture}")
-    layer = merged_linear(packed.layer) if merge else packed.layer
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, layer.to(dtype=head.weight.dtype))
-    return model
-
-
-# --------------------------------------------------------------------- whole-network checkpoints
-#
-# One file for every compressed layer of a network: layer ``name``'s tensors are stored as
-# ``<name>/base.<part>``, ``<name>/lora_A``... exactly as a one-layer file stores them, and its
-# metadata under ``layers[name]``; one sha256 covers all tensors and the metadata. The rest of
-# the network is not in the file: it comes from the backbone's own weights.
-
-NETWORK_FORMAT = "lora-compression-packed-network/1"
-
-
-@dataclass
-class PackedNetwork:
-    layers: dict[str, nn.Module]  # name -> rebuilt LoraLinear / LoraConv2d
-    info: dict[str, Any]
-
-
-def write_packed_network(
-    path: Path, network: Any, adapter_dtype: str = "fp32", extra: dict | None = None
-) -> int:
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, Any] = {}
-    for name, adapter in network.adapters().items():
-        layer_tensors, info = pack_layer(adapter, adapter_dtype)
-        tensors.update({f"{name}/{key}": value for key, value in layer_tensors.items()})
-        layers[name] = info
-    return _save(path, tensors, {**(extra or {}), "layers": layers}, NETWORK_FORMAT)
-
-
-def _conv_layer(linear: LoraLinear, conv: Any) -> LoraConv2d:
-    """The conv layer whose matrix view ``linear`` (rebuilt from the file) is."""
-    from compression import CompressedConv2d
-
-    _require(isinstance(conv, dict), f"conv geometry {conv!r} is not a JSON object")
-    try:
-        options = {key: tuple(conv[key]) for key in ("kernel_size", "stride", "dilation")} | {
-            "in_channels": conv["in_channels"],
-            "padding": conv["padding"]
-            if isinstance(conv["padding"], str)
-            else tuple(conv["padding"]),
-            "padding_mode": conv["padding_mode"],
-        }
-        base = CompressedConv2d.from_compressed(
-            linear.base_compressed, linear.base_layer.bias, **options
-        )
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise _Unsound(f"conv geometry {conv} does not fit the layer ({error})") from error
-    layer = LoraConv2d(base, linear.r, linear.lora_alpha, use_dora=linear.use_dora)
-    state = linear.adapter_state()
-    state["lora_A"] = state["lora_A"].view_as(layer.lora_A)
-    state["lora_B"] = state["lora_B"].view_as(layer.lora_B)
-    layer.load_adapter_state(state)
-    return layer
-
-
-def _read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     try:
         metadata, tensors = read_safetensors(path)
     except Exception as error:  # safetensors reports a bad header or a short file in many types
@@ -580,36 +462,6 @@ def _read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str
     return metadata, tensors
 
 
-def read_packed_network(path: Path | str, device: torch.device | str = "cpu") -> PackedNetwork:
-    """Every layer of a whole-network file, rebuilt and checked as ``read_packed`` checks one;
-    CheckpointError (one line) if the file is not sound."""
-    metadata, tensors = _read_verified(path, NETWORK_FORMAT)
-    try:
-        info = json.loads(metadata["checkpoint"])
-        _require(isinstance(info, dict) and isinstance(info.get("layers"), dict) and info["layers"],
-                 "its metadata lists no layers")  # fmt: skip
-        layers, claimed = {}, set()
-        for name, layer_info in info["layers"].items():
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
-            claimed.update(f"{name}/{k}" for k in own)
-            try:
-                linear = _rebuild(layer_info, own)
-                conv = layer_info.get("conv")
-                layers[name] = linear if conv is None else _conv_layer(linear, conv)
-            except _Unsound as error:
-                raise _Unsound(f"layer {name}: {error}") from error
-        strangers = sorted(set(tensors) - claimed)
-        _require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
-        if "layer_plan" in info:
-            methods = {
-                name: (info["layers"][name]["method"], layer) for name, layer in layers.items()
-            }
-            _check_plan(info["layer_plan"], methods)
-    except (_Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-        raise _inconsistent(path, error) from error
-    return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
-
-
 def packed_format(path: Path | str) -> str | None:
     """The ``format`` a packed file declares (None when it cannot be read at all)."""
     try:
@@ -619,75 +471,24 @@ def packed_format(path: Path | str) -> str | None:
         return None
 
 
-def verify_packed(path: Path | str) -> None:
-    """Read a packed file of either kind; CheckpointError if it is not sound."""
-    if packed_format(path) == NETWORK_FORMAT:
-        read_packed_network(path)
-    else:
-        read_packed(path)
+# --------------------------------------------------------------------- whole-network checkpoints
+
+# One file for every compressed layer of a network: layer ``name``'s tensors are stored as
+# ``<name>/base.<part>``, ``<name>/lora_A``... exactly as a one-layer file stores them, and its
+# metadata under ``layers[name]``; one sha256 covers all tensors and the metadata. The rest of
+# the network is not in the file: it comes from the backbone's own weights
+# (``network_checkpoint`` reads it back).
+
+NETWORK_FORMAT = "lora-compression-packed-network/1"
 
 
-# What a Conv2d computes besides its weight: a file whose geometry differs from the model's
-# layer (an edited padding, stride or dilation, with the digest recomputed) has the right
-# weight shape but would fail deep inside the forward pass (or compute something else).
-CONV_GEOMETRY = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
-)
-
-
-def _check_geometry(name: str, current: nn.Module, stored: nn.Module) -> None:
-    """CheckpointError naming the layer and the field where the file's layer ``stored`` does
-    not compute on the same geometry as the model's ``current``."""
-    wanted, found = _kind(stored), _kind(current)
-    if wanted != found:
-        raise CheckpointError(f"the checkpoint's {name} is a {wanted}; the model's is a {found}")
-    if wanted != "Conv2d":
-        return  # a Linear's geometry is its weight's shape, which the caller checks
-    for field in CONV_GEOMETRY:
-        wanted, found = getattr(stored, field), getattr(current, field)
-        if wanted != found:
-            raise CheckpointError(
-                f"the checkpoint's {name} has {field} {_shown(wanted)}; the model's {name} has "
-                f"{_shown(found)} (edited file? write it again with the driver)"
-            )
-
-
-def _kind(module: nn.Module) -> str:
-    for kind in (nn.Conv2d, nn.Linear):
-        if isinstance(module, kind):
-            return kind.__name__
-    return type(module).__name__
-
-
-def _shown(value: Any) -> str:
-    return "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
-
-
-def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
-    """``model`` (a copy is made) with every layer of ``packed`` put in place of its module;
-    each module must exist and have the layer's kind, shape and (a conv) geometry."""
-    import copy
-
-    model = copy.deepcopy(model)
-    for name, layer in packed.layers.items():
-        try:
-            current = model.get_submodule(name)
-        except AttributeError as error:
-            raise CheckpointError(f"the model has no layer {name} (the checkpoint has)") from error
-        _check_geometry(name, current, layer.base_layer)
-        shape = tuple(getattr(current, "weight", torch.empty(0)).shape)
-        if shape != tuple(layer.base_layer.weight.shape):
-            raise CheckpointError(
-                f"the checkpoint's {name} is {tuple(layer.base_layer.weight.shape)}; the "
-                f"model's is {shape}"
-            )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.to(current.weight.device))
-    return model.eval()
+def write_packed_network(
+    path: Path, network: Any, adapter_dtype: str = "fp32", extra: dict | None = None
+) -> int:
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, adapter in network.adapters().items():
+        layer_tensors, info = pack_layer(adapter, adapter_dtype)
+        tensors.update({f"{name}/{key}": value for key, value in layer_tensors.items()})
+        layers[name] = info
+    return save_packed(path, tensors, {**(extra or {}), "layers": layers}, NETWORK_FORMAT)

@@ -28,16 +28,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from train_evaluate.outputs.report import (
-    COLUMNS,
+from train_evaluate.outputs.figures import (
     dodge,
     interval_bars,
     outside_legend,
     rank_ticks,
     save_figure,
     series_style,
-    wilson_interval,
 )
+from train_evaluate.outputs.report import COLUMNS, wilson_interval
 from train_evaluate.outputs.run_folder import FORMAT, folder_name
 from train_evaluate.runtime.files import read_json, write_text
 

@@ -201,7 +201,8 @@ def write_outputs(
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values(["bits", "trial"])
     with atomic_path(out / "pareto.csv") as path:
         frame.to_csv(path, index=False, float_format="%.6g")
-    from train_evaluate.outputs.report import PLOTLY_BUNDLE, save_figure, write_plotly_bundle
+    from train_evaluate.outputs.figures import save_figure
+    from train_evaluate.outputs.report import PLOTLY_BUNDLE, write_plotly_bundle
 
     page = optuna.visualization.plot_pareto_front(study, target_names=["val top-1 (%)", "bits"])
     page.update_layout(title=f"Pareto front: val top-1 against stored bits; {title}")

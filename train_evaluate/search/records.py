@@ -22,10 +22,12 @@ from torch import nn
 from compression import uses_inputs
 from train_evaluate.inputs.features import feature_key
 from train_evaluate.outputs import report
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, verify_packed
+from train_evaluate.outputs.checkpoint import CheckpointError, read_packed
+from train_evaluate.outputs.network_checkpoint import verify_packed
 from train_evaluate.runtime.files import read_json, write_json
 from train_evaluate.runtime.progress import Progress
-from train_evaluate.search.sweep import Method, Sharing, Splits, run_rank, steps_per_rank
+from train_evaluate.search.sweep import Sharing, Splits, run_rank, steps_per_rank
+from train_evaluate.training.fc_method import Method
 from train_evaluate.training.training import evaluate
 
 if TYPE_CHECKING:  # the plan is built by config/, which imports this group

@@ -26,17 +26,23 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
 from torch import nn
 
-from compression import StorageCost, compress
-from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
-from lora.plan import LayerPlan, LayerSpec
+from lora import LoraLinear
 from lora.rounding import ADAPTER_INT_BITS, round_adapter_
-from train_evaluate.runtime import interrupt
 from train_evaluate.search import workers
 from train_evaluate.search.storage import open_study
+from train_evaluate.search.study import (
+    PRUNER,
+    TrialBatch,
+    best_trial,
+    counted_trials,
+    run_study,
+    seeded_sampler,
+    trial_counts,
+)
 from train_evaluate.training.batched import Run, batchable, train_adapters
+from train_evaluate.training.fc_method import Method
 from train_evaluate.training.training import (
     FeatureSplit,
     Splits,
@@ -48,16 +54,6 @@ from train_evaluate.training.training import (
 )
 
 log = logging.getLogger(__name__)
-
-# TPE samples at random for its first trials; fixed (not a fraction of --trials) so that a study
-# extended with more trials repeats its first ones exactly. Optuna's default is 10, which with
-# the original 10 trials per rank would make the whole search random.
-SAMPLER_STARTUP_TRIALS = 5
-# trials after the start-up ones that the batched path asks and trains together: few enough
-# that TPE still learns from one batch to the next
-TRIAL_BATCH = 5
-# Median pruning: compare only once 3 trials have finished and 2 epochs have trained.
-PRUNER = dict(n_startup_trials=3, n_warmup_steps=2)
 
 
 @dataclass(frozen=True)
@@ -109,72 +105,6 @@ class SweepConfig:
         )
 
 
-@dataclass(eq=False)
-class Method:
-    """One compressor applied to the classifier; shared by all of its ranks and trials."""
-
-    name: str
-    config: Any
-    head: nn.Linear
-    context: InitContext
-    cost: StorageCost
-    # per rank, the reconstruction's stages (``--reconstruct``; the classifier alone has none)
-    records: dict[int, list] = field(default_factory=dict, repr=False)
-    module: str | None = None  # the classifier's name in the model (what its plans name)
-
-    @classmethod
-    def create(
-        cls,
-        name: str,
-        config: Any,
-        head: nn.Linear,
-        features: torch.Tensor,
-        module: str | None = None,
-    ) -> Method:
-        weight = head.weight.detach()
-        context = InitContext(weight, None, config, features)
-        # a calibrated compressor sees the train features' moment (never val or test)
-        context.compressed = compress(weight, config, context.compress_moment)
-        return cls(name, config, head, context, context.compressed.cost, module=module)
-
-    def layer_plan(self, rank: int, adapter_dtype: str) -> LayerPlan:
-        """The plan of this method's model at ``rank``: the classifier alone."""
-        if self.module is None:
-            raise ValueError(f"{self.name}: the classifier's module name was not given")
-        layers = ((self.module, LayerSpec(self.name, rank)),)
-        return LayerPlan(self.name, layers, adapter_dtype)
-
-    def descriptions(self) -> dict[str, str]:
-        return {self.name: self.config.describe()}
-
-    def compressed_linear(self) -> nn.Linear:
-        """The compressed layer alone (W_c and the original bias): the "quantized" row."""
-        head = self.head
-        linear = nn.Linear(
-            head.in_features,
-            head.out_features,
-            bias=head.bias is not None,
-            device=head.weight.device,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.context.base_weight)
-            if head.bias is not None:
-                linear.bias.copy_(head.bias)
-        return linear.requires_grad_(False)
-
-    def adapted(self, rank: int, alpha: float, sweep: SweepConfig, seed: int) -> LoraLinear:
-        """The compressed classifier with a fresh adapter of ``rank``, ``alpha`` and ``seed``."""
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            init=sweep.init,
-            use_dora=sweep.use_dora,
-            loftq_iters=sweep.loftq_iters,
-        )
-        generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
-        return make_lora_linear(self.head, config, self.context, generator)
-
-
 @dataclass
 class RankOutcome:
     """What one rank produced: a JSON-able record, the final layer (holding the adapter of the
@@ -203,16 +133,6 @@ def steps_per_rank(sweep: SweepConfig) -> int:
     return sweep.trials + sweep.final_seeds if sweep.epochs > 0 else 1
 
 
-def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-
-
-def fail_interrupted(study: optuna.Study) -> None:
-    """Trials a killed run left RUNNING are marked FAIL (they will be run again)."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
-
-
 # Train TPE's start-up trials of a rank together (``batched.train_adapters``), then its other
 # trials together (asked with the constant liar). False: one trial at a time, the study a
 # sequential sweep records. None: together on CUDA only, where one step of one small run is
@@ -234,148 +154,6 @@ def use_batched(data: Splits) -> bool:
 
 def use_engine(data: Splits, layer: nn.Module) -> bool:
     return (ENGINE or use_batched(data)) and batchable(layer)
-
-
-Objective = Callable[[optuna.Trial, int], float]
-
-
-@dataclass(frozen=True)
-class TrialBatch:
-    """How ``run_study`` trains trials together (the start-up trials, then the others).
-
-    prepare(trial, index): called right after the trial is asked (so it samples with the
-    sampler seeded for its index): suggests its parameters and returns what ``train`` needs.
-    train(prepared): trains them all and returns, per trial, a replay that reports its epochs to
-    the trial and returns its value (or raises TrialPruned), as the sequential objective would."""
-
-    prepare: Callable[[optuna.Trial, int], Any]
-    train: Callable[[list[Any]], list[Callable[[], float]]]
-
-
-def seeded_sampler(
-    seed_parts: tuple, index: int, constant_liar: bool = False
-) -> optuna.samplers.TPESampler:
-    """TPE seeded for trial ``index``. ``constant_liar``: trials still running count as the
-    worst value so far, so trials asked together do not all sample the same place (without
-    running trials it changes nothing)."""
-    return optuna.samplers.TPESampler(
-        seed=derive_seed(*seed_parts, "sampler", index),
-        n_startup_trials=SAMPLER_STARTUP_TRIALS,
-        constant_liar=constant_liar,
-    )
-
-
-def tell(study: optuna.Study, trial: optuna.Trial, replay: Callable[[], float]) -> None:
-    """Finish ``trial`` as ``study.optimize`` would: its value, PRUNED, or FAIL and re-raise."""
-    try:
-        value = replay()
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-    except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    else:
-        study.tell(trial, value)
-
-
-def run_trial_batch(
-    study: optuna.Study,
-    batch: TrialBatch,
-    first: int,
-    count: int,
-    seed_parts: tuple,
-    on_trial: Callable[[], None],
-) -> None:
-    """Ask ``count`` trials at once, train them together, then tell them in order.
-
-    Each is asked with its own seeded sampler. TPE samples start-up trials at random from that
-    seed alone, so their parameters are those a sequential study draws. Later trials are asked
-    with the constant liar: the first of a batch sees what a sequential study would, the others
-    also see the batch's earlier trials as running (TPE's usual way to ask in parallel), so
-    their parameters differ from a sequential study's. Reports are replayed trial after trial,
-    each trial told before the next replays, so the median pruner decides on exactly the
-    finished trials it would have seen sequentially. The cost: a trial the pruner stops is
-    trained to its last epoch in the batch anyway."""
-    asked: list[optuna.Trial] = []
-    try:
-        prepared = []
-        for index in range(first, first + count):
-            liar = index >= SAMPLER_STARTUP_TRIALS
-            study.sampler = seeded_sampler(seed_parts, index, constant_liar=liar)
-            asked.append(study.ask())
-            prepared.append(batch.prepare(asked[-1], index))
-        replays = batch.train(prepared)
-    except BaseException:
-        for trial in asked:
-            study.tell(trial, state=TrialState.FAIL)
-        raise
-    for position, (trial, replay) in enumerate(zip(asked, replays, strict=True)):
-        try:
-            tell(study, trial, replay)
-        except BaseException:
-            for later in asked[position + 1 :]:
-                study.tell(later, state=TrialState.FAIL)
-            raise
-        on_trial()
-
-
-def run_study(
-    study: optuna.Study,
-    objective: Objective,
-    trials: int,
-    seed_parts: tuple,
-    on_trial: Callable[[], None],
-    batch: TrialBatch | None = None,
-) -> None:
-    """Run trials until ``trials`` of them have finished, each with its own derived seed.
-
-    With ``batch``, the start-up trials not yet finished (indices below
-    SAMPLER_STARTUP_TRIALS) are asked at once and trained together, and then the rest, up to
-    TRIAL_BATCH at a time (``run_trial_batch``); without, one by one."""
-    fail_interrupted(study)
-    for _ in range(len(finished(study))):
-        on_trial()
-    while (index := len(finished(study))) < trials:
-        interrupt.check()
-        startup = min(trials, SAMPLER_STARTUP_TRIALS) - index
-        count = startup if startup > 0 else min(trials - index, TRIAL_BATCH)
-        if batch is not None and count > 1:
-            run_trial_batch(study, batch, index, count, seed_parts, on_trial)
-            continue
-        study.sampler = seeded_sampler(seed_parts, index)
-        study.optimize(lambda trial, i=index: objective(trial, i), n_trials=1)
-        on_trial()
-
-
-def place(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
-    """A trial's place in its study: its slot where many workers recorded one (a retried
-    trial runs at its original's slot, after trials asked later), else its number."""
-    return (trial.user_attrs.get(workers.SLOT, trial.number), trial.number)
-
-
-def counted_trials(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
-    """The first ``trials`` finished trials: a study extended by an earlier run with more
-    trials still answers for exactly the trials this run asked for."""
-    return sorted(finished(study), key=place)[:trials]
-
-
-def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
-    """The completed trial with the highest value, the earliest on ties (as Optuna's own)."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        return None
-    best = max(t.value for t in complete)
-    return min((t for t in complete if t.value == best), key=place)
-
-
-def trial_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
-    return {
-        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-        "pruned": sum(
-            t.state == TrialState.PRUNED and "diverged_at_epoch" not in t.user_attrs for t in trials
-        ),
-        "diverged": sum("diverged_at_epoch" in t.user_attrs for t in trials),
-    }
 
 
 def same_base(layer: nn.Module, probe: nn.Module) -> bool:

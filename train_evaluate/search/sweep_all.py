@@ -31,7 +31,7 @@ log = logging.getLogger("train_model")
 class Built:
     """One method, compressed and scored, ready for its ranks."""
 
-    method: Any  # sweep.Method, or network.NetworkMethod in whole-network mode
+    method: Any  # fc_method.Method, or network.NetworkMethod in whole-network mode
     shared: dict[str, Any]  # the columns every row of the method carries
     compressed: dict[str, float]  # the compressed-only model's test metrics
     accounting: Any  # report.Accounting, or the network's accounting
@@ -114,8 +114,8 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     from train_evaluate.inputs.backbone import layer_weights, tensor_bits
     from train_evaluate.outputs import report
     from train_evaluate.outputs.checkpoint import adapter_storage
-    from train_evaluate.search.sweep import Method
     from train_evaluate.training import network
+    from train_evaluate.training.fc_method import Method
     from train_evaluate.training.training import evaluate
 
     adapter_bits, code_bits = adapter_storage(plan.adapter_dtype)
@@ -375,7 +375,7 @@ def write_report(plan, storage, rows, layer_rows) -> None:
     """evaluation.csv, layers.csv, the summary plot (and the rows in a shared storage), then
     the summary of every run under --results-dir."""
     from train_evaluate.inputs.backbone import weights_id
-    from train_evaluate.outputs import report, run_folder, summary
+    from train_evaluate.outputs import figures, report, run_folder, summary
     from train_evaluate.runtime.files import write_text
     from train_evaluate.search.storage import store_report
     from train_evaluate.training import accounting as network_accounting
@@ -389,7 +389,7 @@ def write_report(plan, storage, rows, layer_rows) -> None:
             write_text(out / "layers.csv", network_accounting.layers_csv(layer_rows))
         report.repair_plotly_bundle(out)
         title = f"{plan.model}, {plan.sweep.init}" + (" (digits demo)" if plan.demo else "")
-        report.save_figure(report.plot_summary(frame, title), out / "accuracy_vs_rank.png")
+        figures.save_figure(figures.plot_summary(frame, title), out / "accuracy_vs_rank.png")
         if plan.shared:
             # the report's rows in the storage too: report.py --storage rebuilds them anywhere
             identity = weights_id(plan.model, plan.weights) if not plan.demo else "demo"

@@ -35,7 +35,7 @@ there is work: nothing else coordinates them than the studies in the storage.
 - **What a resumed sweep promises.** ``--share ranks``: the worker that takes a rank's claim
   over from a dead holder fails the trials that holder left running, at once and without a
   retry (``take_over``), and asks their slots again as a one-process resume does
-  (``sweep.fail_interrupted``): each slot's trial is drawn from its slot's sampler seed on the
+  (``study.fail_interrupted``): each slot's trial is drawn from its slot's sampler seed on the
   same finished trials, trained with its slot's seed and pruned against the same finished
   trials, so on a CPU with the same threads the resumed study's finished trials (parameters,
   states, values, reports) and the rank's record are those of an uninterrupted run; only the

@@ -428,7 +428,7 @@ class NetworkSetup:
 def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNetwork:
     """The adapted network a whole-network checkpoint holds, on the uncompressed ``model``
     (whose other layers come from the backbone's weights)."""
-    from train_evaluate.outputs.checkpoint import install_network, read_packed_network
+    from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
 
     packed = read_packed_network(path, device)
     network = model.wrap(install_network(model.model, packed)).to(model.mean.device)

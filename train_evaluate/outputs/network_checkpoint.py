@@ -1,0 +1,163 @@
+"""Whole-network packed checkpoints read back (``checkpoint.write_packed_network`` writes
+them): every layer rebuilt and checked as a one-layer file is, and ``install_network``, which
+puts the layers into a model, each checked against the module it replaces."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora import LoraConv2d, LoraLinear
+from train_evaluate.outputs.checkpoint import (
+    NETWORK_FORMAT,
+    CheckpointError,
+    Unsound,
+    check_plan,
+    inconsistent,
+    packed_format,
+    read_packed,
+    read_verified,
+    rebuild_layer,
+    require,
+)
+
+
+@dataclass
+class PackedNetwork:
+    layers: dict[str, nn.Module]  # name -> rebuilt LoraLinear / LoraConv2d
+    info: dict[str, Any]
+
+
+def _conv_layer(linear: LoraLinear, conv: Any) -> LoraConv2d:
+    """The conv layer whose matrix view ``linear`` (rebuilt from the file) is."""
+    from compression import CompressedConv2d
+
+    require(isinstance(conv, dict), f"conv geometry {conv!r} is not a JSON object")
+    try:
+        options = {key: tuple(conv[key]) for key in ("kernel_size", "stride", "dilation")} | {
+            "in_channels": conv["in_channels"],
+            "padding": conv["padding"]
+            if isinstance(conv["padding"], str)
+            else tuple(conv["padding"]),
+            "padding_mode": conv["padding_mode"],
+        }
+        base = CompressedConv2d.from_compressed(
+            linear.base_compressed, linear.base_layer.bias, **options
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise Unsound(f"conv geometry {conv} does not fit the layer ({error})") from error
+    layer = LoraConv2d(base, linear.r, linear.lora_alpha, use_dora=linear.use_dora)
+    state = linear.adapter_state()
+    state["lora_A"] = state["lora_A"].view_as(layer.lora_A)
+    state["lora_B"] = state["lora_B"].view_as(layer.lora_B)
+    layer.load_adapter_state(state)
+    return layer
+
+
+def read_packed_network(path: Path | str, device: torch.device | str = "cpu") -> PackedNetwork:
+    """Every layer of a whole-network file, rebuilt and checked as ``read_packed`` checks one;
+    CheckpointError (one line) if the file is not sound."""
+    metadata, tensors = read_verified(path, NETWORK_FORMAT)
+    try:
+        info = json.loads(metadata["checkpoint"])
+        require(isinstance(info, dict) and isinstance(info.get("layers"), dict) and info["layers"],
+                 "its metadata lists no layers")  # fmt: skip
+        layers, claimed = {}, set()
+        for name, layer_info in info["layers"].items():
+            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}/")}
+            claimed.update(f"{name}/{k}" for k in own)
+            try:
+                linear = rebuild_layer(layer_info, own)
+                conv = layer_info.get("conv")
+                layers[name] = linear if conv is None else _conv_layer(linear, conv)
+            except Unsound as error:
+                raise Unsound(f"layer {name}: {error}") from error
+        strangers = sorted(set(tensors) - claimed)
+        require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
+        if "layer_plan" in info:
+            methods = {
+                name: (info["layers"][name]["method"], layer) for name, layer in layers.items()
+            }
+            check_plan(info["layer_plan"], methods)
+    except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise inconsistent(path, error) from error
+    return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
+
+
+def verify_packed(path: Path | str) -> None:
+    """Read a packed file of either kind; CheckpointError if it is not sound."""
+    if packed_format(path) == NETWORK_FORMAT:
+        read_packed_network(path)
+    else:
+        read_packed(path)
+
+
+# What a Conv2d computes besides its weight: a file whose geometry differs from the model's
+# layer (an edited padding, stride or dilation, with the digest recomputed) has the right
+# weight shape but would fail deep inside the forward pass (or compute something else).
+CONV_GEOMETRY = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
+
+
+def _check_geometry(name: str, current: nn.Module, stored: nn.Module) -> None:
+    """CheckpointError naming the layer and the field where the file's layer ``stored`` does
+    not compute on the same geometry as the model's ``current``."""
+    wanted, found = _kind(stored), _kind(current)
+    if wanted != found:
+        raise CheckpointError(f"the checkpoint's {name} is a {wanted}; the model's is a {found}")
+    if wanted != "Conv2d":
+        return  # a Linear's geometry is its weight's shape, which the caller checks
+    for field in CONV_GEOMETRY:
+        wanted, found = getattr(stored, field), getattr(current, field)
+        if wanted != found:
+            raise CheckpointError(
+                f"the checkpoint's {name} has {field} {_shown(wanted)}; the model's {name} has "
+                f"{_shown(found)} (edited file? write it again with the driver)"
+            )
+
+
+def _kind(module: nn.Module) -> str:
+    for kind in (nn.Conv2d, nn.Linear):
+        if isinstance(module, kind):
+            return kind.__name__
+    return type(module).__name__
+
+
+def _shown(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
+    """``model`` (a copy is made) with every layer of ``packed`` put in place of its module;
+    each module must exist and have the layer's kind, shape and (a conv) geometry."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, layer in packed.layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as error:
+            raise CheckpointError(f"the model has no layer {name} (the checkpoint has)") from error
+        _check_geometry(name, current, layer.base_layer)
+        shape = tuple(getattr(current, "weight", torch.empty(0)).shape)
+        if shape != tuple(layer.base_layer.weight.shape):
+            raise CheckpointError(
+                f"the checkpoint's {name} is {tuple(layer.base_layer.weight.shape)}; the "
+                f"model's is {shape}"
+            )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(current.weight.device))
+    return model.eval()
