@@ -232,12 +232,10 @@ def test_layer_selections_that_slug_alike_get_different_folder_names():
 
 def plan_log(tmp_path: Path, caplog, *options: str) -> list[str]:
     """The warnings the driver's plan logs for ``options`` (the offline demo)."""
-    from train_evaluate.config.cli import build_parser
+    from train_evaluate.config.options import parse_args
     from train_evaluate.config.plan import log, plan_run
 
-    args = build_parser().parse_args(
-        ["--demo", "--results-dir", str(tmp_path / "results"), *options]
-    )
+    args = parse_args(["--demo", "--results-dir", str(tmp_path / "results"), *options])
     with caplog.at_level(logging.WARNING, logger=log.name):
         plan_run(args)
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -363,10 +361,10 @@ def test_an_option_that_cannot_work_is_refused_before_any_work(
 def test_more_calibration_images_or_a_larger_batch_than_there_are_is_said_and_recorded(
     tmp_path, caplog
 ):
-    from train_evaluate.config.cli import build_parser
+    from train_evaluate.config.options import parse_args
     from train_evaluate.config.plan import log, plan_run
 
-    args = build_parser().parse_args([
+    args = parse_args([
         "--demo", *NETWORK_DEMO, "--results-dir", str(tmp_path), "--calib-images", "100000",
         "--reconstruct", "block", "--reconstruct-batch", "5000",
     ])  # fmt: skip

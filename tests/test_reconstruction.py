@@ -168,7 +168,7 @@ def test_reconstruction_never_reads_a_label():
 
 
 def test_the_command_line_defaults_are_the_configs():
-    from train_evaluate.config.cli import RECONSTRUCT_DEFAULTS
+    from train_evaluate.config.run_options import RECONSTRUCT_DEFAULTS
 
     defaults = ReconstructionConfig()
     assert {k: getattr(defaults, k) for k in RECONSTRUCT_DEFAULTS} == RECONSTRUCT_DEFAULTS

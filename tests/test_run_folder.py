@@ -338,3 +338,74 @@ def test_a_config_that_is_not_one_is_refused_in_one_line(content, says, tmp_path
     code, _, err = run_driver(capsys, "--config", config, "--results-dir", tmp_path / "results")
     assert code == 2 and says in one_error_line(err)
     assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------- options defined once
+
+
+def test_the_parser_and_run_options_name_the_same_options():
+    from train_evaluate.config.cli import build_parser
+    from train_evaluate.config.run_options import RunOptions
+
+    dests = {a.dest for a in build_parser()._actions} - {"help", "config"}
+    assert dests == set(RunOptions.names())
+
+
+def test_no_option_of_the_parser_sets_a_default_of_its_own():
+    # RunOptions is the one place defaults are written: an add_argument(default=...) would be
+    # a second one, which set_defaults silently overrides (or, for an option RunOptions lacks,
+    # keeps)
+    import ast
+    import inspect
+
+    from train_evaluate.config import cli
+
+    tree = ast.parse(inspect.getsource(cli.build_parser))
+    own = [
+        ast.unparse(node.args[0])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", "") == "add_argument"
+        and any(k.arg == "default" for k in node.keywords)
+    ]
+    assert own == []
+
+
+def test_every_default_the_help_states_is_the_one_the_run_takes():
+    import re
+
+    from train_evaluate.config.cli import build_parser
+    from train_evaluate.config.run_options import RunOptions
+
+    def same(text: str, value) -> bool:
+        try:
+            return float(text) == float(value)
+        except (TypeError, ValueError):
+            return text == str(value)
+
+    defaults = RunOptions.defaults()
+    stated = 0
+    for action in build_parser()._actions:
+        found = re.search(r"\(default: ([^)]*)\)", action.help or "")
+        if found is None or action.dest not in defaults or defaults[action.dest] is None:
+            continue
+        stated += 1
+        value = defaults[action.dest]
+        values = list(value) if isinstance(value, tuple) else [value]
+        words = re.split(r"[\s,]+", found.group(1))[: len(values)]
+        assert all(map(same, words, values)) and len(words) == len(values), action.dest
+    assert stated >= 20  # the check reads the help it means to
+
+
+def test_parsed_options_are_run_options_and_run_json_is_their_dump(tmp_path):
+    from train_evaluate.config.options import dump_options, parse_args
+    from train_evaluate.config.run_options import RunOptions
+
+    options = parse_args(["--methods", "int2", "--layers", "all", "--calib-images", "8"])
+    assert isinstance(options, RunOptions)
+    assert options.given() == {"methods": ("int2",), "layers": ("all",), "calib_images": 8}
+    config = tmp_path / "options.json"
+    config.write_text(json.dumps(dump_options(options)))
+    # the dump read back with --config is the same options; the command line overrides it
+    assert parse_args(["--config", str(config)]) == options
+    assert parse_args(["--config", str(config), "--seed", "3"]).seed == 3

@@ -389,23 +389,21 @@ def test_whole_ranks_are_taken_largest_first(share, monkeypatch):
 
 
 def test_local_workers_divide_the_cores_and_pass_their_share_on():
-    from train_evaluate.config.cli import available_cores, build_parser
+    from train_evaluate.config.cli import available_cores
+    from train_evaluate.config.options import parse_args
     from train_evaluate.config.plan import plan_run
     from train_evaluate.train_model import worker_argv
 
     argv = ["--epochs", "0", "--ranks", "2", "--workers", "2", "--share", "ranks"]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    plan = plan_run(args)
+    plan = plan_run(parse_args(argv), argv)
     # the launcher builds the caches on every core, then sweeps on its share, as the workers
     assert plan.threads == available_cores() and plan.share == "ranks"
     assert plan.worker_threads == max(1, available_cores() // 2)
     passed = worker_argv(plan)
     assert passed[-4:] == ["--threads", str(plan.worker_threads), "--workers", "1"]
     assert "--share" in passed
-    given = build_parser().parse_args([*argv, "--thread", "3"])  # an abbreviation, too
-    given.argv = [*argv, "--thread", "3"]
-    assert plan_run(given).worker_threads == 3
+    given = [*argv, "--thread", "3"]  # an abbreviation, too
+    assert plan_run(parse_args(given), given).worker_threads == 3
 
 
 # One worker on one rank, --share ranks (the rank's claim, then its trials, then its finals),

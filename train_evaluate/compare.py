@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from train_evaluate.config.cli import DEFAULT_RESULTS
+from train_evaluate.config.run_options import DEFAULT_RESULTS
 from train_evaluate.outputs.summary import write_report
 
 

@@ -29,12 +29,12 @@ import torch
 from data import DataError, load_digits_source, scan_imagenet_folder
 from lora.attach import classifier_name
 from train_evaluate.config.cli import (
-    DEFAULT_RESULTS,
     OneLineParser,
     UsageError,
     configure_logging,
     resolve_device,
 )
+from train_evaluate.config.run_options import DEFAULT_RESULTS
 from train_evaluate.inputs.backbone import BackboneError, weights_id
 from train_evaluate.inputs.demo import DEMO_MODEL  # importing it registers digits_vit with timm
 from train_evaluate.inputs.features import backbone_features

@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         with interrupt.deferred():
-            args = parse_args(argv)
-            args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+            options = parse_args(argv)
+            given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
             import optuna
 
             from train_evaluate.config.plan import plan_run
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             # Optuna logs a trial's exception with its traceback; ours are reported in one line
             # (Ctrl-C) or propagate (bugs), so its own log stays quiet.
             optuna.logging.set_verbosity(optuna.logging.ERROR)
-            run(plan_run(args))
+            run(plan_run(options, given))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from train_evaluate.config.cli import DEFAULT_DATA
 from train_evaluate.config.network_plan import NetworkPlan
 from train_evaluate.config.plan import Plan
+from train_evaluate.config.run_options import DEFAULT_DATA
 
 log = logging.getLogger("train_model")
 

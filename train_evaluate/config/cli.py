@@ -13,13 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from train_evaluate.config.run_options import DEFAULT_DATA, DEFAULT_MODEL, RunOptions
 from train_evaluate.runtime.errors import UsageError
-
-# Relative to the working directory, as timm's train.py, Optuna's CLI and pytest resolve theirs:
-# run from the repository root these are the README's folders, and an installed command never
-# writes beside its own package.
-DEFAULT_DATA = Path("..") / "archive" / "imagenet_validation"
-DEFAULT_RESULTS = Path("results")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -60,13 +55,6 @@ INT_SCALE_NAMES = ("max", "mse")
 QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
-DEFAULT_MODEL = "resnet18.tv_in1k"
-DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)
-DEFAULT_CALIB_IMAGES = 512
-DEFAULT_CACHE_LIMIT_GB = 16.0
-# --reconstruct's defaults: lora.reconstruction.ReconstructionConfig's (kept free of torch here;
-# a test holds the two equal)
-RECONSTRUCT_DEFAULTS = {"block_steps": 100, "network_steps": 50, "lr": 1e-3, "batch_size": 32}
 
 EXAMPLES = """\
 examples:
@@ -103,13 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     study = parser.add_argument_group("study")
     study.add_argument(
         "--init",
-        default="paper_init",
         help=f"adapter init: {', '.join(INIT_NAMES)} (default: paper_init)",
     )
     study.add_argument(
         "--methods",
         nargs="+",
-        default=["sparse", "int1"],
         help=f"compression methods: {', '.join(METHOD_NAMES)} (default: sparse int1)",
     )
     study.add_argument(
@@ -118,12 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="LoRA ranks (default: 2 4 8 16 32 64 128, keeping those that fit the layer)",
     )
-    study.add_argument(
-        "--trials", type=int, default=10, help="Optuna trials per rank (default: 10)"
-    )
+    study.add_argument("--trials", type=int, help="Optuna trials per rank (default: 10)")
     study.add_argument(
         "--search",
-        default="rank",
         choices=("rank", "pareto"),
         help="rank: one Optuna study per (method, rank) (default); pareto: one multi-objective "
         "study over method, rank and training settings, val accuracy against stored bits, "
@@ -132,17 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--epochs",
         type=int,
-        default=10,
         help="epochs per training run; 0 = init only, no search (default: 10)",
     )
-    study.add_argument(
-        "--seed", type=int, default=0, help="seed of the split, search, training (default: 0)"
-    )
+    study.add_argument("--seed", type=int, help="seed of the split, search, training (default: 0)")
     study.add_argument(
         "--split",
         nargs=3,
         type=float,
-        default=(0.64, 0.16, 0.20),
         metavar=("TRAIN", "VAL", "TEST"),
         help="split fractions (default: 0.64 0.16 0.20)",
     )
@@ -150,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-range",
         nargs=2,
         type=float,
-        default=(1e-4, 1e-2),
         metavar=("LOW", "HIGH"),
         help="learning-rate search range, log-uniform (default: 1e-4 1e-2)",
     )
@@ -158,20 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes",
         nargs="+",
         type=int,
-        default=[32, 64, 128, 256, 512],
         help="batch sizes searched (default: 32 64 128 256 512)",
     )
     study.add_argument(
         "--alphas",
         nargs="+",
         type=int,
-        default=[8, 16, 24, 32, 40, 48],
         help="LoRA alphas searched (default: 8 16 24 32 40 48)",
     )
     study.add_argument(
         "--final-seeds",
         type=int,
-        default=1,
         help="final models per rank, each with its own seed: mean, std and 95%% interval "
         "(default: 1)",
     )
@@ -182,28 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--loftq-iters",
         type=int,
-        default=5,
         help="alternations of loftq_init / act_loftq_init (default: 5)",
     )
     study.add_argument(
         "--objective",
-        default="ce",
         choices=OBJECTIVE_NAMES,
         help="ce: labels; kd: distil the uncompressed layer (train labels unused); ce+kd: both "
         "(default: ce)",
     )
-    study.add_argument(
-        "--kd-temperature", type=float, default=2.0, help="distillation temperature (default: 2)"
-    )
-    study.add_argument(
-        "--kd-weight", type=float, default=0.5, help="weight of kd in ce+kd, 0..1 (default: 0.5)"
-    )
+    study.add_argument("--kd-temperature", type=float, help="distillation temperature (default: 2)")
+    study.add_argument("--kd-weight", type=float, help="weight of kd in ce+kd, 0..1 (default: 0.5)")
 
     many = parser.add_argument_group("many workers")
     many.add_argument(
         "--workers",
         type=int,
-        default=1,
         help="worker processes on this machine sharing the sweep through --storage (one GPU "
         "each when there are several); default 1",
     )
@@ -216,17 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument(
         "--share",
         choices=["trials", "ranks"],
-        default="trials",
         help="how workers divide the sweep: trials (any worker runs any free trial; TPE's later "
         "suggestions then depend on the order trials finish) or ranks (each rank's trials and "
         "final models are one worker's, largest rank first: on a CPU with the same --threads, "
         "every study is the one a one-process run records); default trials",
     )
-    many.add_argument("--study-prefix", default="", help="prefix of the study names in the storage")
+    many.add_argument("--study-prefix", help="prefix of the study names in the storage")
     many.add_argument(
         "--heartbeat",
         type=int,
-        default=10,
         help="with several workers: seconds between a running trial's heartbeats; a trial "
         "silent for 3 of them is failed and run again (default: 10)",
     )
@@ -235,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group = parser.add_argument_group("compression")
     compress_group.add_argument(
         "--preset",
-        default="default",
         help="default (4x4 absmax, int1 row scale) or seed-compat (the original code's choices)",
     )
     compress_group.add_argument("--block", help="sparse block shape HxW, e.g. 4x4 or 1x16")
@@ -255,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(
         "--adapter-dtype",
-        default="fp32",
         choices=ADAPTER_DTYPE_NAMES,
         help="dtype of the adapter in the packed checkpoint and the ratios; training is fp32; "
         "int8 / int4: the trained factors rounded once to codes with fp32 row scales, and the "
@@ -271,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--layers",
         nargs="+",
-        default=["head"],
         metavar="PATTERN",
         help="layers to compress: head (the classifier, default), all (every Linear and every "
         "non-depthwise Conv2d), or fnmatch patterns over module names, e.g. 'blocks.*.mlp.*'",
@@ -279,13 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--calib-images",
         type=int,
-        default=DEFAULT_CALIB_IMAGES,
         help="train images the activation-aware inits see, layer by layer (default: "
-        f"{DEFAULT_CALIB_IMAGES})",
+        f"{RunOptions.calib_images})",
     )
     network.add_argument(
         "--calibration",
-        default="symmetric",
         choices=("symmetric", "asymmetric"),
         help="symmetric (default): act_svd_init / act_loftq_init and --quantizer gptq fit each "
         "layer's own weight on the inputs the compressed layers before it produce; "
@@ -295,7 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     network.add_argument(
         "--reconstruct",
-        default="none",
         choices=("none", "block", "network"),
         help="after each rank's init, train the adapters without labels on the calibration "
         "images to reproduce the uncompressed network: block (each block's output, in forward "
@@ -306,37 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--reconstruct-steps",
         type=int,
-        default=RECONSTRUCT_DEFAULTS["block_steps"],
         metavar="N",
-        help=f"Adam steps per block (default: {RECONSTRUCT_DEFAULTS['block_steps']})",
+        help=f"Adam steps per block (default: {RunOptions.reconstruct_steps})",
     )
     network.add_argument(
         "--reconstruct-network-steps",
         type=int,
-        default=RECONSTRUCT_DEFAULTS["network_steps"],
         metavar="N",
         help="Adam steps of --reconstruct network's end-to-end stage (default: "
-        f"{RECONSTRUCT_DEFAULTS['network_steps']})",
+        f"{RunOptions.reconstruct_network_steps})",
     )
     network.add_argument(
         "--reconstruct-lr",
         type=float,
-        default=RECONSTRUCT_DEFAULTS["lr"],
-        help=f"the reconstruction's Adam learning rate (default: {RECONSTRUCT_DEFAULTS['lr']:g})",
+        help=f"the reconstruction's Adam learning rate (default: {RunOptions.reconstruct_lr:g})",
     )
     network.add_argument(
         "--reconstruct-batch",
         type=int,
-        default=RECONSTRUCT_DEFAULTS["batch_size"],
         metavar="N",
         help=f"calibration images per reconstruction step (default: "
-        f"{RECONSTRUCT_DEFAULTS['batch_size']})",
+        f"{RunOptions.reconstruct_batch})",
     )
     network.add_argument(
         "--bits-budget",
         type=float,
         nargs="+",
-        default=None,
         metavar="B",
         help="also run one budgeted model per B: each selected layer takes its own method and "
         "rank from --methods x --ranks, the stored bits of the selected layers at most B per "
@@ -354,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--layer-plan",
         type=Path,
-        default=None,
         metavar="FILE",
         help="each layer's method and rank from FILE (JSON or YAML: module-name patterns to "
         "{method, rank}; every run writes its models' plans to plans/): one model, in place of "
@@ -363,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--budget-sensitivity",
         choices=("output", "kl"),
-        default="output",
         help="what --bits-budget minimises, summed over the layers, each measured with that "
         "layer alone compressed: output, its relative output error on the calibration images "
         "(every layer counts the same); kl, KL(original || model) of the network's logits on "
@@ -372,10 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--cache-limit",
         type=float,
-        default=DEFAULT_CACHE_LIMIT_GB,
         metavar="GB",
         help="refuse a whole-network run whose image cache would exceed this many GB "
-        f"(default: {DEFAULT_CACHE_LIMIT_GB:g})",
+        f"(default: {RunOptions.cache_limit:g})",
     )
 
     data = parser.add_argument_group("data and model")
@@ -389,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL})")
     data.add_argument("--weights", type=Path, help="local weights file (state dict) for --model")
-    data.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    data.add_argument("--device", choices=["auto", "cpu", "cuda"])
     data.add_argument(
         "--threads",
         type=int,
@@ -399,18 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--feature-batch-size",
         type=int,
-        default=64,
         help="images per forward pass (default: 64)",
     )
     data.add_argument(
         "--decode-workers",
         type=int,
-        default=None,
         help="image decoding processes (default: 0 on CPU, decoding in threads; up to 8 on GPU)",
     )
     data.add_argument(
         "--decode",
-        default="cpu",
         type=decode_mode,
         metavar="{cpu,gpu}",
         help="where the feature pass decodes and resizes JPEGs: cpu (PIL, default) or gpu "
@@ -421,9 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--results-dir",
         type=Path,
-        default=DEFAULT_RESULTS,
-        help="where runs, the feature cache and the summary go (default: results/ in the "
-        "repository)",
+        help=f"where runs, the feature cache and the summary go (default: "
+        f"{RunOptions.results_dir}, in the working directory)",
     )
     output.add_argument(
         "--out",
@@ -445,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the options of a run's run.json (or a JSON object of option names to "
         "values); options given on the command line override them",
     )
-    parser.set_defaults(argv=[])  # the command line as given: the driver's main sets it
+    # every default from RunOptions, the one place they are written (no add_argument sets one)
+    parser.set_defaults(**RunOptions.defaults())
     return parser
 
 

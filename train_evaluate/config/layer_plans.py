@@ -3,7 +3,6 @@ checked before any work, each refusal in one line."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any
 
@@ -11,7 +10,8 @@ import timm
 import torch
 
 from lora.plan import LayerPlan, LayerPlanError, read_plan_file, resolve_plan
-from train_evaluate.config.cli import UsageError, build_parser
+from train_evaluate.config.cli import UsageError
+from train_evaluate.config.run_options import RunOptions
 
 log = logging.getLogger("train_model")
 
@@ -19,7 +19,7 @@ log = logging.getLogger("train_model")
 REPLACED = ("layers", "methods", "ranks")
 
 
-def read_layer_plan(args: argparse.Namespace, model: str) -> tuple[LayerPlan, dict[str, str]]:
+def read_layer_plan(args: RunOptions, model: str) -> tuple[LayerPlan, dict[str, str]]:
     """The plan of ``--layer-plan`` resolved on ``model``'s modules (a bare model on the meta
     device: names and shapes, no weights), and the method descriptions it records."""
     if args.bits_budget is not None or args.budget_only:
@@ -44,8 +44,7 @@ def read_layer_plan(args: argparse.Namespace, model: str) -> tuple[LayerPlan, di
             f"--layer-plan {args.layer_plan} stores its adapters as {planned.adapter_dtype}; "
             f"this run as {args.adapter_dtype}: pass --adapter-dtype {planned.adapter_dtype}"
         )
-    defaults = build_parser()
-    ignored = [o for o in REPLACED if vars(args)[o] != defaults.get_default(o)]
+    ignored = [o for o in REPLACED if o in args.given()]
     if ignored:
         log.warning(
             "warning: --layer-plan gives each layer its method and rank: %s ignored",

@@ -5,7 +5,6 @@ the run folder's name.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -20,6 +19,7 @@ from data import SplitFractions
 from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
+from train_evaluate.config.run_options import RunOptions
 from train_evaluate.inputs.cut import Cut
 
 log = logging.getLogger("train_model")
@@ -82,9 +82,7 @@ def plan_selection(planned: LayerPlan) -> str:
     return f"plan {planned.name} {planned.digest()}"
 
 
-def calibration_settings(
-    args: argparse.Namespace, train_images: int
-) -> tuple[int, ReconstructionConfig]:
+def calibration_settings(args: RunOptions, train_images: int) -> tuple[int, ReconstructionConfig]:
     """The calibration images a run uses and its reconstruction's options: at most the train
     images, a reconstruction batch of at most those, each cut said in a warning (run.json
     records what is used, not what was asked)."""
@@ -135,7 +133,7 @@ def cache_cut(
 
 
 def plan_network(
-    args: argparse.Namespace,
+    args: RunOptions,
     model: str,
     source: Any,
     fractions: SplitFractions,
@@ -214,7 +212,7 @@ def plan_network(
     )
 
 
-def check_budget(args: argparse.Namespace, network_plan: NetworkPlan | None) -> None:
+def check_budget(args: RunOptions, network_plan: NetworkPlan | None) -> None:
     """--bits-budget's refusals, each in one line."""
     budgets = args.bits_budget
     if budgets is None:
@@ -275,7 +273,7 @@ def check_budgets_reachable(
             raise UsageError(budget.unreachable(bits_budget, cheapest / template.weights()))
 
 
-def reconstruction_config(args: argparse.Namespace) -> Any:
+def reconstruction_config(args: RunOptions) -> Any:
     """--reconstruct and its options as a ReconstructionConfig (checked)."""
     try:
         return ReconstructionConfig(
@@ -299,7 +297,7 @@ def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:
 
 
 def check_network_options(
-    args: argparse.Namespace, network_plan: NetworkPlan | None, compressions: dict[str, Any]
+    args: RunOptions, network_plan: NetworkPlan | None, compressions: dict[str, Any]
 ) -> None:
     """The options that only a whole-network run (or only the classifier alone) can use,
     refused in one line where they would be ignored or cannot work."""
@@ -340,7 +338,7 @@ def check_network_options(
         )
 
 
-def run_name(args: argparse.Namespace, network_plan: NetworkPlan | None) -> str:
+def run_name(args: RunOptions, network_plan: NetworkPlan | None) -> str:
     """The run folder's last part: the init, then what sets the run apart (the selection, the
     calibration, the reconstruction, the Pareto search), so that such runs never share one."""
     run_name = args.init

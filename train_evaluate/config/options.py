@@ -5,35 +5,31 @@ Imports nothing heavy, like the parser.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from train_evaluate.config.cli import build_parser
+from train_evaluate.config.run_options import RunOptions
 from train_evaluate.runtime.errors import UsageError
 
-# options that describe this process, not the run: never dumped, never read from --config
-NOT_OPTIONS = ("config", "argv")
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The driver's options: the parser's defaults, then ``--config FILE``'s, then the command
+def parse_args(argv: list[str] | None = None) -> RunOptions:
+    """The driver's options: RunOptions' defaults, then ``--config FILE``'s, then the command
     line's (as timm's train.py reads its ``--config``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config is None:
-        return args
-    given = read_options(args.config)
-    known = set(vars(parser.parse_args([]))) - set(NOT_OPTIONS)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise UsageError(
-            f"--config {args.config}: unknown option {unknown[0]!r}"
-            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; the options are "
-            "the driver's own, spelled with underscores (e.g. calib_images)"
-        )
-    parser.set_defaults(**given)
-    return parser.parse_args(argv)
+    if args.config is not None:
+        given = read_options(args.config)
+        unknown = sorted(set(given) - set(RunOptions.names()))
+        if unknown:
+            raise UsageError(
+                f"--config {args.config}: unknown option {unknown[0]!r}"
+                f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; the options "
+                "are the driver's own, spelled with underscores (e.g. calib_images)"
+            )
+        parser.set_defaults(**given)  # argparse converts text defaults by each option's type
+        args = parser.parse_args(argv)
+    return RunOptions(**{name: getattr(args, name) for name in RunOptions.names()})
 
 
 def read_options(path: Path) -> dict:
@@ -54,8 +50,8 @@ def read_options(path: Path) -> dict:
     return found
 
 
-def dump_options(args: argparse.Namespace) -> dict:
-    """``args`` as run.json records them: every option, in JSON's types (paths as text)."""
+def dump_options(options: RunOptions) -> dict:
+    """``options`` as run.json records them: every option, in JSON's types (paths as text)."""
 
     def plain(value):
         if isinstance(value, Path):
@@ -64,5 +60,5 @@ def dump_options(args: argparse.Namespace) -> dict:
             return [plain(v) for v in value]
         return value
 
-    options = {k: plain(v) for k, v in vars(args).items() if k not in NOT_OPTIONS}
-    return json.loads(json.dumps(options))
+    dumped = {name: plain(getattr(options, name)) for name in RunOptions.names()}
+    return json.loads(json.dumps(dumped))

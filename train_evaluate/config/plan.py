@@ -7,7 +7,6 @@ head does not predict ImageNet-1k classes, weights that do not load into the mod
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -25,9 +24,6 @@ from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
 from train_evaluate.config.cli import (
-    DEFAULT_DATA,
-    DEFAULT_MODEL,
-    DEFAULT_RANKS,
     UsageError,
     available_cores,
     resolve_device,
@@ -43,6 +39,7 @@ from train_evaluate.config.network_plan import (
     run_name,
 )
 from train_evaluate.config.options import dump_options
+from train_evaluate.config.run_options import DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_RANKS, RunOptions
 from train_evaluate.inputs.backbone import (
     BackboneError,
     check_model_name,
@@ -131,7 +128,7 @@ def unique(values) -> list:
     return list(dict.fromkeys(values))
 
 
-def check_numbers(args: argparse.Namespace) -> None:
+def check_numbers(args: RunOptions) -> None:
     if args.trials < 1:
         raise UsageError(f"--trials must be at least 1; got {args.trials}")
     if args.epochs < 0:
@@ -164,7 +161,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--cache-limit must be a positive number of GB; got {args.cache_limit}")
 
 
-def check_folders(args: argparse.Namespace, out: Path, cache_dir: Path) -> None:
+def check_folders(args: RunOptions, out: Path, cache_dir: Path) -> None:
     for folder, flag in ((args.results_dir, "--results-dir"), (out, "--out"),
                          (cache_dir, "--cache-dir")):  # fmt: skip
         problem = check_writable(folder)
@@ -210,7 +207,7 @@ def hub_weights_cached(model: str) -> bool:
     )
 
 
-def resolve_data_and_model(args: argparse.Namespace) -> tuple[bool, str, Any, str, Path | None]:
+def resolve_data_and_model(args: RunOptions) -> tuple[bool, str, Any, str, Path | None]:
     """(demo?, why the demo, image source, model name, weights file) for these arguments."""
     data_dir = args.data_dir or DEFAULT_DATA
     demo = args.demo or (args.data_dir is None and not DEFAULT_DATA.exists())
@@ -259,7 +256,7 @@ def choose_ranks(
     return ranks, ()
 
 
-def sweep_config(args: argparse.Namespace) -> SweepConfig:
+def sweep_config(args: RunOptions) -> SweepConfig:
     return SweepConfig(
         init=args.init,
         trials=args.trials,
@@ -317,7 +314,7 @@ def uses_field(method: str, field: str, value: Any = None) -> bool:
         return False
 
 
-def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) -> None:
+def warn_unused_options(args: RunOptions, compressions: dict[str, Any]) -> None:
     """One warning per compression option (or preset) that no method of the run uses:
     ``make_config`` ignores the fields a method does not have, so ``--quantizer gptq --methods
     sparse`` would otherwise run plain sparse and say nothing."""
@@ -351,9 +348,7 @@ def warn_unused_options(args: argparse.Namespace, compressions: dict[str, Any]) 
         )
 
 
-def compression_configs(
-    args: argparse.Namespace, methods: Sequence[str] | None = None
-) -> dict[str, Any]:
+def compression_configs(args: RunOptions, methods: Sequence[str] | None = None) -> dict[str, Any]:
     """``methods`` (default --methods) with the compression options: one checked config per
     method."""
     try:
@@ -379,7 +374,7 @@ def check_storage_reachable(url: str) -> None:
         raise UsageError(f"{problem}; check the URL, that the server runs, and the user")
 
 
-def plan_run(args: argparse.Namespace) -> Plan:
+def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
     """Check every argument and the data; raise UsageError with a one-line reason."""
     if args.init not in LORA_INITS:
         raise UsageError(f"unknown --init {args.init!r}; valid: {', '.join(LORA_INITS)}")
@@ -463,6 +458,6 @@ def plan_run(args: argparse.Namespace) -> Plan:
         share=args.share,
         heartbeat=args.heartbeat,
         worker_of=args.worker_of,
-        argv=tuple(args.argv),
+        argv=tuple(argv),
         options=dump_options(args),
     )
