@@ -26,7 +26,6 @@ from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform
 from train_evaluate.inputs.cut import cut_model, find_cut, state_of
 from train_evaluate.search.sweep import SweepConfig
-from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
@@ -34,7 +33,7 @@ DEFAULT_LAYERS = ["blocks.5.*.conv_p*", "blocks.6.*.conv_p*", "conv_head", "clas
 
 
 def adapted(model: image_cache.ImageModel, names: list[str], inputs: torch.Tensor):
-    layers = network_accounting.describe_layers(model.model, names, model.preprocess(inputs[:1]))
+    layers = layer_selection.describe_layers(model.model, names, model.preprocess(inputs[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, inputs[:8])
     return method.adapted(8, 16.0, SweepConfig(init="svd_init"), seed=0)
 

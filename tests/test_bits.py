@@ -19,8 +19,10 @@ from lora.reconstruction import NO_RECONSTRUCTION
 from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
+from train_evaluate.inputs.selection import LayerInfo
+from train_evaluate.outputs.accounting import Accounting
 from train_evaluate.outputs.checkpoint import write_packed
-from train_evaluate.outputs.report import Accounting, file_columns
+from train_evaluate.outputs.report import file_columns
 from train_evaluate.runtime.files import read_safetensors
 from train_evaluate.search.sweep import SweepConfig
 from train_evaluate.training import network
@@ -129,7 +131,8 @@ def test_ratio_file_divides_the_biases_the_packed_file_holds(tmp_path):
 def test_the_fc_study_counts_its_stored_bias_in_bits_and_only_an_existing_one(has_bias):
     weight = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
     base = compress(weight, make_config("int4")).cost
-    accounting = Accounting((10, 64), 32, False, False, 1000, has_bias=has_bias,
+    layer = LayerInfo("fc", "linear", (10, 64), 1, has_bias)
+    accounting = Accounting((layer,), (base,), 32, False, False, 1000, "head (1 layer)",
                             model_weights=640 + 100)  # fmt: skip
     row = accounting.columns(base, 4)
     bias = 10 * 32 if has_bias else 0

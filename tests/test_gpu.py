@@ -146,7 +146,6 @@ def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs import selection as layer_selection
     from train_evaluate.search.sweep import SweepConfig
-    from train_evaluate.training import accounting as network_accounting
     from train_evaluate.training import network
 
     with torch.random.fork_rng():
@@ -156,7 +155,7 @@ def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(
     wrapped = image_cache.ImageModel(model, mean, std).to(cuda).eval().requires_grad_(False)
     names = layer_selection.select_layers(model, ["all"])
     images = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, device=cuda)
-    layers = network_accounting.describe_layers(model, names, wrapped.preprocess(images[:1]))
+    layers = layer_selection.describe_layers(model, names, wrapped.preprocess(images[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), wrapped, layers, images[:8])
     adapted = method.adapted(4, 16, SweepConfig(init="act_svd_init"), seed=0)
     labels = torch.randint(0, 1000, (32,), device=cuda)

@@ -28,7 +28,6 @@ from train_evaluate.outputs.run_folder import FORMAT
 from train_evaluate.outputs.summary import log as summary_log
 from train_evaluate.runtime.files import digest
 from train_evaluate.search.sweep import SweepConfig
-from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 
 # ------------------------------------------------------ 1. an edited whole-network checkpoint
@@ -56,7 +55,7 @@ def resnet_files(tmp_path_factory) -> tuple[Path, Path]:
     images = image_cache.ImageModel(model, mean, std).eval().requires_grad_(False)
     names = layer_selection.select_layers(model, LAYERS)
     calibration = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
-    infos = network_accounting.describe_layers(model, names, images.preprocess(calibration[:1]))
+    infos = layer_selection.describe_layers(model, names, images.preprocess(calibration[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), images, infos, calibration)
     adapted = method.adapted(2, 16, SweepConfig(init="paper_init"), seed=1)
     checkpoint = folder / "network.safetensors"

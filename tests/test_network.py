@@ -19,10 +19,10 @@ from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform
+from train_evaluate.outputs import accounting as network_accounting
 from train_evaluate.outputs.checkpoint import CheckpointError, write_packed
 from train_evaluate.outputs.report import TIMING_COLUMNS
 from train_evaluate.search.sweep import SweepConfig
-from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter
 
@@ -139,12 +139,10 @@ class TwoLayers(nn.Module):
 
 def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
     model = TwoLayers()
-    infos = network_accounting.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
+    infos = layer_selection.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
     config = make_config("int4")
     costs = tuple(compress(m.weight.flatten(1), config).cost for m in (model.conv, model.fc))
-    accounting = network_accounting.NetworkAccounting(
-        infos, costs, 16, False, False, 1000, "all (2)"
-    )
+    accounting = network_accounting.Accounting(infos, costs, 16, False, False, 1000, "all (2)")
     columns = accounting.columns(costs[0], 4)
     # int4: 4 bits per weight and one fp32 scale per row; conv rank min(4, 8, 27) = 4 and fc
     # rank min(4, 5, 8) = 4; adapters r * (out + in*kh*kw) at 16 bits
@@ -169,9 +167,7 @@ def resnet_method(init: str = "svd_init") -> tuple[network.NetworkMethod, SweepC
     model = image_model(bare(RESNET))
     names = layer_selection.select_layers(model.model, ["all"])
     calibration = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
-    layers = network_accounting.describe_layers(
-        model.model, names, model.preprocess(calibration[:1])
-    )
+    layers = layer_selection.describe_layers(model.model, names, model.preprocess(calibration[:1]))
     method = network.NetworkMethod.create("int4", make_config("int4"), model, layers, calibration)
     return method, SweepConfig(init=init)
 
@@ -336,7 +332,7 @@ def test_a_long_layer_list_gets_a_short_folder_name_and_positions_count_every_la
         def forward(self, x):
             return self.fc(x.permute(0, 2, 3, 1))
 
-    (info,) = network_accounting.describe_layers(ChannelsLast(), ["fc"], torch.zeros(1, 4, 5, 7))
+    (info,) = layer_selection.describe_layers(ChannelsLast(), ["fc"], torch.zeros(1, 4, 5, 7))
     assert info.positions == 35
 
 

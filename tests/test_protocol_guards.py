@@ -120,14 +120,14 @@ def test_scrambled_test_labels_leave_the_final_adapter_unchanged():
 
 def test_paper_init_final_run_starts_at_the_compressed_layers_val_accuracy():
     method, splits = problem()
-    compressed = evaluate(method.compressed_linear(), splits.val)["acc"]
+    compressed = evaluate(method.compressed_model(), splits.val)["acc"]
     # paper_init has B = 0: epoch 0 of the final run is the compressed layer, exactly
     assert swept("paper_init").record["finals"][0]["history"]["val_acc"][0] == compressed
 
 
 def test_paper_init_only_test_accuracy_is_the_compressed_layers():
     method, splits = problem()
-    compressed = evaluate(method.compressed_linear(), splits.test)["acc"]
+    compressed = evaluate(method.compressed_model(), splits.test)["acc"]
     assert swept("paper_init").record["init_only"]["test_acc"] == compressed
 
 
@@ -169,7 +169,7 @@ def test_svd_init_at_full_rank_scores_what_the_original_layer_scores(method_name
         "val_acc": evaluate(method.head, splits.val)["acc"],
         "test_acc": evaluate(method.head, splits.test)["acc"],
     }
-    compressed = evaluate(method.compressed_linear(), splits.test)["acc"]
+    compressed = evaluate(method.compressed_model(), splits.test)["acc"]
     assert compressed < original["test_acc"]  # the compression costs accuracy to win back
     assert record["init_only"] == original
 

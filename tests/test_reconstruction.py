@@ -31,7 +31,6 @@ from tests.test_network import RESNET, bare, image_model, resnet_weights  # noqa
 from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.cut import boundaries
 from train_evaluate.search.sweep import SweepConfig
-from train_evaluate.training import accounting as network_accounting
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit
 
@@ -46,9 +45,7 @@ def resnet_setup(
     device."""
     model = image_model(bare(RESNET)).to(calibration.device)
     names = layer_selection.select_layers(model.model, ["all"])
-    layers = network_accounting.describe_layers(
-        model.model, names, model.preprocess(calibration[:1])
-    )
+    layers = layer_selection.describe_layers(model.model, names, model.preprocess(calibration[:1]))
     units = reconstruction_units([info.name for info in layers], boundaries(model.model))
     method = network.NetworkMethod.create(
         compression, make_config(compression, **options), model, layers, calibration,

@@ -17,8 +17,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
 from compression import make_config
+from train_evaluate.inputs.selection import LayerInfo
 from train_evaluate.outputs import figures, report
 from train_evaluate.outputs import summary as compare
+from train_evaluate.outputs.accounting import Accounting
 from train_evaluate.outputs.run_folder import FORMAT
 from train_evaluate.search.sweep import SearchSpace, SweepConfig, run_rank
 from train_evaluate.training.fc_method import Method
@@ -87,8 +89,9 @@ def small_problem(name: str = "int1", train: int = 600):
     return Method.create(name, make_config(name), head, splits.train.features), splits
 
 
-def accounting(method: Method) -> report.Accounting:
-    return report.Accounting(tuple(method.head.weight.shape), 32, False, False, 0)
+def accounting(method: Method) -> Accounting:
+    head = LayerInfo.of("head", method.head)
+    return Accounting((head,), (method.cost,), 32, False, False, 0, "head (1 layer)")
 
 
 def test_every_row_has_top5_and_a_wilson_interval_over_the_test_images():
@@ -99,7 +102,7 @@ def test_every_row_has_top5_and_a_wilson_interval_over_the_test_images():
     trained = run_rank(method, 4, splits, sweep, None, "t").record
     init_only = run_rank(method, 2, splits, SweepConfig(init="svd_init", epochs=0), None, "i")
     original = evaluate(method.head, splits.test)
-    compressed = evaluate(method.compressed_linear(), splits.test)
+    compressed = evaluate(method.compressed_model(), splits.test)
     shared = {"quant": "sparse", "init": "svd_init", "seed": 0, "compression": "sparse"}
     rows = report.method_rows(
         shared, original, compressed, method.cost, [init_only.record, trained], accounting(method)
@@ -136,7 +139,7 @@ def test_every_row_has_top5_and_a_wilson_interval_over_the_test_images():
 
 def test_base_only_is_the_stored_base_of_the_rank_not_the_compressors():
     method, splits = small_problem("int1")
-    quantized = evaluate(method.compressed_linear(), splits.test)["acc"]
+    quantized = evaluate(method.compressed_model(), splits.test)["acc"]
     for init in ("svd_init", "loftq_init"):
         sweep = SweepConfig(init=init, trials=1, epochs=1)
         outcome = run_rank(method, 4, splits, sweep, None, init)

@@ -255,14 +255,16 @@ def check_budgets_reachable(
 ) -> None:
     """Every --bits-budget at least what the cheapest option of every layer stores, checked on
     the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
+    from train_evaluate.inputs.selection import LayerInfo
+    from train_evaluate.outputs.accounting import Accounting
     from train_evaluate.outputs.checkpoint import adapter_storage
-    from train_evaluate.training import accounting, budget
+    from train_evaluate.training import budget
 
     with torch.device("meta"):
         bare = timm.create_model(model, pretrained=False)
-    layers = tuple(accounting.LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
+    layers = tuple(LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
     adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
-    template = accounting.NetworkAccounting(
+    template = Accounting(
         layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
         code_bits,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Which layers a run compresses: ``--layers`` patterns resolved to module names.
+"""Which layers a run compresses: ``--layers`` patterns resolved to module names, and each
+selected layer described (``LayerInfo``: kind, shape, positions, bias) in forward order.
 
 ``head`` is the classifier, ``all`` every Linear and every Conv2d no compressor refuses (a
 depthwise conv is left out), anything else an fnmatch pattern over ``named_modules()`` names;
@@ -8,12 +9,16 @@ a pattern that selects nothing, or something no compressor handles, is refused i
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from compression import compressible
 from lora.attach import classifier_name
+from lora.capture import first_outputs, forward_order
 
 HEAD, ALL = "head", "all"
 
@@ -88,3 +93,45 @@ def left_out(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
 def is_head_only(model: nn.Module, names: Sequence[str]) -> bool:
     """Whether the selection is the classifier alone: today's FC path."""
     return list(names) == [classifier_module_name(model)]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw), the
+    spatial positions (tokens, pixels) of its output per image, which multiply its compute, and
+    whether it has a bias (a conv before a BatchNorm has none: nothing stored, nothing counted)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    positions: int
+    bias: bool = True
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def rank(self, requested: int) -> int:
+        """The requested rank, clamped to what the layer can hold: min(out, in*kh*kw)."""
+        return min(requested, min(self.matrix))
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, positions: int = 1) -> LayerInfo:
+        """The layer ``module`` (a Linear or Conv2d, on any device, ``meta`` included)."""
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        return cls(name, kind, tuple(module.weight.shape), positions, module.bias is not None)
+
+
+def describe_layers(
+    model: nn.Module, names: Sequence[str], example: torch.Tensor
+) -> list[LayerInfo]:
+    """The selected layers in forward order, with their output positions on ``example``."""
+    order = forward_order(model, example, list(names))
+    modules = {name: model.get_submodule(name) for name in order}
+    outputs = first_outputs(model, modules, example[:1])
+    # one image's output holds positions x out values, whatever its layout (NCHW convs,
+    # tokens, NHWC or window-partitioned Linears)
+    positions = {
+        name: max(1, outputs[name].numel() // modules[name].weight.shape[0]) for name in outputs
+    }
+    return [LayerInfo.of(name, model.get_submodule(name), positions.get(name, 1)) for name in order]

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ import pandas as pd
 import plotly.offline
 from scipy import stats
 
-from compression import LayerAccounting, StorageCost, account_layer, dense_cost, model_ratio
-from compression.accounting import model_bits_per_weight
+from compression import StorageCost
 from lora import LoraLinear
+from train_evaluate.outputs.accounting import Accounting
 from train_evaluate.outputs.checkpoint import write_packed
 from train_evaluate.outputs.figures import plot_epochs, save_figure
 from train_evaluate.runtime.files import atomic_path, write_text
@@ -255,71 +254,6 @@ def write_rank_artifacts(
     path = checkpoint_path(out, method, rank)
     write_packed(path, layer, adapter_dtype, info)
     return path
-
-
-@dataclass(frozen=True)
-class Accounting:
-    """How a run prices its rows: the FC's shape, the adapter's stored dtype (or its code bits),
-    whether DoRA's magnitudes and the bias are counted in the ratios, and the bits of the rest
-    of the model.
-
-    ``bits`` and ``bits_per_weight`` are every bit the packed file stores, the FC's bias
-    included whatever ``include_bias`` says (it only decides the ratios: both sides or
-    neither). ``model_weights``: the Linear and Conv2d weights of the whole model, over which
-    ``model_bits_per_weight`` spreads the backbone's bits and the stored FC (None: not known,
-    the column stays empty)."""
-
-    fc_shape: tuple[int, int]
-    adapter_dtype_bits: int
-    dora: bool
-    include_bias: bool
-    backbone_bits: int
-    adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
-    has_bias: bool = True  # whether the FC has a bias (a timm classifier nearly always has)
-    model_weights: int | None = None
-
-    def columns(self, cost: StorageCost, rank: int) -> dict[str, Any]:
-        """The ratio columns of a row: this layer, and the whole model around it."""
-        layer = account_layer(
-            *self.fc_shape,
-            cost,
-            rank,
-            adapter_dtype_bits=self.adapter_dtype_bits,
-            extra_adapter_params=self.fc_shape[0] if self.dora and rank else 0,
-            include_bias=self.include_bias,
-            adapter_code_bits=self.adapter_code_bits,
-            has_bias=self.has_bias,
-        )
-        return {
-            **accounting_columns(layer, model_ratio(self.backbone_bits, layer)),
-            "layers": "head (1 layer)",
-            "bits_per_weight": layer.stored_bits / (self.fc_shape[0] * self.fc_shape[1]),
-            "model_bits_per_weight": model_bits_per_weight(
-                self.backbone_bits, layer.stored_bits, self.model_weights
-            ),
-        }
-
-    def original_cost(self) -> StorageCost:
-        """The uncompressed layer's cost, for the ``original`` row."""
-        return dense_cost(*self.fc_shape)
-
-    @property
-    def dense_bytes(self) -> int:
-        """The uncompressed FC, weight and its bias (if it has one), at fp32: what
-        ``ratio_file`` divides."""
-        out_features, in_features = self.fc_shape
-        return 4 * (out_features * in_features + (out_features if self.has_bias else 0))
-
-
-def accounting_columns(layer: LayerAccounting, model_ratio: float) -> dict[str, Any]:
-    return {
-        "ratio": layer.ratio,
-        "ratio_seed": layer.ratio_seed,
-        "ratio_model": model_ratio,
-        "compute_ratio": layer.compute_ratio,
-        "bits": layer.stored_bits,
-        "bias_counted": layer.include_bias,
-    }
 
 
 def level_row(metrics: dict[str, float]) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def final_rows(
     train_one,
     out: Path,
     write_checkpoint,
-    read_checkpoint,
+    device: Any,
     finish_layer=lambda layer: None,
 ) -> list[dict[str, Any]]:
     """Each front trial's model, trained again with its parameters and seed, scored on test
@@ -158,7 +158,7 @@ def final_rows(
         test_acc = evaluate(layer, data.test)["acc"]
         path = out / "checkpoints" / f"pareto_trial={trial.number}.safetensors"
         size = write_checkpoint(path, layer, {"trial": trial.number, "test_acc": test_acc})
-        rebuilt = read_checkpoint(path)
+        rebuilt = candidate.method.load(path, device)
         rows.append(
             {
                 "trial": trial.number,

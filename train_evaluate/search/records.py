@@ -22,12 +22,12 @@ from torch import nn
 from compression import uses_inputs
 from train_evaluate.inputs.features import feature_key
 from train_evaluate.outputs import report
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed
+from train_evaluate.outputs.checkpoint import CheckpointError
 from train_evaluate.outputs.network_checkpoint import verify_packed
 from train_evaluate.runtime.files import read_json, write_json
 from train_evaluate.runtime.progress import Progress
 from train_evaluate.search.sweep import Sharing, Splits, run_rank, steps_per_rank
-from train_evaluate.training.fc_method import Method
+from train_evaluate.training.target import Target
 from train_evaluate.training.training import evaluate
 
 if TYPE_CHECKING:  # the plan is built by config/, which imports this group
@@ -94,7 +94,7 @@ def record_problem(out: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
-def identities(context: RunContext, method: Method, rank: int) -> tuple[str, str]:
+def identities(context: RunContext, method: Target, rank: int) -> tuple[str, str]:
     """(Optuna study name, record key) of one rank.
 
     The study depends on everything but the trial count (a study can be extended) and the
@@ -140,7 +140,7 @@ def checkpoint_info(context: RunContext) -> dict[str, Any]:
     }
 
 
-def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any] | None:
+def rank_record(context: RunContext, method: Target, rank: int) -> dict[str, Any] | None:
     """A rank's record: reused when a finished, intact one with the same key exists, else
     computed (with its files) and written. Many workers (``context.sharing``): None when this
     worker has nothing (more) to do on the rank now; the worker that claimed its finals writes
@@ -180,7 +180,7 @@ def rank_record(context: RunContext, method: Method, rank: int) -> dict[str, Any
 
 
 def write_record(
-    context: RunContext, outcome: Any, key: str, path: Path, built: Any
+    context: RunContext, outcome: Any, key: str, path: Path, built: Target
 ) -> dict[str, Any]:
     """The rank's files (curves, pages, its plan, checkpoint, read back and scored) and, last,
     its record. ``built``: the method (FC or whole network) the rank was trained with."""
@@ -194,12 +194,7 @@ def write_record(
     )
     if checkpoint is not None:
         # Read the file back and score the model it holds: the number a user of the file gets.
-        if plan.network is None:
-            rebuilt = read_packed(checkpoint, plan.device).layer
-        else:
-            from train_evaluate.training.network import load_adapted
-
-            rebuilt = load_adapted(context.head, checkpoint, plan.device)
+        rebuilt = built.load(checkpoint, plan.device)
         test = context.splits.test.with_base(rebuilt)
         record["file"] = {
             "bytes": checkpoint.stat().st_size,

@@ -42,7 +42,7 @@ from train_evaluate.search.study import (
     trial_counts,
 )
 from train_evaluate.training.batched import Run, batchable, train_adapters
-from train_evaluate.training.fc_method import Method
+from train_evaluate.training.target import Target
 from train_evaluate.training.training import (
     FeatureSplit,
     Splits,
@@ -206,7 +206,7 @@ def train_one(
 
 
 def run_rank(
-    method: Method,
+    method: Target,
     rank: int,
     splits: Splits,
     sweep: SweepConfig,
@@ -273,7 +273,7 @@ def run_rank(
 
 
 def init_record(
-    method: Method, rank: int, sweep: SweepConfig, probe: nn.Module, data: Splits, splits: Splits
+    method: Target, rank: int, sweep: SweepConfig, probe: nn.Module, data: Splits, splits: Splits
 ) -> dict[str, Any]:
     """A rank's record as far as its init goes: what it is, the init scored on val and test
     (``data``: the splits with ``probe``'s base; ``splits``: without), and its reconstruction's
@@ -295,7 +295,7 @@ def init_record(
     return record
 
 
-def rank_seed_parts(sweep: SweepConfig, method: Method, rank: int) -> tuple:
+def rank_seed_parts(sweep: SweepConfig, method: Target, rank: int) -> tuple:
     """What every seed of a (method, rank) derives from: its trials', its finals', its init's."""
     return (sweep.seed, method.name, rank)
 
@@ -306,7 +306,7 @@ class RankTrials:
     (``objective``) or with others (``prepare_batched``, ``train_batched``), and told to Optuna
     epoch by epoch, so that the median pruner decides as in a sequential sweep."""
 
-    method: Method
+    method: Target
     rank: int
     sweep: SweepConfig
     data: Splits
@@ -361,7 +361,7 @@ class RankTrials:
 
 
 def train_finals(
-    method: Method,
+    method: Target,
     rank: int,
     params: dict[str, Any],
     data: Splits,
@@ -400,7 +400,7 @@ def train_finals(
 
 
 def _run_rank(
-    method: Method,
+    method: Target,
     rank: int,
     splits: Splits,
     sweep: SweepConfig,

@@ -21,8 +21,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from train_evaluate.training.target import Target
 
 log = logging.getLogger("train_model")
 
@@ -31,10 +34,10 @@ log = logging.getLogger("train_model")
 class Built:
     """One method, compressed and scored, ready for its ranks."""
 
-    method: Any  # fc_method.Method, or network.NetworkMethod in whole-network mode
+    method: Target  # fc_method.Method, or network.NetworkMethod in whole-network mode
     shared: dict[str, Any]  # the columns every row of the method carries
     compressed: dict[str, float]  # the compressed-only model's test metrics
-    accounting: Any  # report.Accounting, or the network's accounting
+    accounting: Any  # outputs.accounting.Accounting: the classifier's, or the network's
     budget: Any = None  # --bits-budget: the solved budget.Budget of this method
     rank: int | None = None  # --bits-budget: the one rank its rows name (the largest chosen)
 
@@ -75,7 +78,7 @@ def sweep_all(plan) -> dict:
             progress,
             Sharing(storage, plan.heartbeat, plan.share == "ranks") if plan.shared else None,
         )
-        rows, layer_rows = sweep_methods(plan, context, build, original, found)
+        rows, layer_rows = sweep_methods(plan, context, build, original)
     if plan.worker_of is not None:
         return {}  # a worker: the launcher writes the report
     write_report(plan, storage, rows, layer_rows)
@@ -112,7 +115,8 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     compressed-only test metrics; the FC study and the whole network alike."""
     from lora.attach import classifier_name
     from train_evaluate.inputs.backbone import layer_weights, tensor_bits
-    from train_evaluate.outputs import report
+    from train_evaluate.inputs.selection import LayerInfo
+    from train_evaluate.outputs.accounting import Accounting
     from train_evaluate.outputs.checkpoint import adapter_storage
     from train_evaluate.training import network
     from train_evaluate.training.fc_method import Method
@@ -146,22 +150,24 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
                          setup.accounting(method), budget, rank)  # fmt: skip
 
         return build
-    accounting = report.Accounting(
-        plan.fc_shape,
+    module = classifier_name(found.model)
+    # the FC study prices its rows as a network run of one layer, the classifier
+    template = Accounting(
+        (LayerInfo.of(module, head),),
+        (),
         adapter_bits,
         plan.sweep.use_dora,
         plan.include_bias,
         tensor_bits(found.model) - tensor_bits(head),
+        "head (1 layer)",
         code_bits,
-        has_bias=head.bias is not None,
-        model_weights=layer_weights(found.model),
+        layer_weights(found.model),
     )
-
-    module = classifier_name(found.model)
 
     def build(name: str, compression: Any) -> Built:
         method = Method.create(name, compression, head, splits.train.features, module)
-        compressed = evaluate(method.compressed_linear(), splits.test)
+        compressed = evaluate(method.compressed_model(), splits.test)
+        accounting = replace(template, costs=(method.cost,))
         return Built(method, shared_columns(name, compression), compressed, accounting)
 
     return build
@@ -238,7 +244,7 @@ def run_storage(plan):
     return open_storage(plan.out / "optuna.sqlite3")
 
 
-def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
+def sweep_methods(plan, context, build, original) -> tuple[list, list]:
     """Every method's rows of evaluation.csv (and of layers.csv, whole network)."""
     from train_evaluate.outputs import report
     from train_evaluate.search import pareto
@@ -284,7 +290,7 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
             done.accounting,
         )
         if plan.network is not None:
-            from train_evaluate.training.accounting import with_budget, with_reconstruction
+            from train_evaluate.outputs.accounting import with_budget, with_reconstruction
 
             reconstructed = plan.network.reconstruction.enabled
             for record in records[done.method.name]:
@@ -295,7 +301,7 @@ def sweep_methods(plan, context, build, original, found) -> tuple[list, list]:
                     rank_rows = with_reconstruction(rank_rows, record.get("reconstruction"))
                 layer_rows += rank_rows
     if candidates:
-        pareto_search(plan, context, candidates, found, plan.out)
+        pareto_search(plan, context, candidates, plan.out)
     return rows, layer_rows
 
 
@@ -325,11 +331,11 @@ def share_ranks(context, methods, ranks) -> dict[str, list]:
     return records
 
 
-def pareto_search(plan, context, candidates, found, out) -> None:
+def pareto_search(plan, context, candidates, out) -> None:
     """``--search pareto``: the study, the front's final models and pareto.csv."""
     from lora.rounding import ADAPTER_INT_BITS, round_adapter_
     from train_evaluate.outputs import report
-    from train_evaluate.outputs.checkpoint import read_packed, write_packed
+    from train_evaluate.outputs.checkpoint import write_packed
     from train_evaluate.search import pareto
     from train_evaluate.search.records import checkpoint_info
     from train_evaluate.search.sweep import train_one
@@ -348,15 +354,8 @@ def pareto_search(plan, context, candidates, found, out) -> None:
         extra = {**info, "init": sweep.init, "metrics": metrics}
         return write_packed(path, layer, plan.adapter_dtype, extra)
 
-    def read(path):
-        if plan.network is None:
-            return read_packed(path, plan.device).layer
-        from train_evaluate.training.network import load_adapted
-
-        return load_adapted(found.model, path, plan.device)
-
     rows = pareto.final_rows(
-        chosen, candidates, splits, sweep, train_one, out, write, read,
+        chosen, candidates, splits, sweep, train_one, out, write, plan.device,
         (lambda layer: round_adapter_(layer, bits)) if bits else (lambda layer: None),
     )  # fmt: skip
     title = report.run_title(info, sweep.init)
@@ -375,10 +374,10 @@ def write_report(plan, storage, rows, layer_rows) -> None:
     """evaluation.csv, layers.csv, the summary plot (and the rows in a shared storage), then
     the summary of every run under --results-dir."""
     from train_evaluate.inputs.backbone import weights_id
+    from train_evaluate.outputs import accounting as network_accounting
     from train_evaluate.outputs import figures, report, run_folder, summary
     from train_evaluate.runtime.files import write_text
     from train_evaluate.search.storage import store_report
-    from train_evaluate.training import accounting as network_accounting
 
     out, whole = plan.out, plan.network is not None
     frame = report.evaluation_frame(rows)

@@ -1,9 +1,10 @@
-"""The FC study's method: one compressor applied to the classifier, on the cached pre-logits
-features (the whole network's counterpart is ``training.network.NetworkMethod``)."""
+"""The FC study's ``Target`` (``training.target``): one compressor applied to the classifier,
+on the cached pre-logits features (the whole network's is ``training.network.NetworkMethod``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ class Method:
     def descriptions(self) -> dict[str, str]:
         return {self.name: self.config.describe()}
 
-    def compressed_linear(self) -> nn.Linear:
+    def compressed_model(self) -> nn.Linear:
         """The compressed layer alone (W_c and the original bias): the "quantized" row."""
         head = self.head
         linear = nn.Linear(
@@ -78,3 +79,9 @@ class Method:
         )
         generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
         return make_lora_linear(self.head, config, self.context, generator)
+
+    def load(self, path: Path, device: torch.device | str) -> LoraLinear:
+        """The adapted classifier a packed checkpoint of this method holds."""
+        from train_evaluate.outputs.checkpoint import read_packed
+
+        return read_packed(path, device).layer

@@ -3,7 +3,7 @@
 The FC-only study is the case of one selected layer, the classifier, and keeps its own path
 (pre-logits features cached, base logits computed once). Any other selection (which layers:
 ``train_evaluate.inputs.selection``; the cached images and states:
-``train_evaluate.inputs.images``; what they store: ``train_evaluate.training.accounting``) runs
+``train_evaluate.inputs.images``; what they store: ``train_evaluate.outputs.accounting``) runs
 here:
 
 - ``NetworkMethod``: one compressor applied to every selected layer; per rank, the layers are
@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ from lora.reconstruction import (
     reconstruction_units,
 )
 from train_evaluate.inputs.images import EVAL_CHUNK, ImageModel
-from train_evaluate.training.accounting import LayerInfo, NetworkAccounting, describe_layers
+from train_evaluate.inputs.selection import LayerInfo, describe_layers
+from train_evaluate.outputs.accounting import Accounting
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,8 @@ class AdaptedNetwork(nn.Module):
 
 @dataclass(eq=False)
 class NetworkMethod:
-    """One compressor on every selected layer; shared by all ranks and trials of a run.
+    """The whole network's ``Target`` (``training.target``): a compressor on every selected
+    layer (or one per layer, from a plan); shared by all ranks and trials of a run.
 
     ``model``: the uncompressed classifier on uint8 images (frozen, eval); ``calibration``: the
     train-split images the activation-aware inits see. Per rank, the layers are compressed and
@@ -218,6 +221,10 @@ class NetworkMethod:
             kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear
             replace_submodule(network.model, info.name, kind.from_dense(dense, targets[info.name]))
         return network.requires_grad_(False).eval()
+
+    def load(self, path: Path, device: torch.device | str) -> AdaptedNetwork:
+        """The adapted network a checkpoint of this method holds, on the uncompressed model."""
+        return load_adapted(self.model, path, device)
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -349,7 +356,7 @@ class NetworkSetup:
     model: ImageModel
     layers: tuple[LayerInfo, ...]
     calibration: torch.Tensor
-    template: NetworkAccounting
+    template: Accounting
     asymmetric: bool = False
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -380,7 +387,7 @@ class NetworkSetup:
             selected_bits += sum(
                 t.numel() * t.element_size() * 8 for t in module.state_dict().values()
             )
-        template = NetworkAccounting(
+        template = Accounting(
             layers,
             (),
             adapter_bits,
@@ -418,7 +425,7 @@ class NetworkSetup:
             self.calibration, self.asymmetric, self.reconstruction, self.units, plan=plan,
         )  # fmt: skip
 
-    def accounting(self, method: NetworkMethod) -> NetworkAccounting:
+    def accounting(self, method: NetworkMethod) -> Accounting:
         ranks = None
         if method.plan is not None:
             ranks = tuple(method.requested_ranks(method.plan.rank).values())

@@ -1,7 +1,7 @@
-"""What a whole-network run stores, bit for bit: every bit of the selected layers (values,
-indices, scales, adapters at their dtype, the biases they have) against their dense fp32 size,
-per layer and in total (``bits_per_weight``), and of the whole model
-(``model_bits_per_weight``); and layers.csv, one row per compressed layer.
+"""What a run stores, bit for bit (the FC study's one layer or a network's selected layers):
+every bit of the selected layers (values, indices, scales, adapters at their dtype, the biases
+they have) against their dense fp32 size, per layer and in total (``bits_per_weight``), and of
+the whole model (``model_bits_per_weight``); and layers.csv, one row per compressed layer.
 """
 
 from __future__ import annotations
@@ -11,59 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from compression import StorageCost
 from compression.accounting import account_layer, dense_cost, model_bits_per_weight
-from lora.capture import first_outputs, forward_order
+from train_evaluate.inputs.selection import LayerInfo
 
 
 @dataclass(frozen=True)
-class LayerInfo:
-    """One selected layer: its name, kind, weight shape, matrix shape (out x in*kh*kw), the
-    spatial positions (tokens, pixels) of its output per image, which multiply its compute, and
-    whether it has a bias (a conv before a BatchNorm has none: nothing stored, nothing counted)."""
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    positions: int
-    bias: bool = True
-
-    @property
-    def matrix(self) -> tuple[int, int]:
-        return self.shape[0], math.prod(self.shape[1:])
-
-    def rank(self, requested: int) -> int:
-        """The requested rank, clamped to what the layer can hold: min(out, in*kh*kw)."""
-        return min(requested, min(self.matrix))
-
-    @classmethod
-    def of(cls, name: str, module: nn.Module, positions: int = 1) -> LayerInfo:
-        """The layer ``module`` (a Linear or Conv2d, on any device, ``meta`` included)."""
-        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-        return cls(name, kind, tuple(module.weight.shape), positions, module.bias is not None)
-
-
-def describe_layers(
-    model: nn.Module, names: Sequence[str], example: torch.Tensor
-) -> list[LayerInfo]:
-    """The selected layers in forward order, with their output positions on ``example``."""
-    order = forward_order(model, example, list(names))
-    modules = {name: model.get_submodule(name) for name in order}
-    outputs = first_outputs(model, modules, example[:1])
-    # one image's output holds positions x out values, whatever its layout (NCHW convs,
-    # tokens, NHWC or window-partitioned Linears)
-    positions = {
-        name: max(1, outputs[name].numel() // modules[name].weight.shape[0]) for name in outputs
-    }
-    return [LayerInfo.of(name, model.get_submodule(name), positions.get(name, 1)) for name in order]
-
-
-@dataclass(frozen=True)
-class NetworkAccounting:
-    """How a whole-network run prices its rows: every selected layer with its own clamped rank,
+class Accounting:
+    """How a run prices its rows (the FC study's, one layer; a whole network's, every selected
+    layer): every selected layer with its own clamped rank,
     its compressor's exact cost and its adapter at the stored dtype; the rest of the model at
     its own dtype for ``ratio_model`` and ``model_bits_per_weight``.
 
