@@ -5,6 +5,7 @@ and the calibrated, sequential initialisation of a whole network.
 """
 
 from lora.attach import (
+    attach_adapters_,
     attach_lora,
     make_adapter,
     make_init_context,
@@ -26,6 +27,7 @@ __all__ = [
     "LoraConv2d",
     "LoraLinear",
     "MomentAccumulator",
+    "attach_adapters_",
     "attach_lora",
     "calibrate_sequentially",
     "check_rank",

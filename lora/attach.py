@@ -4,6 +4,7 @@ model."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -121,6 +122,33 @@ def classifier_name(model: nn.Module) -> str:
     raise ValueError("the classifier returned by get_classifier() is not a submodule of the model")
 
 
+def attach_adapters_(
+    model: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    contexts: Mapping[str, InitContext],
+    generator: torch.Generator | None = None,
+) -> dict[str, LoraLinear | LoraConv2d]:
+    """Wrap, in place, each Linear / Conv2d that ``configs`` names with an adapter (PEFT's
+    ``inject_adapter``, one ``LoraConfig`` per layer as its ``rank_pattern`` gives one), and
+    freeze everything else: afterwards only the adapters' tensors require grad.
+
+    ``contexts[name]``: the layer's ``InitContext`` (its compressed base and what its init
+    fits). The layers are built in the order of ``configs``, the order in which random inits
+    draw from ``generator``. Returns {name: adapter}."""
+    adapters = {
+        name: make_adapter(model.get_submodule(name), config, contexts[name], generator)
+        for name, config in configs.items()
+    }
+    for name, adapter in adapters.items():
+        replace_submodule(model, name, adapter)
+    model.requires_grad_(False)
+    for adapter in adapters.values():
+        for param in (adapter.lora_A, adapter.lora_B, adapter.lora_magnitude):
+            if param is not None:
+                param.requires_grad_(True)
+    return adapters
+
+
 def attach_lora(
     model: nn.Module,
     compression: Any,
@@ -143,12 +171,5 @@ def attach_lora(
             "create the model with num_classes > 0"
         )
     name = classifier_name(model)
-    layer = make_lora_linear(
-        head, config, make_init_context(head, compression, features), generator
-    )
-    model.requires_grad_(False)
-    replace_submodule(model, name, layer)
-    for param in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-        if param is not None:
-            param.requires_grad_(True)
-    return layer
+    context = make_init_context(head, compression, features)
+    return attach_adapters_(model, {name: config}, {name: context}, generator)[name]

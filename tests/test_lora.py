@@ -10,7 +10,9 @@ from lora import (
     LORA_INITS,
     LoraConfig,
     LoraLinear,
+    attach_adapters_,
     attach_lora,
+    make_adapter,
     make_init_context,
     make_lora_linear,
 )
@@ -124,6 +126,29 @@ def test_attach_lora_on_a_timm_model_trains_only_the_adapter():
     with_grad = sorted(n for n, p in model.named_parameters() if p.grad is not None)
     assert with_grad == ["fc.lora_A", "fc.lora_B"]
     assert all(p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B))
+
+
+def test_adapters_attached_by_name_take_their_own_rank_and_draw_in_the_given_order():
+    model = timm.create_model("test_resnet", pretrained=False).eval()
+    names = ["layer1.0.conv2", "layer1.0.conv1", "fc"]  # not the model's order: the given one
+    ranks = dict(zip(names, (1, 2, 3), strict=True))
+    configs = {name: LoraConfig(r=ranks[name], init="paper_init") for name in names}
+    contexts = {
+        name: make_init_context(model.get_submodule(name), make_config("int4"), None)
+        for name in names
+    }
+    alone = torch.Generator().manual_seed(5)
+    expected = {
+        name: make_adapter(model.get_submodule(name), configs[name], contexts[name], alone)
+        for name in names
+    }
+    adapters = attach_adapters_(model, configs, contexts, torch.Generator().manual_seed(5))
+    for name in names:
+        assert model.get_submodule(name) is adapters[name]
+        assert adapters[name].r == configs[name].r
+        assert torch.equal(adapters[name].lora_A, expected[name].lora_A)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{name}.{t}" for name in names for t in ("lora_A", "lora_B")}
 
 
 def test_attach_lora_finds_classifiers_that_are_not_called_fc():

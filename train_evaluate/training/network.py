@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compression import StorageCost, compress, replace_submodule, weight_matrix
-from lora import LoraConfig, make_adapter
+from compression import StorageCost, compress, compress_, replace_submodule, weight_matrix
+from lora import LoraConfig
+from lora.attach import attach_adapters_
 from lora.calibration import calibrate_sequentially, compress_sequentially
 from lora.plan import LayerPlan, LayerSpec
 from lora.reconstruction import (
@@ -203,7 +204,7 @@ class NetworkMethod:
     def compressed_model(self) -> ImageModel:
         """Every selected layer compressed, no adapters: the ``quantized`` row. A calibrated
         compressor compresses in forward order on the calibration images' inputs."""
-        from compression import CompressedConv2d, CompressedLinear, uses_inputs
+        from compression import uses_inputs
 
         network = copy.deepcopy(self.model)
         targets = self.targets()
@@ -216,10 +217,7 @@ class NetworkMethod:
                 asymmetric=self.asymmetric,
             )
             return network.requires_grad_(False).eval()
-        for info in self.layers:
-            dense = network.model.get_submodule(info.name)
-            kind = CompressedConv2d if info.kind == "conv2d" else CompressedLinear
-            replace_submodule(network.model, info.name, kind.from_dense(dense, targets[info.name]))
+        compress_(network.model, targets.__getitem__, lambda _module, name: name in targets)
         return network.requires_grad_(False).eval()
 
     def load(self, path: Path, device: torch.device | str) -> AdaptedNetwork:
@@ -311,11 +309,9 @@ class NetworkMethod:
         network = copy.deepcopy(self.model).requires_grad_(False).eval()
         device = next(network.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
-        for info in self.layers:
-            dense = network.model.get_submodule(info.name)
-            config = self.lora_config(info, rank, alpha, sweep)
-            adapter = make_adapter(dense, config, contexts[info.name], generator)
-            replace_submodule(network.model, info.name, adapter)
+        # in forward order: paper_init's random draws come in that order
+        configs = {info.name: self.lora_config(info, rank, alpha, sweep) for info in self.layers}
+        attach_adapters_(network.model, configs, contexts, generator)
         return AdaptedNetwork(network, self.names())
 
     def adapted(self, rank: int, alpha: float, sweep: Any, seed: int) -> AdaptedNetwork:
