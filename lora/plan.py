@@ -13,10 +13,11 @@ A file (JSON, or YAML for hand-written ones) maps module-name patterns to a choi
 A pattern is an exact module name or an fnmatch pattern over ``named_modules()`` names. A
 module takes the entry that names it exactly, else the first pattern (in the file's order)
 that matches it, as torchao resolves ``FqnToConfig``. Every pattern must match at least one
-Linear or Conv2d module. Optional keys: ``name`` (the rows' ``quant``), ``origin`` (what made
-the plan, e.g. a bit budget), ``adapter_dtype`` and, per entry, ``compression`` (the method's
-full description, checked against the run's compression options so that a plan is never
-rebuilt with other ones).
+Linear or Conv2d module that a compressor handles; a pattern passes over those none handles (a
+depthwise conv), an exact name of one is refused. Optional keys: ``name`` (the rows'
+``quant``), ``origin`` (what made the plan, e.g. a bit budget), ``adapter_dtype`` and, per
+entry, ``compression`` (the method's full description, checked against the run's compression
+options so that a plan is never rebuilt with other ones).
 """
 
 from __future__ import annotations
@@ -212,11 +213,15 @@ def resolve_plan(
                 f"{where}: {pattern!r} names no Linear or Conv2d module of the model; names "
                 f"look like {examples}"
             )
+        # a pattern passes over the layers no compressor handles (as --layers all does); a
+        # layer named exactly must be one it handles
+        refused = {m: reason for m in matched if (reason := compressible(layers[m])) is not None}
+        if (pattern in layers and refused) or len(refused) == len(matched):
+            module, reason = next(iter(refused.items()))
+            raise LayerPlanError(f"{where}: {pattern!r} selects {module}: {reason}")
         for module in matched:
-            reason = compressible(layers[module])
-            if reason is not None:
-                raise LayerPlanError(f"{where}: {pattern!r} selects {module}: {reason}")
-            specs.setdefault(module, spec)
+            if module not in refused:
+                specs.setdefault(module, spec)
         if text is not None and described.setdefault(spec.method, text) != text:
             raise LayerPlanError(
                 f"{where}: method {spec.method} is described two ways ({described[spec.method]!r}"

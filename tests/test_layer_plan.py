@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +50,18 @@ def test_an_exact_name_wins_over_patterns_and_the_first_pattern_over_later_ones(
     ]
     assert list(specs) == [n for n in modules if n.startswith("layer1.")]
     assert plan.name == "plan" and plan.rank == 2 and plan.uniform is None
+
+
+def test_a_pattern_passes_over_layers_no_compressor_handles_and_a_name_does_not():
+    with torch.device("meta"):
+        model = timm.create_model("test_efficientnet", pretrained=False)
+    depthwise = "blocks.3.0.conv_dw"
+    plan, _ = resolve_plan({"layers": {"blocks.3.0.*": {"method": "int4", "rank": 1}}}, model)
+    assert plan.names and depthwise not in plan.names
+    with pytest.raises(LayerPlanError, match=re.escape("selects blocks.3.0.conv_dw")):
+        resolve_plan({"layers": {depthwise: {"method": "int4", "rank": 1}}}, model)
+    with pytest.raises(LayerPlanError, match=re.escape("selects blocks.3.0.conv_dw")):
+        resolve_plan({"layers": {"blocks.3.0.conv_d?": {"method": "int4", "rank": 1}}}, model)
 
 
 def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):

@@ -4,6 +4,8 @@ the same front."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -68,6 +70,15 @@ def test_a_whole_network_pareto_search_chooses_one_method_and_rank_for_every_lay
     out = run_folder(results, "paper_init_layers-blocks.1_pareto")
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 1 and (front["file_test_acc"] == front["test_acc"]).all()
+    # each front model's plan, in its file and beside it: one method and rank everywhere
+    from train_evaluate.outputs.network_checkpoint import read_packed_network
+
+    for _, row in front.iterrows():
+        file = out / row["file"]
+        plan = json.loads((out / "plans" / f"{file.stem}.json").read_text())
+        assert read_packed_network(file).info["layer_plan"] == plan
+        choices = {(e["method"], e["rank"]) for e in plan["layers"].values()}
+        assert choices == {(row["quant"], row["lora_rank"])}
 
 
 def test_pareto_needs_training(tmp_path, capsys):

@@ -436,8 +436,11 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
         info = json.loads(text)
         layer = rebuild_layer(info, tensors)
         if "layer_plan" in info:
-            (name,) = info["layer_plan"]["layers"]  # the classifier alone
-            check_plan(info["layer_plan"], {name: (info["method"], layer)})
+            plan = info["layer_plan"]
+            planned = plan.get("layers") if isinstance(plan, dict) else None
+            require(isinstance(planned, dict) and len(planned) == 1,
+                    "its layer plan does not name the one layer it holds")  # fmt: skip
+            check_plan(plan, {next(iter(planned)): (info["method"], layer)})
     # Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
     # what no check foresaw, so that any inconsistency is still one line, never a traceback
     except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:

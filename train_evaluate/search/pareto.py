@@ -157,7 +157,8 @@ def final_rows(
         finish_layer(layer)  # integer adapters: rounded, as the file stores them
         test_acc = evaluate(layer, data.test)["acc"]
         path = out / "checkpoints" / f"pareto_trial={trial.number}.safetensors"
-        size = write_checkpoint(path, layer, {"trial": trial.number, "test_acc": test_acc})
+        metrics = {"trial": trial.number, "test_acc": test_acc}
+        size = write_checkpoint(path, layer, metrics, candidate.method, rank)
         rebuilt = candidate.method.load(path, device)
         rows.append(
             {
