@@ -141,3 +141,25 @@ def test_every_module_of_train_evaluate_is_in_a_group_or_an_entry_point():
 def test_the_driver_stays_short():
     lines = len((REPO / "train_evaluate" / "train_model.py").read_text().splitlines())
     assert lines < DRIVER_MAX_LINES, f"train_model.py has {lines} lines"
+
+
+# the driver's size rules (docs/layout.md): a module holds one concern, a function one step
+MODULE_MAX_LINES = 500
+FUNCTION_MAX_LINES = 80
+LONGER_ALLOWED = {"train_evaluate.training.batched", "train_evaluate.config.cli.build_parser"}
+
+
+def test_no_driver_module_or_function_outgrows_its_limit():
+    too_long = []
+    for name, path in module_files().items():
+        if not name.startswith("train_evaluate"):
+            continue
+        source = path.read_text()
+        if len(source.splitlines()) > MODULE_MAX_LINES and name not in LONGER_ALLOWED:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > FUNCTION_MAX_LINES and f"{name}.{node.name}" not in LONGER_ALLOWED:
+                    too_long.append(f"{name}.{node.name}: {lines} lines")
+    assert too_long == []

@@ -23,6 +23,7 @@ from torch import nn
 from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
+from lora.plan import LayerPlan
 from train_evaluate.config.cli import (
     UsageError,
     available_cores,
@@ -366,6 +367,40 @@ def compression_configs(args: RunOptions, methods: Sequence[str] | None = None) 
         raise UsageError(str(error)) from error
 
 
+def layer_plan_and_configs(
+    args: RunOptions, model: str, compressions: dict[str, Any]
+) -> tuple[LayerPlan | None, dict[str, Any]]:
+    """``--layer-plan``: the plan resolved on ``model`` and the checked configs of its methods
+    (each the config the plan was written with); without one, None and ``compressions``."""
+    if args.layer_plan is None:
+        return None, compressions
+    planned, described = read_layer_plan(args, model)
+    configs = compression_configs(args, planned.methods)
+    check_descriptions(args.layer_plan, described, configs)
+    return planned, configs
+
+
+def ranks_and_configs(
+    args: RunOptions,
+    model: str,
+    fc_shape: tuple[int, int],
+    network_plan: NetworkPlan | None,
+    planned: LayerPlan | None,
+    compressions: dict[str, Any],
+) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+    """(ranks to run, default ranks left out, the configs they run with). A ``--layer-plan``
+    runs one model: its layers' own ranks (the row names the largest), or one (method, rank)
+    cell, its method alone."""
+    rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
+    requested = args.ranks
+    if planned is not None:
+        requested = [planned.rank]
+        if network_plan is None or network_plan.layer_plan is None:  # a (method, rank) cell
+            compressions = {planned.uniform.method: compressions[planned.uniform.method]}
+    ranks, skipped = choose_ranks(requested, rank_shape, model, network_plan is not None)
+    return ranks, skipped, compressions
+
+
 def check_storage_reachable(url: str) -> None:
     from train_evaluate.search.storage import check_storage
 
@@ -391,11 +426,7 @@ def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
     data_name = "digits" if demo else folder_name(Path(source.root).resolve().name)
     if args.storage is not None and args.worker_of is None:
         check_storage_reachable(args.storage)
-    planned = None
-    if args.layer_plan is not None:
-        planned, described = read_layer_plan(args, model)
-        compressions = compression_configs(args, planned.methods)
-        check_descriptions(args.layer_plan, described, compressions)
+    planned, compressions = layer_plan_and_configs(args, model, compressions)
     network_plan = plan_network(args, model, source, fractions, device, planned)
     check_network_options(args, network_plan, compressions)
     check_budget(args, network_plan)
@@ -410,13 +441,9 @@ def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
         raise UsageError(str(error)) from error
     if not demo:
         check_imagenet_head(model, fc_shape[0])
-    rank_shape = fc_shape if network_plan is None else largest_layer(model, network_plan.layers)
-    requested = args.ranks
-    if planned is not None:  # one model: a rank per layer (clamped there), or one rank
-        requested = [planned.rank]
-        if network_plan is None or network_plan.layer_plan is None:
-            compressions = {planned.uniform.method: compressions[planned.uniform.method]}
-    ranks, skipped = choose_ranks(requested, rank_shape, model, network_plan is not None)
+    ranks, skipped, compressions = ranks_and_configs(
+        args, model, fc_shape, network_plan, planned, compressions
+    )
     if network_plan is not None and network_plan.bits_budgets:
         check_budgets_reachable(model, network_plan, compressions, ranks, args)
     backbone = None if demo else load_backbone(model, weights, device)
