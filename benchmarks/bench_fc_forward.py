@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line, seconds_per_call
 from compression import make_config
 from lora import LoraConfig, make_init_context, make_lora_linear
-from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.outputs.checkpoint import write_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 
 OUT_FEATURES, IN_FEATURES = 1000, 512
 LABELS = {"sparse": "4x4", "int1": "row scale"}

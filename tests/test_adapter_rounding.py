@@ -12,8 +12,8 @@ from compression import StorageCost, account_layer, make_config
 from lora import LoraConfig, make_init_context, make_lora_conv2d, make_lora_linear
 from lora.rounding import round_adapter_
 from tests.conftest import run_driver, run_folder
-from train_evaluate.outputs.checkpoint import read_packed, write_packed
-from train_evaluate.outputs.network_checkpoint import read_packed_network
+from train_evaluate.outputs.checkpoint import write_packed
+from train_evaluate.outputs.network_checkpoint import read_packed, read_packed_network
 from train_evaluate.search import sweep
 from train_evaluate.search.storage import open_storage
 from train_evaluate.training import fc_method
@@ -39,9 +39,11 @@ def test_integer_adapter_bits_counted_by_hand(bits, dora, tmp_path):
     write_packed(path, layer, f"int{bits}")
     stored = 0
     with safe_open(str(path), framework="pt") as packed:
-        names = [name for name in sorted(packed.keys()) if name.startswith("lora_")]
+        # the layer's tensors, under its name in the file ("layer/lora_A.codes", ...)
+        names = [n.removeprefix("layer/") for n in sorted(packed.keys())]
+        names = [name for name in names if name.startswith("lora_")]
         for name in names:
-            tensor = packed.get_tensor(name)
+            tensor = packed.get_tensor(f"layer/{name}")
             stored += tensor.numel() * tensor.element_size() * 8
     assert any(name.endswith(".codes") for name in names)
     assert any(name.endswith(".scale") for name in names)

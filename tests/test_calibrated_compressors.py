@@ -13,10 +13,10 @@ from train_evaluate.outputs.checkpoint import (
     FORMAT,
     CheckpointError,
     pack_layer,
-    read_packed,
     save_packed,
     write_packed,
 )
+from train_evaluate.outputs.network_checkpoint import read_packed
 
 
 def gaussian(rows=64, cols=96, seed=0):

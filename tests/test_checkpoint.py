@@ -20,8 +20,9 @@ from compression import (
 from lora import LoraConfig, LoraLinear, make_init_context, make_lora_linear
 from tests.conftest import REPO, TINY_MODEL
 from train_evaluate.inputs.backbone import pre_logits
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed, write_packed
+from train_evaluate.outputs.checkpoint import CheckpointError, write_packed
 from train_evaluate.outputs.deploy import load_into, write_merged
+from train_evaluate.outputs.network_checkpoint import read_packed
 
 COMPRESSIONS = [SparseConfig(), SparseConfig(block=(3, 3)), SparseConfig(block=(16, 32)),
                 Int1Config(scale="none"), Int1Config(scale="tensor"), Int1Config(scale="row"),
@@ -156,7 +157,7 @@ def test_metadata_is_json_and_names_the_compressor(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        info = json.loads(handle.metadata()["checkpoint"])
+        info = json.loads(handle.metadata()["checkpoint"])["layers"]["layer"]
     assert info["method"] == "sparse" and info["compression"] == {"block": [1, 16], "keep": "max"}
     assert info["parts"]["positions_1x16"]["bits"] == 4
 
@@ -164,9 +165,10 @@ def test_metadata_is_json_and_names_the_compressor(tmp_path):
 # --- metadata edited and given a recomputed digest: refused in one line, never a traceback ---
 
 
-def rewrite(path, edit_info=None, edit_tensors=None):
-    """Edit a packed file's JSON metadata and/or tensors and recompute its digest, as someone
-    who knows the format could: only the consistency checks can catch it."""
+def rewrite(path, edit_info=None, edit_tensors=None, name="layer"):
+    """Edit the JSON metadata and/or tensors of a packed file's layer ``name`` and recompute
+    the file's digest, as someone who knows the format could: only the consistency checks can
+    catch it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -174,12 +176,15 @@ def rewrite(path, edit_info=None, edit_tensors=None):
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     info = json.loads(metadata["checkpoint"])
     if edit_info is not None:
-        info = edit_info(info)
+        info["layers"][name] = edit_info(info["layers"][name])
+    prefix = f"{name}/"
+    tensors = {key.removeprefix(prefix): value for key, value in stored.items()}
     if edit_tensors is not None:
         edit_tensors(tensors)
+    tensors = {f"{prefix}{key}": value for key, value in tensors.items()}
     text = json.dumps(info)
     metadata.update(checkpoint=text, sha256=digest(tensors, text))
     save_file(tensors, str(path), metadata=metadata)

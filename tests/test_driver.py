@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import TINY_MODEL, run_driver, run_folder, write_image
-from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.outputs.report import COLUMNS, TIMING_COLUMNS
 
 RANK_COLUMNS = [

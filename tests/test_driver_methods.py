@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import run_driver, run_folder
 from tests.test_driver import tiny_args
-from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.outputs.report import TIMING_COLUMNS
 from train_evaluate.runtime.files import with_digest
 

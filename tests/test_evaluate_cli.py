@@ -15,13 +15,15 @@ from safetensors.torch import save_file
 from compression import Int1Config
 from data import load_digits_source, scan_imagenet_folder
 from lora import LoraConfig, make_init_context, make_lora_linear
+from lora.attach import classifier_name
 from tests.conftest import SYNSETS, TINY_MODEL, write_image
 from train_evaluate.config.cli import configure_logging
 from train_evaluate.evaluate import main as evaluate_main
 from train_evaluate.inputs.backbone import weights_id
 from train_evaluate.inputs.demo import DEMO_MODEL
 from train_evaluate.inputs.features import backbone_features
-from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.outputs.checkpoint import write_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.training.training import FeatureSplit, evaluate
 
 CPU = torch.device("cpu")
@@ -70,7 +72,7 @@ def make_run(root, model, weights_file, source, cache, **info):
     }
     path = root / "checkpoints" / "quant=int1_r=2.safetensors"
     path.parent.mkdir(parents=True)
-    write_packed(path, layer, extra={**recorded, **info})
+    write_packed(path, layer, extra={**recorded, **info}, name=classifier_name(found.model))
     return path
 
 

@@ -127,7 +127,8 @@ def test_a_network_is_compressed_in_order_each_layer_on_the_compressed_prefix_ou
 @pytest.mark.parametrize("config", [IntNConfig(2, quantizer="gptq"), Int1Config(quantizer="gptq")])
 def test_a_gptq_layer_round_trips_through_its_packed_file(config, tmp_path):
     from lora import LoraConfig, make_init_context, make_lora_linear
-    from train_evaluate.outputs.checkpoint import pack_layer, read_packed, write_packed
+    from train_evaluate.outputs.checkpoint import pack_layer, write_packed
+    from train_evaluate.outputs.network_checkpoint import read_packed
 
     torch.manual_seed(0)
     linear = nn.Linear(48, 20)

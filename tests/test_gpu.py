@@ -13,7 +13,8 @@ from lora import LORA_INITS, LoraConfig, make_init_context, make_lora_linear
 from tests.conftest import run_driver
 from train_evaluate.inputs.backbone import create_backbone, eval_transform
 from train_evaluate.inputs.features import extract_features
-from train_evaluate.outputs.checkpoint import read_packed, write_packed
+from train_evaluate.outputs.checkpoint import write_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.training.batched import Run, train_adapters
 from train_evaluate.training.training import FeatureSplit, TrainConfig, evaluate, train_adapter
 

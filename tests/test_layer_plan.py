@@ -19,8 +19,8 @@ from safetensors import safe_open
 from lora.plan import LayerPlanError, read_plan_file, resolve_plan
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed
-from train_evaluate.outputs.network_checkpoint import read_packed_network
+from train_evaluate.outputs.checkpoint import CheckpointError
+from train_evaluate.outputs.network_checkpoint import read_packed, read_packed_network
 from train_evaluate.runtime.files import digest, write_safetensors
 
 # ------------------------------------------------------------------------ resolving a plan
@@ -209,7 +209,10 @@ def test_the_fc_studys_plan_fed_back_rebuilds_its_checkpoint(demo_cache, tmp_pat
     second = run_folder(tmp_path / "b", "paper_init")
     ckpt = "checkpoints/quant=int4_r=2.safetensors"
     assert (first / ckpt).read_bytes() == (second / ckpt).read_bytes()
-    assert read_packed(first / ckpt).info["layer_plan"] == written
+    # one layout for one layer or many: the FC stored under its module's name
+    packed = read_packed(first / ckpt)
+    assert packed.info["layer_plan"] == written and packed.info["layer"] == "head"
+    assert set(read_packed_network(first / ckpt).layers) == {"head"}
 
 
 # --------------------------------------------------------------- refused before any work

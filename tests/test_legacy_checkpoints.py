@@ -11,8 +11,11 @@ import timm
 import torch
 
 from lora import LoraConv2d, LoraLinear
-from train_evaluate.outputs.checkpoint import read_packed
-from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
+from train_evaluate.outputs.network_checkpoint import (
+    install_network,
+    read_packed,
+    read_packed_network,
+)
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
 

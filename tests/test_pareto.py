@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import run_driver, run_folder
-from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.search.pareto import non_dominated
 
 

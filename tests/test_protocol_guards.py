@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from compression import make_config
 from tests.conftest import REPO
-from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.search.sweep import (
     RankOutcome,
     SearchSpace,

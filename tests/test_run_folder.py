@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, run_driver, run_folder
 from tests.test_driver import tiny_args
-from train_evaluate.outputs.checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import read_packed
 
 DRIVER = REPO / "train_evaluate" / "train_model.py"
 # A one-method, one-rank demo run: a real digits classifier, about a second of training.

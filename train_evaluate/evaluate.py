@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+import timm
 import torch
 
 from data import DataError, load_digits_source, scan_imagenet_folder
@@ -38,13 +39,9 @@ from train_evaluate.config.run_options import DEFAULT_RESULTS
 from train_evaluate.inputs.backbone import BackboneError, weights_id
 from train_evaluate.inputs.demo import DEMO_MODEL  # importing it registers digits_vit with timm
 from train_evaluate.inputs.features import backbone_features
-from train_evaluate.outputs.checkpoint import (
-    NETWORK_FORMAT,
-    CheckpointError,
-    packed_format,
-    read_packed,
-)
+from train_evaluate.outputs.checkpoint import NETWORK_FORMAT, CheckpointError, packed_format
 from train_evaluate.outputs.deploy import write_merged
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.runtime.files import check_writable
 from train_evaluate.training.training import FeatureSplit, evaluate
 
@@ -359,11 +356,30 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     report_accuracy(evaluate(adapted, split)["acc"], len(ids), described, info, args)
 
 
+def holds_the_classifier_alone(path: Path) -> bool:
+    """Whether a packed file holds one layer, its model's classifier (the FC study's files,
+    scored on the cached features); any other is scored on the images, the whole model run."""
+    if packed_format(path) != NETWORK_FORMAT:
+        return True  # the first layout held one classifier
+    from train_evaluate.outputs.network_checkpoint import read_packed_network
+
+    packed = read_packed_network(path)
+    model = recorded_string(packed.info, "model")
+    if len(packed.layers) != 1 or model is None:
+        return False
+    try:
+        with torch.device("meta"):
+            bare = timm.create_model(model, pretrained=False)
+        return next(iter(packed.layers)) == classifier_name(bare)
+    except Exception:  # a model that cannot be built here: run_network says why in one line
+        return False
+
+
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {args.checkpoint} does not exist or is not a file")
-    if packed_format(args.checkpoint) == NETWORK_FORMAT:
+    if not holds_the_classifier_alone(args.checkpoint):
         run_network(args, device)
         return
     packed = read_packed(args.checkpoint, device)

@@ -1,21 +1,24 @@
-"""Packed checkpoints: a compressed FC and its adapter as a small safetensors file (no pickle).
+"""Packed checkpoints: compressed layers and their adapters as a small safetensors file (no
+pickle). One layout for the FC study's one layer and a network's many (``NETWORK_FORMAT``).
 
-Tensors:
-  ``base.<part>``   the compressor's stored parts (``CompressedWeight.parts``); integer parts
-                    (signs, block positions, N-bit codes) bit-packed at exactly their width
-  ``lora_A``, ``lora_B`` (and DoRA's ``lora_magnitude``)   at the adapter dtype (fp32 default)
-  ``bias``          fp32, untouched (absent when the layer has none)
-Metadata (safetensors' string map):
-  ``format``        ``lora-compression-packed/1``
-  ``checkpoint``    JSON: method and compressor config, layer shape, rank, alpha, init, DoRA,
-                    adapter dtype, each part's dtype / shape / code width, and the writer's extras
-                    (model, weights, metrics)
-  ``sha256``        digest of every tensor's bytes in name order: a flipped byte is detected
+Tensors, per layer ``<name>`` (the module it replaces, e.g. ``fc`` or ``blocks.0.conv_pw``):
+  ``<name>/base.<part>``   the compressor's stored parts (``CompressedWeight.parts``); integer
+                           parts (signs, block positions, N-bit codes) bit-packed at exactly
+                           their width
+  ``<name>/lora_A``, ``<name>/lora_B`` (and DoRA's ``lora_magnitude``)   at the adapter dtype
+  ``<name>/bias``          fp32, untouched (absent when the layer has none)
+Metadata (safetensors' string map, written in key order):
+  ``format``        ``lora-compression-packed-network/1``
+  ``checkpoint``    JSON: the writer's extras (model, weights, metrics, the layer plan) and, per
+                    layer under ``layers``, its method and compressor config, shape, rank,
+                    alpha, DoRA, adapter dtype, each part's dtype / shape / code width
+  ``sha256``        digest of every tensor's bytes in name order and of the JSON
 
 Loading checks the metadata against itself and the tensors (a file edited with a recomputed
 digest is refused in one line too), then expands the parts back into W_c bit for bit
 (``compression.expand``), so with an fp32 adapter the rebuilt layer computes exactly what the
-trained one did. ``load_into(model, path)`` puts that layer into a user's own timm model.
+trained one did. Files of the first layout (``FORMAT``: one layer, its tensors and fields
+unprefixed) are still read (``network_checkpoint.read_packed`` reads either).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +178,19 @@ def save_packed(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: s
 
 
 def write_packed(
-    path: Path, layer: nn.Module, adapter_dtype: str = "fp32", extra: dict | None = None
+    path: Path,
+    layer: nn.Module,
+    adapter_dtype: str = "fp32",
+    extra: dict | None = None,
+    name: str = "layer",
 ) -> int:
-    """Write ``layer`` (its compressed base and adapter) to ``path``; returns the file's bytes.
-    A whole adapted network (``network.AdaptedNetwork``) is written as a network file."""
-    if hasattr(layer, "adapters"):
-        return write_packed_network(path, layer, adapter_dtype, extra)
-    tensors, info = pack_layer(layer, adapter_dtype)
-    return save_packed(path, tensors, {**(extra or {}), **info}, FORMAT)
+    """Write ``layer`` (its compressed base and adapter) to ``path`` as a network file of one
+    layer, named ``name`` (the module it replaces: the classifier's name for the FC study);
+    a whole adapted network (``network.AdaptedNetwork``) with every layer it adapts. Returns
+    the file's bytes. One layout for both: ``network_checkpoint.read_packed`` reads a file of
+    one layer, ``read_packed_network`` any."""
+    layers = layer.adapters() if hasattr(layer, "adapters") else {name: layer}
+    return write_packed_network(path, layers, adapter_dtype, extra)
 
 
 def inconsistent(path: Path | str, error: Exception) -> CheckpointError:
@@ -423,31 +432,6 @@ def rebuild_layer(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     return layer
 
 
-def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedCheckpoint:
-    """Rebuild the layer from a packed file; CheckpointError (one line) if it is not sound.
-
-    Beyond the digest, which catches damage, the metadata is checked against itself and the
-    tensors: a file edited with a recomputed digest (another rank, shape, method or parts) is
-    refused with the first inconsistency rather than failing somewhere inside the rebuild.
-    """
-    metadata, tensors = read_verified(path, FORMAT)
-    text = metadata.get("checkpoint", "")
-    try:
-        info = json.loads(text)
-        layer = rebuild_layer(info, tensors)
-        if "layer_plan" in info:
-            plan = info["layer_plan"]
-            planned = plan.get("layers") if isinstance(plan, dict) else None
-            require(isinstance(planned, dict) and len(planned) == 1,
-                    "its layer plan does not name the one layer it holds")  # fmt: skip
-            check_plan(plan, {next(iter(planned)): (info["method"], layer)})
-    # Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
-    # what no check foresaw, so that any inconsistency is still one line, never a traceback
-    except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-        raise inconsistent(path, error) from error
-    return PackedCheckpoint(layer.to(device).eval(), info)
-
-
 def read_verified(path: Path | str, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     try:
         metadata, tensors = read_safetensors(path)
@@ -486,11 +470,15 @@ NETWORK_FORMAT = "lora-compression-packed-network/1"
 
 
 def write_packed_network(
-    path: Path, network: Any, adapter_dtype: str = "fp32", extra: dict | None = None
+    path: Path,
+    adapters: Mapping[str, nn.Module],
+    adapter_dtype: str = "fp32",
+    extra: dict | None = None,
 ) -> int:
+    """Every layer of ``adapters`` (module name -> adapted layer) in one file."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
-    for name, adapter in network.adapters().items():
+    for name, adapter in adapters.items():
         layer_tensors, info = pack_layer(adapter, adapter_dtype)
         tensors.update({f"{name}/{key}": value for key, value in layer_tensors.items()})
         layers[name] = info

@@ -11,7 +11,8 @@ from torch import nn
 
 from lora import LoraLinear
 from lora.attach import classifier_name
-from train_evaluate.outputs.checkpoint import CheckpointError, read_packed
+from train_evaluate.outputs.checkpoint import CheckpointError
+from train_evaluate.outputs.network_checkpoint import read_packed
 from train_evaluate.runtime.files import write_safetensors
 
 

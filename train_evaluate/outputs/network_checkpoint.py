@@ -1,6 +1,7 @@
-"""Whole-network packed checkpoints read back (``checkpoint.write_packed_network`` writes
-them): every layer rebuilt and checked as a one-layer file is, and ``install_network``, which
-puts the layers into a model, each checked against the module it replaces."""
+"""Packed checkpoints read back (``checkpoint`` writes them): a file of one layer
+(``read_packed``, either layout) or of many (``read_packed_network``), every layer rebuilt
+and checked, and ``install_network``, which puts the layers into a model, each checked
+against the module it replaces."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from torch import nn
 
 from lora import LoraConv2d, LoraLinear
 from train_evaluate.outputs.checkpoint import (
+    FORMAT,
     NETWORK_FORMAT,
     CheckpointError,
+    PackedCheckpoint,
     Unsound,
     check_plan,
     inconsistent,
     packed_format,
-    read_packed,
     read_verified,
     rebuild_layer,
     require,
@@ -89,12 +91,58 @@ def read_packed_network(path: Path | str, device: torch.device | str = "cpu") ->
     return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
 
 
+def read_layer_file(path: Path | str, device: torch.device | str = "cpu") -> PackedCheckpoint:
+    """Rebuild the layer from a one-layer file of the first layout (``FORMAT``, written before
+    every file was a network file; ``read_packed`` reads both); CheckpointError (one line) if
+    it is not sound.
+
+    Beyond the digest, which catches damage, the metadata is checked against itself and the
+    tensors: a file edited with a recomputed digest (another rank, shape, method or parts) is
+    refused with the first inconsistency rather than failing somewhere inside the rebuild.
+    """
+    metadata, tensors = read_verified(path, FORMAT)
+    text = metadata.get("checkpoint", "")
+    try:
+        info = json.loads(text)
+        layer = rebuild_layer(info, tensors)
+        if "layer_plan" in info:
+            plan = info["layer_plan"]
+            planned = plan.get("layers") if isinstance(plan, dict) else None
+            require(isinstance(planned, dict) and len(planned) == 1,
+                    "its layer plan does not name the one layer it holds")  # fmt: skip
+            check_plan(plan, {next(iter(planned)): (info["method"], layer)})
+    # Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
+    # what no check foresaw, so that any inconsistency is still one line, never a traceback
+    except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise inconsistent(path, error) from error
+    return PackedCheckpoint(layer.to(device).eval(), info)
+
+
+def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedCheckpoint:
+    """The one layer a packed file holds (the FC study's files), whichever layout wrote it: a
+    network file of one layer, or a file of the first layout (``checkpoint.FORMAT``). Its
+    ``info`` is the file's metadata with the layer's own entry merged in (method, rank, shape,
+    ...) and ``layer``, the module it replaces. CheckpointError (one line) if it is not
+    sound, or holds more than one layer."""
+    if packed_format(path) != NETWORK_FORMAT:
+        return read_layer_file(path, device)
+    packed = read_packed_network(path, device)
+    if len(packed.layers) != 1:
+        raise CheckpointError(
+            f"{path} holds {len(packed.layers)} layers, not one: read it with "
+            "read_packed_network (evaluate.py does)"
+        )
+    ((name, layer),) = packed.layers.items()
+    shared = {key: value for key, value in packed.info.items() if key != "layers"}
+    return PackedCheckpoint(layer, {**shared, **packed.info["layers"][name], "layer": name})
+
+
 def verify_packed(path: Path | str) -> None:
     """Read a packed file of either kind; CheckpointError if it is not sound."""
     if packed_format(path) == NETWORK_FORMAT:
         read_packed_network(path)
     else:
-        read_packed(path)
+        read_layer_file(path)
 
 
 # What a Conv2d computes besides its weight: a file whose geometry differs from the model's

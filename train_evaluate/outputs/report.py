@@ -252,7 +252,9 @@ def write_rank_artifacts(
         )
     info = {**checkpoint_info, "init": record["init"], "metrics": metrics}
     path = checkpoint_path(out, method, rank)
-    write_packed(path, layer, adapter_dtype, info)
+    # a lone layer is stored under the module it replaces, as its plan names it
+    name = next(iter(checkpoint_info.get("layer_plan", {}).get("layers", {})), "layer")
+    write_packed(path, layer, adapter_dtype, info, name)
     return path
 
 

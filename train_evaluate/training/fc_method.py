@@ -82,6 +82,6 @@ class Method:
 
     def load(self, path: Path, device: torch.device | str) -> LoraLinear:
         """The adapted classifier a packed checkpoint of this method holds."""
-        from train_evaluate.outputs.checkpoint import read_packed
+        from train_evaluate.outputs.network_checkpoint import read_packed
 
         return read_packed(path, device).layer
