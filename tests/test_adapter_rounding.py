@@ -91,19 +91,8 @@ def test_a_rounded_adapter_is_on_its_grid_and_its_file_holds_exactly_it(
     if kind == "linear":
         write_packed(path, layer, dtype)
         loaded = read_packed(path).layer
-    else:  # a conv is only stored inside a network file
-
-        class One(nn.Module):
-            names = ("conv",)
-
-            def __init__(self):
-                super().__init__()
-                self.conv = layer
-
-            def adapters(self):
-                return {"conv": self.conv}
-
-        write_packed(path, One(), dtype)
+    else:  # a conv, stored under its module's name
+        write_packed(path, {"conv": layer}, dtype)
         loaded = read_packed_network(path).layers["conv"]
     with torch.no_grad():
         assert torch.equal(loaded(inputs), layer(inputs))

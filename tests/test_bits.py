@@ -112,7 +112,7 @@ def test_ratio_file_divides_the_biases_the_packed_file_holds(tmp_path):
     accounting = setup.accounting(method)
     adapted = method.adapted(2, 8.0, SweepConfig(init="svd_init"), seed=0)
     path = tmp_path / "small.safetensors"
-    size = write_packed(path, adapted, "fp16", {"model": "small"})
+    size = write_packed(path, adapted.adapters(), "fp16", {"model": "small"})
     assert size == path.stat().st_size
     _, tensors = read_safetensors(path)
     biases = sum(t.numel() for name, t in tensors.items() if name.endswith("/bias"))

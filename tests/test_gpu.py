@@ -164,7 +164,7 @@ def test_whole_network_trains_under_autocast_and_its_checkpoint_reloads_on_cuda(
     result = train_adapter(adapted, split, split, TrainConfig(epochs=2, batch_size=8, lr=1e-3))
     assert result.diverged_at is None
     path = tmp_path / "network.safetensors"
-    write_packed(path, adapted, "fp32", {"model": "test_resnet"})
+    write_packed(path, adapted.adapters(), "fp32", {"model": "test_resnet"})
     rebuilt = network.load_adapted(wrapped, path, cuda)
     with torch.no_grad():
         assert torch.equal(rebuilt(images), adapted(images))
@@ -190,7 +190,7 @@ def test_block_reconstruction_with_learned_rounding_runs_on_cuda(cuda, tmp_path)
         codes = stored.parts["codes"].long() - 7
         assert codes.min() >= -7 and codes.max() <= 7
     path = tmp_path / "network.safetensors"
-    write_packed(path, adapted, "fp32", {"model": RESNET})
+    write_packed(path, adapted.adapters(), "fp32", {"model": RESNET})
     rebuilt = network.load_adapted(method.model, path, cuda)
     pictures = images(6, 9).to(cuda)
     with torch.no_grad():

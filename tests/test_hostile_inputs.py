@@ -59,7 +59,7 @@ def resnet_files(tmp_path_factory) -> tuple[Path, Path]:
     method = network.NetworkMethod.create("int4", make_config("int4"), images, infos, calibration)
     adapted = method.adapted(2, 16, SweepConfig(init="paper_init"), seed=1)
     checkpoint = folder / "network.safetensors"
-    write_packed(checkpoint, adapted, "fp32", {"model": RESNET})
+    write_packed(checkpoint, adapted.adapters(), "fp32", {"model": RESNET})
     return weights, checkpoint
 
 

@@ -181,7 +181,7 @@ def test_a_packed_network_reloads_to_identical_logits(tmp_path):
             if "lora_" in name:
                 parameter.add_(0.01 * torch.randn_like(parameter))
     path = tmp_path / "network.safetensors"
-    write_packed(path, adapted, "fp32", {"model": RESNET})
+    write_packed(path, adapted.adapters(), "fp32", {"model": RESNET})
     rebuilt = network.load_adapted(method.model, path)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():

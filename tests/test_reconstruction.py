@@ -269,7 +269,7 @@ def test_learned_rounding_codes_are_in_range_rounded_down_or_up_and_the_file_sco
         changed += int((plain.parts["codes"] != stored.parts["codes"]).sum())
     assert changed == sum(r.codes_changed for r in records)
     path = tmp_path / "network.safetensors"
-    write_packed(path, adapted, "fp32", {"model": RESNET})
+    write_packed(path, adapted.adapters(), "fp32", {"model": RESNET})
     rebuilt = network.load_adapted(method.model, path)
     pictures = images(6, 9)
     with torch.no_grad():

@@ -179,17 +179,17 @@ def save_packed(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: s
 
 def write_packed(
     path: Path,
-    layer: nn.Module,
+    layers: Mapping[str, nn.Module] | nn.Module,
     adapter_dtype: str = "fp32",
     extra: dict | None = None,
     name: str = "layer",
 ) -> int:
-    """Write ``layer`` (its compressed base and adapter) to ``path`` as a network file of one
-    layer, named ``name`` (the module it replaces: the classifier's name for the FC study);
-    a whole adapted network (``network.AdaptedNetwork``) with every layer it adapts. Returns
-    the file's bytes. One layout for both: ``network_checkpoint.read_packed`` reads a file of
-    one layer, ``read_packed_network`` any."""
-    layers = layer.adapters() if hasattr(layer, "adapters") else {name: layer}
+    """Write adapted layers (their compressed bases and adapters) to ``path``; returns the
+    file's bytes. ``layers``: module name -> adapted layer (``Target.adapters_of`` gives a
+    model's), or one layer alone, stored as ``name``. One layout for one layer or many:
+    ``network_checkpoint.read_packed`` reads a file of one, ``read_packed_network`` any."""
+    if not isinstance(layers, Mapping):
+        layers = {name: layers}
     return write_packed_network(path, layers, adapter_dtype, extra)
 
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ import optuna
 import pandas as pd
 import plotly.offline
 from scipy import stats
+from torch import nn
 
 from compression import StorageCost
-from lora import LoraLinear
 from train_evaluate.outputs.accounting import Accounting
 from train_evaluate.outputs.checkpoint import write_packed
 from train_evaluate.outputs.figures import plot_epochs, save_figure
@@ -208,14 +208,15 @@ def write_optuna_pages(
 def write_rank_artifacts(
     out: Path,
     record: dict[str, Any],
-    layer: LoraLinear | None,
+    layers: Mapping[str, nn.Module] | None,
     study: optuna.Study | None,
     adapter_dtype: str,
     checkpoint_info: dict[str, Any],
 ) -> Path | None:
-    """The per-rank files: curves, Optuna pages and the packed checkpoint (whatever the rank
-    produced). Returns the checkpoint's path, if one was written. Figures are titled with the
-    model (``checkpoint_info["model"]``) and the init, as well as the method and rank."""
+    """The per-rank files: curves, Optuna pages, the layer plan and the packed checkpoint of
+    ``layers`` (the final model's adapted layers by module name), whatever the rank produced.
+    Returns the checkpoint's path, if one was written. Figures are titled with the model
+    (``checkpoint_info["model"]``) and the init, as well as the method and rank."""
     method, rank = record["method"], record["rank"]
     name = stem(method, rank)
     title = run_title(checkpoint_info, record["init"])
@@ -235,7 +236,7 @@ def write_rank_artifacts(
             save_figure(figure, out / f"{metric}_{name}.png")
     if study is not None and study.get_trials(deepcopy=False):
         write_optuna_pages(out, study, method, rank, title, record["seed"])
-    if layer is None:
+    if layers is None:
         return None
     metrics = {k: record.get(k) for k in ("status", "test_acc", "objective", "seed")}
     metrics["init_only_test_acc"] = record["init_only"]["test_acc"]
@@ -252,9 +253,7 @@ def write_rank_artifacts(
         )
     info = {**checkpoint_info, "init": record["init"], "metrics": metrics}
     path = checkpoint_path(out, method, rank)
-    # a lone layer is stored under the module it replaces, as its plan names it
-    name = next(iter(checkpoint_info.get("layer_plan", {}).get("layers", {})), "layer")
-    write_packed(path, layer, adapter_dtype, info, name)
+    write_packed(path, layers, adapter_dtype, info)
     return path
 
 

@@ -189,8 +189,9 @@ def write_record(
     record = {**outcome.record, "key": key}
     layer_plan = built.layer_plan(rank, plan.adapter_dtype).to_json(built.descriptions())
     info = {**checkpoint_info(context), "layer_plan": layer_plan}
+    layers = None if outcome.layer is None else built.adapters_of(outcome.layer)
     checkpoint = report.write_rank_artifacts(
-        plan.out, record, outcome.layer, outcome.study, plan.adapter_dtype, info
+        plan.out, record, layers, outcome.study, plan.adapter_dtype, info
     )
     if checkpoint is not None:
         # Read the file back and score the model it holds: the number a user of the file gets.

@@ -358,8 +358,7 @@ def pareto_search(plan, context, candidates, out) -> None:
         layer_plan = method.layer_plan(rank, plan.adapter_dtype).to_json(method.descriptions())
         write_text(out / "plans" / f"{path.stem}.json", json.dumps(layer_plan, indent=2) + "\n")
         extra = {**info, "layer_plan": layer_plan, "init": sweep.init, "metrics": metrics}
-        name = next(iter(layer_plan["layers"]))  # a lone layer: the module it replaces
-        return write_packed(path, layer, plan.adapter_dtype, extra, name)
+        return write_packed(path, method.adapters_of(layer), plan.adapter_dtype, extra)
 
     rows = pareto.final_rows(
         chosen, candidates, splits, sweep, train_one, out, write, plan.device,

@@ -80,6 +80,11 @@ class Method:
         generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
         return make_lora_linear(self.head, config, self.context, generator)
 
+    def adapters_of(self, model: LoraLinear) -> dict[str, nn.Module]:
+        if self.module is None:
+            raise ValueError(f"{self.name}: the classifier's module name was not given")
+        return {self.module: model}
+
     def load(self, path: Path, device: torch.device | str) -> LoraLinear:
         """The adapted classifier a packed checkpoint of this method holds."""
         from train_evaluate.outputs.network_checkpoint import read_packed

@@ -220,6 +220,9 @@ class NetworkMethod:
         compress_(network.model, targets.__getitem__, lambda _module, name: name in targets)
         return network.requires_grad_(False).eval()
 
+    def adapters_of(self, model: AdaptedNetwork) -> dict[str, nn.Module]:
+        return model.adapters()
+
     def load(self, path: Path, device: torch.device | str) -> AdaptedNetwork:
         """The adapted network a checkpoint of this method holds, on the uncompressed model."""
         return load_adapted(self.model, path, device)

@@ -45,6 +45,11 @@ class Target(Protocol):
         """Each method it uses, fully described (what a plan file records)."""
         ...
 
+    def adapters_of(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The adapted layers of one of its models, by the module each replaces (what a packed
+        file stores)."""
+        ...
+
     def load(self, path: Path, device: torch.device | str) -> nn.Module:
         """The adapted model a checkpoint of this target holds, read back and checked."""
         ...
