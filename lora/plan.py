@@ -228,4 +228,11 @@ def resolve_plan(
                 f" and {text!r}); one run makes one config per method"
             )
     ordered = tuple((n, specs[n]) for n in layers if n in specs)
-    return LayerPlan(name, ordered, adapter_dtype, origin), described
+    plan = LayerPlan(name, ordered, adapter_dtype, origin)
+    if name in list_methods() and plan.cell is None:
+        # its rows would be named as that method's, and be something else
+        raise LayerPlanError(
+            f"{where}: name {name!r} is a method's; only a plan giving every layer {name} at one "
+            "rank may take it: name the plan otherwise"
+        )
+    return plan, described

@@ -91,6 +91,7 @@ def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):
         ({"layer": {"fc": {"method": "int4", "rank": 2}}}, "unknown key 'layer'"),
         ({"name": "a/b", "layers": {"fc": {"method": "int4", "rank": 2}}}, "name 'a/b'"),
         ({"format": "other/1", "layers": {"fc": {"method": "int4", "rank": 2}}}, "format"),
+        ({"name": "int4", "layers": {"fc": {"method": "int2", "rank": 2}}}, "is a method's"),
     ],
 )
 def test_a_bad_plan_is_refused_in_one_line_naming_what_is_wrong(resnet, raw, says):
