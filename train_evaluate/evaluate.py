@@ -41,7 +41,12 @@ from train_evaluate.inputs.demo import DEMO_MODEL  # importing it registers digi
 from train_evaluate.inputs.features import backbone_features
 from train_evaluate.outputs.checkpoint import NETWORK_FORMAT, CheckpointError, packed_format
 from train_evaluate.outputs.deploy import write_merged
-from train_evaluate.outputs.network_checkpoint import read_packed
+from train_evaluate.outputs.network_checkpoint import (
+    PackedNetwork,
+    read_layer_file,
+    read_packed_network,
+    the_one_layer,
+)
 from train_evaluate.runtime.files import check_writable
 from train_evaluate.training.training import FeatureSplit, evaluate
 
@@ -308,16 +313,16 @@ def log_plan(info: dict) -> None:
     )
 
 
-def run_network(args: argparse.Namespace, device: torch.device) -> None:
-    """A whole-network checkpoint: the backbone from its weights, every compressed layer and
-    adapter from the file, evaluated on the decoded images (from the image cache)."""
+def run_network(args: argparse.Namespace, device: torch.device, packed: PackedNetwork) -> None:
+    """A whole-network checkpoint (``packed``, read from it): the backbone from its weights,
+    every compressed layer and adapter from the file, evaluated on the decoded images (from
+    the image cache)."""
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import create_backbone, eval_transform
     from train_evaluate.inputs.features import check_labels
-    from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
+    from train_evaluate.outputs.network_checkpoint import install_network
     from train_evaluate.training import network
 
-    packed = read_packed_network(args.checkpoint, device)
     info = packed.info
     if recorded_string(info, "model") is None:
         raise UsageError(f"{args.checkpoint} names no timm model; evaluate.py needs it")
@@ -356,14 +361,9 @@ def run_network(args: argparse.Namespace, device: torch.device) -> None:
     report_accuracy(evaluate(adapted, split)["acc"], len(ids), described, info, args)
 
 
-def holds_the_classifier_alone(path: Path) -> bool:
-    """Whether a packed file holds one layer, its model's classifier (the FC study's files,
+def holds_the_classifier_alone(packed: PackedNetwork) -> bool:
+    """Whether a network file holds one layer, its model's classifier (the FC study's files,
     scored on the cached features); any other is scored on the images, the whole model run."""
-    if packed_format(path) != NETWORK_FORMAT:
-        return True  # the first layout held one classifier
-    from train_evaluate.outputs.network_checkpoint import read_packed_network
-
-    packed = read_packed_network(path)
     model = recorded_string(packed.info, "model")
     if len(packed.layers) != 1 or model is None:
         return False
@@ -379,10 +379,14 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {args.checkpoint} does not exist or is not a file")
-    if not holds_the_classifier_alone(args.checkpoint):
-        run_network(args, device)
-        return
-    packed = read_packed(args.checkpoint, device)
+    if packed_format(args.checkpoint) != NETWORK_FORMAT:
+        packed = read_layer_file(args.checkpoint, device)  # the first layout: one classifier
+    else:
+        network = read_packed_network(args.checkpoint, device)
+        if not holds_the_classifier_alone(network):
+            run_network(args, device, network)
+            return
+        packed = the_one_layer(network, args.checkpoint)
     info = packed.info
     if recorded_string(info, "model") is None:
         raise UsageError(

@@ -114,14 +114,8 @@ class RunOptions:
         return {name: getattr(cls(), name) for name in cls.names()}
 
     def given(self) -> dict[str, Any]:
-        """The options that differ from their defaults (lists and tuples alike)."""
-
-        def plain(value: Any) -> Any:
-            return list(value) if isinstance(value, tuple | list) else value
-
+        """The options that differ from their defaults (sequences are tuples on both sides)."""
         defaults = self.defaults()
         return {
-            name: value
-            for name in self.names()
-            if plain(value := getattr(self, name)) != plain(defaults[name])
+            name: value for name in self.names() if (value := getattr(self, name)) != defaults[name]
         }

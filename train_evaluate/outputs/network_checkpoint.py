@@ -126,7 +126,12 @@ def read_packed(path: Path | str, device: torch.device | str = "cpu") -> PackedC
     sound, or holds more than one layer."""
     if packed_format(path) != NETWORK_FORMAT:
         return read_layer_file(path, device)
-    packed = read_packed_network(path, device)
+    return the_one_layer(read_packed_network(path, device), path)
+
+
+def the_one_layer(packed: PackedNetwork, path: Path | str) -> PackedCheckpoint:
+    """A network file's one layer, its ``info`` the file's metadata with the layer's own entry
+    merged in and ``layer``, the module it replaces; CheckpointError if it holds more."""
     if len(packed.layers) != 1:
         raise CheckpointError(
             f"{path} holds {len(packed.layers)} layers, not one: read it with "

@@ -131,6 +131,12 @@ def plan_path(out: Path, method: str, rank: int) -> Path:
     return out / "plans" / f"{stem(method, rank)}.json"
 
 
+def write_plan(target: Path, layer_plan: dict[str, Any]) -> None:
+    """A model's layer plan (``LayerPlan.to_json``) as ``--layer-plan`` reads it, its layers in
+    the model's order (``write_json`` would sort them)."""
+    write_text(target, json.dumps(layer_plan, indent=2) + "\n")
+
+
 @functools.cache
 def plotly_bundle() -> tuple[bytes, str]:
     """plotly's own bundled plotly.min.js (the bytes plotly itself would write) and its SHA-256."""
@@ -225,9 +231,7 @@ def write_rank_artifacts(
     for old in rank_artifacts(out, method, rank):
         old.unlink(missing_ok=True)
     if "layer_plan" in checkpoint_info:
-        # the layers in the model's order (write_json would sort them)
-        text = json.dumps(checkpoint_info["layer_plan"], indent=2)
-        write_text(plan_path(out, method, rank), text + "\n")
+        write_plan(plan_path(out, method, rank), checkpoint_info["layer_plan"])
     if record["finals"]:
         for metric, word in (("acc", "Accuracy"), ("loss", "Loss")):
             figure = plot_epochs(

@@ -333,12 +333,10 @@ def share_ranks(context, methods, ranks) -> dict[str, list]:
 
 def pareto_search(plan, context, candidates, out) -> None:
     """``--search pareto``: the study, the front's final models and pareto.csv."""
-    import json
 
     from lora.rounding import ADAPTER_INT_BITS, round_adapter_
     from train_evaluate.outputs import report
     from train_evaluate.outputs.checkpoint import write_packed
-    from train_evaluate.runtime.files import write_text
     from train_evaluate.search import pareto
     from train_evaluate.search.records import checkpoint_info
     from train_evaluate.search.sweep import train_one
@@ -356,7 +354,7 @@ def pareto_search(plan, context, candidates, out) -> None:
     def write(path, layer, metrics, method, rank):
         # the front model's plan, in the file and beside it (what --layer-plan reads back)
         layer_plan = method.layer_plan(rank, plan.adapter_dtype).to_json(method.descriptions())
-        write_text(out / "plans" / f"{path.stem}.json", json.dumps(layer_plan, indent=2) + "\n")
+        report.write_plan(out / "plans" / f"{path.stem}.json", layer_plan)
         extra = {**info, "layer_plan": layer_plan, "init": sweep.init, "metrics": metrics}
         return write_packed(path, method.adapters_of(layer), plan.adapter_dtype, extra)
 
