@@ -15,8 +15,9 @@ module takes the entry that names it exactly, else the first pattern (in the fil
 that matches it, as torchao resolves ``FqnToConfig``. Every pattern must match at least one
 Linear or Conv2d module that a compressor handles; a pattern passes over those none handles (a
 depthwise conv), an exact name of one is refused. Optional keys: ``name`` (the rows'
-``quant``), ``origin`` (what made the plan, e.g. a bit budget), ``adapter_dtype`` and, per
-entry, ``compression`` (the method's full description, checked against the run's compression
+``quant``), ``origin`` (what made the plan, e.g. a bit budget), ``adapter_dtype`` (how the
+adapters are stored) and, per entry, ``adapter_dtype`` (this layer's, where it differs) and
+``compression`` (the method's full description, checked against the run's compression
 options so that a plan is never rebuilt with other ones).
 """
 
@@ -35,10 +36,11 @@ from typing import Any
 from torch import nn
 
 from compression import compressible, list_methods
+from lora.rounding import ADAPTER_FORMATS
 
 PLAN_FORMAT = "lora-compression-layer-plan/1"
 PLAN_KEYS = ("format", "name", "origin", "adapter_dtype", "layers")
-ENTRY_KEYS = ("method", "rank", "compression")
+ENTRY_KEYS = ("method", "rank", "adapter_dtype", "compression")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -48,11 +50,13 @@ class LayerPlanError(ValueError):
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer's choice: a compression method (a ``--methods`` name) and the adapter rank
-    asked for (clamped to the layer, as ``--ranks`` are)."""
+    """One layer's choice: a compression method (a ``--methods`` name), the adapter rank
+    asked for (clamped to the layer, as ``--ranks`` are) and, where it is not the plan's, how
+    its adapter is stored."""
 
     method: str
     rank: int
+    adapter_dtype: str | None = None  # None: the plan's
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class LayerPlan:
 
     def specs(self) -> dict[str, LayerSpec]:
         return dict(self.layers)
+
+    def adapter_dtypes(self) -> dict[str, str]:
+        """How each layer's adapter is stored: its own dtype, else the plan's."""
+        return {name: spec.adapter_dtype or self.adapter_dtype for name, spec in self.layers}
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -91,13 +99,18 @@ class LayerPlan:
     def cell(self) -> LayerSpec | None:
         """The one (method, rank) this plan is, if it is one: every layer takes the same
         choice and the plan is named after its method, as the plans of a ``--methods`` x
-        ``--ranks`` model are. Such a plan runs as that model."""
+        ``--ranks`` model are, its adapters stored as the plan's. Such a plan runs as that
+        model."""
         spec = self.uniform
-        return spec if spec is not None and spec.method == self.name else None
+        same = spec is not None and spec.method == self.name and spec.adapter_dtype is None
+        return spec if same else None
 
     def digest(self) -> str:
         """A short digest of every layer's choice."""
-        text = ";".join(f"{n}={s.method}/{s.rank}" for n, s in self.layers)
+        text = ";".join(
+            f"{n}={s.method}/{s.rank}" + (f"/{s.adapter_dtype}" if s.adapter_dtype else "")
+            for n, s in self.layers
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def to_json(self, descriptions: Mapping[str, str]) -> dict[str, Any]:
@@ -111,6 +124,7 @@ class LayerPlan:
                 name: {
                     "method": spec.method,
                     "rank": spec.rank,
+                    **({"adapter_dtype": spec.adapter_dtype} if spec.adapter_dtype else {}),
                     "compression": descriptions[spec.method],
                 }
                 for name, spec in self.layers
@@ -153,7 +167,7 @@ def read_plan_file(path: Path) -> dict[str, Any]:
     return found
 
 
-def _spec(pattern: str, entry: Any, where: str) -> tuple[LayerSpec, str | None]:
+def _spec(pattern: str, entry: Any, where: str, adapter_dtype: str) -> tuple[LayerSpec, str | None]:
     if not isinstance(entry, dict):
         raise LayerPlanError(f"{where}: {pattern!r} must map to {{method, rank}}, not {entry!r}")
     unknown = sorted(set(entry) - set(ENTRY_KEYS))
@@ -174,15 +188,25 @@ def _spec(pattern: str, entry: Any, where: str) -> tuple[LayerSpec, str | None]:
     described = entry.get("compression")
     if described is not None and not isinstance(described, str):
         raise LayerPlanError(f"{where}: {pattern!r} has a compression that is not text")
-    return LayerSpec(method, rank), described
+    own = entry.get("adapter_dtype", adapter_dtype)
+    if own not in ADAPTER_FORMATS:
+        raise LayerPlanError(
+            f"{where}: {pattern!r} has adapter_dtype {own!r}; valid: {', '.join(ADAPTER_FORMATS)}"
+        )
+    # the plan's own dtype is written once, at the top: a layer names only one that differs
+    return LayerSpec(method, rank, None if own == adapter_dtype else own), described
 
 
 def resolve_plan(
-    raw: Mapping[str, Any], model: nn.Module, where: str = "--layer-plan"
+    raw: Mapping[str, Any],
+    model: nn.Module,
+    where: str = "--layer-plan",
+    adapter_dtype: str = "fp32",
 ) -> tuple[LayerPlan, dict[str, str]]:
     """The plan ``raw`` describes, resolved against ``model``'s modules (every Linear and
     Conv2d a pattern matches, in the model's order), and the method descriptions it records
-    (method -> text; for the run to check). One-line LayerPlanError on anything wrong."""
+    (method -> text; for the run to check). ``adapter_dtype``: the plan's when it names none.
+    One-line LayerPlanError on anything wrong."""
     unknown = sorted(set(raw) - set(PLAN_KEYS))
     if unknown:
         raise LayerPlanError(f"{where}: unknown key {unknown[0]!r}; keys: {', '.join(PLAN_KEYS)}")
@@ -197,15 +221,19 @@ def resolve_plan(
             f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names files)"
         )
     origin = raw.get("origin", "")
-    adapter_dtype = raw.get("adapter_dtype", "fp32")
-    if not isinstance(origin, str) or not isinstance(adapter_dtype, str):
-        raise LayerPlanError(f"{where}: 'origin' and 'adapter_dtype' must be text")
+    adapter_dtype = raw.get("adapter_dtype", adapter_dtype)
+    if not isinstance(origin, str):
+        raise LayerPlanError(f"{where}: 'origin' must be text")
+    if adapter_dtype not in ADAPTER_FORMATS:
+        raise LayerPlanError(
+            f"{where}: adapter_dtype {adapter_dtype!r}; valid: {', '.join(ADAPTER_FORMATS)}"
+        )
     layers = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear | nn.Conv2d)}
     specs: dict[str, LayerSpec] = {}
     described: dict[str, str] = {}
     exact = [p for p in entries if p in layers]
     for pattern in exact + [p for p in entries if p not in layers]:
-        spec, text = _spec(pattern, entries[pattern], where)
+        spec, text = _spec(pattern, entries[pattern], where, adapter_dtype)
         matched = [n for n in layers if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             examples = ", ".join(list(layers)[:3])

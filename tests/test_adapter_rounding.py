@@ -10,7 +10,7 @@ from torch import nn
 
 from compression import StorageCost, account_layer, make_config
 from lora import LoraConfig, make_init_context, make_lora_conv2d, make_lora_linear
-from lora.rounding import round_adapter_
+from lora.rounding import FACTORS, round_adapter_
 from tests.conftest import run_driver, run_folder
 from train_evaluate.outputs.checkpoint import write_packed
 from train_evaluate.outputs.network_checkpoint import read_packed, read_packed_network
@@ -138,3 +138,34 @@ def test_rounding_rounded_factors_again_changes_no_number(bits):
         matrix = torch.randn(12, 40, generator=generator) * scale
         once = compress(matrix, IntNConfig(bits)).weight
         assert torch.equal(compress(once, IntNConfig(bits)).weight, once)
+
+
+def test_a_plan_rounds_each_layer_as_it_stores_it_and_only_those():
+    """In the sweep, a layer whose plan stores its adapter as int4 is scored rounded to its
+    codes; the layers stored at fp32 keep their trained floats."""
+    import copy
+
+    from lora.plan import LayerPlan, LayerSpec
+    from tests.test_bits import small_setup
+    from train_evaluate.training.training import FeatureSplit, Splits
+
+    setup = small_setup(include_bias=False)
+    own = {"pw": LayerSpec("int4", 2, adapter_dtype="int4")}
+    layers = tuple((n, own.get(n, LayerSpec("int4", 2))) for n in ("stem", "pw", "fc"))
+    method = setup.planned_method(LayerPlan("mixed", layers), {"int4": make_config("int4")})
+    generator = torch.Generator().manual_seed(0)
+    parts = [
+        FeatureSplit(
+            torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 5, (n,), generator=generator),
+        )
+        for n in (16, 8, 8)
+    ]
+    config = sweep.SweepConfig(init="svd_init", trials=1, epochs=1)
+    outcome = sweep.run_rank(method, 2, Splits(*parts), config, None, "s", adapter_dtype="fp32")
+    for name, layer in method.adapters_of(outcome.layer).items():
+        # rounding is idempotent: a rounded adapter comes back unchanged, a float one does not
+        again = copy.deepcopy(layer)
+        round_adapter_(again, 4)
+        unchanged = all(torch.equal(getattr(again, f), getattr(layer, f)) for f in FACTORS)
+        assert unchanged == (name == "pw"), name

@@ -79,7 +79,7 @@ def small_setup(include_bias: bool) -> network.NetworkSetup:
     )
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     train = FeatureSplit(images, torch.zeros(4, dtype=torch.long))
-    return network.NetworkSetup.create(plan, model, train, 16)
+    return network.NetworkSetup.create(plan, model, train, "fp16")
 
 
 @pytest.mark.parametrize("include_bias", [False, True])
@@ -132,7 +132,7 @@ def test_the_fc_study_counts_its_stored_bias_in_bits_and_only_an_existing_one(ha
     weight = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
     base = compress(weight, make_config("int4")).cost
     layer = LayerInfo("fc", "linear", (10, 64), 1, has_bias)
-    accounting = Accounting((layer,), (base,), 32, False, False, 1000, "head (1 layer)",
+    accounting = Accounting((layer,), (base,), "fp32", False, False, 1000, "head (1 layer)",
                             model_weights=640 + 100)  # fmt: skip
     row = accounting.columns(base, 4)
     bias = 10 * 32 if has_bias else 0

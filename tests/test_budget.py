@@ -233,7 +233,8 @@ def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
         assert solved.allocation.sensitivity == pytest.approx(best.sensitivity, rel=1e-9)
         assert [c.layer for c in solved.chosen] == [info.name for info in setup.layers]
         # the budgeted model, priced layer by layer with its own ranks, stores those bits
-        method = setup.planned_method(solved.layer_plan("budget", "fp32"), COMPRESSIONS)
+        plan = solved.layer_plan("budget", setup.template.adapter_dtype)
+        method = setup.planned_method(plan, COMPRESSIONS)
         largest = max(c.rank for c in solved.chosen)
         priced = setup.accounting(method).per_layer(largest)
         assert sum(p.stored_bits for _, _, p in priced) == solved.allocation.bits

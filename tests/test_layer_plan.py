@@ -92,6 +92,15 @@ def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):
         ({"name": "a/b", "layers": {"fc": {"method": "int4", "rank": 2}}}, "name 'a/b'"),
         ({"format": "other/1", "layers": {"fc": {"method": "int4", "rank": 2}}}, "format"),
         ({"name": "int4", "layers": {"fc": {"method": "int2", "rank": 2}}}, "is a method's"),
+        (
+            {
+                "name": "int4",
+                "layers": {"fc": {"method": "int4", "rank": 2, "adapter_dtype": "int8"}},
+            },
+            "is a method's",
+        ),
+        ({"layers": {"fc": {"method": "int4", "rank": 2, "adapter_dtype": "int3"}}}, "'int3'"),
+        ({"adapter_dtype": "fp64", "layers": {"fc": {"method": "int4", "rank": 2}}}, "'fp64'"),
     ],
 )
 def test_a_bad_plan_is_refused_in_one_line_naming_what_is_wrong(resnet, raw, says):
@@ -188,7 +197,14 @@ def test_a_checkpoint_whose_plan_disagrees_with_its_layers_is_refused(budget_and
     def one_layer_less(info):
         info["layer_plan"]["layers"].popitem()
 
-    for edit, says in ((other_method, "its layer plan gives"), (one_layer_less, "names")):
+    def other_adapter_dtype(info):
+        next(iter(info["layer_plan"]["layers"].values()))["adapter_dtype"] = "int4"
+
+    for edit, says in (
+        (other_method, "its layer plan gives"),
+        (one_layer_less, "names"),
+        (other_adapter_dtype, "its layer plan stores"),
+    ):
         forged = rewritten(ckpt, tmp_path / "forged.safetensors", edit)
         with pytest.raises(CheckpointError, match=says):
             read_packed_network(forged)
@@ -214,6 +230,64 @@ def test_the_fc_studys_plan_fed_back_rebuilds_its_checkpoint(demo_cache, tmp_pat
     packed = read_packed(first / ckpt)
     assert packed.info["layer_plan"] == written and packed.info["layer"] == "head"
     assert set(read_packed_network(first / ckpt).layers) == {"head"}
+
+
+# ------------------------------------------------------- each layer's own adapter dtype
+
+MIXED = {
+    "name": "mixed",
+    "layers": {
+        "layer1.0.conv1": {"method": "int4", "rank": 2, "adapter_dtype": "int4"},
+        "layer1.*": {"method": "int4", "rank": 2},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_dtypes(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811
+    """A plan storing one layer's adapter as int4 codes and the others' at fp32, trained,
+    then the plan it wrote fed back."""
+    from train_evaluate.train_model import main
+
+    root = tmp_path_factory.mktemp("dtypes")
+    given = root / "mixed.json"
+    given.write_text(json.dumps(MIXED))
+    base = common(resnet_weights, image_folder, root / "cache")
+    folders = []
+    for name in ("first", "replay"):
+        plan = given if name == "first" else folders[0] / "plans" / "quant=mixed_r=2.json"
+        code = main([str(a) for a in (*base, "--layer-plan", plan, "--results-dir", root / name)])
+        assert code == 0
+        (folder,) = [p.parent for p in (root / name).glob("*/*/*/run.json")]
+        folders.append(folder)
+    return folders
+
+
+def test_a_layer_stores_its_adapter_as_its_plan_says_and_every_bit_is_counted(mixed_dtypes):
+    first, replayed = mixed_dtypes
+    ckpt = first / "checkpoints" / "quant=mixed_r=2.safetensors"
+    with safe_open(str(ckpt), framework="pt") as handle:
+        names = set(handle.keys())
+    assert "layer1.0.conv1/lora_A.codes" in names and "layer1.0.conv1/lora_A" not in names
+    assert "layer1.0.conv2/lora_A" in names and "layer1.0.conv2/lora_A.codes" not in names
+    packed = read_packed_network(ckpt)
+    # the int4 layer's factors are on their grid: at most 15 values per row
+    factor = packed.layers["layer1.0.conv1"].lora_A.detach().flatten(1)
+    assert max(len(row.unique()) for row in factor) <= 15
+    # the row prices what the file holds, layer by layer: the tensors' bytes are the counted
+    # bits, but for each code tensor's padding to a whole byte (and fp32 biases: none here)
+    row = pd.read_csv(first / "evaluation.csv").set_index("lora_rank").loc["2"]
+    with open(ckpt, "rb") as handle:
+        container = 8 + int.from_bytes(handle.read(8), "little")
+    codes = sum(name.endswith(".codes") for name in names)
+    assert 0 <= (row["file_bytes"] - container) * 8 - row["bits"] < 8 * codes
+    # the model scored is the one the file holds (its int4 layer rounded as stored)
+    assert row["file_evaluation"] == row["evaluation"]
+    # the plan written says so, and fed back rebuilds the same file
+    written = json.loads((first / "plans" / "quant=mixed_r=2.json").read_text())
+    assert written["layers"]["layer1.0.conv1"]["adapter_dtype"] == "int4"
+    assert "adapter_dtype" not in written["layers"]["layer1.0.conv2"]
+    assert (replayed / "checkpoints" / ckpt.name).read_bytes() == ckpt.read_bytes()
 
 
 # --------------------------------------------------------------- refused before any work

@@ -142,7 +142,7 @@ def test_bits_per_weight_is_every_stored_bit_counted_by_hand():
     infos = layer_selection.describe_layers(model, ["conv", "fc"], torch.zeros(1, 3, 6, 6))
     config = make_config("int4")
     costs = tuple(compress(m.weight.flatten(1), config).cost for m in (model.conv, model.fc))
-    accounting = network_accounting.Accounting(infos, costs, 16, False, False, 1000, "all (2)")
+    accounting = network_accounting.Accounting(infos, costs, "fp16", False, False, 1000, "all (2)")
     columns = accounting.columns(costs[0], 4)
     # int4: 4 bits per weight and one fp32 scale per row; conv rank min(4, 8, 27) = 4 and fc
     # rank min(4, 5, 8) = 4; adapters r * (out + in*kh*kw) at 16 bits

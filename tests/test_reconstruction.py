@@ -146,7 +146,7 @@ def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
                                 calibration="symmetric", reconstruction=FAST),
         sweep=SweepConfig(init="svd_init", seed=3), include_bias=False,
     )  # fmt: skip
-    setup = network.NetworkSetup.create(plan, model, train, 16)
+    setup = network.NetworkSetup.create(plan, model, train, "fp16")
     return setup.method("int2", make_config("int2")).adapted(2, 8, plan.sweep, 0).adapter_state()
 
 

@@ -91,7 +91,7 @@ def small_problem(name: str = "int1", train: int = 600):
 
 def accounting(method: Method) -> Accounting:
     head = LayerInfo.of("head", method.head)
-    return Accounting((head,), (method.cost,), 32, False, False, 0, "head (1 layer)")
+    return Accounting((head,), (method.cost,), "fp32", False, False, 0, "head (1 layer)")
 
 
 def test_every_row_has_top5_and_a_wilson_interval_over_the_test_images():

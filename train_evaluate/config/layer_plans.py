@@ -36,10 +36,11 @@ def read_layer_plan(args: RunOptions, model: str) -> tuple[LayerPlan, dict[str, 
         raw = read_plan_file(args.layer_plan)
         with torch.device("meta"):
             bare = timm.create_model(model, pretrained=False)
-        planned, described = resolve_plan(raw, bare, f"--layer-plan {args.layer_plan}")
+        where = f"--layer-plan {args.layer_plan}"
+        planned, described = resolve_plan(raw, bare, where, args.adapter_dtype)
     except LayerPlanError as error:
         raise UsageError(str(error)) from None
-    if "adapter_dtype" in raw and planned.adapter_dtype != args.adapter_dtype:
+    if planned.adapter_dtype != args.adapter_dtype:
         raise UsageError(
             f"--layer-plan {args.layer_plan} stores its adapters as {planned.adapter_dtype}; "
             f"this run as {args.adapter_dtype}: pass --adapter-dtype {planned.adapter_dtype}"

@@ -257,17 +257,14 @@ def check_budgets_reachable(
     the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
     from train_evaluate.inputs.selection import LayerInfo
     from train_evaluate.outputs.accounting import Accounting
-    from train_evaluate.outputs.checkpoint import adapter_storage
     from train_evaluate.training import budget
 
     with torch.device("meta"):
         bare = timm.create_model(model, pretrained=False)
     layers = tuple(LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
-    adapter_bits, code_bits = adapter_storage(args.adapter_dtype)
     template = Accounting(
-        layers, (), adapter_bits, args.dora, args.include_bias, 0, network_plan.selection,
-        code_bits,
-    )  # fmt: skip
+        layers, (), args.adapter_dtype, args.dora, args.include_bias, 0, network_plan.selection
+    )
     cheapest = budget.cheapest_bits(template, compressions, ranks)
     for bits_budget in network_plan.bits_budgets:
         # the solver's own test: the budget in whole bits over the selected layers' weights

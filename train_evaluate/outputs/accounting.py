@@ -13,6 +13,7 @@ from typing import Any
 
 from compression import StorageCost
 from compression.accounting import account_layer, dense_cost, model_bits_per_weight
+from lora.rounding import adapter_storage
 from train_evaluate.inputs.selection import LayerInfo
 
 
@@ -30,21 +31,24 @@ class Accounting:
 
     layers: tuple[LayerInfo, ...]
     costs: tuple[StorageCost, ...]
-    adapter_dtype_bits: int
+    adapter_dtype: str  # how the adapters are stored (--adapter-dtype)
     dora: bool
     include_bias: bool
     backbone_bits: int  # every other parameter and buffer of the model
     selection: str
-    adapter_code_bits: int = 0  # int8 / int4 adapters: codes and row scales
     model_weights: int | None = None
-    # --bits-budget: each layer's own requested rank, whatever rank a row names (0: none)
+    # a per-layer plan: each layer's own requested rank, whatever rank a row names (0: none)
     ranks: tuple[int, ...] | None = None
+    # and each layer's own adapter dtype
+    adapter_dtypes: tuple[str, ...] | None = None
 
     def per_layer(self, rank: int, costs: Sequence[StorageCost] | None = None):
         costs = self.costs if costs is None else costs
         ranks = self.ranks or (rank,) * len(self.layers)
-        for info, cost, own in zip(self.layers, costs, ranks, strict=True):
+        dtypes = self.adapter_dtypes or (self.adapter_dtype,) * len(self.layers)
+        for info, cost, own, dtype in zip(self.layers, costs, ranks, dtypes, strict=True):
             r = info.rank(own) if rank and own else 0
+            value_bits, code_bits = adapter_storage(dtype)
             yield (
                 info,
                 r,
@@ -52,10 +56,10 @@ class Accounting:
                     *info.matrix,
                     cost,
                     r,
-                    adapter_dtype_bits=self.adapter_dtype_bits,
+                    adapter_dtype_bits=value_bits,
                     extra_adapter_params=info.shape[0] if self.dora and r else 0,
                     include_bias=self.include_bias,
-                    adapter_code_bits=self.adapter_code_bits,
+                    adapter_code_bits=code_bits,
                     has_bias=info.bias,
                 ),
             )

@@ -47,20 +47,16 @@ from compression import (
     unpack_codes,
 )
 from lora import LoraConv2d, LoraLinear
-from lora.rounding import ADAPTER_INT_BITS, factor_config, rounded_factors
+from lora.rounding import (
+    ADAPTER_FLOAT_DTYPES,
+    ADAPTER_FORMATS,
+    ADAPTER_INT_BITS,
+    factor_config,
+    rounded_factors,
+)
 from train_evaluate.runtime.files import digest, read_safetensors, write_safetensors
 
 FORMAT = "lora-compression-packed/1"
-ADAPTER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# float dtypes, then integer codes with row scales (lora.rounding)
-ADAPTER_FORMATS = (*ADAPTER_DTYPES, *ADAPTER_INT_BITS)
-
-
-def adapter_storage(adapter_dtype: str) -> tuple[int, int]:
-    """(bits per adapter value, bits per code) as ``--adapter-dtype`` stores the adapters:
-    float ones at their dtype (no codes); int8 / int4 ones as codes with fp32 row scales."""
-    code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
-    return (32 if code_bits else ADAPTER_DTYPES[adapter_dtype].itemsize * 8), code_bits
 
 
 class CheckpointError(ValueError):
@@ -133,7 +129,7 @@ def pack_adapter(layer: nn.Module, adapter_dtype: str) -> dict[str, torch.Tensor
             tensors[f"{name}.codes"] = pack_codes(rounded.parts["codes"], bits)
             tensors[f"{name}.scale"] = rounded.parts["scale"].detach().float().cpu().contiguous()
             del state[name]
-    dtype = ADAPTER_DTYPES.get(adapter_dtype, torch.float32)
+    dtype = ADAPTER_FLOAT_DTYPES.get(adapter_dtype, torch.float32)
     for name, value in state.items():
         if name in ("lora_A", "lora_B"):
             value = value.flatten(1)
@@ -149,7 +145,7 @@ def _unpack_adapter(
     state, names = {}, set()
     for name, shape in adapter.items():
         if bits is None or name not in ("lora_A", "lora_B"):
-            dtype = ADAPTER_DTYPES.get(adapter_dtype, torch.float32)
+            dtype = ADAPTER_FLOAT_DTYPES.get(adapter_dtype, torch.float32)
             _check_tensor(tensors, name, shape, dtype, why)
             state[name] = tensors[name].float()
             names.add(name)
@@ -180,13 +176,15 @@ def save_packed(path: Path, tensors: dict[str, torch.Tensor], info: dict, fmt: s
 def write_packed(
     path: Path,
     layers: Mapping[str, nn.Module] | nn.Module,
-    adapter_dtype: str = "fp32",
+    adapter_dtype: str | Mapping[str, str] = "fp32",
     extra: dict | None = None,
     name: str = "layer",
 ) -> int:
     """Write adapted layers (their compressed bases and adapters) to ``path``; returns the
     file's bytes. ``layers``: module name -> adapted layer (``Target.adapters_of`` gives a
-    model's), or one layer alone, stored as ``name``. One layout for one layer or many:
+    model's), or one layer alone, stored as ``name``. ``adapter_dtype``: how every adapter is
+    stored, or each layer's (module name -> dtype, as ``LayerPlan.adapter_dtypes`` gives
+    them). One layout for one layer or many:
     ``network_checkpoint.read_packed`` reads a file of one, ``read_packed_network`` any."""
     if not isinstance(layers, Mapping):
         layers = {name: layers}
@@ -263,24 +261,29 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     return (out_features, in_features), rank, float(alpha), use_dora, adapter_dtype
 
 
-def check_plan(plan: Any, stored: dict[str, tuple[str, nn.Module]]) -> None:
+def check_plan(plan: Any, stored: dict[str, tuple[dict[str, Any], nn.Module]]) -> None:
     """The layer plan a file records (``lora.plan``; files written before plans were recorded
-    have none) names exactly its layers, each with its method and a rank that, clamped to the
-    layer, is the adapter's."""
+    have none) names exactly its layers (``stored``: name -> (its metadata, its rebuilt
+    layer)), each with its method, its adapter's dtype and a rank that, clamped to the layer,
+    is the adapter's."""
     require(isinstance(plan, dict) and isinstance(plan.get("layers"), dict),
              "its layer plan has no layers")  # fmt: skip
     planned = plan["layers"]
     require(set(planned) == set(stored),
              f"its layer plan names {len(planned)} layers, its tensors hold {len(stored)} "
              "others")  # fmt: skip
-    for name, (method, layer) in stored.items():
+    for name, (info, layer) in stored.items():
         entry = planned[name]
         require(isinstance(entry, dict) and is_int(entry.get("rank")),
                  f"its layer plan's {name} has no rank")  # fmt: skip
         clamped = min(entry["rank"], layer.in_features, layer.out_features)
-        require(entry.get("method") == method and clamped == layer.r,
+        require(entry.get("method") == info["method"] and clamped == layer.r,
                  f"its layer plan gives {name} {entry.get('method')} r={entry['rank']}; the "
-                 f"layer holds {method} r={layer.r}")  # fmt: skip
+                 f"layer holds {info['method']} r={layer.r}")  # fmt: skip
+        dtype = entry.get("adapter_dtype", plan.get("adapter_dtype"))
+        require(dtype == info["adapter_dtype"],
+                f"its layer plan stores {name}'s adapter as {dtype}; the layer holds "
+                f"{info['adapter_dtype']}")  # fmt: skip
 
 
 def _compressor_config(info: dict[str, Any]) -> Any:
@@ -472,14 +475,16 @@ NETWORK_FORMAT = "lora-compression-packed-network/1"
 def write_packed_network(
     path: Path,
     adapters: Mapping[str, nn.Module],
-    adapter_dtype: str = "fp32",
+    adapter_dtype: str | Mapping[str, str] = "fp32",
     extra: dict | None = None,
 ) -> int:
-    """Every layer of ``adapters`` (module name -> adapted layer) in one file."""
+    """Every layer of ``adapters`` (module name -> adapted layer) in one file, each adapter
+    stored as ``adapter_dtype`` says (one dtype, or module name -> dtype)."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for name, adapter in adapters.items():
-        layer_tensors, info = pack_layer(adapter, adapter_dtype)
+        dtype = adapter_dtype if isinstance(adapter_dtype, str) else adapter_dtype[name]
+        layer_tensors, info = pack_layer(adapter, dtype)
         tensors.update({f"{name}/{key}": value for key, value in layer_tensors.items()})
         layers[name] = info
     return save_packed(path, tensors, {**(extra or {}), "layers": layers}, NETWORK_FORMAT)

@@ -82,10 +82,8 @@ def read_packed_network(path: Path | str, device: torch.device | str = "cpu") ->
         strangers = sorted(set(tensors) - claimed)
         require(not strangers, f"it holds tensors of no listed layer: {', '.join(strangers[:3])}")
         if "layer_plan" in info:
-            methods = {
-                name: (info["layers"][name]["method"], layer) for name, layer in layers.items()
-            }
-            check_plan(info["layer_plan"], methods)
+            stored = {name: (info["layers"][name], layer) for name, layer in layers.items()}
+            check_plan(info["layer_plan"], stored)
     except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise inconsistent(path, error) from error
     return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
@@ -110,7 +108,7 @@ def read_layer_file(path: Path | str, device: torch.device | str = "cpu") -> Pac
             planned = plan.get("layers") if isinstance(plan, dict) else None
             require(isinstance(planned, dict) and len(planned) == 1,
                     "its layer plan does not name the one layer it holds")  # fmt: skip
-            check_plan(plan, {next(iter(planned)): (info["method"], layer)})
+            check_plan(plan, {next(iter(planned)): (info, layer)})
     # Unsound: a check above; JSONDecodeError is a ValueError; the other types are a net for
     # what no check foresaw, so that any inconsistency is still one line, never a traceback
     except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:

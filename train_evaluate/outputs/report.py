@@ -216,11 +216,12 @@ def write_rank_artifacts(
     record: dict[str, Any],
     layers: Mapping[str, nn.Module] | None,
     study: optuna.Study | None,
-    adapter_dtype: str,
+    adapter_dtype: str | Mapping[str, str],
     checkpoint_info: dict[str, Any],
 ) -> Path | None:
     """The per-rank files: curves, Optuna pages, the layer plan and the packed checkpoint of
-    ``layers`` (the final model's adapted layers by module name), whatever the rank produced.
+    ``layers`` (the final model's adapted layers by module name, each adapter stored as
+    ``adapter_dtype`` says: one dtype, or module name -> dtype), whatever the rank produced.
     Returns the checkpoint's path, if one was written. Figures are titled with the model
     (``checkpoint_info["model"]``) and the init, as well as the method and rank."""
     method, rank = record["method"], record["rank"]

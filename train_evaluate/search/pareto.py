@@ -141,7 +141,7 @@ def final_rows(
     out: Path,
     write_checkpoint,
     device: Any,
-    finish_layer=lambda layer: None,
+    round_stored=lambda layer, method, rank: None,
 ) -> list[dict[str, Any]]:
     """Each front trial's model, trained again with its parameters and seed, scored on test
     once, written, read back and scored again."""
@@ -154,7 +154,7 @@ def final_rows(
         layer = candidate.method.adapted(rank, params["lora_alpha"], sweep, seed)
         data = splits.with_base(layer)
         result = train_one(layer, data, sweep.train_config(params, seed))
-        finish_layer(layer)  # integer adapters: rounded, as the file stores them
+        round_stored(layer, candidate.method, rank)  # integer adapters, as the file has them
         test_acc = evaluate(layer, data.test)["acc"]
         path = out / "checkpoints" / f"pareto_trial={trial.number}.safetensors"
         metrics = {"trial": trial.number, "test_acc": test_acc}

@@ -116,12 +116,16 @@ def identities(context: RunContext, method: Target, rank: int) -> tuple[str, str
         # study or record made on the weights alone is not theirs
         identity["compressor_inputs"] = "input second moment"
     study_name = f"{plan.study_prefix}{method.name}_r{rank}_{feature_key(**identity)[:12]}"
+    dtypes = set(method.layer_plan(rank, plan.adapter_dtype).adapter_dtypes().items())
     key = feature_key(
         record_format=RECORD_FORMAT,
         study=study_name,
         trials=plan.sweep.trials,
         finals=plan.sweep.final_seeds,
-        adapter_dtype=plan.adapter_dtype,
+        # the run's, or each layer's where a plan stores some adapters otherwise
+        adapter_dtype=plan.adapter_dtype
+        if {dtype for _, dtype in dtypes} == {plan.adapter_dtype}
+        else sorted(dtypes),
     )
     return study_name, key
 
@@ -187,11 +191,11 @@ def write_record(
     plan = context.plan
     method, rank = outcome.record["method"], outcome.record["rank"]
     record = {**outcome.record, "key": key}
-    layer_plan = built.layer_plan(rank, plan.adapter_dtype).to_json(built.descriptions())
-    info = {**checkpoint_info(context), "layer_plan": layer_plan}
+    layer_plan = built.layer_plan(rank, plan.adapter_dtype)
+    info = {**checkpoint_info(context), "layer_plan": layer_plan.to_json(built.descriptions())}
     layers = None if outcome.layer is None else built.adapters_of(outcome.layer)
     checkpoint = report.write_rank_artifacts(
-        plan.out, record, layers, outcome.study, plan.adapter_dtype, info
+        plan.out, record, layers, outcome.study, layer_plan.adapter_dtypes(), info
     )
     if checkpoint is not None:
         # Read the file back and score the model it holds: the number a user of the file gets.

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora import LoraLinear
-from lora.rounding import ADAPTER_INT_BITS, round_adapter_
+from lora.rounding import round_stored_
 from train_evaluate.search import workers
 from train_evaluate.search.storage import open_study
 from train_evaluate.search.study import (
@@ -218,9 +218,10 @@ def run_rank(
 ) -> RankOutcome | None:
     """Init-only baseline, Optuna study and final model for one (method, rank).
 
-    ``adapter_dtype`` int8 / int4: the init and each final model are scored with their
-    factors rounded to integer codes (``round_adapter_``), as the packed file stores them;
-    training and the choice of the best epoch see the float factors.
+    ``adapter_dtype``: the run's; a layer whose plan stores its adapter as int8 / int4 is
+    scored, in the init and each final model, with its factors rounded to integer codes
+    (``round_stored_``), as the packed file stores them; training and the choice of the best
+    epoch see the float factors.
 
     ``sharing`` (many workers, see ``workers``): this worker runs the trials that are still
     free and, once all have finished, the finals if it claims them first (whole ranks: it
@@ -228,7 +229,8 @@ def run_rank(
     to do on this rank now. The outcome then holds the claim, which the caller releases once
     the rank's files are written."""
     started = time.perf_counter()
-    code_bits = ADAPTER_INT_BITS.get(adapter_dtype, 0)
+    dtypes = method.layer_plan(rank, adapter_dtype).adapter_dtypes()
+    round_stored = lambda model: round_stored_(method.adapters_of(model), dtypes)  # noqa: E731
     study = None
     if sweep.epochs > 0:
         study = open_study(
@@ -263,7 +265,7 @@ def run_rank(
     held = [claim] if claim is not None else []  # a claim _run_rank takes is added
     try:
         return _run_rank(
-            method, rank, splits, sweep, study, on_step, code_bits, sharing, held, started
+            method, rank, splits, sweep, study, on_step, round_stored, sharing, held, started
         )
     except BaseException:
         for taken in held:
@@ -367,7 +369,7 @@ def train_finals(
     data: Splits,
     sweep: SweepConfig,
     probe: nn.Module,
-    code_bits: int,
+    round_stored: Callable[[nn.Module], None],
     on_step: Callable[[], None],
 ) -> tuple[list[dict[str, Any]], nn.Module | None]:
     """The rank's final models, one per final seed, trained with the best trial's ``params``;
@@ -380,8 +382,7 @@ def train_finals(
         layer = method.adapted(rank, params["lora_alpha"], sweep, seed)
         assert same_base(layer, probe)
         result = train_one(layer, data, sweep.train_config(params, seed))
-        if code_bits:
-            round_adapter_(layer, code_bits)
+        round_stored(layer)
         finals.append(
             {
                 "seed": seed,
@@ -406,7 +407,7 @@ def _run_rank(
     sweep: SweepConfig,
     study: optuna.Study | None,
     on_step: Callable[[], None],
-    code_bits: int,
+    round_stored: Callable[[nn.Module], None],
     sharing: Sharing | None,
     held: list,
     started: float,
@@ -416,8 +417,7 @@ def _run_rank(
     # The base (W_c and b) does not depend on alpha or seed, so its logits serve every trial.
     probe = method.adapted(rank, sweep.space.alphas[0], sweep, derive_seed(*seed_parts, "init"))
     data = splits.with_base(probe)
-    if code_bits:
-        round_adapter_(probe, code_bits)
+    round_stored(probe)
     record = init_record(method, rank, sweep, probe, data, splits)
     if sweep.epochs == 0:
         record.update(status="init_only", test_acc=record["init_only"]["test_acc"], finals=[])
@@ -468,7 +468,9 @@ def _run_rank(
             on_step()
         return RankOutcome(record, None, study, claim)
 
-    finals, kept = train_finals(method, rank, best.params, data, sweep, probe, code_bits, on_step)
+    finals, kept = train_finals(
+        method, rank, best.params, data, sweep, probe, round_stored, on_step
+    )
     record.update(
         status="ok",
         best_params=best.params,

@@ -117,12 +117,10 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     from train_evaluate.inputs.backbone import layer_weights, tensor_bits
     from train_evaluate.inputs.selection import LayerInfo
     from train_evaluate.outputs.accounting import Accounting
-    from train_evaluate.outputs.checkpoint import adapter_storage
     from train_evaluate.training import network
     from train_evaluate.training.fc_method import Method
     from train_evaluate.training.training import evaluate
 
-    adapter_bits, code_bits = adapter_storage(plan.adapter_dtype)
     shared_columns = lambda name, compression: {  # noqa: E731
         "quant": name,
         "init": plan.sweep.init,
@@ -130,7 +128,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         "compression": compression.describe(),
     }
     if plan.network is not None:
-        setup = network.NetworkSetup.create(plan, head, splits.train, adapter_bits, code_bits)
+        setup = network.NetworkSetup.create(plan, head, splits.train, plan.adapter_dtype)
 
         measured: list = []  # --bits-budget: the options, measured for the first budget
 
@@ -155,12 +153,11 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     template = Accounting(
         (LayerInfo.of(module, head),),
         (),
-        adapter_bits,
+        plan.adapter_dtype,
         plan.sweep.use_dora,
         plan.include_bias,
         tensor_bits(found.model) - tensor_bits(head),
         "head (1 layer)",
-        code_bits,
         layer_weights(found.model),
     )
 
@@ -334,7 +331,7 @@ def share_ranks(context, methods, ranks) -> dict[str, list]:
 def pareto_search(plan, context, candidates, out) -> None:
     """``--search pareto``: the study, the front's final models and pareto.csv."""
 
-    from lora.rounding import ADAPTER_INT_BITS, round_adapter_
+    from lora.rounding import round_stored_
     from train_evaluate.outputs import report
     from train_evaluate.outputs.checkpoint import write_packed
     from train_evaluate.search import pareto
@@ -349,19 +346,22 @@ def pareto_search(plan, context, candidates, out) -> None:
     )  # fmt: skip
     chosen = pareto.front(study, sweep.trials)
     info = checkpoint_info(context)
-    bits = ADAPTER_INT_BITS.get(plan.adapter_dtype)
 
     def write(path, layer, metrics, method, rank):
         # the front model's plan, in the file and beside it (what --layer-plan reads back)
-        layer_plan = method.layer_plan(rank, plan.adapter_dtype).to_json(method.descriptions())
-        report.write_plan(out / "plans" / f"{path.stem}.json", layer_plan)
-        extra = {**info, "layer_plan": layer_plan, "init": sweep.init, "metrics": metrics}
-        return write_packed(path, method.adapters_of(layer), plan.adapter_dtype, extra)
+        layer_plan = method.layer_plan(rank, plan.adapter_dtype)
+        as_json = layer_plan.to_json(method.descriptions())
+        report.write_plan(out / "plans" / f"{path.stem}.json", as_json)
+        extra = {**info, "layer_plan": as_json, "init": sweep.init, "metrics": metrics}
+        return write_packed(path, method.adapters_of(layer), layer_plan.adapter_dtypes(), extra)
+
+    def round_stored(layer, method, rank):
+        dtypes = method.layer_plan(rank, plan.adapter_dtype).adapter_dtypes()
+        round_stored_(method.adapters_of(layer), dtypes)
 
     rows = pareto.final_rows(
-        chosen, candidates, splits, sweep, train_one, out, write, plan.device,
-        (lambda layer: round_adapter_(layer, bits)) if bits else (lambda layer: None),
-    )  # fmt: skip
+        chosen, candidates, splits, sweep, train_one, out, write, plan.device, round_stored
+    )
     title = report.run_title(info, sweep.init)
     frame = pareto.write_outputs(out, study, rows, candidates, context.original_acc, title)
     log.info(

@@ -26,7 +26,9 @@ class Method:
     cost: StorageCost
     # per rank, the reconstruction's stages (``--reconstruct``; the classifier alone has none)
     records: dict[int, list] = field(default_factory=dict, repr=False)
-    module: str | None = None  # the classifier's name in the model (what its plans name)
+    # the classifier's module name in the model (what its plans and files name); a study on
+    # features alone, with no model, calls it head
+    module: str = "head"
 
     @classmethod
     def create(
@@ -35,7 +37,7 @@ class Method:
         config: Any,
         head: nn.Linear,
         features: torch.Tensor,
-        module: str | None = None,
+        module: str = "head",
     ) -> Method:
         weight = head.weight.detach()
         context = InitContext(weight, None, config, features)
@@ -45,8 +47,6 @@ class Method:
 
     def layer_plan(self, rank: int, adapter_dtype: str) -> LayerPlan:
         """The plan of this method's model at ``rank``: the classifier alone."""
-        if self.module is None:
-            raise ValueError(f"{self.name}: the classifier's module name was not given")
         layers = ((self.module, LayerSpec(self.name, rank)),)
         return LayerPlan(self.name, layers, adapter_dtype)
 
@@ -81,8 +81,6 @@ class Method:
         return make_lora_linear(self.head, config, self.context, generator)
 
     def adapters_of(self, model: LoraLinear) -> dict[str, nn.Module]:
-        if self.module is None:
-            raise ValueError(f"{self.name}: the classifier's module name was not given")
         return {self.module: model}
 
     def load(self, path: Path, device: torch.device | str) -> LoraLinear:

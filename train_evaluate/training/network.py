@@ -361,9 +361,7 @@ class NetworkSetup:
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
-    def create(
-        cls, plan: Any, model: ImageModel, train: Any, adapter_bits: int, adapter_code_bits: int = 0
-    ) -> NetworkSetup:
+    def create(cls, plan: Any, model: ImageModel, train: Any, adapter_dtype: str) -> NetworkSetup:
         from train_evaluate.inputs.backbone import layer_weights, tensor_bits
         from train_evaluate.inputs.cut import boundaries
 
@@ -389,12 +387,11 @@ class NetworkSetup:
         template = Accounting(
             layers,
             (),
-            adapter_bits,
+            adapter_dtype,
             plan.sweep.use_dora,
             plan.include_bias,
             tensor_bits(model) - selected_bits,
             f"{net.selection} ({len(layers)} layers)",
-            adapter_code_bits,
             layer_weights(model),
         )
         asymmetric = net.calibration == "asymmetric"
@@ -425,10 +422,15 @@ class NetworkSetup:
         )  # fmt: skip
 
     def accounting(self, method: NetworkMethod) -> Accounting:
-        ranks = None
-        if method.plan is not None:
-            ranks = tuple(method.requested_ranks(method.plan.rank).values())
-        return replace(self.template, costs=method.costs, ranks=ranks)
+        if method.plan is None:
+            return replace(self.template, costs=method.costs)
+        dtypes = method.plan.adapter_dtypes()
+        return replace(
+            self.template,
+            costs=method.costs,
+            ranks=tuple(method.requested_ranks(method.plan.rank).values()),
+            adapter_dtypes=tuple(dtypes[info.name] for info in self.layers),
+        )
 
 
 def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNetwork:
