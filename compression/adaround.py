@@ -1,4 +1,4 @@
-"""Learned rounding of N-bit integer weights (``--quantizer adaround``, int2 / int4 / int8).
+"""Learned rounding of N-bit integer weights (``--quantizer adaround``, int2 to int8).
 
 Round to nearest picks each code on its own; AdaRound (Nagel et al. 2020, arXiv:2004.10568)
 learns, per weight, whether to round down or up so that the layer's (here: the block's) output
@@ -61,18 +61,21 @@ def beta_at(step: int, steps: int) -> float | None:
 
 
 class SoftRounding(nn.Module):
-    """The weight s_i * clamp(f_ij + h(V_ij), -levels, levels), shaped like the layer's weight,
-    from the uncompressed ``weight`` and the row ``scale`` (rows x 1) of its N-bit grid."""
+    """The weight s_i * clamp(f_ij + h(V_ij), lo_i, hi_i), shaped like the layer's weight, from
+    the uncompressed ``weight`` and the row ``scale`` (rows x 1) of its N-bit grid, whose codes
+    lie in [``lo``, ``hi``] (numbers, or rows x 1 on an affine grid)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, levels: int) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, lo, hi) -> None:
         super().__init__()
+        scale = scale.detach().float()  # fp16 scales: the grid's values, computed in fp32
         matrix = weight.detach().reshape(weight.shape[0], -1).to(scale.dtype)
         steps = matrix / torch.where(scale > 0, scale, 1)  # an all-zero row: codes 0 either way
         floor = torch.floor(steps)
         self.shape = tuple(weight.shape)
-        self.levels = levels
         self.register_buffer("floor", floor)
-        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("lo", torch.as_tensor(lo, dtype=scale.dtype).expand_as(scale).clone())
+        self.register_buffer("hi", torch.as_tensor(hi, dtype=scale.dtype).expand_as(scale).clone())
         self.logits = nn.Parameter(initial_logits(steps - floor))
 
     def forward(self, _stored: torch.Tensor) -> torch.Tensor:
@@ -80,12 +83,12 @@ class SoftRounding(nn.Module):
         flows through the soft codes (straight through)."""
         soft = self.floor + rectified_sigmoid(self.logits)
         hard = self.floor + (self.logits >= 0).to(soft.dtype)
-        codes = (hard + (soft - soft.detach())).clamp(-self.levels, self.levels)
+        codes = torch.clamp(hard + (soft - soft.detach()), self.lo, self.hi)
         return (codes * self.scale).reshape(self.shape)
 
     def soft_weight(self) -> torch.Tensor:
         """The weight with the soft codes f + h(V) themselves (AdaRound's relaxation)."""
-        codes = (self.floor + rectified_sigmoid(self.logits)).clamp(-self.levels, self.levels)
+        codes = torch.clamp(self.floor + rectified_sigmoid(self.logits), self.lo, self.hi)
         return (codes * self.scale).reshape(self.shape)
 
     def regulariser(self, beta: float) -> torch.Tensor:
@@ -96,4 +99,4 @@ class SoftRounding(nn.Module):
     def hard_codes(self) -> torch.Tensor:
         """The learned codes (rows x cols): the floor, plus one where h >= 1/2 (V >= 0)."""
         up = (self.logits.detach() >= 0).to(self.floor.dtype)
-        return (self.floor + up).clamp(-self.levels, self.levels) + 0.0  # -0.0 -> +0.0
+        return torch.clamp(self.floor + up, self.lo, self.hi) + 0.0  # -0.0 -> +0.0

@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from compression import CompressedWeight
 from compression.adaround import SoftRounding, beta_at, learns_rounding
-from compression.integer import from_codes
+from compression.integer import code_bounds, from_codes, row_zero, signed_codes
 from lora.capture import NotCalled, first_call
 from lora.layer import compressed_of
 
@@ -211,9 +211,9 @@ def _soft_roundings(
         compressed = compressed_of(base) if base is not None else None
         if compressed is None or not learns_rounding(compressed.config):
             continue
-        levels = 2 ** (compressed.config.bits - 1) - 1
+        lo, hi = code_bounds(compressed.config, row_zero(compressed))
         weight = reference.get_submodule(name).weight
-        rounding = SoftRounding(weight, compressed.parts["scale"], levels).to(weight.device)
+        rounding = SoftRounding(weight, compressed.parts["scale"], lo, hi).to(weight.device)
         parametrize.register_parametrization(base, "weight", rounding)
         found[name] = rounding
     return found
@@ -228,9 +228,9 @@ def _harden(adapted: nn.Module, roundings: dict[str, SoftRounding]) -> dict[str,
         codes = rounding.hard_codes()
         parametrize.remove_parametrizations(base, "weight", leave_parametrized=False)
         old = _detached(base.compressed)
-        levels = rounding.levels
-        old_codes = old.parts["codes"].reshape(codes.shape).to(codes.dtype) - levels
-        base.set_compressed(from_codes(codes, rounding.scale, old.config))
+        old_codes = signed_codes(old).to(codes.dtype)
+        scale = old.parts["scale"].to(codes.dtype)
+        base.set_compressed(from_codes(codes, scale, old.config, row_zero(old)))
         before[name] = (old, int((old_codes != codes).sum()))
     return before
 

@@ -227,7 +227,7 @@ def past_the_block(tensors):
 
 
 EDITS = {  # case: (compressor, metadata edit, tensor edit, what the one line must say)
-    "unknown method": (None, set_field("method", "int3"), None, "unknown compression method"),
+    "unknown method": (None, set_field("method", "int9"), None, "unknown compression method"),
     "other method": (None, set_field("method", "int4"), None, "is not what method int4"),
     "shape not ints": (None, set_field("shape", [100, "48"]), None, "is not two positive"),
     "shape zero": (None, set_field("shape", [100, 0]), None, "is not two positive"),

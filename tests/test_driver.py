@@ -194,7 +194,7 @@ BAD_INPUT = {
     "no synset folders": (lambda data, tmp: ["--data-dir", folder_without_synsets(tmp)], "synset"),
     "unknown model": (lambda data, tmp: ["--data-dir", data, "--model", "resnet_nonexistent"],
                       "unknown timm model"),
-    "unknown method": (lambda data, tmp: ["--methods", "sparse", "int3"], "valid methods"),
+    "unknown method": (lambda data, tmp: ["--methods", "sparse", "int9"], "valid methods"),
     "unknown init": (lambda data, tmp: ["--init", "xavier"], "valid: paper_init"),
     "unknown preset": (lambda data, tmp: ["--preset", "fast"], "valid presets"),
     "bad block": (lambda data, tmp: ["--block", "4by4"], "HxW"),

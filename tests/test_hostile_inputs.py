@@ -429,4 +429,4 @@ def test_layers_csv_after_a_resume_equals_the_uninterrupted_run(tmp_path, own_de
 def test_the_warning_for_an_unused_quantizer_lists_only_the_methods_that_take_it(tmp_path, caplog):
     options = ["--quantizer", "adaround", "--methods", "sparse"]
     (warning,) = [w for w in plan_log(tmp_path, caplog, *options) if "--quantizer" in w]
-    assert "applies to --methods int2 int4 int8 only" in warning, warning
+    assert "applies to --methods int2 int3 int4 int5 int6 int7 int8 only" in warning, warning

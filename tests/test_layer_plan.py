@@ -80,7 +80,7 @@ def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):
     ("raw", "says"),
     [
         ({"layers": {"layer9.*": {"method": "int4", "rank": 2}}}, "'layer9.*' names no Linear"),
-        ({"layers": {"fc": {"method": "int3", "rank": 2}}}, "unknown method 'int3'"),
+        ({"layers": {"fc": {"method": "int9", "rank": 2}}}, "unknown method 'int9'"),
         ({"layers": {"fc": {"method": "int4", "rank": -1}}}, "rank -1"),
         ({"layers": {"fc": {"method": "int4", "rank": 0}}}, "rank 0"),
         ({"layers": {"fc": {"method": "int4", "rank": 2.5}}}, "rank 2.5"),
@@ -299,7 +299,7 @@ INT4_RTN = "int4(per-row symmetric)"  # how a plan written by a run with default
     ("plan", "extra", "says"),
     [
         ({"layers": {"layer9.conv": {"method": "int4", "rank": 2}}}, (), "names no Linear"),
-        ({"layers": {"fc": {"method": "int5", "rank": 2}}}, (), "unknown method 'int5'"),
+        ({"layers": {"fc": {"method": "int9", "rank": 2}}}, (), "unknown method 'int9'"),
         ({"layers": {"fc": {"method": "int4", "rank": -2}}}, (), "rank -2"),
         ("{not json", (), "not valid JSON"),
         (

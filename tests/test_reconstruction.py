@@ -224,7 +224,7 @@ def test_rounding_starts_at_the_nearest_codes_and_hardens_to_the_floor_or_one_ab
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(5, 7, generator=generator)
     scale = weight.abs().amax(dim=1, keepdim=True) / 7  # int4's max grid: nothing clipped
-    rounding = SoftRounding(weight, scale, 7)
+    rounding = SoftRounding(weight, scale, -7, 7)
     # the soft codes start at the weight itself; the codes used, at round to nearest
     assert torch.allclose(rounding.soft_weight(), weight, atol=1e-5)
     assert torch.equal(rounding(weight), compress(weight, make_config("int4")).weight)
@@ -239,31 +239,41 @@ def test_rounding_starts_at_the_nearest_codes_and_hardens_to_the_floor_or_one_ab
     assert (codes - floor).abs().le(1).all() and codes.abs().max() <= 7
 
 
+@pytest.mark.parametrize(("compression", "grid"), [("int4", "symmetric"), ("int3", "affine")])
 def test_learned_rounding_codes_are_in_range_rounded_down_or_up_and_the_file_scores_the_same(
-    tmp_path,
+    compression, grid, tmp_path
 ):
     from compression.adaround import learns_rounding
+    from compression.integer import row_zero, signed_codes
     from train_evaluate.outputs.checkpoint import write_packed
 
+    bits = int(compression[3:])
     calibration = images(16, 0)
-    method, _ = resnet_setup(calibration, compression="int4", quantizer="adaround")
+    options = {"compression": compression, "int_grid": grid}
+    method, _ = resnet_setup(calibration, quantizer="adaround", **options)
     adapted = method.adapted(4, 16, SweepConfig(init="svd_init"), seed=2)
     records = method.records[4]
     assert all(r.error_end <= r.error_start for r in records)
     assert sum(r.codes_changed for r in records) > 0, records
-    rtn = resnet_setup(calibration, compression="int4")[0].compressed_model()
+    rtn = resnet_setup(calibration, **options)[0].compressed_model()
     changed = 0
     for name, adapter in adapted.adapters().items():
         stored = adapter.base_compressed
         assert (
-            learns_rounding(stored.config) and stored.cost.value_bits == 4 * stored.weight.numel()
+            learns_rounding(stored.config)
+            and stored.cost.value_bits == bits * stored.weight.numel()
         )
-        codes = stored.parts["codes"].reshape(stored.weight.shape).double() - 7
-        assert codes.min() >= -7 and codes.max() <= 7
+        codes = signed_codes(stored).double()
+        # the grid's range: symmetric 2^N - 1 levels about 0, affine 2^N less the zero point
+        half = 2 ** (bits - 1)
+        zero = row_zero(stored)
+        lo, hi = (-(half - 1), half - 1) if zero is None else (-zero, 2 * half - 1 - zero)
+        assert bool(((codes >= lo) & (codes <= hi)).all())
         weight = method.model.model.get_submodule(name).weight.reshape(codes.shape).double()
         floor = (weight / stored.parts["scale"].double()).floor()
         # rounded down or up: the floor or the next level, clamped to the range
-        assert ((codes == floor.clamp(-7, 7)) | (codes == (floor + 1).clamp(-7, 7))).all(), name
+        down, up = (torch.clamp(f, lo, hi) for f in (floor, floor + 1))
+        assert ((codes == down) | (codes == up)).all(), name
         assert torch.equal(adapter.base_layer.expand(), adapter.base_layer.weight)
         plain = rtn.model.get_submodule(name).compressed
         changed += int((plain.parts["codes"] != stored.parts["codes"]).sum())

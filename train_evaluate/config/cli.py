@@ -44,14 +44,16 @@ def resolve_device(name: str):
 # Names the help lists. The registries they must equal live in modules that import torch;
 # tests/test_cli.py checks that these match them, and plan.py validates against the registries.
 INIT_NAMES = ("paper_init", "svd_init", "act_svd_init", "loftq_init", "act_loftq_init")
-METHOD_NAMES = ("int1", "int2", "int4", "int8", "sparse", "nm")
+INT_METHODS = tuple(f"int{bits}" for bits in range(2, 9))
+METHOD_NAMES = ("int1", *INT_METHODS, "sparse", "nm")
 PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
 INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
-# the methods the int options apply to, spelled out here for --help (a test holds them equal to
-# the registry's methods with those fields)
-INT_METHODS = ("int2", "int4", "int8")
+# INT_METHODS: the methods the int options apply to (a test holds them equal to the registry's
+# methods with those fields)
 INT_SCALE_NAMES = ("max", "mse")
+INT_GRID_NAMES = ("symmetric", "full", "affine")
+SCALE_DTYPE_NAMES = ("fp32", "fp16")
 QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
@@ -208,14 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     compress_group.add_argument("--int1-scale", help=f"int1 scale: {', '.join(INT1_SCALE_NAMES)}")
     compress_group.add_argument(
         "--int-scale",
-        help=f"{'/'.join(INT_METHODS)} row scale: {', '.join(INT_SCALE_NAMES)} (default: max)",
+        help=f"int2-int8 row scale: {', '.join(INT_SCALE_NAMES)} (default: max)",
+    )
+    compress_group.add_argument(
+        "--int-grid",
+        help="int2-int8 codes: symmetric (2^N - 1 levels, the default), full (the signed range, "
+        "2^N levels) or affine (2^N levels and an N-bit zero point per row)",
+    )
+    compress_group.add_argument(
+        "--scale-dtype",
+        help=f"int2-int8 row scales stored as {' or '.join(SCALE_DTYPE_NAMES)}, and counted so "
+        "(default: fp32)",
     )
     compress_group.add_argument(
         "--quantizer",
-        help=f"int1/{'/'.join(INT_METHODS)} rounding: rtn (to nearest, the default), gptq (error "
-        f"feedback through the layer's input moment, from the train split), or, for "
-        f"{'/'.join(INT_METHODS)} only (not int1) with --reconstruct, adaround (each weight's "
-        "rounding up or down learned with its block's adapters)",
+        help="int1-int8 rounding: rtn (to nearest, the default), gptq (error feedback through "
+        "the layer's input moment, from the train split), or, for int2-int8 only (not int1) "
+        "with --reconstruct, adaround (each weight's rounding up or down learned with its "
+        "block's adapters)",
     )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(

@@ -297,6 +297,8 @@ COMPRESSION_OPTIONS = {
     "keep": "keep",
     "int1_scale": "scale",
     "int_scale": "int_scale",
+    "int_grid": "int_grid",
+    "scale_dtype": "scale_dtype",
     "quantizer": "quantizer",
     "nm": "pattern",
 }
@@ -360,6 +362,8 @@ def compression_configs(args: RunOptions, methods: Sequence[str] | None = None) 
             keep=args.keep,
             scale=args.int1_scale,
             int_scale=args.int_scale,
+            int_grid=args.int_grid,
+            scale_dtype=args.scale_dtype,
             quantizer=args.quantizer,
             pattern=args.nm,
         )

@@ -62,6 +62,8 @@ class RunOptions:
     keep: str | None = None
     int1_scale: str | None = None
     int_scale: str | None = None
+    int_grid: str | None = None
+    scale_dtype: str | None = None
     quantizer: str | None = None
     nm: str | None = None
     adapter_dtype: str = "fp32"

@@ -323,7 +323,7 @@ def _compressor_config(info: dict[str, Any]) -> Any:
 
 # Config fields added after files of their method were first written: written only when not
 # at their default, so that a file of the default compressor keeps the bytes it had before.
-LATER_FIELDS = ("quantizer",)
+LATER_FIELDS = ("quantizer", "int_grid", "scale_dtype")
 
 
 def stored_fields(config: Any) -> dict[str, Any]:
