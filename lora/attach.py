@@ -44,6 +44,8 @@ def make_init_context(
 
 
 def _initialise(layer: LoraLinear | LoraConv2d, config: LoraConfig, context, generator) -> None:
+    if layer.r == 0:
+        return  # no adapter: nothing to initialise, and no random number drawn
     get_init(config.init)(layer, context, config, generator)
     if layer.use_dora:
         # m = ||W_c + s * B @ A|| per output row (a conv's: over in, kh, kw): at init DoRA
@@ -60,7 +62,7 @@ def make_lora_linear(
 ) -> LoraLinear:
     """A ``LoraLinear`` whose frozen base holds W_c (and ``linear``'s bias, untouched) and whose
     adapter is initialised by ``config.init``. ``linear`` itself is not modified."""
-    check_rank(config.r, linear.out_features, linear.in_features)
+    check_rank(config.r, linear.out_features, linear.in_features, config.use_dora)
     base = CompressedLinear.from_compressed(context.compressed, linear.bias)
     base.to(linear.weight.device)
     layer = LoraLinear(base, config.r, config.lora_alpha, use_dora=config.use_dora)
@@ -78,7 +80,7 @@ def make_lora_conv2d(
     with ``conv``'s bias and geometry, and whose adapter is initialised by ``config.init``.
     ``conv`` itself is not modified."""
     out_channels = conv.out_channels
-    check_rank(config.r, out_channels, weight_matrix(conv).shape[1])
+    check_rank(config.r, out_channels, weight_matrix(conv).shape[1], config.use_dora)
     base = CompressedConv2d.from_compressed(context.compressed, conv.bias, **conv_options(conv))
     base.to(conv.weight.device)
     layer = LoraConv2d(base, config.r, config.lora_alpha, use_dora=config.use_dora)

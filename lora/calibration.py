@@ -281,11 +281,11 @@ def calibrate_sequentially(
     """Compress and adapt the layers named in ``targets`` (name -> compressor config) in place.
 
     ``lora_config_for(name, module)`` gives each layer's adapter config; a rank outside
-    1..min(out, in*kh*kw) raises check_rank's ValueError before anything is changed (clamping
-    is the caller's choice). ``calibration``: batches of model input (a tensor, or a tuple whose
-    first item is one, as a DataLoader yields), read several times: a list, a DataLoader, or a
-    callable returning a fresh iterable. ``positions``: at most this many positions (conv) or
-    tokens per sample feed each moment.
+    0..min(out, in*kh*kw) (0: no adapter) raises check_rank's ValueError before anything is
+    changed (clamping is the caller's choice). ``calibration``: batches of model input (a
+    tensor, or a tuple whose first item is one, as a DataLoader yields), read several times: a
+    list, a DataLoader, or a callable returning a fresh iterable. ``positions``: at most this
+    many positions (conv) or tokens per sample feed each moment.
 
     Layers are handled in forward order. A layer whose init is activation-aware gets the moment
     of its inputs: with ``sequential`` measured with the layers before it already compressed
@@ -315,7 +315,7 @@ def calibrate_sequentially(
             raise ValueError(f"cannot compress {name}: {reason}")
     configs = {name: lora_config_for(name, module) for name, module in modules.items()}
     for name, module in modules.items():
-        check_rank(configs[name].r, *weight_matrix(module).shape)
+        check_rank(configs[name].r, *weight_matrix(module).shape, configs[name].use_dora)
     # layers whose init or compressor reads the inputs
     aware = {
         name

@@ -21,7 +21,7 @@ from torch import nn
 
 from compression import CompressedWeight
 from compression.modules import CompressedConv2d
-from lora.layer import AdapterState, check_rank, compressed_of
+from lora.layer import AdapterState, adapter_scaling, check_rank, compressed_of
 
 
 def conv_like(
@@ -59,11 +59,11 @@ class LoraConv2d(AdapterState, nn.Module):
                 f"LoRA for a conv needs groups == 1; this one has groups={base_layer.groups}"
             )
         out_channels, in_channels, kh, kw = base_layer.weight.shape
-        check_rank(r, out_channels, in_channels * kh * kw)
+        check_rank(r, out_channels, in_channels * kh * kw, use_dora)
         self.base_layer = base_layer.requires_grad_(False)
         self.r = r
         self.lora_alpha = float(lora_alpha)
-        self.scaling = self.lora_alpha / r
+        self.scaling = adapter_scaling(self.lora_alpha, r)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(weight.new_zeros(r, in_channels, kh, kw))
         self.lora_B = nn.Parameter(weight.new_zeros(out_channels, r, 1, 1))
@@ -111,6 +111,8 @@ class LoraConv2d(AdapterState, nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed (not
         used with DoRA, which rescales whole channels of the merged weight)."""
+        if self.r == 0:  # no adapter: the compressed layer alone
+            return self.base_layer(x) if base_out is None else base_out
         if self.use_dora:
             return self._conv(x, self.merged_weight(), self.base_layer.bias)
         if base_out is None:

@@ -10,6 +10,10 @@ Shapes follow PEFT: the base weight W_c is out x in, ``lora_A`` is r x in, ``lor
 
 With ``use_dora`` (DoRA, Liu et al. 2024) a trainable magnitude m (one per output row) rescales
 the rows of the merged direction V = W_c + scaling * B @ A:  W' = m * V / ||V||_row.
+
+Rank 0 is a layer with no adapter: its factors are empty, it computes the compressed layer alone
+and a packed file stores no adapter for it (a per-layer plan or a bit budget may leave a layer
+without one).
 """
 
 from __future__ import annotations
@@ -27,13 +31,22 @@ def compressed_of(base: nn.Module) -> CompressedWeight | None:
     return base.compressed if isinstance(base, CompressedLinear | CompressedConv2d) else None
 
 
-def check_rank(rank: int, out_features: int, in_features: int) -> None:
+def check_rank(rank: int, out_features: int, in_features: int, use_dora: bool = False) -> None:
+    """A rank the layer can take: 0 (no adapter: the compressed layer alone) to min(out, in)."""
     limit = min(out_features, in_features)
-    if not 1 <= rank <= limit:
+    if not 0 <= rank <= limit:
         raise ValueError(
-            f"LoRA rank must be between 1 and {limit} for a {out_features} x {in_features} "
-            f"layer (1 <= r <= min(out, in)); got {rank}"
+            f"LoRA rank must be between 0 (no adapter) and {limit} for a {out_features} x "
+            f"{in_features} layer (0 <= r <= min(out, in)); got {rank}"
         )
+    if rank == 0 and use_dora:
+        raise ValueError("a layer of rank 0 has no adapter, so no DoRA magnitude either")
+
+
+def adapter_scaling(lora_alpha: float, rank: int) -> float:
+    """lora_alpha / r. A rank-0 layer's factors are empty, so its scaling multiplies nothing:
+    it is alpha, as at rank 1, so that no caller divides by zero."""
+    return lora_alpha / max(rank, 1)
 
 
 class AdapterState:
@@ -70,11 +83,11 @@ class LoraLinear(AdapterState, nn.Module):
     ) -> None:
         super().__init__()
         out_features, in_features = base_layer.weight.shape
-        check_rank(r, out_features, in_features)
+        check_rank(r, out_features, in_features, use_dora)
         self.base_layer = base_layer.requires_grad_(False)
         self.r = r
         self.lora_alpha = float(lora_alpha)
-        self.scaling = self.lora_alpha / r
+        self.scaling = adapter_scaling(self.lora_alpha, r)
         weight = base_layer.weight
         self.lora_A = nn.Parameter(weight.new_zeros(r, in_features))
         self.lora_B = nn.Parameter(weight.new_zeros(out_features, r))
@@ -119,6 +132,8 @@ class LoraLinear(AdapterState, nn.Module):
         adapter then costs r * (in + out) multiply-adds per row. DoRA rescales whole rows of
         the merged weight, so it always recomputes.
         """
+        if self.r == 0:  # no adapter: the compressed layer alone
+            return self.base_layer(x) if base_out is None else base_out
         if self.use_dora or (base_out is None and x.ndim > 2):
             # DoRA; and token inputs (a Linear inside a network): many rows per weight, where
             # one product with the merged W_c + s B A costs fewer kernels than three

@@ -51,8 +51,8 @@ class LayerPlanError(ValueError):
 @dataclass(frozen=True)
 class LayerSpec:
     """One layer's choice: a compression method (a ``--methods`` name), the adapter rank
-    asked for (clamped to the layer, as ``--ranks`` are) and, where it is not the plan's, how
-    its adapter is stored."""
+    asked for (clamped to the layer, as ``--ranks`` are; 0: no adapter) and, where it is not
+    the plan's, how its adapter is stored."""
 
     method: str
     rank: int
@@ -86,7 +86,8 @@ class LayerPlan:
 
     @property
     def rank(self) -> int:
-        """The rank its rows name: the largest any layer asks for."""
+        """The rank its rows name: the largest any layer asks for (0: no layer has an
+        adapter)."""
         return max(spec.rank for _, spec in self.layers)
 
     @property
@@ -181,9 +182,10 @@ def _spec(pattern: str, entry: Any, where: str, adapter_dtype: str) -> tuple[Lay
             f"{where}: {pattern!r} has unknown method {method!r}; valid: "
             f"{', '.join(list_methods())}"
         )
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise LayerPlanError(
-            f"{where}: {pattern!r} has rank {rank!r}; a rank is a whole number, 1 or more"
+            f"{where}: {pattern!r} has rank {rank!r}; a rank is a whole number, 0 (no adapter) "
+            "or more"
         )
     described = entry.get("compression")
     if described is not None and not isinstance(described, str):

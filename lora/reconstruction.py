@@ -162,7 +162,10 @@ def _check_alone(module: nn.Module, clean_in: torch.Tensor, target: torch.Tensor
 
 
 def _trainable(adapters: Sequence[nn.Module]) -> list[nn.Parameter]:
-    return [p for adapter in adapters for p in adapter.parameters() if p.requires_grad]
+    # a rank-0 layer's empty factors: nothing to train (a unit of them alone takes no step)
+    return [
+        p for adapter in adapters for p in adapter.parameters() if p.requires_grad and p.numel()
+    ]
 
 
 def _snapshot(parameters: Sequence[nn.Parameter]) -> list[torch.Tensor]:

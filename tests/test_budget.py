@@ -154,7 +154,8 @@ def test_the_sensitivity_is_the_relative_output_error_on_the_inputs():
 
 
 COMPRESSIONS = {"int2": make_config("int2"), "int4": make_config("int4")}
-RANKS = (1, 2, 8, 16)  # on the small network 8 and 16 clamp to one rank in two layers
+# 0: no adapter; on the small network 8 and 16 clamp to one rank in two layers
+RANKS = (0, 1, 2, 8, 16)
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +233,8 @@ def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
         assert solved.allocation.exact and solved.allocation.bits <= solved.budget_bits
         assert solved.allocation.sensitivity == pytest.approx(best.sensitivity, rel=1e-9)
         assert [c.layer for c in solved.chosen] == [info.name for info in setup.layers]
+        if bits_per_weight == cheapest:  # the cheapest option of a layer has no adapter
+            assert {(c.method, c.rank) for c in solved.chosen} == {("int2", 0)}
         # the budgeted model, priced layer by layer with its own ranks, stores those bits
         plan = solved.layer_plan("budget", setup.template.adapter_dtype)
         method = setup.planned_method(plan, COMPRESSIONS)

@@ -167,6 +167,6 @@ def test_a_moment_pass_stops_at_its_layer():
 def test_a_rank_past_a_layer_is_refused_before_anything_changes():
     model, calibration, _ = toy(0)
     before = list(model)
-    with pytest.raises(ValueError, match="between 1 and 10"):
+    with pytest.raises(ValueError, match="between 0 \\(no adapter\\) and 10"):
         calibrate_sequentially(model, TARGETS, act_svd(11), calibration)
     assert list(model) == before

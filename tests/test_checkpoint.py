@@ -233,8 +233,10 @@ EDITS = {  # case: (compressor, metadata edit, tensor edit, what the one line mu
     "shape zero": (None, set_field("shape", [100, 0]), None, "is not two positive"),
     "shape one dim": (None, set_field("shape", [4800]), None, "is not two positive"),
     "shape other": (None, set_field("shape", [100, 40]), None, "lora_A has shape (8, 48)"),
-    "rank zero": (None, set_field("rank", 0), None, "rank 0 is not an integer in 1..48"),
-    "rank past min": (None, set_field("rank", 64), None, "rank 64 is not an integer in 1..48"),
+    # rank 0 is a layer without adapter: this one's adapter tensors are then strangers
+    "rank zero": (None, set_field("rank", 0), None, "tensors no packed layer has: lora_A"),
+    "rank negative": (None, set_field("rank", -1), None, "rank -1 is not an integer in 0..48"),
+    "rank past min": (None, set_field("rank", 64), None, "rank 64 is not an integer in 0..48"),
     "rank other": (None, set_field("rank", 4), None, "lora_A has shape (8, 48)"),
     "rank text": (None, set_field("rank", "8"), None, "rank '8' is not an integer"),
     "alpha negative": (None, set_field("lora_alpha", -16), None, "lora_alpha -16"),

@@ -82,7 +82,6 @@ def test_a_yaml_plan_reads_as_the_same_json_plan(tmp_path, resnet):
         ({"layers": {"layer9.*": {"method": "int4", "rank": 2}}}, "'layer9.*' names no Linear"),
         ({"layers": {"fc": {"method": "int9", "rank": 2}}}, "unknown method 'int9'"),
         ({"layers": {"fc": {"method": "int4", "rank": -1}}}, "rank -1"),
-        ({"layers": {"fc": {"method": "int4", "rank": 0}}}, "rank 0"),
         ({"layers": {"fc": {"method": "int4", "rank": 2.5}}}, "rank 2.5"),
         ({"layers": {"fc": {"method": "int4", "rank": True}}}, "rank True"),
         ({"layers": {"fc": {"method": "int4", "rank": 2, "alpha": 8}}}, "unknown key 'alpha'"),

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranks",
         nargs="+",
         type=int,
-        help="LoRA ranks (default: 2 4 8 16 32 64 128, keeping those that fit the layer)",
+        help="LoRA ranks; 0: no adapter (default: 2 4 8 16 32 64 128, keeping those that fit "
+        "the layer)",
     )
     study.add_argument("--trials", type=int, help="Optuna trials per rank (default: 10)")
     study.add_argument(

@@ -152,8 +152,8 @@ def check_numbers(args: RunOptions) -> None:
         raise UsageError("--feature-batch-size must be >= 1 and --decode-workers >= 0")
     if args.workers < 1 or args.heartbeat < 1:
         raise UsageError("--workers and --heartbeat must be at least 1")
-    if args.ranks is not None and min(args.ranks) < 1:
-        raise UsageError(f"--ranks must be at least 1; got {min(args.ranks)}")
+    if args.ranks is not None and min(args.ranks) < 0:
+        raise UsageError(f"--ranks must be at least 0 (0: no adapter); got {min(args.ranks)}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1; got {args.threads}")
     if args.calib_images < 1:
@@ -252,7 +252,7 @@ def choose_ranks(
     if max(ranks) > limit:
         raise UsageError(
             f"rank {max(ranks)} does not fit the {out_features} x {in_features} {what} of "
-            f"{model}: ranks must be between 1 and {limit}"
+            f"{model}: ranks must be between 0 (no adapter) and {limit}"
         )
     return ranks, ()
 

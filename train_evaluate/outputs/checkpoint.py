@@ -121,6 +121,8 @@ def pack_adapter(layer: nn.Module, adapter_dtype: str) -> dict[str, torch.Tensor
     ``<name>.codes`` (packed at exactly N bits) and ``<name>.scale`` (fp32, one per row): the
     factors rounded, which leaves the ones ``round_adapter_`` rounded as they are; DoRA's
     magnitudes at the float dtype, or fp32."""
+    if layer.r == 0:
+        return {}  # no adapter (a rank-0 layer): nothing stored
     tensors = {}
     state = layer.adapter_state()
     bits = ADAPTER_INT_BITS.get(adapter_dtype)
@@ -240,8 +242,8 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     rank = info.get("rank")
     limit = min(out_features, in_features)
     require(
-        is_int(rank) and 1 <= rank <= limit,
-        f"rank {rank!r} is not an integer in 1..{limit} (a {out_features} x {in_features} layer)",
+        is_int(rank) and 0 <= rank <= limit,
+        f"rank {rank!r} is not an integer in 0..{limit} (a {out_features} x {in_features} layer)",
     )
     alpha = info.get("lora_alpha")
     require(
@@ -253,6 +255,7 @@ def _layer_fields(info: Any) -> tuple[tuple[int, int], int, float, bool, str]:
     )
     use_dora = info.get("use_dora")
     require(isinstance(use_dora, bool), f"use_dora {use_dora!r} is not true or false")
+    require(not (use_dora and rank == 0), "a layer of rank 0 (no adapter) has no DoRA magnitude")
     adapter_dtype = info.get("adapter_dtype")
     require(
         adapter_dtype in ADAPTER_FORMATS,
@@ -405,7 +408,8 @@ def rebuild_layer(info: Any, tensors: dict[str, torch.Tensor]) -> LoraLinear:
     shape, rank, alpha, use_dora, adapter_dtype = _layer_fields(info)
     out_features, in_features = shape
     why = f"rank {rank} on a {out_features} x {in_features} layer ({info['adapter_dtype']})"
-    adapter = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+    # rank 0: no adapter, so no adapter tensor
+    adapter = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)} if rank else {}
     if use_dora:
         adapter["lora_magnitude"] = (out_features,)
     state, adapter_tensors = _unpack_adapter(tensors, adapter, adapter_dtype, why)

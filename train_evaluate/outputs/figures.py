@@ -86,8 +86,11 @@ def dodge(ranks: np.ndarray, index: int, count: int) -> np.ndarray:
 
 
 def rank_ticks(axes, ranks: pd.Series) -> None:
-    axes.set_xscale("log", base=2)
     ticks = sorted(ranks.astype(int).unique())
+    if ticks[0] == 0:  # rank 0 (no adapter) has no place on a log axis: linear up to 1
+        axes.set_xscale("symlog", base=2, linthresh=1, linscale=0.5)
+    else:
+        axes.set_xscale("log", base=2)
     axes.set_xticks(ticks, [str(t) for t in ticks])
     axes.minorticks_off()
 

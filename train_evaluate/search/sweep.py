@@ -229,6 +229,16 @@ def run_rank(
     to do on this rank now. The outcome then holds the claim, which the caller releases once
     the rank's files are written."""
     started = time.perf_counter()
+    if rank == 0 and sweep.epochs > 0:
+        # no layer has an adapter: nothing to train, the rank is its init (the compressed
+        # model); its progress is the steps a trained rank would take
+        steps, step = steps_per_rank(sweep), on_step
+
+        def on_step() -> None:
+            for _ in range(steps):
+                step()
+
+        sweep = replace(sweep, epochs=0)
     dtypes = method.layer_plan(rank, adapter_dtype).adapter_dtypes()
     round_stored = lambda model: round_stored_(method.adapters_of(model), dtypes)  # noqa: E731
     study = None

@@ -267,7 +267,7 @@ def layer_options(
                 clamped.add(info.rank(rank))
                 lora = LoraConfig(
                     r=info.rank(rank), lora_alpha=8.0, init=sweep.init,
-                    use_dora=sweep.use_dora, loftq_iters=sweep.loftq_iters,
+                    use_dora=sweep.use_dora and info.rank(rank) > 0, loftq_iters=sweep.loftq_iters,
                 )  # fmt: skip
                 generator.manual_seed(0)
                 with torch.no_grad():

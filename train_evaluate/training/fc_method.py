@@ -74,7 +74,7 @@ class Method:
             r=rank,
             lora_alpha=alpha,
             init=sweep.init,
-            use_dora=sweep.use_dora,
+            use_dora=sweep.use_dora and rank > 0,  # rank 0: no adapter, no magnitude
             loftq_iters=sweep.loftq_iters,
         )
         generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)

@@ -239,7 +239,7 @@ class NetworkMethod:
             r=info.rank(rank),
             lora_alpha=alpha,
             init=sweep.init,
-            use_dora=sweep.use_dora,
+            use_dora=sweep.use_dora and info.rank(rank) > 0,  # rank 0: no adapter
             loftq_iters=sweep.loftq_iters,
         )
 
