@@ -246,20 +246,33 @@ MIXED = {
 def mixed_dtypes(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811
     """A plan storing one layer's adapter as int4 codes and the others' at fp32, trained,
     then the plan it wrote fed back."""
-    from train_evaluate.train_model import main
 
     root = tmp_path_factory.mktemp("dtypes")
     given = root / "mixed.json"
     given.write_text(json.dumps(MIXED))
     base = common(resnet_weights, image_folder, root / "cache")
-    folders = []
-    for name in ("first", "replay"):
-        plan = given if name == "first" else folders[0] / "plans" / "quant=mixed_r=2.json"
-        code = main([str(a) for a in (*base, "--layer-plan", plan, "--results-dir", root / name)])
-        assert code == 0
-        (folder,) = [p.parent for p in (root / name).glob("*/*/*/run.json")]
-        folders.append(folder)
-    return folders
+    first = run_plan(given, base, root / "first")
+    return first, run_plan(first / "plans" / "quant=mixed_r=2.json", base, root / "replay")
+
+
+def run_plan(plan: Path, base: tuple, results: Path) -> Path:
+    """The run folder of a driver run of ``plan`` with the options ``base``."""
+    from train_evaluate.train_model import main
+
+    code = main([str(a) for a in (*base, "--layer-plan", plan, "--results-dir", results)])
+    assert code == 0
+    (folder,) = [p.parent for p in results.glob("*/*/*/run.json")]
+    return folder
+
+
+def check_the_file_holds_the_counted_bits(ckpt: Path, row: pd.Series) -> None:
+    """The tensors of ``ckpt`` hold the bits ``row`` counts, but for each code tensor's padding
+    to a whole byte."""
+    with safe_open(str(ckpt), framework="pt") as handle:
+        codes = sum(name.endswith(".codes") for name in handle.keys())  # noqa: SIM118
+    with open(ckpt, "rb") as handle:
+        container = 8 + int.from_bytes(handle.read(8), "little")
+    assert 0 <= (row["file_bytes"] - container) * 8 - row["bits"] < 8 * codes
 
 
 def test_a_layer_stores_its_adapter_as_its_plan_says_and_every_bit_is_counted(mixed_dtypes):
@@ -276,10 +289,7 @@ def test_a_layer_stores_its_adapter_as_its_plan_says_and_every_bit_is_counted(mi
     # the row prices what the file holds, layer by layer: the tensors' bytes are the counted
     # bits, but for each code tensor's padding to a whole byte (and fp32 biases: none here)
     row = pd.read_csv(first / "evaluation.csv").set_index("lora_rank").loc["2"]
-    with open(ckpt, "rb") as handle:
-        container = 8 + int.from_bytes(handle.read(8), "little")
-    codes = sum(name.endswith(".codes") for name in names)
-    assert 0 <= (row["file_bytes"] - container) * 8 - row["bits"] < 8 * codes
+    check_the_file_holds_the_counted_bits(ckpt, row)
     # the model scored is the one the file holds (its int4 layer rounded as stored)
     assert row["file_evaluation"] == row["evaluation"]
     # the plan written says so, and fed back rebuilds the same file

@@ -18,7 +18,7 @@ from compression.modules import weight_matrix
 from lora import LoraConfig, make_init_context
 from lora.attach import make_adapter
 from tests.conftest import run_driver, run_folder
-from tests.test_layer_plan import common
+from tests.test_layer_plan import check_the_file_holds_the_counted_bits, common, run_plan
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 from train_evaluate.outputs.network_checkpoint import read_packed_network
 
@@ -56,19 +56,13 @@ PLAN = {
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory, image_folder, resnet_weights):  # noqa: F811
     """A trained plan giving one layer no adapter, and a plan giving none any."""
-    from train_evaluate.train_model import main
-
     root = tmp_path_factory.mktemp("rank0")
     base = common(resnet_weights, image_folder, root / "cache")
-    folders = []
     none = {"name": "bare", "layers": {"layer1.*": {"method": "int4", "rank": 0}}}
+    folders = []
     for name, plan in (("some", PLAN), ("none", none)):
-        path = root / f"{name}.json"
-        path.write_text(json.dumps(plan))
-        code = main([str(a) for a in (*base, "--layer-plan", path, "--results-dir", root / name)])
-        assert code == 0
-        (folder,) = [p.parent for p in (root / name).glob("*/*/*/run.json")]
-        folders.append(folder)
+        (root / f"{name}.json").write_text(json.dumps(plan))
+        folders.append(run_plan(root / f"{name}.json", base, root / name))
     return folders
 
 
@@ -90,10 +84,7 @@ def test_a_rank_zero_layer_stores_no_adapter_and_its_bits_are_counted_by_hand(pl
     # the file holds what the row counts, and scores what the trained model scored
     row = pd.read_csv(folder / "evaluation.csv").set_index("lora_rank").loc["2"]
     assert row["bits"] == layers["bits"].sum()
-    with open(ckpt, "rb") as handle:
-        container = 8 + int.from_bytes(handle.read(8), "little")
-    codes = sum(name.endswith(".codes") for name in names)
-    assert 0 <= (row["file_bytes"] - container) * 8 - row["bits"] < 8 * codes
+    check_the_file_holds_the_counted_bits(ckpt, row)
     assert row["file_evaluation"] == row["evaluation"]
     assert read_packed_network(ckpt).layers["layer1.0.conv1"].r == 0
 
