@@ -9,9 +9,11 @@ rounding (``rtn`` with the ``max`` scale: data-blind; ``rtn`` with the ``mse`` s
 ``gptq``: calibrated on the layers' inputs), each init (``--inits``: ``svd_init``, the SVD of
 each layer's residual, and ``act_svd_init``, its activation-aware form) and each method, it
 runs the driver with ``--epochs 0`` (the init only: no training), and prints one markdown
-table per selection: the compressed-only row and each rank's row, with bits per weight (every
-stored bit of the selected layers, adapters at fp16) and test top-1, the Pareto-optimal rows
-(no other row has at least the accuracy with fewer bits) marked. The split is 40% train (the
+table per selection: the compressed-only row and each rank's row, with the whole model's bits
+per weight (``model_bits_per_weight``: every stored bit of the model, adapters at fp16, over
+all its weights; the x axis, and what ``--bits-budget`` bounds), the selected layers' bits per
+weight and test top-1, the Pareto-optimal rows (no other row has at least the accuracy with
+fewer model bits) marked. The split is 40% train (the
 calibration images and, for the FC, the features the calibrated compressors see), 10% val,
 50% test: 100 test images, so one image is one point of accuracy.
 """
@@ -56,9 +58,9 @@ def run(selection: str, init: str, options: list[str], args: argparse.Namespace,
 
 
 def pareto(rows: pd.DataFrame) -> pd.Series:
-    """Rows no other row beats: at least the accuracy with fewer bits, or more accuracy with
-    at most the bits."""
-    bits, accuracy = rows["bits_per_weight"].to_numpy(), rows["evaluation"].to_numpy()
+    """Rows no other row beats: at least the accuracy with fewer model bits, or more accuracy
+    with at most the bits."""
+    bits, accuracy = rows["model_bits_per_weight"].to_numpy(), rows["evaluation"].to_numpy()
     return pd.Series(
         [
             not any(
@@ -87,23 +89,26 @@ def table(selection: str, frames: dict[tuple[str, str], pd.DataFrame]) -> str:
                     "rounding": "-" if rank == "-" else label,
                     "init": init if rank not in ("-", "none") else "-",
                     "rank": rank,
+                    "model_bits_per_weight": row["model_bits_per_weight"],
                     "bits_per_weight": row["bits_per_weight"],
                     "evaluation": row["evaluation"],
                 }
             )
     frame = pd.DataFrame(rows)
     frame["front"] = pareto(frame)
-    frame = frame.sort_values(["bits_per_weight", "evaluation"], ascending=[True, False])
+    frame = frame.sort_values(["model_bits_per_weight", "evaluation"], ascending=[True, False])
     lines = [
         f"`--layers {selection}`:",
         "",
-        "| compression | rounding | init | rank | bits/weight | top-1 | on the front |",
-        "|---|---|---|---|---|---|---|",
+        "| compression | rounding | init | rank | model bits/weight | selected bits/weight "
+        "| top-1 | on the front |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in frame.itertuples():
         lines.append(
             f"| {row.compression} | {row.rounding} | {row.init} | {row.rank} | "
-            f"{row.bits_per_weight:.2f} | {row.evaluation:.1f} | {'yes' if row.front else ''} |"
+            f"{row.model_bits_per_weight:.2f} | {row.bits_per_weight:.2f} | "
+            f"{row.evaluation:.1f} | {'yes' if row.front else ''} |"
         )
     return "\n".join(lines)
 

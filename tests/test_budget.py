@@ -26,7 +26,7 @@ from compression.budget import (
     solve_greedy,
 )
 from tests.conftest import run_driver, run_folder
-from tests.test_bits import small_setup
+from tests.test_bits import MODEL_WEIGHTS, OTHER_BITS, small_setup
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 from train_evaluate.outputs.network_checkpoint import read_packed_network
 from train_evaluate.search.sweep import SweepConfig
@@ -219,21 +219,23 @@ def test_the_sensitivity_is_measured_in_the_norm_the_act_aware_init_minimises(sm
 
 def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
     setup, sweep, options = small
-    weights = sum(math.prod(info.matrix) for info in setup.layers)
     problem = [
         [Option(f"{c.method}/{c.rank}", c.bits, c.sensitivity) for c in layer] for layer in options
     ]
-    cheapest = sum(min(o.bits for o in layer) for layer in problem) / weights
-    dearest = sum(max(o.bits for o in layer) for layer in problem) / weights
-    half_a_bit = 0.5 / weights  # a budget between two whole bit counts rounds down
-    for bits_per_weight in (cheapest, cheapest + half_a_bit, (cheapest + dearest) / 2, dearest):
+    cheapest = sum(min(o.bits for o in layer) for layer in problem)
+    dearest = sum(max(o.bits for o in layer) for layer in problem)
+    # a budget bounds the whole model's bits per weight: the rest of the model (counted by
+    # hand in test_bits) takes its share first; a fraction of a bit left rounds down
+    for selected in (cheapest + 0.25, cheapest + 0.75, (cheapest + dearest) // 2 + 0.5, dearest):
+        bits_per_weight = (OTHER_BITS + selected) / MODEL_WEIGHTS
         solved = budget.allocate(setup, COMPRESSIONS, RANKS, bits_per_weight, sweep)
-        assert solved.budget_bits == math.floor(bits_per_weight * weights)
+        assert solved.budget_bits == math.floor(selected)
+        assert (OTHER_BITS + solved.allocation.bits) / MODEL_WEIGHTS <= bits_per_weight
         best = brute_force(problem, solved.budget_bits)
         assert solved.allocation.exact and solved.allocation.bits <= solved.budget_bits
         assert solved.allocation.sensitivity == pytest.approx(best.sensitivity, rel=1e-9)
         assert [c.layer for c in solved.chosen] == [info.name for info in setup.layers]
-        if bits_per_weight == cheapest:  # the cheapest option of a layer has no adapter
+        if selected < cheapest + 1:  # the cheapest option of a layer has no adapter
             assert {(c.method, c.rank) for c in solved.chosen} == {("int2", 0)}
         # the budgeted model, priced layer by layer with its own ranks, stores those bits
         plan = solved.layer_plan("budget", setup.template.adapter_dtype)
@@ -242,7 +244,8 @@ def test_the_allocation_is_the_best_combination_of_the_measured_options(small):
         priced = setup.accounting(method).per_layer(largest)
         assert sum(p.stored_bits for _, _, p in priced) == solved.allocation.bits
     with pytest.raises(BudgetError):
-        budget.allocate(setup, COMPRESSIONS, RANKS, cheapest * 0.99, sweep)
+        below = (OTHER_BITS + cheapest - 1) / MODEL_WEIGHTS
+        budget.allocate(setup, COMPRESSIONS, RANKS, below, sweep)
 
 
 def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(small):
@@ -387,7 +390,7 @@ def test_each_budgeted_model_stays_within_its_bits_and_stores_what_it_chose(budg
         # every selected layer once, its bits the row's bits, the whole within B per weight
         assert chosen["layer"].is_unique and len(chosen) == len(layers["layer"].unique())
         assert int(chosen["bits"].sum()) == int(row["bits"])
-        assert row["bits_per_weight"] <= bits_budget
+        assert row["model_bits_per_weight"] <= bits_budget  # every bit of the model counted
         assert set(chosen["choice"]) <= {"int2", "int4"}
         assert (chosen["sensitivity"] >= -1e-12).all()  # a KL, up to float rounding
         summed[bits_budget] = chosen["sensitivity"].sum()
@@ -443,7 +446,7 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
     ("extra", "says"),
     [
         (("--layers", "all", "--budget-only"), "add --bits-budget"),
-        (("--layers", "all", "--bits-budget", "0.5"), "cheapest choice of every layer"),
+        (("--layers", "all", "--bits-budget", "0.5"), "stored outside the selected layers"),
         (("--layers", "all", "--bits-budget", "4", "0.5"), "--bits-budget 0.5: the cheapest"),
         (("--bits-budget", "4"), "with the classifier alone"),
         (("--layers", "all", "--bits-budget", "-1"), "positive number"),

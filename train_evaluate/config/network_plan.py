@@ -255,21 +255,24 @@ def check_budgets_reachable(
 ) -> None:
     """Every --bits-budget at least what the cheapest option of every layer stores, checked on
     the bare model's shapes (``meta`` tensors) before any image is read or any file written."""
+    from train_evaluate.inputs.backbone import bits_outside, layer_weights
     from train_evaluate.inputs.selection import LayerInfo
     from train_evaluate.outputs.accounting import Accounting
     from train_evaluate.training import budget
 
     with torch.device("meta"):
         bare = timm.create_model(model, pretrained=False)
-    layers = tuple(LayerInfo.of(n, bare.get_submodule(n)) for n in network_plan.layers)
+    names = network_plan.layers
     template = Accounting(
-        layers, (), args.adapter_dtype, args.dora, args.include_bias, 0, network_plan.selection
-    )
+        tuple(LayerInfo.of(n, bare.get_submodule(n)) for n in names), (), args.adapter_dtype,
+        args.dora, args.include_bias, bits_outside(bare, names), network_plan.selection,
+        layer_weights(bare),
+    )  # fmt: skip
     cheapest = budget.cheapest_bits(template, compressions, ranks)
     for bits_budget in network_plan.bits_budgets:
-        # the solver's own test: the budget in whole bits over the selected layers' weights
-        if cheapest > math.floor(bits_budget * template.weights()):
-            raise UsageError(budget.unreachable(bits_budget, cheapest / template.weights()))
+        # the solver's own test: what the budget leaves the selected layers, in whole bits
+        if cheapest > template.budget_bits(bits_budget):
+            raise UsageError(budget.unreachable(bits_budget, template, cheapest))
 
 
 def reconstruction_config(args: RunOptions) -> Any:

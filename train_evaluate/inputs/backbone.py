@@ -8,6 +8,7 @@ the classifier's own weight and bias are read with timm's ``get_classifier()``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import timm
@@ -173,3 +174,9 @@ def tensor_bits(module: nn.Module) -> int:
         for t in module.state_dict().values()
         if t.is_floating_point()
     )
+
+
+def bits_outside(model: nn.Module, names: Iterable[str]) -> int:
+    """``tensor_bits`` of ``model`` but for the modules ``names`` (the selected layers): what
+    the rest of the model stores beside them."""
+    return tensor_bits(model) - sum(tensor_bits(model.get_submodule(name)) for name in names)

@@ -67,6 +67,19 @@ class Accounting:
     def weights(self) -> int:
         return sum(math.prod(info.matrix) for info in self.layers)
 
+    def budget_bits(self, bits_per_weight: float) -> int:
+        """What ``--bits-budget`` B leaves the selected layers, in whole bits: B bits per weight
+        of the whole model (``model_bits_per_weight``: every stored bit over every Linear and
+        Conv2d weight) less what the rest of the model stores; negative when the rest alone is
+        over B."""
+        if not self.model_weights:
+            raise ValueError("a bit budget over the whole model needs its weight count")
+        return math.floor(bits_per_weight * self.model_weights) - self.backbone_bits
+
+    def model_bits(self, selected_bits: int) -> float:
+        """``model_bits_per_weight`` of a model whose selected layers store ``selected_bits``."""
+        return model_bits_per_weight(self.backbone_bits, selected_bits, self.model_weights)
+
     def original_cost(self) -> StorageCost:
         """The selected layers uncompressed (fp32), for the ``original`` row."""
         costs = [dense_cost(*info.matrix) for info in self.layers]
@@ -93,9 +106,7 @@ class Accounting:
             "bias_counted": self.include_bias,
             "layers": self.selection,
             "bits_per_weight": stored / self.weights(),
-            "model_bits_per_weight": model_bits_per_weight(
-                self.backbone_bits, stored, self.model_weights
-            ),
+            "model_bits_per_weight": self.model_bits(stored),
         }
 
     @property

@@ -114,7 +114,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     """``build(name, compression)``: the method compressed, its accounting, and its
     compressed-only test metrics; the FC study and the whole network alike."""
     from lora.attach import classifier_name
-    from train_evaluate.inputs.backbone import layer_weights, tensor_bits
+    from train_evaluate.inputs.backbone import bits_outside, layer_weights
     from train_evaluate.inputs.selection import LayerInfo
     from train_evaluate.outputs.accounting import Accounting
     from train_evaluate.training import network
@@ -156,7 +156,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         plan.adapter_dtype,
         plan.sweep.use_dora,
         plan.include_bias,
-        tensor_bits(found.model) - tensor_bits(head),
+        bits_outside(found.model, [module]),
         "head (1 layer)",
         layer_weights(found.model),
     )
@@ -199,8 +199,8 @@ def solve_budget(plan, setup, bits_budget: float, measured: list):
     except BudgetError as error:
         # refused before any work by the plan (config.network_plan.check_budgets_reachable); kept in
         # case a measured option ever prices above its shape's cost
-        cheapest = error.cheapest_bits / setup.template.weights()
-        raise UsageError(budget.unreachable(bits_budget, cheapest)) from error
+        message = budget.unreachable(bits_budget, setup.template, error.cheapest_bits)
+        raise UsageError(message) from error
     except SensitivityError as error:
         raise UsageError(
             f"--bits-budget {bits_budget:g}: {error} (NaN or infinite weights or outputs); "

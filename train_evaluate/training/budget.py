@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -226,12 +225,15 @@ def cheapest_bits(template: Any, compressions: dict[str, Any], ranks: Sequence[i
     return total
 
 
-def unreachable(bits_budget: float, cheapest_per_weight: float) -> str:
-    """The one line that refuses a budget below the cheapest option of every layer."""
+def unreachable(bits_budget: float, template: Any, cheapest_bits: int) -> str:
+    """The one line that refuses a budget below the cheapest option of every layer, priced
+    as the budget is: over the whole model (``template``: the run's accounting)."""
+    rest = template.model_bits(0)
     return (
         f"--bits-budget {bits_budget:g}: the cheapest choice of every layer (over --methods and "
-        f"--ranks) stores {cheapest_per_weight:.3f} bits per weight; raise the budget, or add a "
-        "cheaper method or a smaller rank"
+        f"--ranks) makes {template.model_bits(cheapest_bits):.3f} bits per weight of the whole "
+        f"model, {rest:.3f} of them stored outside the selected layers; raise the budget, or "
+        "add a cheaper method or a smaller rank"
     )
 
 
@@ -361,7 +363,7 @@ def allocate(
     NaN or infinite."""
     if options is None:
         options = measure_options(setup, compressions, ranks, sweep, progress, sensitivity)
-    budget_bits = math.floor(bits_per_weight * setup.template.weights())
+    budget_bits = setup.template.budget_bits(bits_per_weight)
     allocation = solve(
         [
             [Option(f"{c.layer} {c.method} r={c.rank}", c.bits, c.sensitivity) for c in layer]

@@ -362,7 +362,7 @@ class NetworkSetup:
 
     @classmethod
     def create(cls, plan: Any, model: ImageModel, train: Any, adapter_dtype: str) -> NetworkSetup:
-        from train_evaluate.inputs.backbone import layer_weights, tensor_bits
+        from train_evaluate.inputs.backbone import bits_outside, layer_weights
         from train_evaluate.inputs.cut import boundaries
 
         net = plan.network
@@ -378,19 +378,13 @@ class NetworkSetup:
                 len(unused),
                 ", ".join(unused[:3]) + (" ..." if len(unused) > 3 else ""),
             )
-        selected_bits = 0
-        for info in layers:
-            module = model.model.get_submodule(info.name)
-            selected_bits += sum(
-                t.numel() * t.element_size() * 8 for t in module.state_dict().values()
-            )
         template = Accounting(
             layers,
             (),
             adapter_dtype,
             plan.sweep.use_dora,
             plan.include_bias,
-            tensor_bits(model) - selected_bits,
+            bits_outside(model.model, [info.name for info in layers]),
             f"{net.selection} ({len(layers)} layers)",
             layer_weights(model),
         )
