@@ -240,7 +240,10 @@ def run_rank(
 
         sweep = replace(sweep, epochs=0)
     dtypes = method.layer_plan(rank, adapter_dtype).adapter_dtypes()
-    round_stored = lambda model: round_stored_(method.adapters_of(model), dtypes)  # noqa: E731
+
+    def round_stored(model: nn.Module) -> None:
+        round_stored_(method.adapters_of(model), dtypes)
+
     study = None
     if sweep.epochs > 0:
         study = open_study(
