@@ -310,3 +310,8 @@ def expand_int(parts: dict[str, torch.Tensor], config: IntNConfig, shape) -> tor
 
 for _bits in INT_BITS:
     register_method(f"int{_bits}", IntNConfig, bits=_bits)
+# a width on another grid has a name of its own (``int3-affine``), so that one run (a bit
+# budget, a layer plan) can give each layer its grid as well as its width
+for _grid in INT_GRIDS[1:]:
+    for _bits in INT_BITS:
+        register_method(f"int{_bits}-{_grid}", IntNConfig, bits=_bits, int_grid=_grid)

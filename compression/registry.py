@@ -160,13 +160,17 @@ def expand(parts: dict[str, torch.Tensor], config: Any, shape: tuple[int, int]) 
 
 
 def method_of(config: Any) -> str:
-    """The method name a config answers to (``IntNConfig(bits=4)`` -> ``int4``)."""
-    for name, (config_cls, fixed) in _METHODS.items():
-        if isinstance(config, config_cls) and all(
-            getattr(config, k) == v for k, v in fixed.items()
-        ):
-            return name
-    raise ValueError(f"no method name is registered for {config!r}")
+    """The method name a config answers to: of the names whose fixed fields it has, the one
+    that fixes the most (``IntNConfig(bits=4)`` -> ``int4``; with ``int_grid="affine"`` ->
+    ``int4-affine``)."""
+    matches = [
+        (len(fixed), name)
+        for name, (config_cls, fixed) in _METHODS.items()
+        if isinstance(config, config_cls) and all(getattr(config, k) == v for k, v in fixed.items())
+    ]
+    if not matches:
+        raise ValueError(f"no method name is registered for {config!r}")
+    return max(matches, key=lambda match: match[0])[1]
 
 
 def dtype_bits(dtype: torch.dtype) -> int:

@@ -383,7 +383,7 @@ def test_more_calibration_images_or_a_larger_batch_than_there_are_is_said_and_re
 def test_the_help_names_the_int_methods_the_registry_has():
     from compression import list_methods
     from train_evaluate.config.cli import INT_METHODS
-    from train_evaluate.config.plan import uses_field
+    from train_evaluate.config.compressions import uses_field
 
     assert list(INT_METHODS) == [m for m in list_methods() if uses_field(m, "int_scale")]
     assert [m for m in list_methods() if uses_field(m, "quantizer", "adaround")] == list(
@@ -429,4 +429,4 @@ def test_layers_csv_after_a_resume_equals_the_uninterrupted_run(tmp_path, own_de
 def test_the_warning_for_an_unused_quantizer_lists_only_the_methods_that_take_it(tmp_path, caplog):
     options = ["--quantizer", "adaround", "--methods", "sparse"]
     (warning,) = [w for w in plan_log(tmp_path, caplog, *options) if "--quantizer" in w]
-    assert "applies to --methods int2 int3 int4 int5 int6 int7 int8 only" in warning, warning
+    assert "applies to --methods int2 ... int8 (every grid) only" in warning, warning

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from compression import IntNConfig, compress, expand, make_config
+from compression import IntNConfig, compress, expand, make_config, method_of
 from compression.gptq import second_moment, weighted_row_errors
 from compression.integer import INT_GRIDS, SCALE_DTYPES, row_zero, signed_codes
 from lora import LoraConfig, make_init_context, make_lora_linear
@@ -181,3 +182,43 @@ def test_the_cli_names_match_the_registry_and_reach_the_configs():
     for bad in ({"int_grid": "uneven"}, {"scale_dtype": "fp8"}, {"bits": 9}):
         with pytest.raises(ValueError):
             IntNConfig(**bad)
+
+
+def test_a_grid_has_a_method_name_of_its_own_and_a_run_names_its_methods_so():
+    from train_evaluate.config.compressions import compression_configs
+    from train_evaluate.config.run_options import RunOptions
+
+    assert make_config("int4-affine", int_grid="full").int_grid == "affine"  # the name wins
+    assert method_of(IntNConfig(3, int_grid="full")) == "int3-full"
+    assert method_of(IntNConfig(3)) == "int3"
+    given = RunOptions(methods=("int3", "int4-full"))
+    assert list(compression_configs(given)) == ["int3", "int4-full"]
+    # --int-grid moves a plain width onto its grid, and the run names it by that grid
+    affine = replace(given, int_grid="affine")
+    assert list(compression_configs(affine)) == ["int3-affine", "int4-full"]
+
+
+def test_a_bit_budget_chooses_each_layers_grid():
+    """Both grids of a width are options of every layer, each priced with what it stores (the
+    affine one its zero points too), and the budgeted model stores what the solver counted."""
+    from tests.test_bits import small_setup
+    from train_evaluate.search.sweep import SweepConfig
+    from train_evaluate.training import budget
+
+    setup = small_setup(include_bias=False)
+    grids = {"int2": make_config("int2"), "int2-affine": make_config("int2-affine")}
+    sweep = SweepConfig(init="svd_init")
+    options = budget.measure_options(setup, grids, (0,), sweep)
+    for info, layer in zip(setup.layers, options, strict=True):
+        bits = {c.method: c.bits for c in layer}
+        assert bits["int2-affine"] - bits["int2"] == 2 * info.shape[0]  # 2-bit zero points
+    roomy = sum(max(c.bits for c in layer) for layer in options)
+    solved = budget.allocate(setup, grids, (0,), setup.template.model_bits(roomy), sweep,
+                             options=options)  # fmt: skip
+    # with room for anything, each layer takes its less sensitive grid
+    assert [c.method for c in solved.chosen] == [
+        min(layer, key=lambda c: c.sensitivity).method for layer in options
+    ]
+    method = setup.planned_method(solved.layer_plan("budget", "fp16"), grids)
+    priced = setup.accounting(method).per_layer(0)
+    assert sum(p.stored_bits for _, _, p in priced) == solved.allocation.bits

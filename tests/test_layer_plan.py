@@ -237,6 +237,7 @@ MIXED = {
     "name": "mixed",
     "layers": {
         "layer1.0.conv1": {"method": "int4", "rank": 2, "adapter_dtype": "int4"},
+        "layer2.0.conv1": {"method": "int3-affine", "rank": 2},  # and a grid of its own
         "layer1.*": {"method": "int4", "rank": 2},
     },
 }
@@ -282,6 +283,8 @@ def test_a_layer_stores_its_adapter_as_its_plan_says_and_every_bit_is_counted(mi
         names = set(handle.keys())
     assert "layer1.0.conv1/lora_A.codes" in names and "layer1.0.conv1/lora_A" not in names
     assert "layer1.0.conv2/lora_A" in names and "layer1.0.conv2/lora_A.codes" not in names
+    # each layer on its plan's grid: zero points only where the plan says affine
+    assert "layer2.0.conv1/base.zero" in names and "layer1.0.conv2/base.zero" not in names
     packed = read_packed_network(ckpt)
     # the int4 layer's factors are on their grid: at most 15 values per row
     factor = packed.layers["layer1.0.conv1"].lora_A.detach().flatten(1)
@@ -325,6 +328,11 @@ INT4_RTN = "int4(per-row symmetric)"  # how a plan written by a run with default
             {"layers": {"layer1.*": {"method": "int4", "rank": 1, "compression": INT4_RTN}}},
             ("--quantizer", "gptq"),
             "give the options it was written with",
+        ),
+        (
+            {"layers": {"layer1.*": {"method": "int4", "rank": 1}}},
+            ("--int-grid", "affine"),
+            "its int4 is int4-affine under this run's --int-grid",
         ),
     ],
 )

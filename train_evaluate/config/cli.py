@@ -44,7 +44,13 @@ def resolve_device(name: str):
 # Names the help lists. The registries they must equal live in modules that import torch;
 # tests/test_cli.py checks that these match them, and plan.py validates against the registries.
 INIT_NAMES = ("paper_init", "svd_init", "act_svd_init", "loftq_init", "act_loftq_init")
-INT_METHODS = tuple(f"int{bits}" for bits in range(2, 9))
+INT_GRID_NAMES = ("symmetric", "full", "affine")
+# intN on the default grid, then each width on the other grids under its own name (int3-affine)
+INT_METHODS = tuple(
+    f"int{bits}" + ("" if grid == "symmetric" else f"-{grid}")
+    for grid in INT_GRID_NAMES
+    for bits in range(2, 9)
+)
 METHOD_NAMES = ("int1", *INT_METHODS, "sparse", "nm")
 PRESET_NAMES = ("default", "seed-compat")
 KEEP_NAMES = ("absmax", "max")
@@ -52,7 +58,6 @@ INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
 # INT_METHODS: the methods the int options apply to (a test holds them equal to the registry's
 # methods with those fields)
 INT_SCALE_NAMES = ("max", "mse")
-INT_GRID_NAMES = ("symmetric", "full", "affine")
 SCALE_DTYPE_NAMES = ("fp32", "fp16")
 QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -98,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--methods",
         nargs="+",
-        help=f"compression methods: {', '.join(METHOD_NAMES)} (default: sparse int1)",
+        help="compression methods: int1, int2 ... int8 (--int-grid's grid), int2-full ... "
+        "int8-full, int2-affine ... int8-affine (that grid, whatever --int-grid says), sparse, "
+        "nm (default: sparse int1)",
     )
     study.add_argument(
         "--ranks",

@@ -7,7 +7,6 @@ head does not predict ImageNet-1k classes, weights that do not load into the mod
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import socket
@@ -20,7 +19,6 @@ import timm
 import torch
 from torch import nn
 
-from compression import build_configs, parse_block
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
 from lora.plan import LayerPlan
@@ -29,7 +27,11 @@ from train_evaluate.config.cli import (
     available_cores,
     resolve_device,
 )
-from train_evaluate.config.layer_plans import check_descriptions, read_layer_plan
+from train_evaluate.config.compressions import (
+    compression_configs,
+    layer_plan_and_configs,
+    warn_unused_options,
+)
 from train_evaluate.config.network_plan import (
     NetworkPlan,
     check_budget,
@@ -289,99 +291,6 @@ def load_backbone(model: str, weights: Path | None, device: torch.device) -> nn.
         return create_backbone(model, weights, device)
     except BackboneError as error:
         raise UsageError(str(error)) from error
-
-
-# The compression options of the command line and the config field each one sets.
-COMPRESSION_OPTIONS = {
-    "block": "block",
-    "keep": "keep",
-    "int1_scale": "scale",
-    "int_scale": "int_scale",
-    "int_grid": "int_grid",
-    "scale_dtype": "scale_dtype",
-    "quantizer": "quantizer",
-    "nm": "pattern",
-}
-
-
-def uses_field(method: str, field: str, value: Any = None) -> bool:
-    """Whether ``method``'s config has ``field`` (and, given a ``value``, accepts it)."""
-
-    from compression import make_config
-
-    if field not in {f.name for f in dataclasses.fields(make_config(method))}:
-        return False
-    try:
-        return value is None or make_config(method, **{field: value}) is not None
-    except ValueError:
-        return False
-
-
-def warn_unused_options(args: RunOptions, compressions: dict[str, Any]) -> None:
-    """One warning per compression option (or preset) that no method of the run uses:
-    ``make_config`` ignores the fields a method does not have, so ``--quantizer gptq --methods
-    sparse`` would otherwise run plain sparse and say nothing."""
-    from compression import list_methods
-    from compression.presets import PRESETS
-
-    methods = list(compressions)
-    given = {k: vars(args)[k] for k in COMPRESSION_OPTIONS}
-    for option, value in given.items():
-        field = COMPRESSION_OPTIONS[option]
-        if value is None or any(uses_field(m, field) for m in methods):
-            continue
-        users = [m for m in list_methods() if uses_field(m, field, value)]
-        log.warning(
-            "warning: --%s %s applies to --methods %s only; none of --methods %s uses it: ignored",
-            option.replace("_", "-"),
-            value,
-            " ".join(users),
-            " ".join(methods),
-        )
-    preset = PRESETS.get(args.preset, {})
-    if preset and not any(uses_field(m, f) for m in methods for f in preset):
-        users = [m for m in list_methods() if any(uses_field(m, f) for f in preset)]
-        log.warning(
-            "warning: --preset %s sets %s, for --methods %s only; none of --methods %s uses "
-            "them: ignored",
-            args.preset,
-            ", ".join(preset),
-            " ".join(users),
-            " ".join(methods),
-        )
-
-
-def compression_configs(args: RunOptions, methods: Sequence[str] | None = None) -> dict[str, Any]:
-    """``methods`` (default --methods) with the compression options: one checked config per
-    method."""
-    try:
-        return build_configs(
-            unique(args.methods if methods is None else methods),
-            args.preset,
-            block=parse_block(args.block) if args.block else None,
-            keep=args.keep,
-            scale=args.int1_scale,
-            int_scale=args.int_scale,
-            int_grid=args.int_grid,
-            scale_dtype=args.scale_dtype,
-            quantizer=args.quantizer,
-            pattern=args.nm,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-
-
-def layer_plan_and_configs(
-    args: RunOptions, model: str, compressions: dict[str, Any]
-) -> tuple[LayerPlan | None, dict[str, Any]]:
-    """``--layer-plan``: the plan resolved on ``model`` and the checked configs of its methods
-    (each the config the plan was written with); without one, None and ``compressions``."""
-    if args.layer_plan is None:
-        return None, compressions
-    planned, described = read_layer_plan(args, model)
-    configs = compression_configs(args, planned.methods)
-    check_descriptions(args.layer_plan, described, configs)
-    return planned, configs
 
 
 def ranks_and_configs(
