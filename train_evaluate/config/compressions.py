@@ -97,18 +97,11 @@ def compression_configs(args: RunOptions, methods: Sequence[str] | None = None) 
 
 def _configs(args: RunOptions, methods: Sequence[str] | None) -> dict[str, Any]:
     try:
-        return build_configs(
-            list(dict.fromkeys(args.methods if methods is None else methods)),
-            args.preset,
-            block=parse_block(args.block) if args.block else None,
-            keep=args.keep,
-            scale=args.int1_scale,
-            int_scale=args.int_scale,
-            int_grid=args.int_grid,
-            scale_dtype=args.scale_dtype,
-            quantizer=args.quantizer,
-            pattern=args.nm,
-        )
+        # each option to the config field it sets; the block shape parsed from its text
+        fields = {field: vars(args)[option] for option, field in COMPRESSION_OPTIONS.items()}
+        fields["block"] = parse_block(args.block) if args.block else None
+        methods = list(dict.fromkeys(args.methods if methods is None else methods))
+        return build_configs(methods, args.preset, **fields)
     except ValueError as error:
         raise UsageError(str(error)) from error
 
