@@ -33,18 +33,24 @@ def second_moment(features: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_row_errors(delta: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """sum_j,k delta_ij H_jk delta_ik per row i: the row's mean squared output error."""
+    """sum_j,k delta_ij H_jk delta_ik per row i: the row's mean squared output error. A moment
+    of groups x c x c (a grouped conv's, ``lora.calibration``) gives each consecutive
+    rows/groups rows their group's H."""
     delta = delta.double()
+    if moment.ndim == 3:
+        grouped = delta.reshape(moment.shape[0], -1, delta.shape[1])
+        return ((grouped @ moment.double()) * grouped).sum(dim=2).flatten()
     return ((delta @ moment.double()) * delta).sum(dim=1)
 
 
 def _inverse_factor(moment: torch.Tensor, damping: float) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damping * mean(diag H) * I)^-1."""
+    """The upper Cholesky factor of (H + damping * mean(diag H) * I)^-1 (of each H of a
+    groups x c x c moment)."""
     hessian = moment.double().clone()
-    diagonal = hessian.diagonal()
+    diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     # an input that is always zero: its column cannot matter; a unit diagonal keeps H definite
     diagonal[diagonal <= 0] = 1.0
-    diagonal.add_(damping * diagonal.mean())
+    diagonal.add_(damping * diagonal.mean(dim=-1, keepdim=True))
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
     return torch.linalg.cholesky(inverse, upper=True)
 
@@ -57,29 +63,37 @@ def gptq(
     block: int = BLOCK,
 ) -> torch.Tensor:
     """W_c (rows x cols, float64) by GPTQ: ``round_column(w, j)`` rounds column j (rows,
-    float64) onto the compressor's fixed grid; ``moment``: the inputs' H (cols x cols)."""
+    float64) onto the compressor's fixed grid; ``moment``: the inputs' H (cols x cols), or one
+    per group of consecutive rows (groups x cols x cols, a grouped conv's): every row then
+    feeds its error back through its own group's factor, all groups at once."""
     rows, cols = weight.shape
-    if moment.shape != (cols, cols):
+    grouped = moment.ndim == 3 and rows % moment.shape[0] == 0
+    if moment.shape[-2:] != (cols, cols) or not (grouped or moment.ndim == 2):
         raise ValueError(
             f"the input moment is {tuple(moment.shape)}; a {rows} x {cols} weight needs "
-            f"{cols} x {cols}"
+            f"{cols} x {cols}, or groups x {cols} x {cols} with groups dividing {rows}"
         )
     factor = _inverse_factor(moment, damping)
+    if grouped:  # one factor per row: rows x cols x cols
+        factor = factor.repeat_interleave(rows // moment.shape[0], dim=0)
     work = weight.double().clone()
     rounded = torch.empty_like(work)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         part = work[:, start:end].clone()
         errors = torch.empty_like(part)
-        local = factor[start:end, start:end]
+        local = factor[..., start:end, start:end]
         for k in range(end - start):
             column = part[:, k]
             done = round_column(column, start + k)
             rounded[:, start + k] = done
-            error = (column - done) / local[k, k]
+            error = (column - done) / local[..., k, k]
             # the columns of this block not yet rounded absorb the error at once; the later
             # blocks absorb the whole block's errors in one product below
-            part[:, k + 1 :] -= error.unsqueeze(1) * local[k, k + 1 :].unsqueeze(0)
+            part[:, k + 1 :] -= error.unsqueeze(1) * local[..., k, k + 1 :]
             errors[:, k] = error
-        work[:, end:] -= errors @ factor[start:end, end:]
+        if grouped:
+            work[:, end:] -= (errors.unsqueeze(1) @ factor[:, start:end, end:]).squeeze(1)
+        else:
+            work[:, end:] -= errors @ factor[start:end, end:]
     return rounded

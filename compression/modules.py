@@ -127,6 +127,36 @@ class CompressedLinear(_StoresParts, nn.Linear):
         return cls(compressed, bias)
 
 
+def _timm_conv2d_same() -> type | None:
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # timm is a dependency; without it no such layer exists to compress
+        return None
+    return Conv2dSame
+
+
+_CONV2D_SAME = _timm_conv2d_same()
+
+
+def pads_from_input(conv: nn.Module) -> bool:
+    """Whether ``conv`` pads each input from its size, as TensorFlow's SAME padding does for a
+    strided conv (timm's ``Conv2dSame``: the stem and strided depthwise convs of its tf_
+    models), rather than by a fixed amount."""
+    if isinstance(conv, CompressedConv2d):
+        return conv.pads_from_input
+    return _CONV2D_SAME is not None and isinstance(conv, _CONV2D_SAME)
+
+
+def pad_from_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as ``conv`` pads it when ``pads_from_input(conv)`` (timm's own padding
+    function, so that both compute the same pads), else ``x`` itself."""
+    if not pads_from_input(conv):
+        return x
+    from timm.layers import pad_same
+
+    return pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
+
+
 def conv_options(conv: nn.Conv2d) -> dict[str, Any]:
     """The geometry ``CompressedConv2d.from_compressed`` needs to rebuild ``conv``'s layer."""
     return {
@@ -137,12 +167,15 @@ def conv_options(conv: nn.Conv2d) -> dict[str, Any]:
         "dilation": conv.dilation,
         "groups": conv.groups,
         "padding_mode": conv.padding_mode,
+        "pads_from_input": pads_from_input(conv),
     }
 
 
 class CompressedConv2d(_StoresParts, nn.Conv2d):
     """A frozen Conv2d computing with W_c; ``compressed`` holds the parts of the matrix view
-    out x (in/groups * kh * kw), and ``weight`` is that W_c reshaped to 4-D."""
+    out x (in/groups * kh * kw), and ``weight`` is that W_c reshaped to 4-D. A depthwise conv
+    (groups = channels) is the matrix out x kh*kw. ``pads_from_input``: it pads each input as
+    timm's ``Conv2dSame`` does (its ``padding`` is then 0), so that it can replace one."""
 
     def __init__(
         self,
@@ -156,6 +189,7 @@ class CompressedConv2d(_StoresParts, nn.Conv2d):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
+        pads_from_input: bool = False,
     ) -> None:
         out_channels, columns = compressed.weight.shape
         super().__init__(
@@ -179,7 +213,11 @@ class CompressedConv2d(_StoresParts, nn.Conv2d):
         self.weight = _frozen(compressed.weight.reshape(shape))
         if bias is not None:
             self.bias = _frozen(bias, like=self.weight)
+        self.pads_from_input = pads_from_input
         self._store(compressed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(pad_from_input(self, x))
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, config: Any) -> CompressedConv2d:
@@ -198,8 +236,11 @@ class CompressedConv2d(_StoresParts, nn.Conv2d):
 
 
 def _own_forward(module: nn.Module) -> str | None:
-    """Why a Linear / Conv2d subclass cannot be replaced: it computes with its own forward
-    (timm's ``Conv2dSame`` pads from the input's size), which a compressed layer would drop."""
+    """Why a Linear / Conv2d subclass cannot be replaced: it computes with its own forward,
+    which a compressed layer would drop (timm's ``Conv2dSame`` is known: a compressed conv pads
+    as it does)."""
+    if pads_from_input(module):
+        return None
     for base in (nn.Linear, nn.Conv2d):
         if isinstance(module, base) and type(module).forward is not base.forward:
             return (
@@ -219,8 +260,6 @@ def compressible(module: nn.Module) -> str | None:
     """None if ``compress_`` can replace ``module``, else a one-line reason why not."""
     if isinstance(module, _StoresParts):
         return f"{type(module).__name__} is already compressed"
-    if isinstance(module, nn.Conv2d) and module.groups > 1:
-        return f"depthwise/grouped convolution (groups={module.groups}); no compressor supports it"
     if not isinstance(module, nn.Linear | nn.Conv2d):
         return f"{type(module).__name__} is not a Linear or Conv2d"
     return _own_forward(module)

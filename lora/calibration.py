@@ -32,6 +32,7 @@ from compression.modules import (
     CompressedLinear,
     compressible,
     conv_options,
+    pad_from_input,
     weight_matrix,
 )
 from compression.registry import compress, uses_inputs
@@ -95,6 +96,7 @@ class MomentAccumulator:
             if x.ndim <= 2:
                 return x.reshape(-1, 1, module.in_features)
             return x.reshape(x.shape[0], -1, module.in_features)
+        x = pad_from_input(module, x)  # timm's Conv2dSame: padding 0 once x is padded
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             # pad as the conv does ('same', or a non-zero padding mode), then unfold unpadded
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -110,9 +112,20 @@ class MomentAccumulator:
         grouped = self._grouped(x)
         return self._keep(grouped, self._chosen(grouped))
 
+    def product(self, rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """rows^T other: (in x in); for a grouped conv, one block per group (groups x c x c,
+        c = in/groups*kh*kw): a group's outputs read its own columns only, so the moment
+        between two groups' inputs never enters its error, and at depthwise sizes the whole
+        (in*kh*kw)^2 matrix would not fit in memory."""
+        groups = getattr(self.module, "groups", 1)
+        if groups == 1:
+            return rows.T @ other
+        rows, other = (t.reshape(t.shape[0], groups, -1) for t in (rows, other))
+        return torch.einsum("ngc,ngd->gcd", rows, other)
+
     def update(self, x: torch.Tensor) -> None:
         rows = self.rows_of(x.detach()).double()
-        product = rows.T @ rows
+        product = self.product(rows, rows)
         self.total = product if self.total is None else self.total + product
         self.rows += rows.shape[0]
 
@@ -137,7 +150,8 @@ class MomentAccumulator:
         self.detach()
 
     def moment(self) -> torch.Tensor:
-        """X^T X / N (in x in, float64) over every row seen so far."""
+        """X^T X / N (in x in, float64; groups x c x c for a grouped conv) over every row seen
+        so far."""
         if self.total is None:
             raise ValueError("no input reached the layer: no moment to report")
         return self.total / self.rows
@@ -163,7 +177,7 @@ class CrossMomentAccumulator(MomentAccumulator):
             )
         chosen = self._chosen(perturbed)
         x, x_tilde = self._keep(clean, chosen).double(), self._keep(perturbed, chosen).double()
-        product, cross = x_tilde.T @ x_tilde, x.T @ x_tilde
+        product, cross = self.product(x_tilde, x_tilde), self.product(x, x_tilde)
         self.total = product if self.total is None else self.total + product
         self.cross_total = cross if self.cross_total is None else self.cross_total + cross
         self.rows += x_tilde.shape[0]
@@ -316,6 +330,12 @@ def calibrate_sequentially(
     configs = {name: lora_config_for(name, module) for name, module in modules.items()}
     for name, module in modules.items():
         check_rank(configs[name].r, *weight_matrix(module).shape, configs[name].use_dora)
+        init, grouped = configs[name].init, getattr(module, "groups", 1) > 1
+        if grouped and configs[name].r > 0 and init in ACTIVATION_AWARE_INITS:
+            raise ValueError(
+                f"{init} fits an adapter to its layer's one input moment; the grouped conv "
+                f"{name} has one per group: use another init there"
+            )
     # layers whose init or compressor reads the inputs
     aware = {
         name

@@ -8,7 +8,9 @@ kernel, stride, padding and dilation; ``lora_B`` (out, r, 1, 1) is a 1x1 conv r 
 Seen as matrices (``weight.reshape(out, -1)``), A is r x (in*kh*kw) and B is out x r, and the
 adapter adds scaling * B @ A to the matrix view of W_c: conv(x, A) at one output position is
 A's matrix times the input patch there, flattened in the order of ``weight.reshape(out, -1)``.
-So every init written for matrices works here through a reshape. Only groups == 1.
+So every init written for matrices works here through a reshape. A grouped (depthwise) conv's
+matrix view is out x (in/groups*kh*kw): A and B are its factors as well, but conv(x, A) would
+mix the groups, so such a layer computes with its merged weight (one conv of W_c + s * B @ A).
 
 With ``use_dora`` a magnitude m (one per output channel) rescales the channels of the merged
 direction V: W' = m * V / ||V|| with the norm over (in, kh, kw), the row norm of the matrix view.
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from compression import CompressedWeight
-from compression.modules import CompressedConv2d
+from compression.modules import CompressedConv2d, pad_from_input
 from lora.layer import AdapterState, adapter_scaling, check_rank, compressed_of
 
 
@@ -29,7 +31,9 @@ def conv_like(
 ) -> torch.Tensor:
     """``conv``'s convolution of ``x`` with another ``weight`` (and ``bias``): its stride,
     dilation and groups, and its padding in its own mode (zeros, reflect, replicate, circular;
-    a number, a pair, or "same" / "valid"), as ``conv(x)`` pads."""
+    a number, a pair, or "same" / "valid"; or from the input's size, as timm's ``Conv2dSame``),
+    as ``conv(x)`` pads."""
+    x = pad_from_input(conv, x)
     padding = conv.padding
     if conv.padding_mode != "zeros":
         if isinstance(padding, str):  # "same": pad dilation * (k - 1), the extra one after
@@ -54,11 +58,7 @@ class LoraConv2d(AdapterState, nn.Module):
         use_dora: bool = False,
     ) -> None:
         super().__init__()
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA for a conv needs groups == 1; this one has groups={base_layer.groups}"
-            )
-        out_channels, in_channels, kh, kw = base_layer.weight.shape
+        out_channels, in_channels, kh, kw = base_layer.weight.shape  # in: in/groups
         check_rank(r, out_channels, in_channels * kh * kw, use_dora)
         self.base_layer = base_layer.requires_grad_(False)
         self.r = r
@@ -110,10 +110,11 @@ class LoraConv2d(AdapterState, nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed (not
-        used with DoRA, which rescales whole channels of the merged weight)."""
+        used with DoRA, which rescales whole channels of the merged weight, nor by a grouped
+        conv)."""
         if self.r == 0:  # no adapter: the compressed layer alone
             return self.base_layer(x) if base_out is None else base_out
-        if self.use_dora:
+        if self.use_dora or self.base_layer.groups != 1:
             return self._conv(x, self.merged_weight(), self.base_layer.bias)
         if base_out is None:
             base_out = self.base_layer(x)

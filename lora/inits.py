@@ -172,14 +172,20 @@ def output_target(
     the full-precision outputs on the perturbed inputs, ridged towards W. lam = ``ridge`` x the
     mean eigenvalue of C~ (clamped at 0), the ridge of ``InitContext.whitening``, so that the
     whitened fit of W_t - W_c minimises exactly this objective; and with X~ = X (G = C~), W_t = W.
+    Moments of groups x c x c (a grouped conv's) fit each group's rows on its own.
     """
+    grouped = moment.ndim == 3
     moment, cross = moment.double(), cross_moment.double()
+    if not grouped:  # one group
+        moment, cross = moment.unsqueeze(0), cross.unsqueeze(0)
     eigenvalues, vectors = torch.linalg.eigh(moment)
     eigenvalues = eigenvalues.clamp_min(0)
-    lam = ridge * eigenvalues.mean()
-    inverse = (vectors / (eigenvalues + lam)) @ vectors.T
-    shifted = cross + lam * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
-    return (weight.double() @ shifted) @ inverse
+    lam = ridge * eigenvalues.mean(dim=-1, keepdim=True)  # groups x 1
+    inverse = (vectors / (eigenvalues + lam).unsqueeze(-2)) @ vectors.transpose(-2, -1)
+    identity = torch.eye(cross.shape[-1], dtype=cross.dtype, device=cross.device)
+    shifted = cross + lam.unsqueeze(-1) * identity
+    rows = weight.double().reshape(moment.shape[0], -1, weight.shape[1])
+    return ((rows @ shifted) @ inverse).reshape(weight.shape)
 
 
 def compresses_target(compression: Any) -> bool:

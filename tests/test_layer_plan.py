@@ -52,10 +52,20 @@ def test_an_exact_name_wins_over_patterns_and_the_first_pattern_over_later_ones(
     assert plan.name == "plan" and plan.rank == 2 and plan.uniform is None
 
 
+class DoubledConv(torch.nn.Conv2d):
+    """A conv with a forward of its own, which a compressed conv would not compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
 def test_a_pattern_passes_over_layers_no_compressor_handles_and_a_name_does_not():
     with torch.device("meta"):
         model = timm.create_model("test_efficientnet", pretrained=False)
     depthwise = "blocks.3.0.conv_dw"
+    plan, _ = resolve_plan({"layers": {"blocks.3.0.*": {"method": "int4", "rank": 1}}}, model)
+    assert depthwise in plan.names  # a depthwise conv is compressed as any other
+    model.blocks[3][0].conv_dw = DoubledConv(128, 128, 3, groups=128, device="meta")
     plan, _ = resolve_plan({"layers": {"blocks.3.0.*": {"method": "int4", "rank": 1}}}, model)
     assert plan.names and depthwise not in plan.names
     with pytest.raises(LayerPlanError, match=re.escape("selects blocks.3.0.conv_dw")):

@@ -73,12 +73,19 @@ def test_set_compressed_replaces_weight_and_parts_in_place():
         layer.set_compressed(compress(torch.randn(8, 15), make_config("int4")))
 
 
+class DoubledConv(nn.Conv2d):
+    """A conv with a forward of its own, which a compressed conv would not compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
 def small_net() -> nn.Sequential:
     return seeded(
         nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
+            DoubledConv(8, 8, 3, padding=1, groups=8),  # depthwise, with its own forward
             nn.Conv2d(8, 16, 1),
             nn.Flatten(),
             nn.Linear(16 * 4 * 4, 10),
@@ -107,23 +114,24 @@ def test_compress_by_default_takes_every_compressible_layer_with_its_own_config(
     model = small_net()
     configs = {"0": make_config("int1"), "3": make_config("int4"), "5": make_config("sparse")}
     swapped = compress_(model, configs.__getitem__)
-    assert sorted(swapped) == ["0", "3", "5"]  # not the depthwise conv
+    assert sorted(swapped) == ["0", "3", "5"]  # not the conv with a forward of its own
     assert {name: layer.compressed.config for name, layer in swapped.items()} == configs
-    assert type(model[2]) is nn.Conv2d
+    assert type(model[2]) is DoubledConv
 
 
-def test_depthwise_convs_are_refused_by_a_reason_naming_groups():
-    assert "groups=8" in compressible(nn.Conv2d(8, 8, 3, groups=8))
+def test_what_compressible_refuses_it_names():
+    assert compressible(nn.Conv2d(8, 8, 3, groups=8)) is None  # depthwise: out x kh*kw
     assert compressible(nn.Conv2d(8, 8, 3)) is None
     assert compressible(nn.Linear(3, 4)) is None
+    assert "overrides Conv2d.forward" in compressible(DoubledConv(8, 8, 3))
     assert "not a Linear or Conv2d" in compressible(nn.ReLU())
     already = CompressedLinear.from_dense(nn.Linear(3, 4), make_config("int8"))
     assert "already compressed" in compressible(already)
 
 
-def test_compress_on_a_selected_depthwise_conv_raises_and_changes_nothing():
+def test_compress_on_a_selected_conv_it_cannot_replace_raises_and_changes_nothing():
     model = small_net()
     before = dict(model.named_children())
-    with pytest.raises(ValueError, match=r"cannot compress 2: .*groups=8"):
+    with pytest.raises(ValueError, match=r"cannot compress 2: DoubledConv overrides"):
         compress_(model, make_config("int4"), lambda m, name: name in {"0", "2"})
     assert dict(model.named_children()) == before

@@ -59,17 +59,20 @@ def image_model(model: nn.Module) -> image_cache.ImageModel:
 # ------------------------------------------------------------------------------ selection
 
 
-def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classifier():
+def test_all_selects_every_linear_and_conv_and_head_is_the_classifier():
     model = bare("test_efficientnet")
     names = layer_selection.select_layers(model, ["all"])
     modules = dict(model.named_modules())
-    expected = [
-        n
-        for n, m in modules.items()
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
-    ]
-    assert names == expected and "classifier" in names
-    assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in modules.values())
+    assert names == [n for n, m in modules.items() if isinstance(m, nn.Linear | nn.Conv2d)]
+    assert "classifier" in names
+    grouped = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert grouped and set(grouped) <= set(names)
+    # --skip-depthwise: today's selection before depthwise convs could be compressed
+    skipping = layer_selection.select_layers(model, ["all"], skip_grouped=True)
+    assert skipping == [n for n in names if n not in grouped]
+    assert layer_selection.left_out(model, skipping) == {
+        "grouped (depthwise) convs, left out by --skip-depthwise": grouped
+    }
     assert layer_selection.select_layers(model, ["head"]) == ["classifier"]
     assert layer_selection.is_head_only(model, layer_selection.select_layers(model, ["classifier"]))
     assert not layer_selection.is_head_only(model, names)
@@ -79,9 +82,7 @@ def test_all_selects_every_linear_and_non_depthwise_conv_and_head_is_the_classif
     ("pattern", "fragment"),
     [
         ("nothing.*", "matches no module"),
-        ("blocks.3.0.conv_dw", "groups=128"),
         ("bn1", "not a Linear or Conv2d"),
-        ("blocks.3.*", "groups=128"),
     ],
 )
 def test_a_bad_selection_is_refused_by_name(pattern, fragment):
@@ -91,7 +92,15 @@ def test_a_bad_selection_is_refused_by_name(pattern, fragment):
 
 BAD_SELECTIONS = {
     "matches nothing": (["--layers", "nothing.*"], "matches no module"),
-    "depthwise conv": (["--layers", "blocks.3.0.conv_dw"], "groups=128"),
+    "depthwise alone, skipped": (
+        ["--layers", "blocks.3.0.conv_dw", "--skip-depthwise"],
+        "grouped convs alone",
+    ),
+    "act-aware init on a depthwise conv": (
+        ["--layers", "blocks.3.0.conv_dw", "--init", "act_svd_init"],
+        "have one per group",
+    ),
+    "--skip-depthwise on the classifier": (["--skip-depthwise"], "the classifier alone has"),
     "not a layer": (["--layers", "bn1"], "not a Linear or Conv2d"),
     "cache over the limit": (["--layers", "all", "--cache-limit", "0.000001"], "--cache-limit"),
 }

@@ -72,14 +72,15 @@ def test_a_rank_zero_layer_stores_no_adapter_and_its_bits_are_counted_by_hand(pl
     with safe_open(str(ckpt), framework="pt") as handle:
         names = set(handle.keys())
     bare = {n.split("/", 1)[1] for n in names if n.startswith("layer1.0.conv1/")}
-    assert bare == {"base.codes", "base.scale"}  # no adapter, and a conv before BN: no bias
+    # no adapter; the BatchNorm after the conv folded into its (fp32) bias
+    assert bare == {"base.codes", "base.scale", "bias"}
     assert "layer1.0.conv2/lora_A" in names
-    # by hand: int4, 4 bits per weight and one fp32 scale per output channel, nothing else
+    # by hand: int4, 4 bits per weight, one fp32 scale and one fp32 bias per output channel
     with torch.device("meta"):
         out, cin, kh, kw = timm.create_model(RESNET).get_submodule("layer1.0.conv1").weight.shape
     layers = pd.read_csv(folder / "layers.csv").set_index("layer")
     assert layers.loc["layer1.0.conv1", "rank"] == 0
-    assert layers.loc["layer1.0.conv1", "bits"] == out * cin * kh * kw * 4 + out * 32
+    assert layers.loc["layer1.0.conv1", "bits"] == out * cin * kh * kw * 4 + out * 32 + out * 32
     assert layers.loc["layer1.0.conv2", "rank"] == 2
     # the file holds what the row counts, and scores what the trained model scored
     row = pd.read_csv(folder / "evaluation.csv").set_index("lora_rank").loc["2"]

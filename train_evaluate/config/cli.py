@@ -256,8 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         nargs="+",
         metavar="PATTERN",
-        help="layers to compress: head (the classifier, default), all (every Linear and every "
-        "non-depthwise Conv2d), or fnmatch patterns over module names, e.g. 'blocks.*.mlp.*'",
+        help="layers to compress: head (the classifier, default), all (every Linear and "
+        "Conv2d, stem and depthwise convs included), or fnmatch patterns over module names, "
+        "e.g. 'blocks.*.mlp.*'; a BatchNorm that reads a selected conv alone is folded into it",
+    )
+    network.add_argument(
+        "--skip-depthwise",
+        action="store_true",
+        help="leave grouped (depthwise) convs out of --layers",
     )
     network.add_argument(
         "--calib-images",

@@ -16,10 +16,11 @@ import timm
 import torch
 
 from data import SplitFractions
+from lora.folding import conv_batchnorm_pairs, fold_batchnorm_
 from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
-from train_evaluate.config.run_options import RunOptions
+from train_evaluate.config.run_options import DEFAULT_RANKS, RunOptions
 from train_evaluate.inputs.cut import Cut
 
 log = logging.getLogger("train_model")
@@ -50,6 +51,10 @@ class NetworkPlan:
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
     budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
     layer_plan: LayerPlan | None = None  # --layer-plan with a choice per layer: its one model
+    # (conv, BatchNorm) of each selected conv whose BatchNorm is folded into it before it is
+    # compressed (lora.folding): the model a run compresses, scores and counts is the folded one
+    folded: tuple[tuple[str, str], ...] = ()
+    grouped: tuple[str, ...] = ()  # the selected grouped (depthwise) convs
 
     @property
     def cache_bytes(self) -> int:
@@ -140,12 +145,10 @@ def plan_network(
     device,
     planned: LayerPlan | None = None,
 ) -> NetworkPlan | None:
-    """The whole-network plan for ``--layers`` (or the modules of ``--layer-plan``), or None
-    when it selects the classifier alone. Selection, cache size and epoch cost are worked out
-    on a bare model (random weights: the structure and the compute are those of the pretrained
-    one). ``planned``: the ``--layer-plan``, whose modules are the selection; a plan with a
-    choice per layer runs as one model (``NetworkPlan.layer_plan``), one choice everywhere as
-    that (method, rank)."""
+    """The whole-network plan for ``--layers`` (or the modules of ``--layer-plan``: one model
+    if it makes a choice per layer, else that (method, rank)), or None when it selects the
+    classifier alone. Selection, folding, cache size and epoch cost are worked out on a bare
+    model (random weights: the structure and compute of the pretrained one)."""
     from timm.data import resolve_data_config
 
     from train_evaluate.inputs import cut
@@ -162,12 +165,13 @@ def plan_network(
     except Exception as error:  # a model that cannot be built without extra arguments
         raise UsageError(f"cannot build timm model {model}: {error}") from error
     try:
-        names = layer_selection.select_layers(bare, patterns)
+        names = layer_selection.select_layers(bare, patterns, args.skip_depthwise)
     except layer_selection.SelectionError as error:
         raise UsageError(str(error)) from error
     if layer_selection.is_head_only(bare, names):
         return None
     input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
+    folded, grouped = fold_selected_(bare, names, input_size)
     images = len(source.ids)
     image_bytes = image_cache.image_bytes(images, input_size)
     limit = args.cache_limit * 1e9
@@ -191,9 +195,10 @@ def plan_network(
     seconds = image_cache.epoch_seconds(
         model.to(device), image_cache.example_inputs(model, input_size, 8), train_images
     )
+    selection = " ".join(patterns) if planned is None else plan_selection(planned)
     return NetworkPlan(
         layers=tuple(names),
-        selection=" ".join(patterns) if planned is None else plan_selection(planned),
+        selection=selection + (" --skip-depthwise" if args.skip_depthwise else ""),
         calib_images=calib_images,
         input_size=input_size,
         cut=found,
@@ -209,7 +214,23 @@ def plan_network(
         budget_sensitivity=args.budget_sensitivity,
         budget_only=args.budget_only,
         layer_plan=None if planned is None or planned.cell else planned,
+        folded=folded,
+        grouped=grouped,
     )
+
+
+def fold_selected_(
+    model: torch.nn.Module, names: list[str], input_size: tuple
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """Fold, in ``model``, the BatchNorm that alone reads each selected conv (found in one
+    forward pass at ``input_size``), as a run folds them before compressing; returns those
+    (conv, BatchNorm) pairs and the selected grouped convs."""
+    example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    pairs = conv_batchnorm_pairs(model, example)
+    folded = tuple((name, pairs[name]) for name in names if name in pairs)
+    fold_batchnorm_(model, dict(folded))
+    grouped = tuple(n for n in names if getattr(model.get_submodule(n), "groups", 1) > 1)
+    return folded, grouped
 
 
 def check_budget(args: RunOptions, network_plan: NetworkPlan | None) -> None:
@@ -262,6 +283,7 @@ def check_budgets_reachable(
 
     with torch.device("meta"):
         bare = timm.create_model(model, pretrained=False)
+    fold_batchnorm_(bare, dict(network_plan.folded))  # shapes only: a bias where one is folded
     names = network_plan.layers
     template = Accounting(
         tuple(LayerInfo.of(n, bare.get_submodule(n)) for n in names), (), args.adapter_dtype,
@@ -326,6 +348,7 @@ def check_network_options(
                 f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
                 "nothing: drop it, or choose one of those"
             )
+    check_grouped_convs(args, network_plan)
     if network_plan is None and args.reconstruct != "none":
         raise UsageError(
             "--reconstruct trains adapters to reproduce the uncompressed network block by "
@@ -337,6 +360,32 @@ def check_network_options(
         raise UsageError(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
+        )
+
+
+def check_grouped_convs(args: RunOptions, network_plan: NetworkPlan | None) -> None:
+    """--skip-depthwise where there is nothing to skip, and an activation-aware init on a
+    grouped conv with an adapter (one input moment per group, not one per layer), refused."""
+    if network_plan is None and args.skip_depthwise:
+        raise UsageError(
+            "--skip-depthwise leaves grouped convs out of --layers; the classifier alone has "
+            "none: drop it or select more --layers"
+        )
+    if network_plan is None or not network_plan.grouped:
+        return
+    from lora.inits import ACTIVATION_AWARE_INITS
+
+    if network_plan.layer_plan is not None:
+        specs = network_plan.layer_plan.specs()
+        ranks = [specs[name].rank for name in network_plan.grouped]
+    else:
+        ranks = list(args.ranks or DEFAULT_RANKS)
+    if args.init in ACTIVATION_AWARE_INITS and max(ranks) > 0:
+        raise UsageError(
+            f"--init {args.init} fits each adapter to its layer's one input moment; the "
+            f"grouped convs {', '.join(network_plan.grouped[:2])}"
+            f"{' ...' if len(network_plan.grouped) > 2 else ''} have one per group: add "
+            "--skip-depthwise, or choose another --init"
         )
 
 

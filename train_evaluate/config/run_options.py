@@ -70,6 +70,7 @@ class RunOptions:
     include_bias: bool = False
     # the whole network
     layers: tuple[str, ...] = ("head",)
+    skip_depthwise: bool = False
     calib_images: int = 512
     calibration: str = "symmetric"
     reconstruct: str = "none"

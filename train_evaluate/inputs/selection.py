@@ -1,8 +1,8 @@
 """Which layers a run compresses: ``--layers`` patterns resolved to module names, and each
 selected layer described (``LayerInfo``: kind, shape, positions, bias) in forward order.
 
-``head`` is the classifier, ``all`` every Linear and every Conv2d no compressor refuses (a
-depthwise conv is left out), anything else an fnmatch pattern over ``named_modules()`` names;
+``head`` is the classifier, ``all`` every Linear and every Conv2d (depthwise and timm's
+``Conv2dSame`` included), anything else an fnmatch pattern over ``named_modules()`` names;
 a pattern that selects nothing, or something no compressor handles, is refused in one line.
 """
 
@@ -34,13 +34,15 @@ def classifier_module_name(model: nn.Module) -> str:
         raise SelectionError(str(error)) from error
 
 
-def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+def select_layers(
+    model: nn.Module, patterns: Sequence[str], skip_grouped: bool = False
+) -> list[str]:
     """The module names ``patterns`` select, in the model's order.
 
-    ``head``: the classifier; ``all``: every Linear and every Conv2d with groups == 1 (a
-    depthwise conv is left out: no compressor here handles it); anything else: an fnmatch
-    pattern over ``named_modules()`` names, which must select at least one Linear or Conv2d and
-    no module that cannot be compressed.
+    ``head``: the classifier; ``all``: every Linear and Conv2d that can be compressed (stem and
+    depthwise convs included); anything else: an fnmatch pattern over ``named_modules()``
+    names, which must select at least one Linear or Conv2d and no module that cannot be
+    compressed. ``skip_grouped``: grouped (depthwise) convs are left out of every pattern.
     """
     modules = dict(model.named_modules())
     layers = {n: m for n, m in modules.items() if n and isinstance(m, nn.Linear | nn.Conv2d)}
@@ -73,18 +75,27 @@ def select_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
                     f"--layers {pattern!r} selects {name}: {reason}; narrow the pattern"
                 )
         chosen.update(selected)
+    if skip_grouped:
+        chosen = {n for n in chosen if getattr(layers[n], "groups", 1) == 1}
+        if not chosen:
+            raise SelectionError(
+                f"--layers {' '.join(patterns)} selects grouped convs alone, which "
+                "--skip-depthwise leaves out: drop it or select other layers"
+            )
     return [n for n in layers if n in chosen]
 
 
 def left_out(model: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
-    """The Linear and Conv2d layers a selection does not compress, grouped by why they cannot
-    be (depthwise convs, layers with a forward of their own), for the run's announcement."""
+    """The Linear and Conv2d layers a selection does not compress, grouped by why (grouped
+    convs left out, layers with a forward of their own), for the run's announcement."""
     chosen = set(names)
     reasons: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if name in chosen or not isinstance(module, nn.Linear | nn.Conv2d):
             continue
         reason = compressible(module)
+        if reason is None and getattr(module, "groups", 1) > 1:
+            reason = "grouped (depthwise) convs, left out by --skip-depthwise"
         if reason is not None:
             reasons.setdefault(reason.split(";")[0], []).append(name)
     return reasons

@@ -113,6 +113,12 @@ def pack_layer(
             "dilation": list(conv.dilation),
             "padding_mode": conv.padding_mode,
         }
+        # written only where they differ from a plain conv's, so that earlier files keep
+        # their bytes
+        if conv.groups != 1:
+            info["conv"]["groups"] = conv.groups
+        if conv.pads_from_input:
+            info["conv"]["pads_from_input"] = True
     return tensors, info
 
 

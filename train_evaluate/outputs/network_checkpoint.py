@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.modules import pads_from_input
 from lora import LoraConv2d, LoraLinear
 from train_evaluate.outputs.checkpoint import (
     FORMAT,
@@ -47,7 +48,13 @@ def _conv_layer(linear: LoraLinear, conv: Any) -> LoraConv2d:
             if isinstance(conv["padding"], str)
             else tuple(conv["padding"]),
             "padding_mode": conv["padding_mode"],
+            "groups": conv.get("groups", 1),
+            "pads_from_input": conv.get("pads_from_input", False),
         }
+        require(isinstance(options["groups"], int) and options["groups"] >= 1,
+                f"groups {options['groups']!r} is not a positive integer")  # fmt: skip
+        require(isinstance(options["pads_from_input"], bool),
+                f"pads_from_input {options['pads_from_input']!r} is not true or false")  # fmt: skip
         base = CompressedConv2d.from_compressed(
             linear.base_compressed, linear.base_layer.bias, **options
         )
@@ -84,6 +91,12 @@ def read_packed_network(path: Path | str, device: torch.device | str = "cpu") ->
         if "layer_plan" in info:
             stored = {name: (info["layers"][name], layer) for name, layer in layers.items()}
             check_plan(info["layer_plan"], stored)
+        folded = info.get("folded_batchnorm", {})
+        require(isinstance(folded, dict) and all(isinstance(v, str) for v in folded.values()),
+                f"folded_batchnorm {folded!r} is not a map of conv to BatchNorm names")  # fmt: skip
+        strays = sorted(set(folded) - set(layers))
+        require(not strays, f"it folds a BatchNorm into {', '.join(strays[:3])}, which it does "
+                            "not hold")  # fmt: skip
     except (Unsound, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         raise inconsistent(path, error) from error
     return PackedNetwork({n: m.to(device).eval() for n, m in layers.items()}, info)
@@ -171,8 +184,9 @@ def _check_geometry(name: str, current: nn.Module, stored: nn.Module) -> None:
         raise CheckpointError(f"the checkpoint's {name} is a {wanted}; the model's is a {found}")
     if wanted != "Conv2d":
         return  # a Linear's geometry is its weight's shape, which the caller checks
-    for field in CONV_GEOMETRY:
-        wanted, found = getattr(stored, field), getattr(current, field)
+    geometry = [(field, getattr(stored, field), getattr(current, field)) for field in CONV_GEOMETRY]
+    geometry.append(("pads_from_input", pads_from_input(stored), pads_from_input(current)))
+    for field, wanted, found in geometry:
         if wanted != found:
             raise CheckpointError(
                 f"the checkpoint's {name} has {field} {_shown(wanted)}; the model's {name} has "
@@ -191,12 +205,41 @@ def _shown(value: Any) -> str:
     return "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
-def install_network(model: nn.Module, packed: PackedNetwork) -> nn.Module:
+def take_out_folded(model: nn.Module, folded: dict[str, str], already: bool = False) -> None:
+    """The BatchNorms a file folded into its convs (``folded``: conv -> BatchNorm), taken out
+    of ``model`` in place as folding takes them out (their activation stays); ``already``:
+    ``model`` is the folded model itself (the run that wrote the file), so none may be left."""
+    from lora.folding import FOLDABLE, fold_batchnorm_
+
+    modules = dict(model.named_modules())
+    for conv, norm in folded.items():
+        found = modules.get(norm)
+        if already:
+            if isinstance(found, FOLDABLE):
+                raise CheckpointError(f"the checkpoint folds {norm} into {conv}; the model "
+                                      "still has that BatchNorm")  # fmt: skip
+            continue
+        if not isinstance(found, FOLDABLE):
+            raise CheckpointError(f"the checkpoint folds the BatchNorm {norm} into {conv}; "
+                                  "the model has no BatchNorm there")  # fmt: skip
+        channels = getattr(modules.get(conv), "out_channels", None)
+        if found.num_features != channels:
+            raise CheckpointError(f"the checkpoint folds {norm} ({found.num_features} channels)"
+                                  f" into {conv} ({channels} out channels)")  # fmt: skip
+    if not already:
+        fold_batchnorm_(model, folded)
+
+
+def install_network(
+    model: nn.Module, packed: PackedNetwork, folded_already: bool = False
+) -> nn.Module:
     """``model`` (a copy is made) with every layer of ``packed`` put in place of its module;
-    each module must exist and have the layer's kind, shape and (a conv) geometry."""
+    each module must exist and have the layer's kind, shape and (a conv) geometry. The
+    BatchNorms the file lists as folded are taken out (``take_out_folded``)."""
     import copy
 
     model = copy.deepcopy(model)
+    take_out_folded(model, packed.info.get("folded_batchnorm", {}), folded_already)
     for name, layer in packed.layers.items():
         try:
             current = model.get_submodule(name)

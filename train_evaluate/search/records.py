@@ -134,7 +134,7 @@ def checkpoint_info(context: RunContext) -> dict[str, Any]:
     """What the packed checkpoint says about where it comes from. No absolute paths: the same
     run in another folder writes a file of the same size (the paths are in run.json)."""
     plan = context.plan
-    return {
+    info = {
         "model": plan.model,
         "weights": context.weights_id,
         "demo": plan.demo,
@@ -142,6 +142,10 @@ def checkpoint_info(context: RunContext) -> dict[str, Any]:
         "feature_key": context.features_key,
         "test_ids_sha256": context.test_ids_sha256,
     }
+    folded = plan.network.folded if plan.network is not None else ()
+    if folded:  # the BatchNorms that loading takes out of the backbone: the file's layers hold them
+        info["folded_batchnorm"] = dict(folded)
+    return info
 
 
 def rank_record(context: RunContext, method: Target, rank: int) -> dict[str, Any] | None:

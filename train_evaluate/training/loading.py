@@ -51,7 +51,10 @@ def load_features(plan):
 def load_images(plan):
     """Whole-network mode: the model, the decoded uint8 images (cached), the split and the
     weights file. Same split, same demo classifier as ``load_features``."""
+    import copy
+
     from data import split_indices
+    from lora.folding import fold_batchnorm_
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import (
         BackboneError,
@@ -96,6 +99,9 @@ def load_images(plan):
         log.warning("%d unreadable images were skipped; they are listed in run.json",
                     len(cached.skipped))  # fmt: skip
     mean, std = image_cache.normalisation(transform)
+    if plan.network.folded:  # the selected convs take in their BatchNorms before compressing
+        model = copy.deepcopy(model)
+        fold_batchnorm_(model, dict(plan.network.folded))
     wrapped = image_cache.ImageModel(model, mean, std).to(plan.device).eval().requires_grad_(False)
     found = plan.network.cut
     if found is not None:
@@ -116,14 +122,27 @@ def load_images(plan):
         suffix = cut_model(model, found, plan.network.input_size)
         wrapped = image_cache.StateModel(suffix, mean, std, found.state_shape).to(plan.device)
         wrapped.eval().requires_grad_(False)
-    # what the studies and records depend on besides the pixels: the model, its weights, the
-    # selected layers and the calibration set's size
-    identity = feature_key(
+    identity = run_identity(plan, key, weights)
+    return BackboneFeatures(wrapped, identity, cached, reused), weights, split
+
+
+def run_identity(plan, key: str, weights) -> str:
+    """What a whole-network run's studies and records depend on besides its inputs (``key``:
+    the images' or states' cache key): the model, its weights, the selected layers, the
+    calibration set's size and the BatchNorms folded (a key only where some are, so that
+    earlier runs keep theirs)."""
+    from train_evaluate.inputs.backbone import weights_id
+    from train_evaluate.inputs.features import environment, feature_key
+
+    folded = (
+        {"folded_batchnorm": [list(p) for p in plan.network.folded]} if plan.network.folded else {}
+    )
+    return feature_key(
         images=key,
         model=plan.model,
         weights=weights_id(plan.model, weights),
         environment=environment(plan.device),
         layers=list(plan.network.layers),
         calib_images=plan.network.calib_images,
+        **folded,
     )
-    return BackboneFeatures(wrapped, identity, cached, reused), weights, split

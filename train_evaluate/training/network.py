@@ -433,5 +433,7 @@ def load_adapted(model: ImageModel, path: Any, device: Any = "cpu") -> AdaptedNe
     from train_evaluate.outputs.network_checkpoint import install_network, read_packed_network
 
     packed = read_packed_network(path, device)
-    network = model.wrap(install_network(model.model, packed)).to(model.mean.device)
+    # ``model`` is the run's own, whose selected convs have their BatchNorms folded in already
+    installed = install_network(model.model, packed, folded_already=True)
+    network = model.wrap(installed).to(model.mean.device)
     return AdaptedNetwork(network, list(packed.layers))
