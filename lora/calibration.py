@@ -330,12 +330,6 @@ def calibrate_sequentially(
     configs = {name: lora_config_for(name, module) for name, module in modules.items()}
     for name, module in modules.items():
         check_rank(configs[name].r, *weight_matrix(module).shape, configs[name].use_dora)
-        init, grouped = configs[name].init, getattr(module, "groups", 1) > 1
-        if grouped and configs[name].r > 0 and init in ACTIVATION_AWARE_INITS:
-            raise ValueError(
-                f"{init} fits an adapter to its layer's one input moment; the grouped conv "
-                f"{name} has one per group: use another init there"
-            )
     # layers whose init or compressor reads the inputs
     aware = {
         name

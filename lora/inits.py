@@ -149,13 +149,19 @@ class InitContext:
 
     @cached_property
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged."""
+        """C^(1/2) and C^(-1/2) (in x in, float64) for C = X^T X / N, eigenvalues ridged.
+
+        A grouped conv has one C per group (groups x c x c): a low-rank fit whitened row by row
+        with each group's C would not stay of rank r, so its fit is whitened by their mean (the
+        error it minimises weighs every group's rows alike by it)."""
         moment = self.input_moment
         if moment is None:
             raise ValueError(
                 "activation-aware inits need the layer's training inputs (features) or their "
                 "second moment (moment)"
             )
+        if moment.ndim == 3:
+            moment = moment.mean(dim=0)
         eigenvalues, vectors = torch.linalg.eigh(moment)
         eigenvalues = eigenvalues.clamp_min(0) + RIDGE * eigenvalues.clamp_min(0).mean()
         root = eigenvalues.sqrt()

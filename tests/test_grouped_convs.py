@@ -201,3 +201,24 @@ def test_a_packed_file_rebuilds_same_and_depthwise_convs_and_a_plain_conv_refuse
     plain = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), CONVS["same, depthwise"]())
     with pytest.raises(CheckpointError, match="pads_from_input"):
         install_network(plain, packed)
+
+
+def test_act_svd_init_on_a_depthwise_conv_fits_its_groups_mean_moment():
+    """A rank-r fit whitened group by group would not be of rank r: a grouped conv's fit is
+    whitened by its groups' mean moment. In that error it beats the data-free SVD and the fit
+    whitened by any one group's moment."""
+    conv = seeded(nn.Conv2d(6, 6, 5, groups=6, bias=False))
+    moments = random_moments(6, 25)
+    moments[3] *= 50  # groups far apart: the fit must weigh them by their mean
+    mean = moments.mean(dim=0)
+
+    def error(init: str, moment: torch.Tensor) -> torch.Tensor:
+        context = make_init_context(conv, make_config("int2"), moment=moment)
+        layer = make_adapter(conv, LoraConfig(r=2, lora_alpha=2, init=init), context)
+        left = (conv.weight - layer.merged_weight()).flatten(1).double().detach()
+        return ((left @ mean) * left).sum()
+
+    fitted = error("act_svd_init", moments)
+    assert fitted < 0.99 * error("svd_init", moments)
+    for group in range(6):
+        assert fitted <= error("act_svd_init", moments[group]) * (1 + 1e-9)

@@ -96,10 +96,6 @@ BAD_SELECTIONS = {
         ["--layers", "blocks.3.0.conv_dw", "--skip-depthwise"],
         "grouped convs alone",
     ),
-    "act-aware init on a depthwise conv": (
-        ["--layers", "blocks.3.0.conv_dw", "--init", "act_svd_init"],
-        "have one per group",
-    ),
     "--skip-depthwise on the classifier": (["--skip-depthwise"], "the classifier alone has"),
     "not a layer": (["--layers", "bn1"], "not a Linear or Conv2d"),
     "cache over the limit": (["--layers", "all", "--cache-limit", "0.000001"], "--cache-limit"),

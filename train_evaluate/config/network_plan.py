@@ -20,7 +20,7 @@ from lora.folding import conv_batchnorm_pairs, fold_batchnorm_
 from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
-from train_evaluate.config.run_options import DEFAULT_RANKS, RunOptions
+from train_evaluate.config.run_options import RunOptions
 from train_evaluate.inputs.cut import Cut
 
 log = logging.getLogger("train_model")
@@ -54,7 +54,6 @@ class NetworkPlan:
     # (conv, BatchNorm) of each selected conv whose BatchNorm is folded into it before it is
     # compressed (lora.folding): the model a run compresses, scores and counts is the folded one
     folded: tuple[tuple[str, str], ...] = ()
-    grouped: tuple[str, ...] = ()  # the selected grouped (depthwise) convs
 
     @property
     def cache_bytes(self) -> int:
@@ -171,7 +170,7 @@ def plan_network(
     if layer_selection.is_head_only(bare, names):
         return None
     input_size = tuple(resolve_data_config({}, model=bare)["input_size"])
-    folded, grouped = fold_selected_(bare, names, input_size)
+    folded = fold_selected_(bare, names, input_size)
     images = len(source.ids)
     image_bytes = image_cache.image_bytes(images, input_size)
     limit = args.cache_limit * 1e9
@@ -215,22 +214,20 @@ def plan_network(
         budget_only=args.budget_only,
         layer_plan=None if planned is None or planned.cell else planned,
         folded=folded,
-        grouped=grouped,
     )
 
 
 def fold_selected_(
     model: torch.nn.Module, names: list[str], input_size: tuple
-) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+) -> tuple[tuple[str, str], ...]:
     """Fold, in ``model``, the BatchNorm that alone reads each selected conv (found in one
     forward pass at ``input_size``), as a run folds them before compressing; returns those
-    (conv, BatchNorm) pairs and the selected grouped convs."""
+    (conv, BatchNorm) pairs."""
     example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
     pairs = conv_batchnorm_pairs(model, example)
     folded = tuple((name, pairs[name]) for name in names if name in pairs)
     fold_batchnorm_(model, dict(folded))
-    grouped = tuple(n for n in names if getattr(model.get_submodule(n), "groups", 1) > 1)
-    return folded, grouped
+    return folded
 
 
 def check_budget(args: RunOptions, network_plan: NetworkPlan | None) -> None:
@@ -348,7 +345,11 @@ def check_network_options(
                 f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
                 "nothing: drop it, or choose one of those"
             )
-    check_grouped_convs(args, network_plan)
+    if network_plan is None and args.skip_depthwise:
+        raise UsageError(
+            "--skip-depthwise leaves grouped convs out of --layers; the classifier alone has "
+            "none: drop it or select more --layers"
+        )
     if network_plan is None and args.reconstruct != "none":
         raise UsageError(
             "--reconstruct trains adapters to reproduce the uncompressed network block by "
@@ -360,32 +361,6 @@ def check_network_options(
         raise UsageError(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
-        )
-
-
-def check_grouped_convs(args: RunOptions, network_plan: NetworkPlan | None) -> None:
-    """--skip-depthwise where there is nothing to skip, and an activation-aware init on a
-    grouped conv with an adapter (one input moment per group, not one per layer), refused."""
-    if network_plan is None and args.skip_depthwise:
-        raise UsageError(
-            "--skip-depthwise leaves grouped convs out of --layers; the classifier alone has "
-            "none: drop it or select more --layers"
-        )
-    if network_plan is None or not network_plan.grouped:
-        return
-    from lora.inits import ACTIVATION_AWARE_INITS
-
-    if network_plan.layer_plan is not None:
-        specs = network_plan.layer_plan.specs()
-        ranks = [specs[name].rank for name in network_plan.grouped]
-    else:
-        ranks = list(args.ranks or DEFAULT_RANKS)
-    if args.init in ACTIVATION_AWARE_INITS and max(ranks) > 0:
-        raise UsageError(
-            f"--init {args.init} fits each adapter to its layer's one input moment; the "
-            f"grouped convs {', '.join(network_plan.grouped[:2])}"
-            f"{' ...' if len(network_plan.grouped) > 2 else ''} have one per group: add "
-            "--skip-depthwise, or choose another --init"
         )
 
 
