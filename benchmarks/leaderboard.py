@@ -21,8 +21,8 @@ calibration images and, for the FC, the features the calibrated compressors see)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -32,29 +32,21 @@ from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tf_efficientnet_lite0"
+SECTIONS = ("uniform", "budgets", "brecq")
 # (label, driver options): data-blind first
 ROUNDINGS = (
     ("rtn, max scale", ["--int-scale", "max", "--quantizer", "rtn"]),
-    ("rtn, mse scale", ["--int-scale", "mse", "--quantizer", "rtn"]),
-    ("gptq, max scale", ["--int-scale", "max", "--quantizer", "gptq"]),
+    ("gptq, mse scale", ["--int-scale", "mse", "--quantizer", "gptq", "--scale-dtype", "fp16"]),
 )
 
 
 def run(selection: str, init: str, options: list[str], args: argparse.Namespace, results: Path):
-    code = train_main(
-        [
-            "--model", MODEL, "--weights", str(args.weights), "--data-dir", str(args.data_dir),
-            "--layers", selection, "--epochs", "0", "--init", init,
-            "--methods", *args.methods, "--ranks", *map(str, args.ranks),
-            "--adapter-dtype", "fp16", "--split", "0.4", "0.1", "0.5",
-            "--calib-images", str(args.calib_images), "--results-dir", str(results), *options,
-        ]
+    """One selection with every method and rank of ``args``, under one rounding."""
+    return driver(
+        ["--layers", selection, "--init", init, "--methods", *args.methods,
+         "--ranks", *map(str, args.ranks), *options],
+        args, results,
     )  # fmt: skip
-    if code != 0:
-        raise SystemExit(f"the driver failed for --layers {selection} {options} (exit {code})")
-    folder = init if selection == "head" else f"{init}_layers-{selection}"
-    (csv,) = results.glob(f"*/*/{folder}/evaluation.csv")
-    return pd.read_csv(csv)
 
 
 def pareto(rows: pd.DataFrame) -> pd.Series:
@@ -113,38 +105,141 @@ def table(selection: str, frames: dict[tuple[str, str], pd.DataFrame]) -> str:
     return "\n".join(lines)
 
 
+# the targets of the grid issue, on model_bits_per_weight: (at most these bits, within these
+# points of the original's top-1)
+TARGETS = ((3.0, 5.0), (2.5, 10.0))
+# as BRECQ counts its operating points (Li et al. 2021, arXiv:2102.05426): every layer at W
+# bits, the first and last at 8, per-channel affine grids, block reconstruction with learned
+# rounding; no adapter
+BRECQ_WIDTHS = (3, 2)
+
+
+def brecq_plan(bits: int, folder: Path) -> Path:
+    """The layer plan of BRECQ's W<bits> operating point on EfficientNet-Lite0 (its stem and
+    FC at 8 bits, every other layer at ``bits``, affine grid, no adapter)."""
+    path = folder / f"brecq-w{bits}.json"
+    layers = {
+        "conv_stem": {"method": "int8-affine", "rank": 0},
+        "classifier": {"method": "int8-affine", "rank": 0},
+        "*": {"method": f"int{bits}-affine", "rank": 0},
+    }
+    path.write_text(json.dumps({"name": f"brecq-w{bits}", "layers": layers}, indent=1))
+    return path
+
+
+def driver(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataFrame:
+    """One driver run on EfficientNet-Lite0, training-free, adapters at fp16; its
+    evaluation.csv."""
+    code = train_main(
+        [
+            "--model", MODEL, "--weights", str(args.weights), "--data-dir", str(args.data_dir),
+            "--epochs", "0", "--adapter-dtype", "fp16", "--split", "0.4", "0.1", "0.5",
+            "--calib-images", str(args.calib_images), "--results-dir", str(results), *options,
+        ]
+    )  # fmt: skip
+    if code != 0:
+        raise SystemExit(f"the driver failed for {' '.join(options)} (exit {code})")
+    (csv,) = results.glob("*/*/*/evaluation.csv")
+    return pd.read_csv(csv)
+
+
+def against_targets(bits: float, top1: float, original: float) -> str:
+    """Each target this row can be held to (its bits at most the target's), met or missed by
+    how many points."""
+    said = []
+    for limit, points in TARGETS:
+        if bits <= limit:
+            gap = top1 - (original - points)
+            verdict = "met" if gap >= 0 else f"missed by {-gap:.0f}"
+            said.append(f"<= {limit:g} bits, within {points:g}: {verdict}")
+    return "; ".join(said) or "-"
+
+
+def budget_table(frames: list[pd.DataFrame]) -> str:
+    """The budgeted rows and the BRECQ-style rows, on model bits, against the targets."""
+    original = frames[0].loc[frames[0]["lora_rank"] == "original", "evaluation"].item()
+    rows = [
+        row
+        for frame in frames
+        for _, row in frame.iterrows()
+        if str(row["quant"]).startswith(("budget", "brecq"))
+    ]
+    lines = [
+        f"EfficientNet-Lite0, original top-1 {original:.1f}:",
+        "",
+        "| model | model bits/weight | selected bits/weight | top-1 | against the targets |",
+        "|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda row: row["model_bits_per_weight"]):
+        bits = row["model_bits_per_weight"]
+        lines.append(
+            f"| {row['quant']} | {bits:.2f} | {row['bits_per_weight']:.2f} | "
+            f"{row['evaluation']:.1f} | {against_targets(bits, row['evaluation'], original)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/imagenet-sample")
     parser.add_argument("--weights", type=Path, default=REPO / f"weights/{MODEL}.safetensors")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--layers", nargs="+", default=["all", "head"], choices=["all", "head"])
-    parser.add_argument("--methods", nargs="+", default=["int4", "int2"])
+    parser.add_argument("--methods", nargs="+", default=["int4-affine", "int3-affine"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[16])
-    parser.add_argument("--calib-images", type=int, default=512)
-    parser.add_argument("--inits", nargs="+", default=["svd_init", "act_svd_init"])
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--inits", nargs="+", default=["svd_init"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
+    parser.add_argument(
+        "--budget-methods", nargs="+", default=["int2-affine", "int3-affine", "int4-affine",
+                                                "int8-affine"],
+    )  # fmt: skip
+    parser.add_argument("--budget-ranks", nargs="+", type=int, default=[0])
     parser.add_argument(
         "--results-dir",
         type=Path,
-        help="keep the driver's run folders here (a rerun then reuses every finished rank); "
-        "default: a temporary folder per run",
+        default=Path("results/leaderboard"),
+        help="the driver's run folders (default: results/leaderboard); a rerun reuses every "
+        "finished rank, so an interrupted leaderboard resumes",
     )
     args = parser.parse_args(argv)
     if missing := missing_inputs({"the image folder": args.data_dir, "the weights": args.weights}):
         return missing
     tables = []
-    for selection in args.layers:
-        frames = {}
-        for init in args.inits:
-            for label, options in ROUNDINGS:
-                if args.results_dir is not None:
-                    where = args.results_dir / f"{selection}-{label.replace(', ', '-')}"
+    if "uniform" in args.sections:
+        for selection in args.layers:
+            frames = {}
+            for init in args.inits:
+                for label, options in ROUNDINGS:
+                    where = args.results_dir / f"{selection}-{init}-{label.replace(', ', '-')}"
                     frames[init, label] = run(selection, init, options, args, where)
-                    continue
-                with tempfile.TemporaryDirectory() as scratch:
-                    frames[init, label] = run(selection, init, options, args, Path(scratch))
-        tables.append(table(selection, frames))
+            tables.append(table(selection, frames))
+    if {"budgets", "brecq"} & set(args.sections):
+        tables.append(budgets(args))
     print("\n\n".join(tables))
     return 0
+
+
+def budgets(args: argparse.Namespace) -> str:
+    """The bit budgets over the whole model and BRECQ's operating points, one table."""
+    frames = []
+    if "budgets" in args.sections:
+        calibrated = ["--quantizer", "gptq", "--int-scale", "mse", "--scale-dtype", "fp16"]
+        frames.append(driver(
+            ["--layers", "all", "--init", "svd_init", "--methods", *args.budget_methods,
+             "--ranks", *map(str, args.budget_ranks), "--bits-budget", *map(str, args.budgets),
+             "--budget-only", "--budget-sensitivity", "kl", *calibrated],
+            args, args.results_dir / "budgets",
+        ))  # fmt: skip
+    if "brecq" in args.sections:
+        for bits in BRECQ_WIDTHS:
+            where = args.results_dir / f"brecq-w{bits}"
+            where.mkdir(parents=True, exist_ok=True)
+            options = ["--layer-plan", str(brecq_plan(bits, where)), "--init", "svd_init",
+                       "--quantizer", "adaround", "--int-scale", "mse", "--scale-dtype", "fp16",
+                       "--reconstruct", "block"]  # fmt: skip
+            frames.append(driver(options, args, where / "runs"))
+    return budget_table(frames)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ def small_setup(include_bias: bool) -> network.NetworkSetup:
         network=SimpleNamespace(
             layers=names,
             calib_images=4,
+            calib_augment=1,
             selection="all",
             calibration="symmetric",
             reconstruction=NO_RECONSTRUCTION,

@@ -142,7 +142,7 @@ def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
     model = image_model(bare(RESNET))
     names = layer_selection.select_layers(model.model, ["all"])
     plan = SimpleNamespace(
-        network=SimpleNamespace(layers=names, selection="all", calib_images=12,
+        network=SimpleNamespace(layers=names, selection="all", calib_images=12, calib_augment=1,
                                 calibration="symmetric", reconstruction=FAST),
         sweep=SweepConfig(init="svd_init", seed=3), include_bias=False,
     )  # fmt: skip

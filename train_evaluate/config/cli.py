@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"{RunOptions.calib_images})",
     )
     network.add_argument(
+        "--calib-augment",
+        type=int,
+        metavar="K",
+        help="K views of each calibration image (the image, then random resized crops, each "
+        "flipped at random; seeded), used wherever calibration images are (default: 1)",
+    )
+    network.add_argument(
         "--calibration",
         choices=("symmetric", "asymmetric"),
         help="symmetric (default): act_svd_init / act_loftq_init and --quantizer gptq fit each "

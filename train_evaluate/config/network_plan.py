@@ -54,6 +54,7 @@ class NetworkPlan:
     # (conv, BatchNorm) of each selected conv whose BatchNorm is folded into it before it is
     # compressed (lora.folding): the model a run compresses, scores and counts is the folded one
     folded: tuple[tuple[str, str], ...] = ()
+    calib_augment: int = 1  # --calib-augment: views of each calibration image
 
     @property
     def cache_bytes(self) -> int:
@@ -98,13 +99,14 @@ def calibration_settings(args: RunOptions, train_images: int) -> tuple[int, Reco
             args.calib_images, train_images, calib_images,
         )  # fmt: skip
     reconstruction = reconstruction_config(args)
-    if reconstruction.enabled and reconstruction.batch_size > calib_images:
+    views = calib_images * args.calib_augment
+    if reconstruction.enabled and reconstruction.batch_size > views:
         log.warning(
-            "warning: --reconstruct-batch %d is more than the %d calibration images: each "
+            "warning: --reconstruct-batch %d is more than the %d calibration views: each "
             "step takes all %d",
-            reconstruction.batch_size, calib_images, calib_images,
+            reconstruction.batch_size, views, views,
         )  # fmt: skip
-        reconstruction = dataclasses.replace(reconstruction, batch_size=calib_images)
+        reconstruction = dataclasses.replace(reconstruction, batch_size=views)
     return calib_images, reconstruction
 
 
@@ -114,13 +116,24 @@ def cache_cut(
     input_size: tuple,
     images: int,
     image_bytes: int,
-    limit: float,
+    args: RunOptions,
 ) -> tuple[Cut | None, str]:
     """The deepest block boundary before every selected layer whose states fit beside the
-    images within ``limit`` bytes (the images stay cached: the states are computed from them,
-    and evaluate.py reads them), or None and why the input itself is cached."""
+    images within ``--cache-limit`` (the images stay cached: the states are computed from them,
+    and evaluate.py reads them), or None and why the input itself is cached (always with
+    ``--calib-augment``, whose views are cut from the images themselves). Images alone over the
+    limit: refused."""
     from train_evaluate.inputs import cut
 
+    limit = args.cache_limit * 1e9
+    if image_bytes > limit:
+        raise UsageError(
+            f"the image cache for --layers {' '.join(args.layers)} would take "
+            f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
+            f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
+        )
+    if args.calib_augment > 1:
+        return None, "--calib-augment draws its views from the images themselves"
     found = cut.find_cut(
         bare, names, input_size, fits=lambda c: image_bytes + c.state_bytes(images) <= limit
     )
@@ -173,14 +186,7 @@ def plan_network(
     folded = fold_selected_(bare, names, input_size)
     images = len(source.ids)
     image_bytes = image_cache.image_bytes(images, input_size)
-    limit = args.cache_limit * 1e9
-    if image_bytes > limit:
-        raise UsageError(
-            f"the image cache for --layers {' '.join(patterns)} would take "
-            f"{image_bytes / 1e9:.1f} GB ({images} images at {input_size}), over "
-            f"--cache-limit {args.cache_limit:g} GB; raise the limit or use fewer images"
-        )
-    found, why_input = cache_cut(bare, names, input_size, images, image_bytes, limit)
+    found, why_input = cache_cut(bare, names, input_size, images, image_bytes, args)
     transform = eval_transform(bare)
     mean, std = image_cache.normalisation(transform)
     if found is None:
@@ -214,6 +220,7 @@ def plan_network(
         budget_only=args.budget_only,
         layer_plan=None if planned is None or planned.cell else planned,
         folded=folded,
+        calib_augment=args.calib_augment,
     )
 
 
@@ -345,6 +352,11 @@ def check_network_options(
                 f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
                 "nothing: drop it, or choose one of those"
             )
+    if network_plan is None and args.calib_augment > 1:
+        raise UsageError(
+            "--calib-augment draws views of the calibration images of a whole-network run; the "
+            "classifier alone calibrates on the cached features: drop it or select more --layers"
+        )
     if network_plan is None and args.skip_depthwise:
         raise UsageError(
             "--skip-depthwise leaves grouped convs out of --layers; the classifier alone has "

@@ -158,8 +158,11 @@ def check_numbers(args: RunOptions) -> None:
         raise UsageError(f"--ranks must be at least 0 (0: no adapter); got {min(args.ranks)}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1; got {args.threads}")
-    if args.calib_images < 1:
-        raise UsageError(f"--calib-images must be at least 1; got {args.calib_images}")
+    if args.calib_images < 1 or args.calib_augment < 1:
+        raise UsageError(
+            "--calib-images and --calib-augment must be at least 1; got "
+            f"{args.calib_images} and {args.calib_augment}"
+        )
     if not (args.cache_limit > 0 and math.isfinite(args.cache_limit)):
         raise UsageError(f"--cache-limit must be a positive number of GB; got {args.cache_limit}")
 

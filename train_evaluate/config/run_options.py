@@ -72,6 +72,7 @@ class RunOptions:
     layers: tuple[str, ...] = ("head",)
     skip_depthwise: bool = False
     calib_images: int = 512
+    calib_augment: int = 1
     calibration: str = "symmetric"
     reconstruct: str = "none"
     reconstruct_steps: int = RECONSTRUCT_DEFAULTS["block_steps"]

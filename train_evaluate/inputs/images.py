@@ -214,3 +214,40 @@ def epoch_seconds(model: ImageModel, example: torch.Tensor, images: int) -> floa
     started = time.perf_counter()
     probe.model(inputs).sum().backward()
     return (time.perf_counter() - started) / len(example) * images
+
+
+# --calib-augment: the share of each image's area and the aspect ratio a view's crop takes (as
+# a training pipeline's random resized crop, narrowed: the images are already centre crops)
+VIEW_SCALE = (0.25, 1.0)
+VIEW_RATIO = (3 / 4, 4 / 3)
+
+
+def calibration_views(images: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+    """``views`` views of each uint8 image (N x C x H x W -> N*views x C x H x W): the image
+    itself, then ``views - 1`` random resized crops (``VIEW_SCALE`` of its area, aspect in
+    ``VIEW_RATIO``, resized back to H x W with antialiasing), each flipped left-right with
+    probability 1/2. Seeded: the same images and seed give the same views. It sees the pixels
+    it is given and nothing else (no label)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if views == 1:
+        return images
+    generator = torch.Generator().manual_seed(seed)
+    height, width = images.shape[-2:]
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    def crop(image: torch.Tensor) -> torch.Tensor:
+        area = height * width * uniform(*VIEW_SCALE)
+        aspect = math.exp(uniform(math.log(VIEW_RATIO[0]), math.log(VIEW_RATIO[1])))
+        h = min(height, max(1, round(math.sqrt(area / aspect))))
+        w = min(width, max(1, round(math.sqrt(area * aspect))))
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+        view = TF.resized_crop(image, top, left, h, w, [height, width], antialias=True)
+        return view.flip(-1) if uniform(0, 1) < 0.5 else view
+
+    # all the images first, then each further view of every image in turn
+    extra = [torch.stack([crop(image) for image in images]) for _ in range(views - 1)]
+    return torch.cat([images, *extra])

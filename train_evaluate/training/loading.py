@@ -129,14 +129,16 @@ def load_images(plan):
 def run_identity(plan, key: str, weights) -> str:
     """What a whole-network run's studies and records depend on besides its inputs (``key``:
     the images' or states' cache key): the model, its weights, the selected layers, the
-    calibration set's size and the BatchNorms folded (a key only where some are, so that
-    earlier runs keep theirs)."""
+    calibration set's size, its views and the BatchNorms folded (the last two keys only where
+    set, so that earlier runs keep theirs)."""
     from train_evaluate.inputs.backbone import weights_id
     from train_evaluate.inputs.features import environment, feature_key
 
-    folded = (
-        {"folded_batchnorm": [list(p) for p in plan.network.folded]} if plan.network.folded else {}
-    )
+    extra: dict = {}
+    if plan.network.folded:
+        extra["folded_batchnorm"] = [list(pair) for pair in plan.network.folded]
+    if plan.network.calib_augment > 1:
+        extra["calib_augment"] = plan.network.calib_augment
     return feature_key(
         images=key,
         model=plan.model,
@@ -144,5 +146,5 @@ def run_identity(plan, key: str, weights) -> str:
         environment=environment(plan.device),
         layers=list(plan.network.layers),
         calib_images=plan.network.calib_images,
-        **folded,
+        **extra,
     )

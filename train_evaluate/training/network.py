@@ -364,10 +364,17 @@ class NetworkSetup:
     def create(cls, plan: Any, model: ImageModel, train: Any, adapter_dtype: str) -> NetworkSetup:
         from train_evaluate.inputs.backbone import bits_outside, layer_weights
         from train_evaluate.inputs.cut import boundaries
+        from train_evaluate.inputs.images import calibration_views
+        from train_evaluate.training.training import derive_seed
 
         net = plan.network
         rows = calibration_rows(len(train), net.calib_images, plan.sweep.seed)
-        calibration = train.features[rows.to(train.features.device)]
+        # train rows alone, never a label: --calib-augment's views are drawn from their pixels
+        calibration = calibration_views(
+            train.features[rows.to(train.features.device)],
+            net.calib_augment,
+            derive_seed(plan.sweep.seed, "calibration views"),
+        )
         example = model.preprocess(calibration[:1])
         layers = tuple(describe_layers(model.model, net.layers, example))
         unused = [n for n in net.layers if n not in {info.name for info in layers}]
