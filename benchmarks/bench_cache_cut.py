@@ -21,10 +21,10 @@ from timm.data import resolve_data_config
 
 from benchmarks.common import REPEATS, interleaved, machine, ratio_line
 from compression import make_config
+from lora.cut import cut_model, find_cut, state_of
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform
-from train_evaluate.inputs.cut import cut_model, find_cut, state_of
 from train_evaluate.search.sweep import SweepConfig
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit, TrainConfig, train_adapter

@@ -18,7 +18,8 @@ regulariser has driven them to 0 or 1; in the few hundred steps a CPU affords th
 far from it, and the adapters trained beside them do not fit the codes that are then stored
 (on the small test resnet at int2 and int4, the soft form ended worse than round to nearest on
 most blocks, the straight-through form better on every block it changed). It starts at round
-to nearest (V >= 0 exactly where r >= 1/2).
+to nearest (V >= 0 exactly where r >= 1/2), or, with ``gptq-adaround``, from the codes GPTQ
+stored (``start_from``), so that it keeps them when it takes no step.
 
 ``SoftRounding`` is a ``torch.nn.utils.parametrize`` parametrization of a compressed layer's
 weight; ``lora.reconstruction`` trains it with the block's adapters.
@@ -34,9 +35,13 @@ BETA_START, BETA_END = 20.0, 2.0
 WARMUP = 0.2  # the first fifth of the steps: reconstruction only, no regulariser
 
 
+# the quantizers that learn their rounding; gptq-adaround starts from GPTQ's codes
+LEARNED = ("adaround", "gptq-adaround")
+
+
 def learns_rounding(config: object) -> bool:
     """Whether a compressor config asks for learned rounding."""
-    return getattr(config, "quantizer", None) == "adaround"
+    return getattr(config, "quantizer", None) in LEARNED
 
 
 def rectified_sigmoid(logits: torch.Tensor) -> torch.Tensor:
@@ -60,23 +65,42 @@ def beta_at(step: int, steps: int) -> float | None:
     return BETA_START + (BETA_END - BETA_START) * min(1.0, progress)
 
 
+def start_from(steps: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, r) such that f + [r >= 1/2] is ``codes`` and f + r is as near ``steps`` (W / s) as
+    that allows: f = codes where the weight lies at or above its code, else codes - 1; r is
+    the weight's distance above f, kept on the side of 1/2 that gives back the code. GPTQ's
+    codes can lie several steps from the weight, whose error they feed forward: learned
+    rounding then starts from them, not from round to nearest."""
+    above = steps >= codes
+    floor = torch.where(above, codes, codes - 1)
+    rest = torch.where(above, (steps - floor).clamp(0, 0.49), (steps - floor).clamp(0.51, 1))
+    return floor, rest
+
+
 class SoftRounding(nn.Module):
     """The weight s_i * clamp(f_ij + h(V_ij), lo_i, hi_i), shaped like the layer's weight, from
     the uncompressed ``weight`` and the row ``scale`` (rows x 1) of its N-bit grid, whose codes
-    lie in [``lo``, ``hi``] (numbers, or rows x 1 on an affine grid)."""
+    lie in [``lo``, ``hi``] (numbers, or rows x 1 on an affine grid). ``codes``: the stored
+    codes to start from (``start_from``); without them, round to nearest."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, lo, hi) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, lo, hi, codes: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         scale = scale.detach().float()  # fp16 scales: the grid's values, computed in fp32
         matrix = weight.detach().reshape(weight.shape[0], -1).to(scale.dtype)
         steps = matrix / torch.where(scale > 0, scale, 1)  # an all-zero row: codes 0 either way
-        floor = torch.floor(steps)
+        if codes is None:
+            floor = torch.floor(steps)
+            rest = steps - floor
+        else:
+            floor, rest = start_from(steps, codes.detach().to(scale.dtype))
         self.shape = tuple(weight.shape)
         self.register_buffer("floor", floor)
         self.register_buffer("scale", scale.clone())
         self.register_buffer("lo", torch.as_tensor(lo, dtype=scale.dtype).expand_as(scale).clone())
         self.register_buffer("hi", torch.as_tensor(hi, dtype=scale.dtype).expand_as(scale).clone())
-        self.logits = nn.Parameter(initial_logits(steps - floor))
+        self.logits = nn.Parameter(initial_logits(rest))
 
     def forward(self, _stored: torch.Tensor) -> torch.Tensor:
         """The weight with the codes the logits choose now (``hard_codes``); the gradient

@@ -62,9 +62,10 @@ INT_SCALES = ("max", "mse")
 INT_GRIDS = ("symmetric", "full", "affine")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 QUANTIZERS = ("rtn", "gptq")  # round to nearest; GPTQ's error feedback (needs the inputs)
-# intN only: rounding learned inside --reconstruct (compression.adaround); compressed alone, it
-# is round to nearest, the codes it starts from
-INT_QUANTIZERS = (*QUANTIZERS, "adaround")
+# intN only: rounding learned inside --reconstruct (compression.adaround), from the codes
+# compressing alone stores: round to nearest (adaround) or GPTQ's (gptq-adaround)
+INT_QUANTIZERS = (*QUANTIZERS, "adaround", "gptq-adaround")
+FED_BACK = ("gptq", "gptq-adaround")  # the quantizers whose stored codes are GPTQ's
 # mse's clip ratios: 0.01, 0.02, ..., 1.00; the last is exactly 1, the max scale itself
 CLIP_RATIOS = tuple(k / 100 for k in range(1, 101))
 # with the inputs: 0.05, 0.10, ..., 1.00 (a product with H per candidate)
@@ -102,7 +103,7 @@ class IntNConfig:
     @property
     def uses_inputs(self) -> bool:
         """Whether the result depends on the layer's inputs when they are given."""
-        return self.int_scale == "mse" or self.quantizer == "gptq"
+        return self.int_scale == "mse" or self.quantizer in FED_BACK
 
     def describe(self) -> str:
         # the symmetric, fp32, max, rtn form's text is part of run identities made before
@@ -247,7 +248,7 @@ def quantize(
     else:
         scale = scale_at(1)
     codes = _codes(weight, scale, lo, hi)
-    if config.quantizer == "gptq" and moment is not None:
+    if config.quantizer in FED_BACK and moment is not None:
         fed_back = gptq_codes(weight, scale, lo, hi, moment)
         codes = better_rows(weight, codes, fed_back, scale, moment)
     return from_codes(codes, scale, config, zero)

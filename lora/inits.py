@@ -198,7 +198,7 @@ def compresses_target(compression: Any) -> bool:
     """Whether asymmetric calibration changes what ``compression`` rounds: GPTQ's error
     feedback minimises the output error, so it rounds towards W_t (as GPTAQ does); the other
     compressors round W itself."""
-    return getattr(compression, "quantizer", None) == "gptq"
+    return getattr(compression, "quantizer", None) in ("gptq", "gptq-adaround")
 
 
 @dataclass

@@ -12,8 +12,9 @@ adapters against the uncompressed network on the calibration images, without rea
 - ``network``: ``block``, then every adapter together, end to end, on the uncompressed
   network's softened logits (KL divergence, as ``--objective kd``).
 
-With ``--quantizer adaround`` a block's N-bit layers also learn each weight's rounding, with the
-block's adapters (``compression.adaround``); the learned codes then replace the stored ones.
+With ``--quantizer adaround`` (or ``gptq-adaround``, from GPTQ's codes) a block's N-bit layers
+also learn each weight's rounding, with the block's adapters (``compression.adaround``); the
+learned codes then replace the stored ones.
 
 Each stage measures its error over every calibration image before and after training (after:
 with the learned codes themselves, not their soft form) and keeps the better of the two states,
@@ -35,8 +36,9 @@ from torch.nn.utils import parametrize
 
 from compression import CompressedWeight
 from compression.adaround import SoftRounding, beta_at, learns_rounding
-from compression.integer import code_bounds, from_codes, row_zero, signed_codes
+from compression.integer import FED_BACK, code_bounds, from_codes, row_zero, signed_codes
 from lora.capture import NotCalled, first_call
+from lora.cut import Cut, cut_model, find_cut, state_of
 from lora.layer import compressed_of
 
 MODES = ("none", "block", "network")
@@ -207,7 +209,8 @@ def _soft_roundings(
     adapted: nn.Module, reference: nn.Module, layers: Sequence[str]
 ) -> dict[str, SoftRounding]:
     """A ``SoftRounding`` put on the base weight of every layer of ``layers`` whose compressor
-    learns its rounding, started from the uncompressed weight on the stored grid."""
+    learns its rounding, started from the uncompressed weight on the stored grid (at the stored
+    codes where GPTQ chose them)."""
     found = {}
     for name in layers:
         base = getattr(adapted.get_submodule(name), "base_layer", None)
@@ -216,7 +219,10 @@ def _soft_roundings(
             continue
         lo, hi = code_bounds(compressed.config, row_zero(compressed))
         weight = reference.get_submodule(name).weight
-        rounding = SoftRounding(weight, compressed.parts["scale"], lo, hi).to(weight.device)
+        # gptq-adaround: from the codes GPTQ stored; adaround: from round to nearest
+        codes = signed_codes(compressed) if compressed.config.quantizer in FED_BACK else None
+        rounding = SoftRounding(weight, compressed.parts["scale"], lo, hi, codes)
+        rounding = rounding.to(weight.device)
         parametrize.register_parametrization(base, "weight", rounding)
         found[name] = rounding
     return found
@@ -295,6 +301,77 @@ def _detached(compressed: CompressedWeight) -> CompressedWeight:
     return dataclasses.replace(compressed, weight=compressed.weight.detach().clone())
 
 
+class _Chain:
+    """Each unit's input (from the compressed, already reconstructed prefix) and its clean input
+    and output (from the uncompressed network), carried from unit to unit: the two networks'
+    states at the deepest verified block boundary before a unit (``lora.cut``) are kept, and
+    the next unit's are computed from them, so a unit costs the part of the network between the
+    last boundary and its own end, not the whole prefix again. A unit with no boundary before it
+    (the first, or one past a skip connection) reads both networks from the inputs."""
+
+    def __init__(
+        self, adapted: nn.Module, reference: nn.Module, inputs: torch.Tensor, chunk: int
+    ) -> None:
+        self.networks = {"adapted": adapted, "reference": reference}
+        self.inputs, self.chunk = inputs, chunk
+        self.cut: Cut | None = None
+        self.states: dict[str, torch.Tensor] = {}
+
+    def _advance(self, cut: Cut | None) -> None:
+        """The two networks' states at ``cut``, from the states kept so far where they lead
+        there (an earlier boundary), else from the inputs."""
+        if cut is None:
+            self.cut, self.states = None, {}
+            return
+        states = {}
+        for kind, network in self.networks.items():
+            start, given = network, self.inputs
+            if self.cut is not None and self.cut.module != cut.module:
+                start, given = (
+                    cut_model(network, self.cut, self.inputs.shape[1:]),
+                    self.states[kind],
+                )
+            elif self.cut is not None:
+                states[kind] = self.states[kind]  # the same boundary: nothing ran since
+                continue
+            states[kind] = torch.cat(
+                [state_of(start, cut.module, rows) for rows in given.split(self.chunk)]
+            )
+        self.cut, self.states = cut, states
+
+    def unit_io(self, unit: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unit's input in the adapted network, its clean input and its clean output, over
+        every calibration row."""
+        reference = self.networks["reference"]
+        cut = find_cut(reference, [unit], self.inputs.shape[1:])
+        if cut is not None and self.cut is not None and not _at_or_after(self.cut, cut):
+            cut = None  # a boundary behind the one kept: read from the inputs
+        self._advance(cut)
+        if cut is None:
+            clean_in, target = capture_module_io(
+                reference, reference.get_submodule(unit), self.inputs, self.chunk, True
+            )
+            x, _ = capture_module_io(
+                self.networks["adapted"], self.networks["adapted"].get_submodule(unit),
+                self.inputs, self.chunk, False,
+            )  # fmt: skip
+            return x, clean_in, target
+        found = {}
+        for kind, network in self.networks.items():
+            suffix = cut_model(network, cut, self.inputs.shape[1:])
+            found[kind] = capture_module_io(
+                suffix, suffix.get_submodule(unit), self.states[kind], self.chunk,
+                with_output=kind == "reference",
+            )  # fmt: skip
+        return found["adapted"][0], *found["reference"]
+
+
+def _at_or_after(old: Cut, new: Cut) -> bool:
+    """Whether ``new``'s boundary is ``old``'s or a later one: ``old``'s module is among (or
+    inside) the modules ``new`` skips."""
+    return any(old.module == name or old.module.startswith(f"{name}.") for name, _ in new.skipped)
+
+
 def reconstruct(
     adapted: nn.Module,
     reference: nn.Module,
@@ -314,15 +391,15 @@ def reconstruct(
     chunk = config.batch_size
     generator = torch.Generator().manual_seed(config.seed)
     records = []
+    chain = _Chain(adapted, reference, inputs, chunk)
     for unit, layers in units:
         module, clean = adapted.get_submodule(unit), reference.get_submodule(unit)
         try:
-            clean_in, target = capture_module_io(reference, clean, inputs, chunk, with_output=True)
+            x, clean_in, target = chain.unit_io(unit)
             _check_alone(clean, clean_in, target, chunk)
         except ReconstructionError as error:
             raise ReconstructionError(f"block {unit} cannot be reconstructed: {error}") from None
         del clean_in
-        x, _ = capture_module_io(adapted, module, inputs, chunk, with_output=False)
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         start = _snapshot(parameters)
         before = _relative_error(module, x, target, chunk)

@@ -10,11 +10,11 @@ import timm
 import torch
 from torch import nn
 
+from lora.cut import cut_model, find_cut, state_of
 from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
 from train_evaluate.inputs import selection as layer_selection
 from train_evaluate.inputs.backbone import eval_transform, tensor_bits
-from train_evaluate.inputs.cut import cut_model, find_cut, state_of
 from train_evaluate.outputs.report import TIMING_COLUMNS
 
 RESNET = "test_resnet"

@@ -19,6 +19,7 @@ from compression import compress, make_config
 from compression.adaround import SoftRounding
 from lora import LoraConfig
 from lora.attach import make_adapter, make_init_context
+from lora.cut import boundaries
 from lora.reconstruction import (
     ReconstructionConfig,
     UnitRecord,
@@ -29,7 +30,6 @@ from lora.reconstruction import (
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, bare, image_model, resnet_weights  # noqa: F401 (fixture)
 from train_evaluate.inputs import selection as layer_selection
-from train_evaluate.inputs.cut import boundaries
 from train_evaluate.search.sweep import SweepConfig
 from train_evaluate.training import network
 from train_evaluate.training.training import FeatureSplit
@@ -104,6 +104,38 @@ def test_each_block_ends_at_most_at_its_start_and_every_trial_starts_there():
         start = unit_error(plain.network.model, method.model.model, record.unit, inputs)
         if record.unit == records[0].unit:  # the first block's input is the same either way
             assert start == pytest.approx(record.error_start, rel=1e-3, abs=1e-9)
+
+
+def test_each_units_inputs_carried_from_the_last_boundary_are_those_of_the_whole_prefix():
+    """The chain keeps both networks' states at the last block boundary and runs on from there;
+    what it hands a unit is what the compressed prefix and the uncompressed network answer
+    from the images, even when every unit is changed once its inputs are taken (as
+    reconstruction changes it)."""
+    from lora.reconstruction import _Chain
+
+    calibration = images(12, 3)
+    method, units = resnet_setup(calibration, compression="int4")
+    sweep = SweepConfig(init="svd_init")
+    adapted = method._build(2, 8.0, sweep, 0, method.contexts(2, sweep)).network.model
+    reference = method.model.model
+    inputs = method.model.preprocess(calibration)
+    chain = _Chain(adapted, reference, inputs, 5)
+    carried = 0
+    for unit, layers in units:
+        x, clean_in, target = chain.unit_io(unit)
+        carried += chain.cut is not None
+        old_x, _ = capture_module_io(adapted, adapted.get_submodule(unit), inputs, 5, False)
+        old_in, old_target = capture_module_io(
+            reference, reference.get_submodule(unit), inputs, 5, True
+        )
+        for new, old in ((x, old_x), (clean_in, old_in), (target, old_target)):
+            scale = float(old.abs().max())
+            torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6 * scale)
+        with torch.no_grad():  # the unit changes after its inputs are taken
+            for name in layers:
+                adapter = adapted.get_submodule(name)
+                adapter.lora_B.add_(0.05 * torch.randn_like(adapter.lora_B))
+    assert carried >= len(units) - 2  # all but the first units start from a kept boundary
 
 
 def test_a_worse_training_keeps_the_start():
@@ -284,3 +316,29 @@ def test_learned_rounding_codes_are_in_range_rounded_down_or_up_and_the_file_sco
     pictures = images(6, 9)
     with torch.no_grad():
         assert torch.equal(rebuilt(pictures), adapted(pictures))
+
+
+def test_learned_rounding_from_gptqs_codes_keeps_them_when_it_takes_no_step():
+    """GPTQ's codes lie up to several steps from the weight (its fed-back error): learned
+    rounding started from them gives them back untouched, and its soft weight lies within a
+    step of the weight wherever the code does."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(6, 16, generator=generator)
+    x = torch.randn(64, 16, generator=generator) @ torch.randn(16, 16, generator=generator)
+    moment = x.T.double() @ x.double() / 64
+    config = make_config("int3", quantizer="gptq-adaround", int_grid="affine")
+    stored = compress(weight, config, moment)
+    nearest = compress(weight, make_config("int3", int_grid="affine"))
+    from compression.integer import code_bounds, row_zero, signed_codes
+
+    codes = signed_codes(stored)
+    assert not torch.equal(codes, signed_codes(nearest))  # GPTQ moved some codes
+    lo, hi = code_bounds(stored.config, row_zero(stored))
+    rounding = SoftRounding(weight, stored.parts["scale"], lo, hi, codes)
+    assert torch.equal(rounding.hard_codes(), codes.to(rounding.hard_codes().dtype))
+    assert torch.equal(rounding(weight), stored.weight)
+    ratio = weight / stored.parts["scale"].float()
+    # within half a step of its code, and inside the grid (a clipped weight stays clipped)
+    near = ((ratio - codes).abs() < 0.49) & (ratio >= lo) & (ratio <= hi)
+    steps = (rounding.soft_weight() - weight).abs() / stored.parts["scale"].float()
+    assert bool((steps[near] < 1e-4).all())

@@ -59,7 +59,7 @@ INT1_SCALE_NAMES = ("none", "tensor", "row", "rowcol")
 # methods with those fields)
 INT_SCALE_NAMES = ("max", "mse")
 SCALE_DTYPE_NAMES = ("fp32", "fp16")
-QUANTIZER_NAMES = ("rtn", "gptq", "adaround")
+QUANTIZER_NAMES = ("rtn", "gptq", "adaround", "gptq-adaround")
 ADAPTER_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8", "int4")
 OBJECTIVE_NAMES = ("ce", "kd", "ce+kd")
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="int1-int8 rounding: rtn (to nearest, the default), gptq (error feedback through "
         "the layer's input moment, from the train split), or, for int2-int8 only (not int1) "
         "with --reconstruct, adaround (each weight's rounding up or down learned with its "
-        "block's adapters)",
+        "block's adapters, from round to nearest) or gptq-adaround (learned from GPTQ's codes)",
     )
     compress_group.add_argument("--nm", help="N:M pattern of the nm method (default: 2:4)")
     compress_group.add_argument(

@@ -15,13 +15,14 @@ from typing import Any
 import timm
 import torch
 
+from compression.adaround import learns_rounding
 from data import SplitFractions
+from lora.cut import Cut
 from lora.folding import conv_batchnorm_pairs, fold_batchnorm_
 from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
 from train_evaluate.config.run_options import RunOptions
-from train_evaluate.inputs.cut import Cut
 
 log = logging.getLogger("train_model")
 
@@ -123,7 +124,7 @@ def cache_cut(
     and evaluate.py reads them), or None and why the input itself is cached (always with
     ``--calib-augment``, whose views are cut from the images themselves). Images alone over the
     limit: refused."""
-    from train_evaluate.inputs import cut
+    from lora import cut
 
     limit = args.cache_limit * 1e9
     if image_bytes > limit:
@@ -163,7 +164,7 @@ def plan_network(
     model (random weights: the structure and compute of the pretrained one)."""
     from timm.data import resolve_data_config
 
-    from train_evaluate.inputs import cut
+    from lora import cut
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs import selection as layer_selection
     from train_evaluate.inputs.backbone import eval_transform
@@ -368,7 +369,7 @@ def check_network_options(
             "block; with the classifier alone there is one layer and no block: drop it or "
             "select more --layers"
         )
-    learned = [m for m, c in compressions.items() if getattr(c, "quantizer", "") == "adaround"]
+    learned = [m for m, c in compressions.items() if learns_rounding(c)]
     if learned and (network_plan is None or not network_plan.reconstruction.enabled):
         raise UsageError(
             "--quantizer adaround learns each weight's rounding inside the block "

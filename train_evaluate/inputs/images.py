@@ -2,7 +2,7 @@
 (``ImageModel`` scales and normalises them exactly as timm's eval transform does) and, when a
 block boundary precedes every selected layer, the boundary's output (the state) cached once
 as well, so that every step runs the network from there on (``StateModel``;
-``train_evaluate.inputs.cut`` finds and verifies the boundary).
+``lora.cut`` finds and verifies the boundary).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ImageModel(nn.Module):
 
 
 class StateModel(ImageModel):
-    """The network from a cache cut on (``train_evaluate.inputs.cut``): it takes the cached state,
+    """The network from a cache cut on (``lora.cut``): it takes the cached state,
     the
     float32 output of a block boundary (``state_shape`` per image), which needs no scaling; the
     modules before the boundary are skipped."""
@@ -174,7 +174,7 @@ def cached_states(
     reused. Same images, labels and ids as ``images``."""
     from tqdm import tqdm
 
-    from train_evaluate.inputs.cut import state_of
+    from lora.cut import state_of
     from train_evaluate.inputs.features import CachedFeatures, cached_features
     from train_evaluate.runtime import interrupt
 

@@ -168,7 +168,7 @@ class FromUnit:
         return (clean, *args[1:])
 
     def __enter__(self) -> FromUnit:
-        from train_evaluate.inputs.cut import SkippedModule
+        from lora.cut import SkippedModule
 
         bare = self.model.model
         self.replaced = []
@@ -292,7 +292,7 @@ def measure_options(
     """Every layer's options (``layer_options``), priced and measured by ``sensitivity`` (one
     of ``SENSITIVITIES``); the network is left as it was."""
     from compression import weight_matrix
-    from train_evaluate.inputs.cut import boundaries
+    from lora.cut import boundaries
 
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity: one of {', '.join(SENSITIVITIES)}; got {sensitivity}")

@@ -54,6 +54,7 @@ def load_images(plan):
     import copy
 
     from data import split_indices
+    from lora.cut import cut_model
     from lora.folding import fold_batchnorm_
     from train_evaluate.inputs import images as image_cache
     from train_evaluate.inputs.backbone import (
@@ -62,7 +63,6 @@ def load_images(plan):
         eval_transform,
         weights_id,
     )
-    from train_evaluate.inputs.cut import cut_model
     from train_evaluate.inputs.demo import demo_weights
     from train_evaluate.inputs.features import (
         BackboneFeatures,

@@ -362,8 +362,8 @@ class NetworkSetup:
 
     @classmethod
     def create(cls, plan: Any, model: ImageModel, train: Any, adapter_dtype: str) -> NetworkSetup:
+        from lora.cut import boundaries
         from train_evaluate.inputs.backbone import bits_outside, layer_weights
-        from train_evaluate.inputs.cut import boundaries
         from train_evaluate.inputs.images import calibration_views
         from train_evaluate.training.training import derive_seed
 
