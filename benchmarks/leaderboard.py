@@ -157,12 +157,15 @@ def against_targets(bits: float, top1: float, original: float) -> str:
 
 def budget_table(frames: list[pd.DataFrame]) -> str:
     """The budgeted rows and the BRECQ-style rows, on model bits, against the targets."""
-    original = frames[0].loc[frames[0]["lora_rank"] == "original", "evaluation"].item()
+    original = frames[0].loc[frames[0]["lora_rank"] == "original", "evaluation"].iloc[0]
+    # each model's own row (its rank's: for a budget, the compressed model itself; for
+    # BRECQ's points, after reconstruction), not the original's nor the compressed-only one
     rows = [
         row
         for frame in frames
         for _, row in frame.iterrows()
         if str(row["quant"]).startswith(("budget", "brecq"))
+        and row["lora_rank"] not in ("original", "quantized")
     ]
     lines = [
         f"EfficientNet-Lite0, original top-1 {original:.1f}:",

@@ -16,9 +16,10 @@ With ``--quantizer adaround`` (or ``gptq-adaround``, from GPTQ's codes) a block'
 also learn each weight's rounding, with the block's adapters (``compression.adaround``); the
 learned codes then replace the stored ones.
 
-Each stage measures its error over every calibration image before and after training (after:
-with the learned codes themselves, not their soft form) and keeps the better of the two states,
-so a stage never leaves a unit worse than it found it. Nothing else moves: BatchNorm statistics
+Each stage trains on most calibration rows and measures its error on the rest, held out
+(``ReconstructionConfig.held_out``), before and after training (after: with the learned codes
+themselves, not their soft form), and keeps the better of the two states: a stage never leaves
+a unit worse than it found it on rows it did not fit. Nothing else moves: BatchNorm statistics
 and every other tensor stay as they are (every module in eval mode).
 """
 
@@ -51,7 +52,10 @@ class ReconstructionConfig:
     batch_size: calibration images per step; temperature: the KL's softening of both logits;
     seed: the order in which the steps draw their batches; rounding_lr, rounding_weight: Adam's
     learning rate for learned rounding's logits and the weight of its regulariser against the
-    relative squared error (``--quantizer adaround``)."""
+    relative squared error (``--quantizer adaround``); held_out: the share of the calibration
+    rows that no step trains on and that alone decide whether a stage keeps its trained state;
+    drop: QDrop's probability (Wei et al. 2022, arXiv:2203.05740) that a unit's input value
+    is taken from the clean network instead of the compressed prefix, drawn anew each step."""
 
     mode: str = "none"
     block_steps: int = 100
@@ -62,12 +66,16 @@ class ReconstructionConfig:
     seed: int = 0
     rounding_lr: float = 1e-2
     rounding_weight: float = 0.01
+    held_out: float = 0.125
+    drop: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown reconstruction {self.mode!r}; valid: {', '.join(MODES)}")
         if self.block_steps < 1 or self.network_steps < 1 or self.batch_size < 1:
             raise ValueError("reconstruction steps and batch size must be at least 1")
+        if not (0 <= self.held_out < 1 and 0 <= self.drop <= 1):
+            raise ValueError("the held-out share must lie in [0, 1) and the drop in [0, 1]")
         rates = (self.lr, self.temperature, self.rounding_lr)
         if not all(0 < value < float("inf") for value in rates):
             raise ValueError(
@@ -85,7 +93,7 @@ NO_RECONSTRUCTION = ReconstructionConfig()
 @dataclass(frozen=True)
 class UnitRecord:
     """One stage of a reconstruction: the unit's module name (``network`` for the end-to-end
-    stage), its adapted layers, its error over every calibration image before and after
+    stage), its adapted layers, its error over the held-out calibration rows before and after
     training (a unit: squared error over the target's squared norm; the network: the KL), the
     steps taken, which state it kept (``trained``, or ``start`` when training made it worse),
     and how many stored codes learned rounding changed (kept ones only)."""
@@ -180,25 +188,36 @@ def _restore(parameters: Sequence[nn.Parameter], state: Sequence[torch.Tensor]) 
             parameter.copy_(value)
 
 
+def split_rows(rows: int, config: ReconstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trained, held out): a seeded split of ``rows`` calibration rows, ``config.held_out`` of
+    them (at least one) held out; with fewer than two rows, or no share, every row is both."""
+    held = min(rows - 1, max(1, round(rows * config.held_out))) if config.held_out else 0
+    if held < 1:
+        every = torch.arange(rows)
+        return every, every
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed + 1))
+    return order[held:].sort().values, order[:held].sort().values
+
+
 def _fit(
     groups: list[dict],
     loss_of: Callable[[torch.Tensor, int], torch.Tensor],
-    rows: int,
+    rows: torch.Tensor,
     steps: int,
     config: ReconstructionConfig,
     generator: torch.Generator,
 ) -> None:
     """``steps`` Adam steps (parameter ``groups``, each with its lr) on ``loss_of(batch rows,
-    step)``, the batches drawn without replacement from a fresh permutation of the ``rows``
-    each time one runs out."""
+    step)``, the batches drawn without replacement from a fresh permutation of ``rows`` (the
+    indices trained on) each time one runs out."""
     groups = [group for group in groups if group["params"]]
     if not groups:
         return
     optimizer = torch.optim.Adam(groups)
     order = torch.empty(0, dtype=torch.long)
     for step in range(steps):
-        if len(order) < min(config.batch_size, rows):
-            order = torch.randperm(rows, generator=generator)
+        if len(order) < min(config.batch_size, len(rows)):
+            order = rows[torch.randperm(len(rows), generator=generator)]
         batch, order = order[: config.batch_size], order[config.batch_size :]
         optimizer.zero_grad(set_to_none=True)
         loss_of(batch, step).backward()
@@ -392,6 +411,7 @@ def reconstruct(
     generator = torch.Generator().manual_seed(config.seed)
     records = []
     chain = _Chain(adapted, reference, inputs, chunk)
+    trained, held = split_rows(len(inputs), config)
     for unit, layers in units:
         module, clean = adapted.get_submodule(unit), reference.get_submodule(unit)
         try:
@@ -399,17 +419,23 @@ def reconstruct(
             _check_alone(clean, clean_in, target, chunk)
         except ReconstructionError as error:
             raise ReconstructionError(f"block {unit} cannot be reconstructed: {error}") from None
-        del clean_in
+        if not config.drop:
+            clean_in = None  # not needed past the check: free it now
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         start = _snapshot(parameters)
-        before = _relative_error(module, x, target, chunk)
+        before = _relative_error(module, x[held], target[held], chunk)
         roundings = _soft_roundings(adapted, reference, layers)
-        power = float(target.double().square().mean().clamp_min(1e-30))
+        power = float(target[trained].double().square().mean().clamp_min(1e-30))
 
         def loss_of(
-            rows, step, module=module, x=x, target=target, roundings=roundings, power=power
-        ):
-            loss = F.mse_loss(module(x[rows]), target[rows]) / power
+            rows, step, module=module, x=x, target=target, roundings=roundings, power=power,
+            clean_in=clean_in,
+        ):  # fmt: skip
+            given = x[rows]
+            if clean_in is not None:  # QDrop: each value from the clean network with p = drop
+                mask = torch.rand(given.shape, generator=generator) < config.drop
+                given = torch.where(mask.to(given.device), clean_in[rows], given)
+            loss = F.mse_loss(module(given), target[rows]) / power
             beta = beta_at(step, config.block_steps)
             if roundings and beta is not None:
                 penalty = sum(r.regulariser(beta) for r in roundings.values()) / len(roundings)
@@ -420,16 +446,16 @@ def reconstruct(
             {"params": parameters, "lr": config.lr},
             {"params": [r.logits for r in roundings.values()], "lr": config.rounding_lr},
         ]
-        _fit(groups, loss_of, len(x), config.block_steps, config, generator)
+        _fit(groups, loss_of, trained, config.block_steps, config, generator)
         replaced = _harden(adapted, roundings)
         if replaced:
             # the adapters were trained beside soft codes, which a few hundred steps do not
             # drive all the way to 0 or 1: they are refitted to the codes now stored
             refit = [{"params": parameters, "lr": config.lr}]
             plain = functools.partial(loss_of, roundings={})
-            _fit(refit, plain, len(x), refit_steps(config), config, generator)
+            _fit(refit, plain, trained, refit_steps(config), config, generator)
         after, kept = _keep_better(
-            parameters, start, before, _relative_error(module, x, target, chunk)
+            parameters, start, before, _relative_error(module, x[held], target[held], chunk)
         )
         changed = 0
         for name, (old, count) in replaced.items():
@@ -441,21 +467,21 @@ def reconstruct(
         records.append(UnitRecord(unit, tuple(layers), before, after, steps, kept, changed))
         if progress is not None:
             progress(unit)
-        del x, target
+        del x, target, clean_in
     if config.mode == "network":
         layers = tuple(name for _, names in units for name in names)
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         with torch.no_grad():
             teacher = torch.cat([reference(rows).float() for rows in inputs.split(chunk)])
         start = _snapshot(parameters)
-        before = _network_error(adapted, inputs, teacher, chunk, config.temperature)
+        before = _network_error(adapted, inputs[held], teacher[held], chunk, config.temperature)
 
         def network_loss(rows, _step):
             return _kl(adapted(inputs[rows]).float(), teacher[rows], config.temperature)
 
         groups = [{"params": parameters, "lr": config.lr}]
-        _fit(groups, network_loss, len(inputs), config.network_steps, config, generator)
-        after = _network_error(adapted, inputs, teacher, chunk, config.temperature)
+        _fit(groups, network_loss, trained, config.network_steps, config, generator)
+        after = _network_error(adapted, inputs[held], teacher[held], chunk, config.temperature)
         after, kept = _keep_better(parameters, start, before, after)
         records.append(UnitRecord("network", layers, before, after, config.network_steps, kept))
         if progress is not None:

@@ -7,6 +7,7 @@ alpha and seed, that labels play no part, and the driver end to end."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -26,6 +27,7 @@ from lora.reconstruction import (
     capture_module_io,
     reconstruct,
     reconstruction_units,
+    split_rows,
 )
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, bare, image_model, resnet_weights  # noqa: F401 (fixture)
@@ -96,7 +98,10 @@ def test_each_block_ends_at_most_at_its_start_and_every_trial_starts_there():
     # training does the work, not only the keeping of the start: most blocks improve a lot
     improved = [r for r in records if r.error_end < 0.9 * r.error_start]
     assert len(improved) >= len(records) // 2, records
-    inputs = method.model.preprocess(calibration)
+    # every record's errors are those of the held-out rows, on which no step trained
+    _, held = split_rows(len(calibration), FAST)
+    assert 0 < len(held) < len(calibration)
+    inputs = method.model.preprocess(calibration)[held]
     plain = method._build(4, 8.0, sweep, 0, method.contexts(4, sweep))  # the init it started at
     for record in records:
         measured = unit_error(adapted.network.model, method.model.model, record.unit, inputs)
@@ -208,6 +213,9 @@ def test_bad_reconstruction_options_are_refused(capsys):
         ReconstructionConfig(mode="layer")
     with pytest.raises(ValueError, match="at least 1"):
         ReconstructionConfig(mode="block", block_steps=0)
+    for bad in ({"held_out": 1.0}, {"held_out": -0.1}, {"drop": 1.5}):
+        with pytest.raises(ValueError, match="held-out share"):
+            ReconstructionConfig(mode="block", **bad)
     assert isinstance(UnitRecord("u", (), 1.0, 0.5, 1, "trained"), UnitRecord)
 
 
@@ -342,3 +350,18 @@ def test_learned_rounding_from_gptqs_codes_keeps_them_when_it_takes_no_step():
     near = ((ratio - codes).abs() < 0.49) & (ratio >= lo) & (ratio <= hi)
     steps = (rounding.soft_weight() - weight).abs() / stored.parts["scale"].float()
     assert bool((steps[near] < 1e-4).all())
+
+
+def test_qdrop_trains_each_block_on_its_clean_inputs_mixed_in():
+    """With --reconstruct-drop 1 every value a block is trained on comes from the clean
+    network: the adapters it learns differ from those trained on the compressed prefix's
+    inputs, and the held-out rows still decide what is kept."""
+    calibration = images(16, 2)
+    sweep = SweepConfig(init="svd_init")
+    states = {}
+    for drop in (0.0, 1.0):
+        config = dataclasses.replace(FAST, drop=drop)
+        method, _ = resnet_setup(calibration, config)
+        states[drop] = method.adapted(2, 8, sweep, seed=0).adapter_state()
+        assert all(r.error_end <= r.error_start for r in method.records[2])
+    assert any(not torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])

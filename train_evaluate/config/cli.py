@@ -322,6 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"{RunOptions.reconstruct_batch})",
     )
     network.add_argument(
+        "--reconstruct-held-out",
+        type=float,
+        metavar="SHARE",
+        help="share of the calibration views no reconstruction step trains on, which alone "
+        f"decide whether a block keeps its trained state (default: "
+        f"{RunOptions.reconstruct_held_out})",
+    )
+    network.add_argument(
+        "--reconstruct-drop",
+        type=float,
+        metavar="P",
+        help="QDrop: each value of a block's input taken from the clean network with "
+        "probability P during reconstruction, else from the compressed prefix (default: 0)",
+    )
+    network.add_argument(
         "--bits-budget",
         type=float,
         nargs="+",

@@ -311,10 +311,12 @@ def reconstruction_config(args: RunOptions) -> Any:
             network_steps=args.reconstruct_network_steps,
             lr=args.reconstruct_lr,
             batch_size=args.reconstruct_batch,
+            held_out=args.reconstruct_held_out,
+            drop=args.reconstruct_drop,
         )
     except ValueError as error:
-        raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr and "
-                         "-batch") from error  # fmt: skip
+        raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr, -batch, "
+                         "-held-out and -drop") from error  # fmt: skip
 
 
 def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:

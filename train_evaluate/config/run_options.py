@@ -21,7 +21,10 @@ DEFAULT_MODEL = "resnet18.tv_in1k"  # --model when a real ImageNet folder is use
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)  # --ranks when none are given (those that fit)
 # --reconstruct's defaults: lora.reconstruction.ReconstructionConfig's (kept free of torch here;
 # a test holds the two equal)
-RECONSTRUCT_DEFAULTS = {"block_steps": 100, "network_steps": 50, "lr": 1e-3, "batch_size": 32}
+RECONSTRUCT_DEFAULTS = {
+    "block_steps": 100, "network_steps": 50, "lr": 1e-3, "batch_size": 32, "held_out": 0.125,
+    "drop": 0.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class RunOptions:
     reconstruct_network_steps: int = RECONSTRUCT_DEFAULTS["network_steps"]
     reconstruct_lr: float = RECONSTRUCT_DEFAULTS["lr"]
     reconstruct_batch: int = RECONSTRUCT_DEFAULTS["batch_size"]
+    reconstruct_held_out: float = RECONSTRUCT_DEFAULTS["held_out"]
+    reconstruct_drop: float = RECONSTRUCT_DEFAULTS["drop"]
     bits_budget: tuple[float, ...] | None = None
     budget_only: bool = False
     layer_plan: Path | None = None
