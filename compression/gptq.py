@@ -74,8 +74,14 @@ def gptq(
             f"{cols} x {cols}, or groups x {cols} x {cols} with groups dividing {rows}"
         )
     factor = _inverse_factor(moment, damping)
-    if grouped:  # one factor per row: rows x cols x cols
-        factor = factor.repeat_interleave(rows // moment.shape[0], dim=0)
+    groups = moment.shape[0] if grouped else 1
+    group_of_row = torch.arange(rows, device=weight.device) // (rows // groups)
+
+    def own(values: torch.Tensor) -> torch.Tensor:
+        """A per-row value of the factor: each row's own group's (a grouped moment), else the
+        one factor's, broadcast over the rows."""
+        return values[group_of_row] if grouped else values
+
     work = weight.double().clone()
     rounded = torch.empty_like(work)
     for start in range(0, cols, block):
@@ -87,13 +93,14 @@ def gptq(
             column = part[:, k]
             done = round_column(column, start + k)
             rounded[:, start + k] = done
-            error = (column - done) / local[..., k, k]
+            error = (column - done) / own(local[..., k, k])
             # the columns of this block not yet rounded absorb the error at once; the later
             # blocks absorb the whole block's errors in one product below
-            part[:, k + 1 :] -= error.unsqueeze(1) * local[..., k, k + 1 :]
+            part[:, k + 1 :] -= error.unsqueeze(1) * own(local[..., k, k + 1 :])
             errors[:, k] = error
-        if grouped:
-            work[:, end:] -= (errors.unsqueeze(1) @ factor[:, start:end, end:]).squeeze(1)
+        if grouped:  # each group's rows through its own factor, one batched product
+            trailing = errors.view(groups, -1, end - start) @ factor[:, start:end, end:]
+            work[:, end:] -= trailing.reshape(rows, -1)
         else:
             work[:, end:] -= errors @ factor[start:end, end:]
     return rounded

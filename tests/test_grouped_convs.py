@@ -131,10 +131,11 @@ def test_gptq_over_groups_is_gptq_on_each_group_with_its_own_moment():
     def nearest(column: torch.Tensor, _j: int) -> torch.Tensor:
         return (column / step).round().clamp(-2, 1) * step
 
-    together = gptq(weight, moments, nearest)
+    # blocks of 4 columns: the in-block and the trailing feedback both take part
+    together = gptq(weight, moments, nearest, block=4)
     apart = torch.cat(
         [
-            gptq(weight[g * per_group : (g + 1) * per_group], moments[g], nearest)
+            gptq(weight[g * per_group : (g + 1) * per_group], moments[g], nearest, block=4)
             for g in range(groups)
         ]
     )
