@@ -1,4 +1,5 @@
-"""Where a whole-network run cuts its cache: the deepest block boundary before every selected layer.
+"""Verified block boundaries: where a whole-network run cuts its cache (the deepest boundary
+before every selected layer), and where reconstruction carries its states from unit to unit.
 
 Every training step of a whole-network run goes through the part of the network that precedes
 the first selected layer. That part is never compressed, so its output is the same for every
