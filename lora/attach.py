@@ -20,7 +20,7 @@ from compression.modules import (
 )
 from lora.config import LoraConfig
 from lora.conv import LoraConv2d
-from lora.inits import InitContext, get_init
+from lora.inits import DEFAULT_FIT, FitConfig, InitContext, get_init
 from lora.layer import LoraLinear, check_rank
 
 
@@ -30,13 +30,17 @@ def make_init_context(
     features: torch.Tensor | None = None,
     moment: torch.Tensor | None = None,
     cross_moment: torch.Tensor | None = None,
+    fit: FitConfig = DEFAULT_FIT,
 ) -> InitContext:
     """Compress ``module``'s weight (a conv's as its matrix view, out x in*kh*kw) once; the
     context is reused for every rank and trial. ``features`` (N x in) or ``moment`` (in x in,
     X^T X / N) feed the activation-aware inits and calibrated compressors; ``cross_moment``
-    (X^T X~ / N of clean and perturbed inputs) makes them asymmetric (``InitContext``)."""
+    (X^T X~ / N of clean and perturbed inputs) makes them asymmetric (``InitContext``); ``fit``:
+    their ridge and asymmetric strength."""
     weight = weight_matrix(module).detach()
-    context = InitContext(weight, None, compression, features, moment, cross_moment=cross_moment)
+    context = InitContext(
+        weight, None, compression, features, moment, cross_moment=cross_moment, fit=fit
+    )
     # a calibrated compressor (GPTQ, the input-weighted mse scale) sees the same inputs; under
     # asymmetric calibration GPTQ rounds the target W_t (compress_target is W otherwise)
     context.compressed = compress(context.compress_target, compression, context.compress_moment)

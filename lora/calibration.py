@@ -39,7 +39,14 @@ from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
 from lora.capture import NotCalled, first_call, forward_order, run_until
 from lora.config import LoraConfig
-from lora.inits import ACTIVATION_AWARE_INITS, InitContext, compresses_target, output_target
+from lora.inits import (
+    ACTIVATION_AWARE_INITS,
+    DEFAULT_FIT,
+    FitConfig,
+    InitContext,
+    compresses_target,
+    output_target,
+)
 from lora.layer import check_rank
 
 
@@ -291,6 +298,7 @@ def calibrate_sequentially(
     sequential: bool = True,
     positions: int = 64,
     asymmetric: bool = False,
+    fit: FitConfig = DEFAULT_FIT,
 ) -> dict[str, tuple[nn.Module, InitContext]]:
     """Compress and adapt the layers named in ``targets`` (name -> compressor config) in place.
 
@@ -313,6 +321,7 @@ def calibrate_sequentially(
     also gets the cross-moment of its clean inputs (from an uncompressed copy of ``model``, on
     the same batches, in the same pass) and its perturbed ones, and fits the full-precision
     outputs instead of its own weight on the perturbed inputs (``lora.inits.output_target``).
+    ``fit``: the ridge and asymmetric strength of those fits (``lora.inits.FitConfig``).
 
     Returns {name: (adapter, its InitContext)}; the contexts keep the moments, so adapters for
     another lora_alpha can be rebuilt with ``make_adapter(adapter.base_layer, config, context)``
@@ -379,7 +388,11 @@ def calibrate_sequentially(
                         name
                     ]
                 context = make_init_context(
-                    module, targets[name], moment=moments.get(name), cross_moment=cross.get(name)
+                    module,
+                    targets[name],
+                    moment=moments.get(name),
+                    cross_moment=cross.get(name),
+                    fit=fit,
                 )
                 adapter = make_adapter(module, configs[name], context, generator).eval()
                 modes.update(dict.fromkeys(adapter.modules(), modes[module]))
@@ -398,13 +411,15 @@ def compress_sequentially(
     *,
     positions: int = 64,
     asymmetric: bool = False,
+    fit: FitConfig = DEFAULT_FIT,
 ) -> None:
     """Replace each layer named in ``targets`` (name -> compressor config) by its compressed
     module, in place and in forward order, no adapters. A calibrated compressor (GPTQ, the
     input-weighted mse scale) sees the moment of the inputs that the already compressed layers
     before it produce, as GPTQ does it; the others need no forward pass. ``asymmetric``: GPTQ
     rounds towards the least-squares target of the clean outputs (``lora.inits.output_target``,
-    as GPTAQ does), from the cross-moment of clean and perturbed inputs."""
+    as GPTAQ does), from the cross-moment of clean and perturbed inputs, with ``fit``'s ridge and
+    strength."""
     modules = {name: model.get_submodule(name) for name in targets}
     calibrated = {name for name in modules if uses_inputs(targets[name])}
     crossed = {name for name in calibrated if asymmetric and compresses_target(targets[name])}
@@ -424,7 +439,9 @@ def compress_sequentially(
                     moment, cross = _cross_moments(
                         clean, clean.get_submodule(name), model, module, calibration, positions
                     )
-                    weight = output_target(weight, moment, cross).to(weight.dtype)
+                    weight = output_target(
+                        weight, moment, cross, fit.ridge, fit.asymmetric_strength
+                    ).to(weight.dtype)
                 elif name in calibrated:
                     moment = input_moments(model, {name: module}, calibration, positions)[name]
                 result = compress(weight, targets[name], moment)

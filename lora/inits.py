@@ -57,6 +57,23 @@ Adapter = LoraLinear | LoraConv2d
 InitFn = Callable[[Adapter, "InitContext", Any, "torch.Generator | None"], None]
 RIDGE = 1e-4  # act-aware inits: eigenvalue floor, relative to the mean eigenvalue
 
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How the activation-aware fits are regularised (``--fit-ridge``, ``--asymmetric-strength``).
+
+    ridge: the eigenvalue floor of the inputs' moment, relative to its mean eigenvalue (the
+    whitening of the act-aware inits and the asymmetric target's ridge towards W); a layer fitted
+    on fewer rows than its input width (the FC: one row per calibration image) needs more of it.
+    asymmetric_strength: with asymmetric calibration, the weight s of the clean-output objective
+    against the layer's own (s = 1: the clean outputs alone; 0: the symmetric target W)."""
+
+    ridge: float = RIDGE
+    asymmetric_strength: float = 1.0
+
+
+DEFAULT_FIT = FitConfig()
+
 LORA_INITS: dict[str, InitFn] = {}
 # Inits that read the layer's inputs (``InitContext.moment`` or ``features``): a calibration
 # pass must run before them, and only before them.
@@ -91,7 +108,8 @@ class InitContext:
     (a calibration pass accumulates it without holding X); cache: results an init may reuse
     across trials; cross_moment: X^T X~ / N (in x in, float64) of the clean inputs X (from the
     uncompressed network) and the inputs X~ that ``moment`` is of, on the same rows, for
-    asymmetric calibration (None: symmetric, the fit imitates W on X~).
+    asymmetric calibration (None: symmetric, the fit imitates W on X~); fit: the ridge and the
+    asymmetric strength of the act-aware fits.
     """
 
     weight: torch.Tensor
@@ -101,6 +119,7 @@ class InitContext:
     moment: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
     cross_moment: torch.Tensor | None = field(default=None, repr=False)
+    fit: FitConfig = DEFAULT_FIT
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -137,7 +156,13 @@ class InitContext:
             return self.weight.double()
         if self.input_moment is None:
             raise ValueError("a cross-moment needs the moment of the perturbed inputs as well")
-        return output_target(self.weight, self.input_moment, self.cross_moment)
+        return output_target(
+            self.weight,
+            self.input_moment,
+            self.cross_moment,
+            self.fit.ridge,
+            self.fit.asymmetric_strength,
+        )
 
     @property
     def compress_target(self) -> torch.Tensor:
@@ -163,22 +188,29 @@ class InitContext:
         if moment.ndim == 3:
             moment = moment.mean(dim=0)
         eigenvalues, vectors = torch.linalg.eigh(moment)
-        eigenvalues = eigenvalues.clamp_min(0) + RIDGE * eigenvalues.clamp_min(0).mean()
+        eigenvalues = eigenvalues.clamp_min(0) + self.fit.ridge * eigenvalues.clamp_min(0).mean()
         root = eigenvalues.sqrt()
         return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
 def output_target(
-    weight: torch.Tensor, moment: torch.Tensor, cross_moment: torch.Tensor, ridge: float = RIDGE
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    cross_moment: torch.Tensor,
+    ridge: float = RIDGE,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """W_t = W (G + lam I)(C~ + lam I)^-1 (out x in, float64), with C~ = X~^T X~ / N the perturbed
-    inputs' moment and G = X^T X~ / N the cross-moment of clean and perturbed inputs.
+    """W_t = W (s G + (1 - s) C~ + lam I)(C~ + lam I)^-1 (out x in, float64), with C~ = X~^T X~ / N
+    the perturbed inputs' moment, G = X^T X~ / N the cross-moment of clean and perturbed inputs
+    and s = ``strength``.
 
-    It minimises ||X~ M^T - X W^T||^2 / N + lam ||M - W||^2 over M: the least-squares fit of
-    the full-precision outputs on the perturbed inputs, ridged towards W. lam = ``ridge`` x the
-    mean eigenvalue of C~ (clamped at 0), the ridge of ``InitContext.whitening``, so that the
-    whitened fit of W_t - W_c minimises exactly this objective; and with X~ = X (G = C~), W_t = W.
-    Moments of groups x c x c (a grouped conv's) fit each group's rows on its own.
+    It minimises s ||X~ M^T - X W^T||^2 / N + (1 - s) ||X~ (M - W)^T||^2 / N + lam ||M - W||^2
+    over M: the least-squares fit of the full-precision outputs on the perturbed inputs (s = 1),
+    blended with the layer's own outputs on them (s = 0 gives W), ridged towards W. lam =
+    ``ridge`` x the mean eigenvalue of C~ (clamped at 0), the ridge of ``InitContext.whitening``,
+    so that the whitened fit of W_t - W_c minimises exactly this objective; and with X~ = X
+    (G = C~), W_t = W for every s. Equivalently W_t = W + s (W_t(1) - W). Moments of
+    groups x c x c (a grouped conv's) fit each group's rows on its own.
     """
     grouped = moment.ndim == 3
     moment, cross = moment.double(), cross_moment.double()
@@ -189,7 +221,7 @@ def output_target(
     lam = ridge * eigenvalues.mean(dim=-1, keepdim=True)  # groups x 1
     inverse = (vectors / (eigenvalues + lam).unsqueeze(-2)) @ vectors.transpose(-2, -1)
     identity = torch.eye(cross.shape[-1], dtype=cross.dtype, device=cross.device)
-    shifted = cross + lam.unsqueeze(-1) * identity
+    shifted = strength * cross + (1 - strength) * moment + lam.unsqueeze(-1) * identity
     rows = weight.double().reshape(moment.shape[0], -1, weight.shape[1])
     return ((rows @ shifted) @ inverse).reshape(weight.shape)
 

@@ -17,7 +17,7 @@ from torch import nn
 from compression import make_config
 from lora import LoraConfig, calibrate_sequentially
 from lora.calibration import CrossMomentAccumulator, compress_sequentially
-from lora.inits import RIDGE, act_svd_init
+from lora.inits import RIDGE, FitConfig, act_svd_init
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 
@@ -129,6 +129,62 @@ def test_the_asymmetric_fit_is_the_least_squares_fit_of_the_clean_outputs(chain)
         assert error < 0.9 * output_error(weight, x_tilde, x, weight)
 
 
+@pytest.mark.parametrize("strength, ridge", [(0.25, 1e-2), (0.0, 1e-4), (0.6, 1.0)])
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_weighted_asymmetric_fit_solves_its_blended_least_squares(chain, strength, ridge):
+    """With ``FitConfig(ridge, asymmetric_strength=s)``, layer k's full-rank W_c + L solves
+    min s ||X~ M^T - X W^T||^2 + (1 - s) ||X~ (M - W)^T||^2 + lam N ||M - W||^2, lam = ridge x
+    the mean eigenvalue of X~'s moment: torch.linalg.lstsq on the three blocks of rows stacked
+    gives the same M. s = 0 is W itself (the layer's own outputs on X~)."""
+    model, batches = CHAINS[chain]()
+    fit = FitConfig(ridge=ridge, asymmetric_strength=strength)
+    for name in NAMES[1:]:
+
+        def config_for(layer: str, module: nn.Module, name=name) -> LoraConfig:
+            return (full_rank if layer == name else rank(2))(layer, module)
+
+        adapted, results = calibrated(model, batches, config_for, asymmetric=True, fit=fit)
+        dense = model.get_submodule(name)
+        weight = dense.weight.detach().double().flatten(1)
+        x = inputs_of(model, name, batches, dense)
+        x_tilde = inputs_of(adapted, name, batches, dense)
+        got = effective(results[name][0])
+        eigenvalues = torch.linalg.eigvalsh(x_tilde.T @ x_tilde / len(x_tilde)).clamp_min(0)
+        lam = torch.sqrt(ridge * eigenvalues.mean() * len(x_tilde))
+        eye = torch.eye(weight.shape[1], dtype=torch.float64)
+        clean, own = strength**0.5, (1 - strength) ** 0.5
+        stacked = torch.cat([clean * x_tilde, own * x_tilde, lam * eye])
+        wanted = torch.cat([clean * x @ weight.T, own * x_tilde @ weight.T, lam * weight.T])
+        solved = torch.linalg.lstsq(stacked, wanted, driver="gelsd").solution.T
+        torch.testing.assert_close(got, solved, rtol=0, atol=2e-5 * solved.abs().max().item())
+        if strength == 0:
+            torch.testing.assert_close(got, weight, rtol=0, atol=2e-5 * weight.abs().max().item())
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_large_ridge_makes_the_act_aware_fit_the_plain_truncation(chain):
+    """As the ridge grows, C + ridge x mean(eig C) x I tends to a multiple of I and the whitened
+    truncation to the plain one: act_svd_init with ridge 1e9 gives svd_init's W_c + B @ A, layer
+    by layer; with the default ridge they differ."""
+    model, batches = CHAINS[chain]()
+
+    def products(init: str, fit: FitConfig = FitConfig()) -> dict[str, torch.Tensor]:
+        def config_for(name: str, module: nn.Module) -> LoraConfig:
+            return LoraConfig(r=2, lora_alpha=8, init=init)
+
+        # every layer sees clean inputs (not sequential): the same residuals for both inits
+        _, results = calibrated(model, batches, config_for, sequential=False, fit=fit)
+        return {name: effective(adapter) for name, (adapter, _) in results.items()}
+
+    plain = products("svd_init")
+    wide = products("act_svd_init", FitConfig(ridge=1e9))
+    default = products("act_svd_init")
+    for name in NAMES:
+        scale = plain[name].abs().max().item()
+        torch.testing.assert_close(wide[name], plain[name], rtol=0, atol=1e-5 * scale)
+        assert (default[name] - plain[name]).abs().max().item() > 1e-2 * scale
+
+
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_at_a_low_rank_the_asymmetric_fit_has_no_larger_output_error(chain):
     """For the same rank, W_c and perturbed inputs X~, the asymmetric adapter's output error
@@ -228,6 +284,24 @@ def test_asymmetric_gptq_rounds_towards_the_clean_outputs():
         }
     assert errors[True] < errors[False]
     assert errors[None] == errors[False]
+
+
+def test_asymmetric_gptq_at_strength_zero_rounds_the_layers_own_weight():
+    """``compress_sequentially`` takes the strength: at s = 0 the target is W, so asymmetric
+    GPTQ stores the symmetric W_c; at s = 1 another."""
+    model, batches = linear_chain()
+    targets = dict.fromkeys(NAMES, make_config("int2", quantizer="gptq"))
+    codes = {}
+    for key, options in {
+        "symmetric": {},
+        "zero": {"asymmetric": True, "fit": FitConfig(asymmetric_strength=0.0)},
+        "full": {"asymmetric": True},
+    }.items():
+        copied = copy.deepcopy(model)
+        compress_sequentially(copied, targets, batches, **options)
+        codes[key] = torch.cat([copied.get_submodule(n).weight.flatten() for n in NAMES])
+    assert torch.equal(codes["zero"], codes["symmetric"])
+    assert not torch.equal(codes["full"], codes["symmetric"])
 
 
 def test_asymmetric_needs_the_sequential_pass():

@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"adapter init: {', '.join(INIT_NAMES)} (default: paper_init)",
     )
     study.add_argument(
+        "--fit-ridge",
+        type=float,
+        metavar="R",
+        help="act_svd_init / act_loftq_init and --calibration asymmetric: the floor added to "
+        "the eigenvalues of the inputs' second moment, relative to their mean (more for a layer "
+        "fitted on few rows, e.g. the FC on one row per image; default: 1e-4)",
+    )
+    study.add_argument(
         "--methods",
         nargs="+",
         help="compression methods: int1, int2 ... int8 (--int-grid's grid), int2-full ... "
@@ -286,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
         "asymmetric: fit the uncompressed network's outputs on those inputs, correcting the "
         "error from upstream (as GPTAQ). Whole-network mode only: with --layers head the "
         "inputs are clean and both are the same, so asymmetric is refused there",
+    )
+    network.add_argument(
+        "--asymmetric-strength",
+        type=float,
+        metavar="S",
+        help="with --calibration asymmetric: the weight in [0, 1] of the clean network's outputs "
+        "in each fit, against the layer's own outputs on the same inputs (1: the clean outputs "
+        "alone; default: 1)",
     )
     network.add_argument(
         "--reconstruct",

@@ -19,6 +19,7 @@ from compression.adaround import learns_rounding
 from data import SplitFractions
 from lora.cut import Cut
 from lora.folding import conv_batchnorm_pairs, fold_batchnorm_
+from lora.inits import ACTIVATION_AWARE_INITS, FitConfig, compresses_target
 from lora.plan import LayerPlan
 from lora.reconstruction import NO_RECONSTRUCTION, ReconstructionConfig
 from train_evaluate.config.cli import UsageError
@@ -343,18 +344,17 @@ def check_network_options(
             "pass on; the classifier alone sees clean inputs, where it equals symmetric: drop it "
             "or select more --layers"
         )
-    if network_plan is not None and network_plan.calibration == "asymmetric":
-        from lora.inits import ACTIVATION_AWARE_INITS, compresses_target
-
-        if args.init not in ACTIVATION_AWARE_INITS and not any(
-            compresses_target(config) for config in compressions.values()
-        ):
-            raise UsageError(
-                f"--calibration asymmetric changes only the fits of "
-                f"{' and '.join(ACTIVATION_AWARE_INITS)} and the rounding of --quantizer gptq; "
-                f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
-                "nothing: drop it, or choose one of those"
-            )
+    asymmetric = network_plan is not None and network_plan.calibration == "asymmetric"
+    if asymmetric and (
+        args.init not in ACTIVATION_AWARE_INITS
+        and not any(compresses_target(config) for config in compressions.values())
+    ):
+        raise UsageError(
+            f"--calibration asymmetric changes only the fits of "
+            f"{' and '.join(ACTIVATION_AWARE_INITS)} and the rounding of --quantizer gptq; "
+            f"with --init {args.init} and --methods {' '.join(compressions)} it would change "
+            "nothing: drop it, or choose one of those"
+        )
     if network_plan is None and args.calib_augment > 1:
         raise UsageError(
             "--calib-augment draws views of the calibration images of a whole-network run; the "
@@ -377,6 +377,40 @@ def check_network_options(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
         )
+
+
+def fit_config(args: RunOptions) -> FitConfig:
+    """The act-aware fits' ridge and asymmetric strength: the options given, FitConfig's
+    defaults for the others."""
+    given = {"ridge": args.fit_ridge, "asymmetric_strength": args.asymmetric_strength}
+    return FitConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def check_fit_options(
+    args: RunOptions, network_plan: NetworkPlan | None, compressions: dict[str, Any]
+) -> None:
+    """--fit-ridge and --asymmetric-strength: in range, and refused where no fit reads them."""
+    asymmetric = network_plan is not None and network_plan.calibration == "asymmetric"
+    if args.fit_ridge is not None:
+        if not (args.fit_ridge > 0 and math.isfinite(args.fit_ridge)):
+            raise UsageError(f"--fit-ridge must be a positive number; got {args.fit_ridge}")
+        targeted = asymmetric and any(compresses_target(c) for c in compressions.values())
+        if args.init not in ACTIVATION_AWARE_INITS and not targeted:
+            raise UsageError(
+                f"--fit-ridge regularises the fits of {' and '.join(ACTIVATION_AWARE_INITS)} "
+                f"and of --calibration asymmetric with --quantizer gptq; --init {args.init} "
+                "fits without it: drop it, or choose one of those"
+            )
+    if args.asymmetric_strength is not None:
+        if not 0 <= args.asymmetric_strength <= 1:
+            raise UsageError(
+                f"--asymmetric-strength must be in [0, 1]; got {args.asymmetric_strength}"
+            )
+        if not asymmetric:
+            raise UsageError(
+                "--asymmetric-strength weighs the clean outputs of --calibration asymmetric: "
+                "add --calibration asymmetric (whole network), or drop it"
+            )
 
 
 def run_name(args: RunOptions, network_plan: NetworkPlan | None) -> str:

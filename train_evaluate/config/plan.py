@@ -21,6 +21,7 @@ from torch import nn
 
 from data import DataError, SplitFractions, load_digits_source, scan_imagenet_folder
 from lora import LORA_INITS
+from lora.inits import DEFAULT_FIT, FitConfig
 from lora.plan import LayerPlan
 from train_evaluate.config.cli import (
     UsageError,
@@ -36,7 +37,9 @@ from train_evaluate.config.network_plan import (
     NetworkPlan,
     check_budget,
     check_budgets_reachable,
+    check_fit_options,
     check_network_options,
+    fit_config,
     largest_layer,
     plan_network,
     run_name,
@@ -107,6 +110,7 @@ class Plan:
     worker_of: int | None = None
     argv: tuple[str, ...] = ()
     options: dict[str, Any] | None = None  # every option, as run.json records them (--config)
+    fit: FitConfig = DEFAULT_FIT  # --fit-ridge, --asymmetric-strength
 
     @property
     def models(self) -> int:
@@ -345,6 +349,7 @@ def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
     planned, compressions = layer_plan_and_configs(args, model, compressions)
     network_plan = plan_network(args, model, source, fractions, device, planned)
     check_network_options(args, network_plan, compressions)
+    check_fit_options(args, network_plan, compressions)
     check_budget(args, network_plan)
     name = run_name(args, network_plan)
     out = args.out or args.results_dir / folder_name(model) / data_name / name
@@ -403,4 +408,5 @@ def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
         worker_of=args.worker_of,
         argv=tuple(argv),
         options=dump_options(args),
+        fit=fit_config(args),
     )

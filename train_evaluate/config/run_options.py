@@ -77,6 +77,8 @@ class RunOptions:
     calib_images: int = 512
     calib_augment: int = 1
     calibration: str = "symmetric"
+    fit_ridge: float | None = None  # None: lora.inits.FitConfig's
+    asymmetric_strength: float | None = None
     reconstruct: str = "none"
     reconstruct_steps: int = RECONSTRUCT_DEFAULTS["block_steps"]
     reconstruct_network_steps: int = RECONSTRUCT_DEFAULTS["network_steps"]

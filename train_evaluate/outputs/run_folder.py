@@ -60,6 +60,8 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
 
         config["storage"] = shown(plan.storage)
         config["study_prefix"] = plan.study_prefix
+    if plan.fit != type(plan.fit)():  # absent for the default: older runs match
+        config["fit"] = asdict(plan.fit)
     network = plan.network
     if network is not None:  # absent for the classifier alone: older FC runs still match
         config["network"] = {

@@ -115,6 +115,8 @@ def identities(context: RunContext, method: Target, rank: int) -> tuple[str, str
         # calibrated compressors read the layer's inputs (the mse scale did not, before): a
         # study or record made on the weights alone is not theirs
         identity["compressor_inputs"] = "input second moment"
+    if plan.fit != type(plan.fit)():  # the act-aware fits' ridge and strength, where not default
+        identity["fit"] = asdict(plan.fit)
     study_name = f"{plan.study_prefix}{method.name}_r{rank}_{feature_key(**identity)[:12]}"
     dtypes = set(method.layer_plan(rank, plan.adapter_dtype).adapter_dtypes().items())
     key = feature_key(

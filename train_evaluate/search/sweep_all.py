@@ -162,7 +162,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     )
 
     def build(name: str, compression: Any) -> Built:
-        method = Method.create(name, compression, head, splits.train.features, module)
+        method = Method.create(name, compression, head, splits.train.features, module, fit=plan.fit)
         compressed = evaluate(method.compressed_model(), splits.test)
         accounting = replace(template, costs=(method.cost,))
         return Built(method, shared_columns(name, compression), compressed, accounting)

@@ -12,6 +12,7 @@ from torch import nn
 
 from compression import StorageCost, compress
 from lora import InitContext, LoraConfig, LoraLinear, make_lora_linear
+from lora.inits import DEFAULT_FIT, FitConfig
 from lora.plan import LayerPlan, LayerSpec
 
 
@@ -38,9 +39,10 @@ class Method:
         head: nn.Linear,
         features: torch.Tensor,
         module: str = "head",
+        fit: FitConfig = DEFAULT_FIT,
     ) -> Method:
         weight = head.weight.detach()
-        context = InitContext(weight, None, config, features)
+        context = InitContext(weight, None, config, features, fit=fit)
         # a calibrated compressor sees the train features' moment (never val or test)
         context.compressed = compress(weight, config, context.compress_moment)
         return cls(name, config, head, context, context.compressed.cost, module=module)

@@ -33,6 +33,7 @@ from compression import StorageCost, compress, compress_, replace_submodule, wei
 from lora import LoraConfig
 from lora.attach import attach_adapters_
 from lora.calibration import calibrate_sequentially, compress_sequentially
+from lora.inits import DEFAULT_FIT, FitConfig
 from lora.plan import LayerPlan, LayerSpec
 from lora.reconstruction import (
     NO_RECONSTRUCTION,
@@ -131,6 +132,7 @@ class NetworkMethod:
     # rank (``config`` is then a budget.PerLayerCompression, and the rank a row names the
     # largest of them)
     plan: LayerPlan | None = None
+    fit: FitConfig = DEFAULT_FIT  # --fit-ridge, --asymmetric-strength
     _contexts: dict[tuple, dict[str, Any]] = field(default_factory=dict, repr=False)
     # per rank: each layer's reconstructed adapter tensors, the scaling they were found at and,
     # with learned rounding, its stored base
@@ -149,10 +151,11 @@ class NetworkMethod:
         reconstruction: ReconstructionConfig = NO_RECONSTRUCTION,
         units: Sequence[tuple[str, tuple[str, ...]]] = (),
         plan: LayerPlan | None = None,
+        fit: FitConfig = DEFAULT_FIT,
     ) -> NetworkMethod:
         method = cls(
             name, config, model, tuple(layers), calibration, (), asymmetric=asymmetric,
-            reconstruction=reconstruction, units=tuple(units), plan=plan,
+            reconstruction=reconstruction, units=tuple(units), plan=plan, fit=fit,
         )  # fmt: skip
         targets = method.targets()
         method.costs = tuple(
@@ -215,6 +218,7 @@ class NetworkMethod:
                 lambda: self._calibration_batches(),
                 positions=self.positions,
                 asymmetric=self.asymmetric,
+                fit=self.fit,
             )
             return network.requires_grad_(False).eval()
         compress_(network.model, targets.__getitem__, lambda _module, name: name in targets)
@@ -258,6 +262,7 @@ class NetworkMethod:
                 generator=torch.Generator().manual_seed(0),
                 positions=self.positions,
                 asymmetric=self.asymmetric,
+                fit=self.fit,
             )
             # ranks run one after another: only the current one's contexts are kept (their
             # float64 moments can take a gigabyte per rank on a large model)
@@ -359,6 +364,7 @@ class NetworkSetup:
     asymmetric: bool = False
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION
     units: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    fit: FitConfig = DEFAULT_FIT
 
     @classmethod
     def create(cls, plan: Any, model: ImageModel, train: Any, adapter_dtype: str) -> NetworkSetup:
@@ -402,12 +408,14 @@ class NetworkSetup:
             units = tuple(
                 reconstruction_units([info.name for info in layers], boundaries(model.model))
             )
-        return cls(model, layers, calibration, template, asymmetric, reconstruction, units)
+        return cls(
+            model, layers, calibration, template, asymmetric, reconstruction, units, plan.fit
+        )
 
     def method(self, name: str, config: Any) -> NetworkMethod:
         return NetworkMethod.create(
             name, config, self.model, self.layers, self.calibration, self.asymmetric,
-            self.reconstruction, self.units,
+            self.reconstruction, self.units, fit=self.fit,
         )  # fmt: skip
 
     def planned_method(self, plan: LayerPlan, compressions: dict[str, Any]) -> NetworkMethod:
@@ -420,6 +428,7 @@ class NetworkSetup:
         return NetworkMethod.create(
             plan.name, PerLayerCompression.of(plan, compressions), self.model, self.layers,
             self.calibration, self.asymmetric, self.reconstruction, self.units, plan=plan,
+            fit=self.fit,
         )  # fmt: skip
 
     def accounting(self, method: NetworkMethod) -> Accounting:
