@@ -20,7 +20,7 @@ when asymmetric), not all of it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from compression.registry import compress, uses_inputs
 from lora.attach import make_adapter, make_init_context
 from lora.capture import NotCalled, first_call, forward_order, run_until
 from lora.config import LoraConfig
+from lora.cut import CarriedStates
 from lora.inits import (
     ACTIVATION_AWARE_INITS,
     DEFAULT_FIT,
@@ -216,26 +217,53 @@ def _device(model: nn.Module) -> torch.device | None:
 
 def _cross_moments(
     clean_model: nn.Module,
-    clean_module: nn.Module,
     model: nn.Module,
-    module: nn.Module,
-    calibration: Iterable | Callable[[], Iterable],
+    name: str,
+    clean_batches: Sequence[torch.Tensor],
+    batches: Sequence[torch.Tensor],
     positions: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C~, G) of one layer over every calibration batch: each batch runs through the
-    uncompressed ``clean_model`` up to ``clean_module`` (X) and through ``model``, whose
-    earlier layers are compressed, up to ``module`` (X~), in the same pass over the batches."""
+    """(C~, G) of layer ``name`` over every calibration batch: each runs through the
+    uncompressed ``clean_model`` up to the layer (X) and its counterpart through ``model``, whose
+    earlier layers are compressed (X~), in the same pass over the batches."""
+    module = model.get_submodule(name)
     accumulator = CrossMomentAccumulator(module, positions)
-    device = _device(model)
-    for batch in _batches(calibration):
-        x = _input(batch, device)
+    for clean_x, x in zip(clean_batches, batches, strict=True):
         try:
-            clean, _ = first_call(clean_model, clean_module, x)
+            clean, _ = first_call(clean_model, clean_model.get_submodule(name), clean_x)
             perturbed, _ = first_call(model, module, x)
         except NotCalled:
             raise ValueError("the forward pass never called the layer being calibrated") from None
         accumulator.update(clean, perturbed)
     return accumulator.moment(), accumulator.cross_moment()
+
+
+def _carried(
+    model: nn.Module,
+    clean: nn.Module | None,
+    calibration: Iterable | Callable[[], Iterable],
+    carry: bool,
+) -> CarriedStates:
+    """The sequential passes over the calibration batches: ``model`` (and ``clean``, when the
+    fit is asymmetric), their states carried from block boundary to block boundary."""
+    device = _device(model)
+    batches = [_input(batch, device) for batch in _batches(calibration)]
+    networks = {"model": model} if clean is None else {"model": model, "clean": clean}
+    return CarriedStates(networks, batches, carry)
+
+
+def _layer_moments(
+    carried: CarriedStates, name: str, positions: int, crossed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer ``name``'s input moment in the network as it is now, and when ``crossed`` the
+    cross-moment of its clean and perturbed inputs (None otherwise)."""
+    started = carried.before(name)
+    network, batches = started["model"]
+    if not crossed:
+        module = network.get_submodule(name)
+        return input_moments(network, {name: module}, batches, positions)[name], None
+    clean, clean_batches = started["clean"]
+    return _cross_moments(clean, network, name, clean_batches, batches, positions)
 
 
 def input_moments(
@@ -299,6 +327,7 @@ def calibrate_sequentially(
     positions: int = 64,
     asymmetric: bool = False,
     fit: FitConfig = DEFAULT_FIT,
+    carry: bool = True,
 ) -> dict[str, tuple[nn.Module, InitContext]]:
     """Compress and adapt the layers named in ``targets`` (name -> compressor config) in place.
 
@@ -322,6 +351,9 @@ def calibrate_sequentially(
     the same batches, in the same pass) and its perturbed ones, and fits the full-precision
     outputs instead of its own weight on the perturbed inputs (``lora.inits.output_target``).
     ``fit``: the ridge and asymmetric strength of those fits (``lora.inits.FitConfig``).
+    ``carry``: each sequential pass starts from the states at the deepest verified block boundary
+    before its layer (``lora.cut.CarriedStates``), kept from the pass before, instead of from the
+    inputs; the calibration batches and those states are held in memory.
 
     Returns {name: (adapter, its InitContext)}; the contexts keep the moments, so adapters for
     another lora_alpha can be rebuilt with ``make_adapter(adapter.base_layer, config, context)``
@@ -377,16 +409,14 @@ def calibrate_sequentially(
             if aware and not sequential:
                 chosen = {name: modules[name] for name in order if name in aware}
                 moments = input_moments(model, chosen, calibration, positions)
+            if aware and sequential:
+                carried = _carried(model, clean, calibration, carry)
             for name in order:
                 module = modules[name]
-                if name in crossed:
-                    moments[name], cross[name] = _cross_moments(
-                        clean, clean.get_submodule(name), model, module, calibration, positions
-                    )
-                elif name in aware and sequential:
-                    moments[name] = input_moments(model, {name: module}, calibration, positions)[
-                        name
-                    ]
+                if name in aware and sequential:
+                    moments[name], found = _layer_moments(carried, name, positions, name in crossed)
+                    if found is not None:
+                        cross[name] = found
                 context = make_init_context(
                     module,
                     targets[name],
@@ -412,6 +442,7 @@ def compress_sequentially(
     positions: int = 64,
     asymmetric: bool = False,
     fit: FitConfig = DEFAULT_FIT,
+    carry: bool = True,
 ) -> None:
     """Replace each layer named in ``targets`` (name -> compressor config) by its compressed
     module, in place and in forward order, no adapters. A calibrated compressor (GPTQ, the
@@ -419,7 +450,7 @@ def compress_sequentially(
     before it produce, as GPTQ does it; the others need no forward pass. ``asymmetric``: GPTQ
     rounds towards the least-squares target of the clean outputs (``lora.inits.output_target``,
     as GPTAQ does), from the cross-moment of clean and perturbed inputs, with ``fit``'s ridge and
-    strength."""
+    strength. ``carry``: as in ``calibrate_sequentially``."""
     modules = {name: model.get_submodule(name) for name in targets}
     calibrated = {name for name in modules if uses_inputs(targets[name])}
     crossed = {name for name in calibrated if asymmetric and compresses_target(targets[name])}
@@ -431,19 +462,17 @@ def compress_sequentially(
             order = list(modules)
             if calibrated:
                 order = _calibration_order(model, modules, calibration)
+                carried = _carried(model, clean, calibration, carry)
             for name in order:
                 module = modules[name]
                 weight = weight_matrix(module).detach()
                 moment = None
+                if name in calibrated:
+                    moment, cross = _layer_moments(carried, name, positions, name in crossed)
                 if name in crossed:
-                    moment, cross = _cross_moments(
-                        clean, clean.get_submodule(name), model, module, calibration, positions
-                    )
                     weight = output_target(
                         weight, moment, cross, fit.ridge, fit.asymmetric_strength
                     ).to(weight.dtype)
-                elif name in calibrated:
-                    moment = input_moments(model, {name: module}, calibration, positions)[name]
                 result = compress(weight, targets[name], moment)
                 if isinstance(module, nn.Conv2d):
                     replacement = CompressedConv2d.from_compressed(

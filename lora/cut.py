@@ -242,3 +242,62 @@ def _reproduces(
         and answer.shape == logits.shape
         and torch.equal(answer, logits)
     )
+
+
+class CarriedStates:
+    """Networks of one structure (a compressed network and its clean original) run on the same
+    batches up to one layer after another, in forward order, each pass starting from their
+    states at the deepest verified boundary before that layer instead of from the inputs.
+
+    The states kept are those of the last boundary reached; moving to a later one runs only the
+    part between the two. This holds while nothing before the kept boundary changes, as when
+    layers are compressed or trained in forward order. The boundary is found on the first
+    network given. With ``carry=False`` every pass starts from the inputs (the reference the
+    carried passes are checked against)."""
+
+    def __init__(
+        self, networks: dict[str, nn.Module], batches: list[torch.Tensor], carry: bool = True
+    ) -> None:
+        self.networks, self.batches, self.carry = networks, batches, carry
+        self.input_shape = tuple(batches[0].shape[1:])
+        self.cut: Cut | None = None
+        self.states: dict[str, list[torch.Tensor]] = {}
+
+    def before(self, name: str) -> dict[str, tuple[nn.Module, list[torch.Tensor]]]:
+        """For each network: what to run (the network, or its part after the boundary) and on
+        which batches (the inputs, or the states there), so that the pass reaches ``name``."""
+        cut = None
+        if self.carry:
+            probe = next(iter(self.networks.values()))
+            cut = find_cut(probe, [name], self.input_shape)
+            if cut is not None and self.cut is not None and not at_or_after(self.cut, cut):
+                cut = None  # a boundary behind the one kept: read from the inputs
+        self._advance(cut)
+        if cut is None:
+            return {kind: (network, self.batches) for kind, network in self.networks.items()}
+        return {
+            kind: (cut_model(network, cut, self.input_shape), self.states[kind])
+            for kind, network in self.networks.items()
+        }
+
+    def _advance(self, cut: Cut | None) -> None:
+        """The networks' states at ``cut``, from the states kept so far where they lead there
+        (an earlier boundary), else from the inputs."""
+        if cut is None or (self.cut is not None and self.cut.module == cut.module):
+            if cut is None:
+                self.cut, self.states = None, {}
+            return  # at the same boundary nothing ran since
+        states = {}
+        for kind, network in self.networks.items():
+            start, given = network, self.batches
+            if self.cut is not None:
+                start = cut_model(network, self.cut, self.input_shape)
+                given = self.states[kind]
+            states[kind] = [state_of(start, cut.module, batch) for batch in given]
+        self.cut, self.states = cut, states
+
+
+def at_or_after(old: Cut, new: Cut) -> bool:
+    """Whether ``new``'s boundary is ``old``'s or a later one: ``old``'s module is among (or
+    inside) the modules ``new`` skips."""
+    return any(old.module == name or old.module.startswith(f"{name}.") for name, _ in new.skipped)

@@ -39,7 +39,7 @@ from compression import CompressedWeight
 from compression.adaround import SoftRounding, beta_at, learns_rounding
 from compression.integer import FED_BACK, code_bounds, from_codes, row_zero, signed_codes
 from lora.capture import NotCalled, first_call
-from lora.cut import Cut, cut_model, find_cut, state_of
+from lora.cut import CarriedStates
 from lora.layer import compressed_of
 
 MODES = ("none", "block", "network")
@@ -322,73 +322,28 @@ def _detached(compressed: CompressedWeight) -> CompressedWeight:
 
 class _Chain:
     """Each unit's input (from the compressed, already reconstructed prefix) and its clean input
-    and output (from the uncompressed network), carried from unit to unit: the two networks'
-    states at the deepest verified block boundary before a unit (``lora.cut``) are kept, and
-    the next unit's are computed from them, so a unit costs the part of the network between the
-    last boundary and its own end, not the whole prefix again. A unit with no boundary before it
-    (the first, or one past a skip connection) reads both networks from the inputs."""
+    and output (from the uncompressed network), carried from unit to unit (``CarriedStates``):
+    a unit costs the part of the network between the last verified block boundary and its own
+    end, not the whole prefix again. A unit with no boundary before it (the first, or one past a
+    skip connection) reads both networks from the inputs."""
 
     def __init__(
         self, adapted: nn.Module, reference: nn.Module, inputs: torch.Tensor, chunk: int
     ) -> None:
-        self.networks = {"adapted": adapted, "reference": reference}
-        self.inputs, self.chunk = inputs, chunk
-        self.cut: Cut | None = None
-        self.states: dict[str, torch.Tensor] = {}
-
-    def _advance(self, cut: Cut | None) -> None:
-        """The two networks' states at ``cut``, from the states kept so far where they lead
-        there (an earlier boundary), else from the inputs."""
-        if cut is None:
-            self.cut, self.states = None, {}
-            return
-        states = {}
-        for kind, network in self.networks.items():
-            start, given = network, self.inputs
-            if self.cut is not None and self.cut.module != cut.module:
-                start, given = (
-                    cut_model(network, self.cut, self.inputs.shape[1:]),
-                    self.states[kind],
-                )
-            elif self.cut is not None:
-                states[kind] = self.states[kind]  # the same boundary: nothing ran since
-                continue
-            states[kind] = torch.cat(
-                [state_of(start, cut.module, rows) for rows in given.split(self.chunk)]
-            )
-        self.cut, self.states = cut, states
+        networks = {"reference": reference, "adapted": adapted}  # boundaries found on reference
+        self.carried = CarriedStates(networks, list(inputs.split(chunk)))
+        self.chunk = chunk
 
     def unit_io(self, unit: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The unit's input in the adapted network, its clean input and its clean output, over
         every calibration row."""
-        reference = self.networks["reference"]
-        cut = find_cut(reference, [unit], self.inputs.shape[1:])
-        if cut is not None and self.cut is not None and not _at_or_after(self.cut, cut):
-            cut = None  # a boundary behind the one kept: read from the inputs
-        self._advance(cut)
-        if cut is None:
-            clean_in, target = capture_module_io(
-                reference, reference.get_submodule(unit), self.inputs, self.chunk, True
-            )
-            x, _ = capture_module_io(
-                self.networks["adapted"], self.networks["adapted"].get_submodule(unit),
-                self.inputs, self.chunk, False,
-            )  # fmt: skip
-            return x, clean_in, target
         found = {}
-        for kind, network in self.networks.items():
-            suffix = cut_model(network, cut, self.inputs.shape[1:])
+        for kind, (network, batches) in self.carried.before(unit).items():
             found[kind] = capture_module_io(
-                suffix, suffix.get_submodule(unit), self.states[kind], self.chunk,
+                network, network.get_submodule(unit), torch.cat(batches), self.chunk,
                 with_output=kind == "reference",
             )  # fmt: skip
         return found["adapted"][0], *found["reference"]
-
-
-def _at_or_after(old: Cut, new: Cut) -> bool:
-    """Whether ``new``'s boundary is ``old``'s or a later one: ``old``'s module is among (or
-    inside) the modules ``new`` skips."""
-    return any(old.module == name or old.module.startswith(f"{name}.") for name, _ in new.skipped)
 
 
 def reconstruct(

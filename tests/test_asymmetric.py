@@ -17,7 +17,7 @@ from torch import nn
 from compression import make_config
 from lora import LoraConfig, calibrate_sequentially
 from lora.calibration import CrossMomentAccumulator, compress_sequentially
-from lora.inits import RIDGE, FitConfig, act_svd_init
+from lora.inits import DEFAULT_FIT, RIDGE, FitConfig, act_svd_init
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 
@@ -168,7 +168,7 @@ def test_a_large_ridge_makes_the_act_aware_fit_the_plain_truncation(chain):
     by layer; with the default ridge they differ."""
     model, batches = CHAINS[chain]()
 
-    def products(init: str, fit: FitConfig = FitConfig()) -> dict[str, torch.Tensor]:
+    def products(init: str, fit: FitConfig = DEFAULT_FIT) -> dict[str, torch.Tensor]:
         def config_for(name: str, module: nn.Module) -> LoraConfig:
             return LoraConfig(r=2, lora_alpha=8, init=init)
 

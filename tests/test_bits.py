@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compression import compress, make_config
+from lora.inits import FitConfig
 from lora.reconstruction import NO_RECONSTRUCTION
 from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
@@ -77,6 +78,7 @@ def small_setup(include_bias: bool) -> network.NetworkSetup:
         ),
         sweep=SimpleNamespace(seed=0, use_dora=False),
         include_bias=include_bias,
+        fit=FitConfig(),
     )
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     train = FeatureSplit(images, torch.zeros(4, dtype=torch.long))

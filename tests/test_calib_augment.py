@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from lora.inits import FitConfig
 from lora.reconstruction import NO_RECONSTRUCTION
 from tests.conftest import run_driver, run_folder, write_image
 from train_evaluate.inputs.images import ImageModel, calibration_views
@@ -48,7 +49,7 @@ def setup(train: FeatureSplit, views: int) -> network.NetworkSetup:
     plan = SimpleNamespace(
         network=SimpleNamespace(layers=["0"], calib_images=3, calib_augment=views, selection="0",
                                 calibration="symmetric", reconstruction=NO_RECONSTRUCTION),
-        sweep=SimpleNamespace(seed=0, use_dora=False), include_bias=False,
+        sweep=SimpleNamespace(seed=0, use_dora=False), include_bias=False, fit=FitConfig(),
     )  # fmt: skip
     wrapped = ImageModel(model, (0.5,) * 3, (0.5,) * 3).eval()
     return network.NetworkSetup.create(plan, wrapped, train, "fp16")

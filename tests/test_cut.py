@@ -3,13 +3,16 @@ only when the network cut there gives exactly the full network's logits."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
+import pytest
 import timm
 import torch
 from torch import nn
 
+from compression import make_config
 from lora.cut import cut_model, find_cut, state_of
 from tests.conftest import run_driver, run_folder
 from train_evaluate.inputs import images as image_cache
@@ -150,3 +153,50 @@ def test_the_demo_gives_the_same_results_cut_at_a_block_as_from_the_images(
     assert "cache: cut at the output of blocks.0" in logs["cut"]
     assert "the states at blocks.0 would take" in logs["images"]
     pd.testing.assert_frame_equal(frames["cut"], frames["images"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", [RESNET, "test_efficientnet"])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_carried_calibration_passes_see_what_passes_from_the_images_see(
+    name, asymmetric, monkeypatch
+):
+    """calibrate_sequentially with each pass started from the states kept at the last block
+    boundary gives every layer the moments (and cross-moments) that passes from the images give,
+    across skip connections, squeeze-excite and depthwise convs; and most passes do start from a
+    kept boundary."""
+    from lora import LoraConfig, calibrate_sequentially
+    from lora.cut import CarriedStates
+
+    model = bare(name)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 3, 64, 64, generator=generator) for _ in range(2)]
+    names = layer_selection.select_layers(model, ["all"])
+    targets = dict.fromkeys(names, make_config("int2"))
+
+    def config_for(_name: str, _module: nn.Module) -> LoraConfig:
+        return LoraConfig(r=1, lora_alpha=8, init="act_svd_init")
+
+    started = []
+    before = CarriedStates.before
+
+    def counted(self, layer: str):
+        found = before(self, layer)
+        started.append(self.cut is not None)
+        return found
+
+    monkeypatch.setattr(CarriedStates, "before", counted)
+    contexts = {}
+    for carry in (True, False):
+        copied = copy.deepcopy(model)
+        results = calibrate_sequentially(
+            copied, targets, config_for, batches, asymmetric=asymmetric, carry=carry
+        )
+        contexts[carry] = {layer: context for layer, (_, context) in results.items()}
+    assert sum(started[: len(names)]) >= len(names) // 2 and not any(started[len(names) :])
+    for layer in names:
+        pairs = [(contexts[True][layer].moment, contexts[False][layer].moment)]
+        if asymmetric:
+            pairs.append((contexts[True][layer].cross_moment, contexts[False][layer].cross_moment))
+        for carried, direct in pairs:
+            scale = float(direct.abs().max())
+            torch.testing.assert_close(carried, direct, rtol=1e-5, atol=1e-6 * scale)

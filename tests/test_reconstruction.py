@@ -21,6 +21,7 @@ from compression.adaround import SoftRounding
 from lora import LoraConfig
 from lora.attach import make_adapter, make_init_context
 from lora.cut import boundaries
+from lora.inits import FitConfig
 from lora.reconstruction import (
     ReconstructionConfig,
     UnitRecord,
@@ -128,7 +129,7 @@ def test_each_units_inputs_carried_from_the_last_boundary_are_those_of_the_whole
     carried = 0
     for unit, layers in units:
         x, clean_in, target = chain.unit_io(unit)
-        carried += chain.cut is not None
+        carried += chain.carried.cut is not None
         old_x, _ = capture_module_io(adapted, adapted.get_submodule(unit), inputs, 5, False)
         old_in, old_target = capture_module_io(
             reference, reference.get_submodule(unit), inputs, 5, True
@@ -181,7 +182,7 @@ def reconstructed_state(train: FeatureSplit) -> dict[str, torch.Tensor]:
     plan = SimpleNamespace(
         network=SimpleNamespace(layers=names, selection="all", calib_images=12, calib_augment=1,
                                 calibration="symmetric", reconstruction=FAST),
-        sweep=SweepConfig(init="svd_init", seed=3), include_bias=False,
+        sweep=SweepConfig(init="svd_init", seed=3), include_bias=False, fit=FitConfig(),
     )  # fmt: skip
     setup = network.NetworkSetup.create(plan, model, train, "fp16")
     return setup.method("int2", make_config("int2")).adapted(2, 8, plan.sweep, 0).adapter_state()
