@@ -32,7 +32,7 @@ from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tf_efficientnet_lite0"
-SECTIONS = ("uniform", "budgets", "brecq")
+SECTIONS = ("uniform", "budgets", "brecq", "options")
 # (label, driver options): data-blind first
 ROUNDINGS = (
     ("rtn, max scale", ["--int-scale", "max", "--quantizer", "rtn"]),
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(table(selection, frames))
     if {"budgets", "brecq"} & set(args.sections):
         tables.append(budgets(args))
+    if "options" in args.sections:
+        tables.append(options_table(args))
     print("\n\n".join(tables))
     return 0
 
@@ -243,6 +245,77 @@ def budgets(args: argparse.Namespace) -> str:
                        "--reconstruct", "block"]  # fmt: skip
             frames.append(driver(options, args, where / "runs"))
     return budget_table(frames)
+
+
+# the calibration and reconstruction options, all on, and each of them off in turn; every row
+# takes the layer plan its budget chose (so only the options differ), and the budget's own row
+# (GPTQ alone, no reconstruction) is every option off
+ALL_ON = [
+    "--quantizer", "gptq-adaround", "--reconstruct", "block", "--calib-augment", "4",
+    "--reconstruct-drop", "0.5",
+]  # fmt: skip
+OPTION_VARIANTS = (
+    ("all on", ALL_ON),
+    ("views off", [o for o in ALL_ON if o not in ("--calib-augment", "4")]),
+    ("held-out off", [*ALL_ON, "--reconstruct-held-out", "0"]),
+    ("QDrop off", [o for o in ALL_ON if o not in ("--reconstruct-drop", "0.5")]),
+    ("GPTQ start off", ["--quantizer", "adaround", *ALL_ON[2:]]),
+)
+
+
+def budget_plans(args: argparse.Namespace) -> tuple[dict[float, Path], pd.DataFrame]:
+    """The layer plan the budgets section chose for each budget, and that run's evaluation.csv
+    (the section runs first where it has not)."""
+    folder = args.results_dir / "budgets"
+    if not list(folder.glob("*/*/*/evaluation.csv")):
+        budgets(argparse.Namespace(**{**vars(args), "sections": ["budgets"]}))
+    (csv,) = folder.glob("*/*/*/evaluation.csv")
+    plans = {
+        budget: csv.parent / "plans" / f"quant=budget{budget:g}_r=0.json" for budget in args.budgets
+    }
+    return plans, pd.read_csv(csv)
+
+
+def finished(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataFrame:
+    """``driver``, or the evaluation.csv of a run already finished there (read back, so that a
+    rerun of the leaderboard does not compress and score its models again)."""
+    done = list(results.glob("*/*/*/evaluation.csv"))
+    return pd.read_csv(done[0]) if done else driver(options, args, results)
+
+
+def options_table(args: argparse.Namespace) -> str:
+    """Each budget's model with the calibration and reconstruction options all on and each off,
+    on model bits, the front marked, against the targets."""
+    plans, frame = budget_plans(args)
+    original = frame.loc[frame["lora_rank"] == "original", "evaluation"].iloc[0]
+    rows = []
+    for budget in args.budgets:
+        row = frame[(frame["quant"] == f"budget{budget:g}") & (frame["lora_rank"] != "quantized")]
+        rows.append({**row.iloc[-1], "variant": "all off (GPTQ alone)"})
+    for label, options in OPTION_VARIANTS:
+        for budget, plan in plans.items():
+            where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
+            common = ["--layer-plan", str(plan), "--init", "svd_init", "--int-scale", "mse",
+                      "--scale-dtype", "fp16"]  # fmt: skip
+            frame = finished([*common, *options], args, where)
+            row = frame[~frame["lora_rank"].isin(["original", "quantized"])].iloc[-1]
+            rows.append({**row, "quant": f"budget{budget:g}", "variant": label})
+    frame = pd.DataFrame(rows)
+    frame["front"] = pareto(frame)
+    lines = [
+        f"EfficientNet-Lite0, each budget's layer plan, original top-1 {original:.1f}:",
+        "",
+        "| budget | options | model bits/weight | top-1 | on the front | against the targets |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in frame.sort_values(["model_bits_per_weight", "evaluation"]).itertuples():
+        bits = row.model_bits_per_weight
+        lines.append(
+            f"| {row.quant} | {row.variant} | {bits:.2f} | {row.evaluation:.1f} | "
+            f"{'yes' if row.front else ''} | "
+            f"{against_targets(bits, row.evaluation, original)} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
