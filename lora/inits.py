@@ -219,6 +219,9 @@ def output_target(
     eigenvalues, vectors = torch.linalg.eigh(moment)
     eigenvalues = eigenvalues.clamp_min(0)
     lam = ridge * eigenvalues.mean(dim=-1, keepdim=True)  # groups x 1
+    # a group whose inputs are all zero (a dead channel of a depthwise conv) has C~ = G = 0: any
+    # positive lam then gives W_t = W, where lam = 0 would divide by zero
+    lam = torch.where(lam > 0, lam, torch.ones_like(lam))
     inverse = (vectors / (eigenvalues + lam).unsqueeze(-2)) @ vectors.transpose(-2, -1)
     identity = torch.eye(cross.shape[-1], dtype=cross.dtype, device=cross.device)
     shifted = strength * cross + (1 - strength) * moment + lam.unsqueeze(-1) * identity

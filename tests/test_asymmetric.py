@@ -17,7 +17,7 @@ from torch import nn
 from compression import make_config
 from lora import LoraConfig, calibrate_sequentially
 from lora.calibration import CrossMomentAccumulator, compress_sequentially
-from lora.inits import DEFAULT_FIT, RIDGE, FitConfig, act_svd_init
+from lora.inits import DEFAULT_FIT, RIDGE, FitConfig, act_svd_init, output_target
 from tests.conftest import run_driver, run_folder
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 
@@ -302,6 +302,24 @@ def test_asymmetric_gptq_at_strength_zero_rounds_the_layers_own_weight():
         codes[key] = torch.cat([copied.get_submodule(n).weight.flatten() for n in NAMES])
     assert torch.equal(codes["zero"], codes["symmetric"])
     assert not torch.equal(codes["full"], codes["symmetric"])
+
+
+def test_a_group_with_silent_inputs_keeps_its_weight():
+    """A depthwise conv's channel whose inputs are all zero has a zero moment and cross-moment:
+    its rows of the asymmetric target are W's (finite), the other groups' are fitted."""
+    generator = torch.Generator().manual_seed(0)
+    groups, width = 3, 4
+    weight = torch.randn(groups * 2, width, generator=generator)
+    x = torch.randn(50, groups, width, generator=generator, dtype=torch.float64)
+    x[:, 1] = 0  # the second group never sees an input
+    x_tilde = x + 0.1 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    x_tilde[:, 1] = 0
+    moment = torch.einsum("ngi,ngj->gij", x_tilde, x_tilde) / len(x)
+    cross = torch.einsum("ngi,ngj->gij", x, x_tilde) / len(x)
+    target = output_target(weight, moment, cross)
+    assert torch.isfinite(target).all()
+    torch.testing.assert_close(target[2:4], weight[2:4].double())
+    assert not torch.allclose(target[:2], weight[:2].double(), atol=1e-3)
 
 
 def test_asymmetric_needs_the_sequential_pass():
