@@ -283,9 +283,10 @@ class CarriedStates:
     def _advance(self, cut: Cut | None) -> None:
         """The networks' states at ``cut``, from the states kept so far where they lead there
         (an earlier boundary), else from the inputs."""
-        if cut is None or (self.cut is not None and self.cut.module == cut.module):
-            if cut is None:
-                self.cut, self.states = None, {}
+        if cut is None:
+            self.cut, self.states = None, {}
+            return
+        if self.cut is not None and self.cut.module == cut.module:
             return  # at the same boundary nothing ran since
         states = {}
         for kind, network in self.networks.items():
