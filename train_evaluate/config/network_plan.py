@@ -332,7 +332,7 @@ def check_network_options(
     args: RunOptions, network_plan: NetworkPlan | None, compressions: dict[str, Any]
 ) -> None:
     """The options that only a whole-network run (or only the classifier alone) can use,
-    refused in one line where they would be ignored or cannot work."""
+    refused in one line where they would be ignored or cannot work; then the fits' options."""
     if network_plan is not None and args.decode != "cpu":
         raise UsageError(
             "--decode gpu applies to the feature pass of --layers head; whole-network runs "
@@ -377,6 +377,7 @@ def check_network_options(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
         )
+    check_fit_options(args, network_plan, compressions)
 
 
 def fit_config(args: RunOptions) -> FitConfig:

@@ -37,7 +37,6 @@ from train_evaluate.config.network_plan import (
     NetworkPlan,
     check_budget,
     check_budgets_reachable,
-    check_fit_options,
     check_network_options,
     fit_config,
     largest_layer,
@@ -349,7 +348,6 @@ def plan_run(args: RunOptions, argv: Sequence[str] = ()) -> Plan:
     planned, compressions = layer_plan_and_configs(args, model, compressions)
     network_plan = plan_network(args, model, source, fractions, device, planned)
     check_network_options(args, network_plan, compressions)
-    check_fit_options(args, network_plan, compressions)
     check_budget(args, network_plan)
     name = run_name(args, network_plan)
     out = args.out or args.results_dir / folder_name(model) / data_name / name
