@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, options in SETTINGS:
         folder = (args.results_dir / label.replace(" ", "").replace(",", "_")).resolve()
-        seconds = run(options, args, folder)
-        rows.append({"setting": label, **scores(folder, args.method, args.rank), "s": seconds})
+        took = run(options, args, folder)
+        rows.append({"setting": label, **scores(folder, args.method, args.rank), "s": took})
         print(f"{label}: val {rows[-1]['val']:.1f}, test {rows[-1]['test']:.1f}", flush=True)
     frame = pd.DataFrame(rows)
     chosen = frame.loc[frame["val"].idxmax()]  # the first of the highest
