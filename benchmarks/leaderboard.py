@@ -276,6 +276,19 @@ def budget_plans(args: argparse.Namespace) -> tuple[dict[float, Path], pd.DataFr
     return plans, pd.read_csv(csv)
 
 
+def methods_and_ranks(plan: Path, folder: Path) -> Path:
+    """A copy of ``plan`` with each layer's method and rank and not the compression it records
+    (GPTQ, no reconstruction), so that runs with other calibration options take the same
+    allocation."""
+    raw = json.loads(plan.read_text())
+    for entry in raw["layers"].values():
+        entry.pop("compression", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / plan.name
+    path.write_text(json.dumps(raw, indent=1))
+    return path
+
+
 def finished(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataFrame:
     """``driver``, or the evaluation.csv of a run already finished there (read back, so that a
     rerun of the leaderboard does not compress and score its models again)."""
@@ -295,6 +308,7 @@ def options_table(args: argparse.Namespace) -> str:
     for label, options in OPTION_VARIANTS:
         for budget, plan in plans.items():
             where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
+            plan = methods_and_ranks(plan, args.results_dir / "options" / "plans")
             common = ["--layer-plan", str(plan), "--init", "svd_init", "--int-scale", "mse",
                       "--scale-dtype", "fp16"]  # fmt: skip
             frame = finished([*common, *options], args, where)
