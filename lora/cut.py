@@ -100,10 +100,14 @@ class _ClearState:
         model.get_submodule(self.boundary).state = None
 
 
-def cut_model(model: nn.Module, cut: Cut, input_shape: Sequence[int]) -> nn.Module:
+def cut_model(
+    model: nn.Module, cut: Cut, input_shape: Sequence[int], share: bool = False
+) -> nn.Module:
     """A copy of ``model`` that takes the cached state of ``cut`` (N x state_shape) instead of
-    its input (N x ``input_shape``) and runs only the modules after the boundary."""
-    model = copy.deepcopy(model)
+    its input (N x ``input_shape``) and runs only the modules after the boundary. With
+    ``share`` only the containers above the skipped modules are copied: every other module and
+    every tensor is ``model``'s own (for a pass run at once, without a deep copy per pass)."""
+    model = _copy_above(model, [name for name, _ in cut.skipped]) if share else copy.deepcopy(model)
     for name, shape in cut.skipped:
         original = model.get_submodule(name)
         kind = CachedBoundary if name == cut.module else SkippedModule
@@ -111,6 +115,32 @@ def cut_model(model: nn.Module, cut: Cut, input_shape: Sequence[int]) -> nn.Modu
     model.register_forward_pre_hook(_RouteState(cut.module, input_shape))
     model.register_forward_hook(_ClearState(cut.module))
     return model
+
+
+def _copy_above(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` in which the root and each container above ``names`` are new objects
+    (their own children, parameter and hook tables), so that replacing ``names`` or hooking the
+    root leaves ``model`` untouched; all else is shared."""
+
+    def own(module: nn.Module) -> nn.Module:
+        clone = copy.copy(module)  # a new __dict__ whose tables are still the module's
+        for key, value in vars(module).items():
+            if isinstance(value, dict):
+                clone.__dict__[key] = copy.copy(value)
+        return clone
+
+    root = own(model)
+    owned = {id(root)}
+    for name in names:
+        parent = root
+        for part in name.split(".")[:-1]:
+            child = parent._modules[part]
+            if id(child) not in owned:
+                child = own(child)
+                parent._modules[part] = child
+                owned.add(id(child))
+            parent = child
+    return root
 
 
 def state_of(model: nn.Module, boundary: str, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +261,7 @@ def _reproduces(
     logits: torch.Tensor,
 ) -> bool:
     """Whether the model cut at ``cut`` answers exactly ``logits`` from ``state``."""
-    suffix = cut_model(model, cut, input_shape)
+    suffix = cut_model(model, cut, input_shape, share=True)
     try:
         with torch.no_grad():
             answer = suffix(state.float())
@@ -276,7 +306,7 @@ class CarriedStates:
         if cut is None:
             return {kind: (network, self.batches) for kind, network in self.networks.items()}
         return {
-            kind: (cut_model(network, cut, self.input_shape), self.states[kind])
+            kind: (cut_model(network, cut, self.input_shape, share=True), self.states[kind])
             for kind, network in self.networks.items()
         }
 
@@ -292,7 +322,7 @@ class CarriedStates:
         for kind, network in self.networks.items():
             start, given = network, self.batches
             if self.cut is not None:
-                start = cut_model(network, self.cut, self.input_shape)
+                start = cut_model(network, self.cut, self.input_shape, share=True)
                 given = self.states[kind]
             states[kind] = [state_of(start, cut.module, batch) for batch in given]
         self.cut, self.states = cut, states

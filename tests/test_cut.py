@@ -50,6 +50,30 @@ def test_the_cut_is_the_last_stage_before_the_selection_and_gives_the_full_logit
     assert tensor_bits(suffix) == tensor_bits(full)
 
 
+def test_a_shared_cut_runs_as_the_copied_one_and_leaves_its_model_untouched():
+    model = bare("test_efficientnet")
+    names = layer_selection.select_layers(model, ["blocks.3.*"])
+    cut = find_cut(model, names, (3, 160, 160))
+    assert cut is not None and "." in cut.module  # a block inside a stage: nested containers
+    before = {name: module for name, module in model.named_modules()}
+    hooks = {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in before.items()}
+    x = torch.randn(3, 3, 160, 160)
+    with torch.no_grad():
+        state, logits = state_of(model, cut.module, x), model(x)
+        shared = cut_model(model, cut, (3, 160, 160), share=True)
+        assert torch.equal(shared(state), cut_model(model, cut, (3, 160, 160))(state))
+        assert torch.equal(shared(state), logits)
+        assert torch.equal(model(x), logits)  # the model still runs whole
+    # no module of the model replaced or hooked, every tensor shared rather than copied
+    assert {name: module for name, module in model.named_modules()} == before
+    assert {
+        n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in before.items()
+    } == hooks
+    assert {t.data_ptr() for t in shared.state_dict().values()} == {
+        t.data_ptr() for t in model.state_dict().values()
+    }
+
+
 class SkipAround(nn.Module):
     """head(a(x) + x): a's output alone does not carry the state the head needs."""
 
