@@ -296,24 +296,53 @@ def finished(options: list[str], args: argparse.Namespace, results: Path) -> pd.
     return pd.read_csv(done[0]) if done else driver(options, args, results)
 
 
+def variant_rows(
+    label: str, options: list[str], plans: dict[float, Path], args: argparse.Namespace
+) -> list[dict]:
+    """Each budget's methods and ranks (chosen on kl sensitivities) run with ``options``."""
+    rows = []
+    for budget, plan in plans.items():
+        where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
+        plan = methods_and_ranks(plan, args.results_dir / "options" / "plans")
+        common = ["--layer-plan", str(plan), "--init", "svd_init", "--int-scale", "mse",
+                  "--scale-dtype", "fp16"]  # fmt: skip
+        frame = finished([*common, *options], args, where)
+        row = frame[~frame["lora_rank"].isin(["original", "quantized"])].iloc[-1]
+        rows.append({**row, "quant": f"budget{budget:g}", "variant": label})
+    return rows
+
+
+def reconstructed_sensitivity_rows(args: argparse.Namespace) -> list[dict]:
+    """The budgets solved on ``kl-reconstructed`` sensitivities (each option's KL after its
+    block's reconstruction), their models built with every option on."""
+    frame = finished(
+        ["--layers", "all", "--init", "svd_init", "--methods", *args.budget_methods,
+         "--ranks", *map(str, args.budget_ranks), "--bits-budget", *map(str, args.budgets),
+         "--budget-only", "--budget-sensitivity", "kl-reconstructed", "--int-scale", "mse",
+         "--scale-dtype", "fp16", *ALL_ON],
+        args, args.results_dir / "options" / "kl-reconstructed",
+    )  # fmt: skip
+    chosen = frame["quant"].str.startswith("budget") & ~frame["lora_rank"].isin(
+        ["original", "quantized"]
+    )
+    return [{**row, "variant": "all on, kl-reconstructed"} for _, row in frame[chosen].iterrows()]
+
+
 def options_table(args: argparse.Namespace) -> str:
     """Each budget's model with the calibration and reconstruction options all on and each off,
-    on model bits, the front marked, against the targets."""
+    and all on with the budget solved on ``kl-reconstructed`` sensitivities, on model bits, the
+    front marked, against the targets."""
     plans, frame = budget_plans(args)
     original = frame.loc[frame["lora_rank"] == "original", "evaluation"].iloc[0]
     rows = []
     for budget in args.budgets:
         row = frame[(frame["quant"] == f"budget{budget:g}") & (frame["lora_rank"] != "quantized")]
         rows.append({**row.iloc[-1], "variant": "all off (GPTQ alone)"})
-    for label, options in OPTION_VARIANTS:
-        for budget, plan in plans.items():
-            where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
-            plan = methods_and_ranks(plan, args.results_dir / "options" / "plans")
-            common = ["--layer-plan", str(plan), "--init", "svd_init", "--int-scale", "mse",
-                      "--scale-dtype", "fp16"]  # fmt: skip
-            frame = finished([*common, *options], args, where)
-            row = frame[~frame["lora_rank"].isin(["original", "quantized"])].iloc[-1]
-            rows.append({**row, "quant": f"budget{budget:g}", "variant": label})
+    (first, *others) = OPTION_VARIANTS  # all on first, then the sensitivities that suit it
+    rows += variant_rows(*first, plans, args)
+    rows += reconstructed_sensitivity_rows(args)
+    for label, options in others:
+        rows += variant_rows(label, options, plans, args)
     frame = pd.DataFrame(rows)
     frame["front"] = pareto(frame)
     lines = [

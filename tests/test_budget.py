@@ -5,6 +5,7 @@ within the budget, its layers as chosen, its checkpoint reproduced)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -25,6 +26,9 @@ from compression.budget import (
     solve_exact,
     solve_greedy,
 )
+from compression.modules import replace_submodule
+from lora.cut import boundaries
+from lora.reconstruction import ReconstructionConfig, reconstruct, reconstruction_units
 from tests.conftest import run_driver, run_folder
 from tests.test_bits import MODEL_WEIGHTS, OTHER_BITS, small_setup
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
@@ -271,7 +275,7 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
     for (info, _, _, options), layer in zip(
         budget.layer_options(setup, COMPRESSIONS, RANKS, sweep), measured, strict=True
     ):
-        for (method, rank, bits, merged), choice in zip(options, layer, strict=True):
+        for (method, rank, bits, adapter), choice in zip(options, layer, strict=True):
             assert (choice.layer, choice.method, choice.rank, choice.bits) == (
                 info.name, method, rank, bits
             )  # fmt: skip
@@ -279,7 +283,7 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
             replaced = copy.deepcopy(setup.model)
             module = replaced.model.get_submodule(info.name)
             with torch.no_grad():
-                module.weight.copy_(merged.reshape(module.weight.shape))
+                module.weight.copy_(budget.merged(adapter).reshape(module.weight.shape))
                 student = F.log_softmax(replaced(setup.calibration).double(), dim=-1)
             expected = float((teacher.exp() * (teacher - student)).sum(-1).mean())
             assert choice.sensitivity == pytest.approx(expected, rel=1e-6, abs=1e-12)
@@ -289,6 +293,44 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
     # (its KL is float rounding, about 1e-17; int2 at rank 1 moves the logits far more)
     assert full_rank and max(abs(value) for value in full_rank) < 1e-12
     assert max(c.sensitivity for layer in measured for c in layer) > 1e-6
+
+
+def test_kl_reconstructed_is_the_kl_after_each_options_block_is_reconstructed(small):
+    setup, sweep, _ = small
+    config = ReconstructionConfig(mode="block", block_steps=4, lr=1e-2, held_out=0.25)
+    rebuilt = dataclasses.replace(setup, reconstruction=config)
+    learned = {"int2": make_config("int2", quantizer="adaround")}  # rank 0 learns its rounding
+    before = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    measured = budget.measure_options(
+        rebuilt, learned, (0, 2), sweep, sensitivity="kl-reconstructed"
+    )
+    after = setup.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the network as it was
+    plain = budget.measure_options(setup, learned, (0, 2), sweep, sensitivity="kl")
+    # by hand, on a copy from the images: the option's adapter in its layer, its block
+    # reconstructed against the clean network, then the KL of the adapted network itself
+    model, calibration = setup.model, setup.calibration
+    inputs = model.preprocess(calibration)
+    units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
+    with torch.no_grad():
+        teacher = F.log_softmax(model(calibration).double(), dim=-1)
+    for (info, _, _, options), layer in zip(
+        budget.layer_options(setup, learned, (0, 2), sweep), measured, strict=True
+    ):
+        (unit,) = [unit for unit, names in units if info.name in names]
+        for (*_, adapter), choice in zip(options, layer, strict=True):
+            network = copy.deepcopy(model)
+            replace_submodule(network.model, info.name, adapter)
+            reconstruct(network.model, model.model, [(unit, [info.name])], inputs, config)
+            with torch.no_grad():
+                student = F.log_softmax(network(calibration).double(), dim=-1)
+            expected = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+            # the merged weight against the adapter's own forward: float32 rounding of logits
+            # that differ by about 1e-3 moves a KL this small by about 1e-4 of itself
+            assert choice.sensitivity == pytest.approx(expected, rel=1e-3, abs=1e-12)
+    assert errors(measured) != errors(plain)  # reconstruction moved the sensitivities
+    with pytest.raises(ValueError, match="--reconstruct"):
+        budget.measure_options(setup, learned, (0,), sweep, sensitivity="kl-reconstructed")
 
 
 def test_a_pass_from_a_later_block_skips_the_ones_before_and_answers_the_same(small):
@@ -456,6 +498,10 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
         ),
         (("--layers", "all", "--bits-budget", "4", "--workers", "2"), "drop --search"),
         (("--layers", "all", "--budget-sensitivity", "kl"), "add --bits-budget"),
+        (
+            ("--layers", "all", "--bits-budget", "4", "--budget-sensitivity", "kl-reconstructed"),
+            "add --reconstruct block",
+        ),
     ],
 )
 def test_an_impossible_budget_is_refused_in_one_line(

@@ -380,11 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     network.add_argument(
         "--budget-sensitivity",
-        choices=("output", "kl"),
+        choices=("output", "kl", "kl-reconstructed"),
         help="what --bits-budget minimises, summed over the layers, each measured with that "
         "layer alone compressed: output, its relative output error on the calibration images "
         "(every layer counts the same); kl, KL(original || model) of the network's logits on "
-        "them (one pass per layer and option; weighs each layer by its effect on the output)",
+        "them (one pass per layer and option; weighs each layer by its effect on the output); "
+        "kl-reconstructed, that KL after the option's block is reconstructed as --reconstruct "
+        "says (needs --reconstruct; one block reconstruction per layer and option)",
     )
     network.add_argument(
         "--cache-limit",

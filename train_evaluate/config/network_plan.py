@@ -255,6 +255,11 @@ def check_budget(args: RunOptions, network_plan: NetworkPlan | None) -> None:
             "--bits-budget spreads bits over the selected layers; with the classifier alone "
             "there is one layer: drop it or select more --layers"
         )
+    if args.budget_sensitivity == "kl-reconstructed" and not network_plan.reconstruction.enabled:
+        raise UsageError(
+            "--budget-sensitivity kl-reconstructed measures each option after its block's "
+            "reconstruction: add --reconstruct block (or network)"
+        )
     named: dict[str, float] = {}
     for budget in budgets:
         if not budget > 0 or not math.isfinite(budget):

@@ -17,15 +17,19 @@ alone compressed and initialised, W~ being its compressed weight plus its initia
   layer alone replaced by W~ (one pass per option). The original's own KL is 0, so this is the
   increase the choice causes, in the units the network's output is judged in (HAWQ-v2 and
   BRECQ weigh layers by their effect on the loss for the same reason).
+- ``kl-reconstructed``: the same KL, W~ taken after the layer's block has been reconstructed
+  as ``--reconstruct`` reconstructs it (block stage, the run's steps, learned rounding and
+  held-out rows) with that layer the only one compressed. An option that reconstruction wins
+  back is then priced by what the final model keeps of its error, not by its error before.
 
-Summing either over the layers, as the knapsack does, assumes the layers' effects add up.
+Summing any of them over the layers, as the knapsack does, assumes the layers' effects add up.
 Each option is priced by the run's own accounting, so the budget holds in the bits
 ``evaluation.csv`` reports.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -44,7 +48,12 @@ from lora.attach import make_init_context
 from lora.calibration import input_moments
 from lora.capture import first_outputs
 from lora.plan import LayerPlan, LayerSpec, mix
-from lora.reconstruction import capture_module_io, reconstruction_units
+from lora.reconstruction import (
+    ReconstructionConfig,
+    capture_module_io,
+    reconstruct,
+    reconstruction_units,
+)
 
 log = logging.getLogger("train_model")
 
@@ -124,7 +133,8 @@ def relative_output_error(
     return error / scale if scale > 0 else error
 
 
-SENSITIVITIES = ("output", "kl")  # --budget-sensitivity; the first is the default
+# --budget-sensitivity; the first is the default
+SENSITIVITIES = ("output", "kl", "kl-reconstructed")
 CHUNK = 32  # calibration images per pass
 
 
@@ -239,12 +249,12 @@ def unreachable(bits_budget: float, template: Any, cheapest_bits: int) -> str:
 
 def layer_options(
     setup: Any, compressions: dict[str, Any], ranks: Sequence[int], sweep: Any
-) -> Iterator[tuple[Any, torch.nn.Module, torch.Tensor, list[tuple[str, int, int, torch.Tensor]]]]:
+) -> Iterator[tuple[Any, torch.nn.Module, torch.Tensor, list[tuple[str, int, int, Any]]]]:
     """For each selected layer in forward order: its ``LayerInfo``, module and input moment (on
-    the clean calibration images), and its options ``(method, rank, stored bits, W~)``: each
-    method at each rank, a rank the layer clamps to one already listed left out; W~ the layer's
-    compressed weight plus its initialised adapter, a matrix out x in. ``setup``: the run's
-    ``NetworkSetup``."""
+    the clean calibration images), and its options ``(method, rank, stored bits, adapter)``:
+    each method at each rank, a rank the layer clamps to one already listed left out; the
+    adapter holds the layer's compressed weight and its initialised adapter (``merged`` gives
+    W~). ``setup``: the run's ``NetworkSetup``."""
     model = setup.model
     modules = {info.name: model.model.get_submodule(info.name) for info in setup.layers}
     device = next(model.parameters()).device
@@ -274,11 +284,48 @@ def layer_options(
                 generator.manual_seed(0)
                 with torch.no_grad():
                     adapter = make_adapter(module, lora, context, generator)
-                    merged = adapter.merged_weight().flatten(1)
                 options.append(
-                    (method, rank, option_bits(setup.template, info, cost, rank), merged)
+                    (method, rank, option_bits(setup.template, info, cost, rank), adapter)
                 )
         yield info, module, moment, options
+
+
+def merged(adapter: Any) -> torch.Tensor:
+    """W~: the adapter's compressed weight plus its low-rank term, a matrix out x in."""
+    with torch.no_grad():
+        return adapter.merged_weight().flatten(1)
+
+
+def reconstructed(
+    network: torch.nn.Module,
+    reference: torch.nn.Module,
+    layer: str,
+    unit: str,
+    adapter: Any,
+    inputs: torch.Tensor,
+    config: ReconstructionConfig,
+) -> None:
+    """``adapter`` (of ``layer``, in block ``unit``) trained in place as ``--reconstruct``
+    trains a block, against ``reference`` (the uncompressed network), the only compressed
+    layer of ``network``; the network is left as it was."""
+    original = replace_submodule(network, layer, adapter)
+    try:
+        reconstruct(network, reference, [(unit, [layer])], inputs, replace(config, mode="block"))
+    finally:
+        replace_submodule(network, layer, original)
+
+
+def _start_at(
+    model: Any, units: Sequence, index: int, shapes: dict, calibration: torch.Tensor, teacher
+) -> FromUnit | None:
+    """The passes of unit ``index``'s layers: from the unit (``FromUnit``) where that
+    reproduces the original logits, else None (from the images)."""
+    before = [(unit, shapes.get(unit)) for unit, _ in units[:index]]
+    if not before or any(shape is None for _, shape in before):
+        return None
+    candidate = FromUnit(model, units[index][0], before, calibration, CHUNK)
+    with candidate:
+        return candidate if candidate.reproduces(calibration, teacher) else None
 
 
 def measure_options(
@@ -290,29 +337,38 @@ def measure_options(
     sensitivity: str = SENSITIVITIES[0],
 ) -> list[list[LayerChoice]]:
     """Every layer's options (``layer_options``), priced and measured by ``sensitivity`` (one
-    of ``SENSITIVITIES``); the network is left as it was."""
+    of ``SENSITIVITIES``; ``kl-reconstructed`` needs ``setup.reconstruction`` enabled); the
+    network is left as it was."""
     from compression import weight_matrix
     from lora.cut import boundaries
 
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity: one of {', '.join(SENSITIVITIES)}; got {sensitivity}")
+    rebuilt = sensitivity == "kl-reconstructed"
+    if rebuilt and not setup.reconstruction.enabled:
+        raise ValueError("kl-reconstructed measures each option after --reconstruct; none given")
     model = setup.model
     device = next(model.parameters()).device
     calibration = setup.calibration.to(device)
-    if sensitivity == "kl":  # the original network's logits, which every option is judged by
+    by_kl = sensitivity != "output"
+    if by_kl:  # the original network's logits, which every option is judged by
         with torch.no_grad():
             teacher = torch.cat([model(rows) for rows in calibration.split(CHUNK)])
+    if rebuilt:  # the clean network each option's block is reconstructed against
+        reference = copy.deepcopy(model.model)
+        inputs = torch.cat([model.preprocess(rows) for rows in calibration.split(CHUNK)])
 
-    def measured(module: torch.nn.Module, merged: torch.Tensor, moment: torch.Tensor) -> float:
-        if sensitivity == "output":
-            return relative_output_error(weight_matrix(module), merged, moment)
+    def measured(module: torch.nn.Module, weight: torch.Tensor, moment: torch.Tensor) -> float:
+        if not by_kl:
+            return relative_output_error(weight_matrix(module), weight, moment)
         kept = module.weight.detach().clone()
         try:  # the layer alone replaced, for one pass over the calibration images
             with torch.no_grad():
-                module.weight.copy_(merged.reshape(kept.shape).to(kept.dtype))
-            if start is not None:
+                module.weight.copy_(weight.reshape(kept.shape).to(kept.dtype))
+            if start is None:
+                return network_kl(model, calibration, teacher, CHUNK)
+            with start:
                 return start.kl(calibration, teacher)
-            return network_kl(model, calibration, teacher, CHUNK)
         finally:
             with torch.no_grad():
                 module.weight.copy_(kept)
@@ -320,30 +376,24 @@ def measure_options(
     # kl: each layer's passes start at its unit where that reproduces the original logits
     units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
     unit_of = {name: index for index, (_, names) in enumerate(units) for name in names}
-    shapes = {}
-    if sensitivity == "kl":
-        shapes = output_shapes(model, [unit for unit, _ in units], calibration[:1])
+    shapes = output_shapes(model, [u for u, _ in units], calibration[:1]) if by_kl else {}
     measured_options, start, current = [], None, None
-    with contextlib.ExitStack() as stack:
-        for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
-            index = unit_of[info.name]
-            if sensitivity == "kl" and index != current:
-                stack.close()
-                start, current = None, index
-                before = [(unit, shapes.get(unit)) for unit, _ in units[:index]]
-                if before and all(shape is not None for _, shape in before):
-                    candidate = FromUnit(model, units[index][0], before, calibration, CHUNK)
-                    stack.enter_context(candidate)
-                    if candidate.reproduces(calibration, teacher):
-                        start = candidate
-                    else:
-                        stack.close()
-            measured_options.append([
-                LayerChoice(info.name, method, rank, bits, measured(module, merged, moment))
-                for method, rank, bits, merged in options
-            ])  # fmt: skip
-            if progress is not None:
-                progress()
+    for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
+        index = unit_of[info.name]
+        if by_kl and index != current:
+            start, current = _start_at(model, units, index, shapes, calibration, teacher), index
+        choices = []
+        for method, rank, bits, adapter in options:
+            if rebuilt:
+                unit = units[index][0]
+                reconstructed(
+                    model.model, reference, info.name, unit, adapter, inputs, setup.reconstruction
+                )
+            sensitivity_of = measured(module, merged(adapter), moment)
+            choices.append(LayerChoice(info.name, method, rank, bits, sensitivity_of))
+        measured_options.append(choices)
+        if progress is not None:
+            progress()
     return measured_options
 
 
