@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import machine, missing_inputs
+from benchmarks.common import finished_runs, machine, missing_inputs
 from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ SETTINGS = (
 
 def run(options: list[str], args: argparse.Namespace, results: Path) -> float:
     """Runs one setting unless its folder holds a finished run; its seconds (0 when read back)."""
-    if list(results.glob("*/*/*/evaluation.csv")):
+    if finished_runs(results):
         return 0.0
     started = time.perf_counter()
     code = train_main(
@@ -66,7 +66,7 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> float:
 def scores(results: Path, method: str, rank: int) -> dict[str, float]:
     """Validation and test top-1 of the rank's model (the init: the run is training-free), from
     its record, and the original's test top-1 from evaluation.csv."""
-    (folder,) = {path.parent for path in results.glob("*/*/*/evaluation.csv")}
+    (folder,) = {path.parent for path in finished_runs(results)}
     record = json.loads((folder / "records" / f"{method}_r{rank}.json").read_text())
     frame = pd.read_csv(folder / "evaluation.csv")
     original = frame.loc[frame["lora_rank"] == "original", "evaluation"].iloc[0]

@@ -26,6 +26,7 @@ from train_evaluate.training.synthetic import synthetic_features
 
 __all__ = [
     "Timing",
+    "finished_runs",
     "image_folder",
     "interleaved",
     "machine",
@@ -33,6 +34,13 @@ __all__ = [
     "seconds_per_call",
     "synthetic_features",
 ]
+
+
+def finished_runs(results: Path) -> list[Path]:
+    """The evaluation.csv of each finished driver run under ``results`` (a ``--results-dir``:
+    model / data / run folder), the last file a run writes."""
+    return sorted(results.glob("*/*/*/evaluation.csv"))
+
 
 REPEATS = 5  # every figure is the median of at least this many interleaved repetitions
 

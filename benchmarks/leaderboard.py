@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import missing_inputs
+from benchmarks.common import finished_runs, missing_inputs
 from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def driver(options: list[str], args: argparse.Namespace, results: Path) -> pd.Da
     )  # fmt: skip
     if code != 0:
         raise SystemExit(f"the driver failed for {' '.join(options)} (exit {code})")
-    (csv,) = results.glob("*/*/*/evaluation.csv")
+    (csv,) = finished_runs(results)
     return pd.read_csv(csv)
 
 
@@ -267,9 +267,9 @@ def budget_plans(args: argparse.Namespace) -> tuple[dict[float, Path], pd.DataFr
     """The layer plan the budgets section chose for each budget, and that run's evaluation.csv
     (the section runs first where it has not)."""
     folder = args.results_dir / "budgets"
-    if not list(folder.glob("*/*/*/evaluation.csv")):
+    if not finished_runs(folder):
         budgets(argparse.Namespace(**{**vars(args), "sections": ["budgets"]}))
-    (csv,) = folder.glob("*/*/*/evaluation.csv")
+    (csv,) = finished_runs(folder)
     plans = {
         budget: csv.parent / "plans" / f"quant=budget{budget:g}_r=0.json" for budget in args.budgets
     }
@@ -292,7 +292,7 @@ def methods_and_ranks(plan: Path, folder: Path) -> Path:
 def finished(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataFrame:
     """``driver``, or the evaluation.csv of a run already finished there (read back, so that a
     rerun of the leaderboard does not compress and score its models again)."""
-    done = list(results.glob("*/*/*/evaluation.csv"))
+    done = finished_runs(results)
     return pd.read_csv(done[0]) if done else driver(options, args, results)
 
 

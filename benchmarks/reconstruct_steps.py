@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.bench_reconstruct import Phases
-from benchmarks.common import machine, missing_inputs
+from benchmarks.common import finished_runs, machine, missing_inputs
 from train_evaluate.train_model import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def one_run(args: argparse.Namespace, steps: int, scratch: Path) -> tuple[dict, 
     seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"error: the driver failed at {steps} steps per block (exit {code})")
-    (folder,) = (scratch / f"steps{steps}").glob("*/*/*/evaluation.csv")
+    (folder,) = finished_runs(scratch / f"steps{steps}")
     rows = pd.read_csv(folder)
     layers = pd.read_csv(folder.parent / "layers.csv")
     ranked = rows[rows["lora_rank"].astype(str).str.isdigit()]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import machine, missing_inputs
+from benchmarks.common import finished_runs, machine, missing_inputs
 from benchmarks.leaderboard import pareto
 from train_evaluate.train_model import main as train_main
 
@@ -57,7 +57,7 @@ def run(options: list[str], args: argparse.Namespace, results: Path) -> pd.DataF
     )  # fmt: skip
     if code != 0:
         raise SystemExit(f"the driver failed for {options} (exit {code})")
-    (csv,) = results.glob("*/*/*/evaluation.csv")
+    (csv,) = finished_runs(results)
     return pd.read_csv(csv)
 
 
