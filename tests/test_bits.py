@@ -59,14 +59,16 @@ OTHER_BITS = 4 * 8 * 32 + 8 * 9 * 32
 MODEL_WEIGHTS = SELECTED_WEIGHTS + 8 * 9
 
 
-def small_setup(include_bias: bool) -> network.NetworkSetup:
-    """The tool's own setup of ``--layers all`` on ``Small``, adapters at fp16."""
+def small_setup(include_bias: bool, kind: type[nn.Module] | None = None) -> network.NetworkSetup:
+    """The tool's own setup of ``--layers all`` on ``Small`` (or on ``kind``), adapters at
+    fp16."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = image_cache.ImageModel(Small(), (0.5,) * 3, (0.5,) * 3).eval()
+        model = image_cache.ImageModel((kind or Small)(), (0.5,) * 3, (0.5,) * 3).eval()
     model.requires_grad_(False)
     names = layer_selection.select_layers(model.model, ["all"], skip_grouped=True)
-    assert names == ["stem", "pw", "fc"]  # --skip-depthwise: the depthwise conv stays as it is
+    if kind is None:  # --skip-depthwise: the depthwise conv stays as it is
+        assert names == ["stem", "pw", "fc"]
     plan = SimpleNamespace(
         network=SimpleNamespace(
             layers=names,

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from compression import make_config
 from compression.budget import (
@@ -295,8 +296,35 @@ def test_the_kl_sensitivity_is_the_network_kl_with_that_layer_alone_replaced(sma
     assert max(c.sensitivity for layer in measured for c in layer) > 1e-6
 
 
-def test_kl_reconstructed_is_the_kl_after_each_options_block_is_reconstructed(small):
-    setup, sweep, _ = small
+class Block(nn.Module):
+    """Two pointwise convs, one after the other: a block that reconstruction trains whole."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(width, width, 1)
+        self.b = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class Blocky(nn.Module):
+    """A stem, two blocks of two layers each in a Sequential, an FC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kind", [None, Blocky], ids=["layers-alone", "blocks"])
+def test_kl_reconstructed_is_the_kl_after_each_options_block_is_reconstructed(kind):
+    setup = small_setup(include_bias=False, kind=kind)
+    sweep = SweepConfig(init="act_svd_init", seed=0)
     config = ReconstructionConfig(mode="block", block_steps=4, lr=1e-2, held_out=0.25)
     rebuilt = dataclasses.replace(setup, reconstruction=config)
     learned = {"int2": make_config("int2", quantizer="adaround")}  # rank 0 learns its rounding
@@ -308,10 +336,12 @@ def test_kl_reconstructed_is_the_kl_after_each_options_block_is_reconstructed(sm
     assert all(torch.equal(before[k], after[k]) for k in before)  # the network as it was
     plain = budget.measure_options(setup, learned, (0, 2), sweep, sensitivity="kl")
     # by hand, on a copy from the images: the option's adapter in its layer, its block
-    # reconstructed against the clean network, then the KL of the adapted network itself
+    # reconstructed inside the whole network against the clean one, then the KL of the
+    # adapted network itself
     model, calibration = setup.model, setup.calibration
     inputs = model.preprocess(calibration)
     units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
+    assert (kind is None) == all(unit == names[0] for unit, names in units)
     with torch.no_grad():
         teacher = F.log_softmax(model(calibration).double(), dim=-1)
     for (info, _, _, options), layer in zip(

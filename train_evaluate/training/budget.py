@@ -302,17 +302,24 @@ def reconstructed(
     layer: str,
     unit: str,
     adapter: Any,
-    inputs: torch.Tensor,
+    unit_inputs: torch.Tensor,
     config: ReconstructionConfig,
 ) -> None:
-    """``adapter`` (of ``layer``, in block ``unit``) trained in place as ``--reconstruct``
-    trains a block, against ``reference`` (the uncompressed network), the only compressed
-    layer of ``network``; the network is left as it was."""
-    original = replace_submodule(network, layer, adapter)
+    """``adapter`` (of ``layer``) trained in place as ``--reconstruct`` trains block ``unit``,
+    with it the only compressed layer: the block alone, on its clean inputs ``unit_inputs``
+    (what the network gives it when nothing before it is compressed), against its copy in
+    ``reference`` (the uncompressed network); ``network`` is left as it was."""
+    config = replace(config, mode="block")
+    clean = reference.get_submodule(unit)
+    if unit == layer:  # a layer no boundary holds is its own block
+        reconstruct(adapter, clean, [("", ("",))], unit_inputs, config)
+        return
+    block, inner = network.get_submodule(unit), layer.removeprefix(f"{unit}.")
+    original = replace_submodule(block, inner, adapter)
     try:
-        reconstruct(network, reference, [(unit, [layer])], inputs, replace(config, mode="block"))
+        reconstruct(block, clean, [("", (inner,))], unit_inputs, config)
     finally:
-        replace_submodule(network, layer, original)
+        replace_submodule(block, inner, original)
 
 
 def _start_at(
@@ -356,7 +363,6 @@ def measure_options(
             teacher = torch.cat([model(rows) for rows in calibration.split(CHUNK)])
     if rebuilt:  # the clean network each option's block is reconstructed against
         reference = copy.deepcopy(model.model)
-        inputs = torch.cat([model.preprocess(rows) for rows in calibration.split(CHUNK)])
 
     def measured(module: torch.nn.Module, weight: torch.Tensor, moment: torch.Tensor) -> float:
         if not by_kl:
@@ -382,13 +388,21 @@ def measure_options(
         index = unit_of[info.name]
         if by_kl and index != current:
             start, current = _start_at(model, units, index, shapes, calibration, teacher), index
+            if rebuilt:  # the block's clean inputs, which each option's reconstruction starts from
+                block = model.model.get_submodule(units[index][0])
+                unit_inputs = (
+                    start.clean
+                    if start is not None
+                    else capture_module_io(model, block, calibration, CHUNK, with_output=False)[0]
+                )
         choices = []
         for method, rank, bits, adapter in options:
             if rebuilt:
                 unit = units[index][0]
                 reconstructed(
-                    model.model, reference, info.name, unit, adapter, inputs, setup.reconstruction
-                )
+                    model.model, reference, info.name, unit, adapter, unit_inputs,
+                    setup.reconstruction,
+                )  # fmt: skip
             sensitivity_of = measured(module, merged(adapter), moment)
             choices.append(LayerChoice(info.name, method, rank, bits, sensitivity_of))
         measured_options.append(choices)
