@@ -81,12 +81,20 @@ class SoftRounding(nn.Module):
     """The weight s_i * clamp(f_ij + h(V_ij), lo_i, hi_i), shaped like the layer's weight, from
     the uncompressed ``weight`` and the row ``scale`` (rows x 1) of its N-bit grid, whose codes
     lie in [``lo``, ``hi``] (numbers, or rows x 1 on an affine grid). ``codes``: the stored
-    codes to start from (``start_from``); without them, round to nearest."""
+    codes to start from (``start_from``); without them, round to nearest. ``relaxed``: the
+    forward pass gives the soft weight (AdaRound's relaxation) instead of the hard codes."""
 
     def __init__(
-        self, weight: torch.Tensor, scale: torch.Tensor, lo, hi, codes: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        lo,
+        hi,
+        codes: torch.Tensor | None = None,
+        relaxed: bool = False,
     ) -> None:
         super().__init__()
+        self.relaxed = relaxed
         scale = scale.detach().float()  # fp16 scales: the grid's values, computed in fp32
         matrix = weight.detach().reshape(weight.shape[0], -1).to(scale.dtype)
         steps = matrix / torch.where(scale > 0, scale, 1)  # an all-zero row: codes 0 either way
@@ -104,7 +112,9 @@ class SoftRounding(nn.Module):
 
     def forward(self, _stored: torch.Tensor) -> torch.Tensor:
         """The weight with the codes the logits choose now (``hard_codes``); the gradient
-        flows through the soft codes (straight through)."""
+        flows through the soft codes (straight through). Relaxed: the soft weight itself."""
+        if self.relaxed:
+            return self.soft_weight()
         soft = self.floor + rectified_sigmoid(self.logits)
         hard = self.floor + (self.logits >= 0).to(soft.dtype)
         codes = torch.clamp(hard + (soft - soft.detach()), self.lo, self.hi)

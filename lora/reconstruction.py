@@ -43,6 +43,17 @@ from lora.cut import CarriedStates
 from lora.layer import compressed_of
 
 MODES = ("none", "block", "network")
+# how a block's loss weighs its output error against the rounding regulariser: ``relative``,
+# the mean squared error over the target's mean power plus the weight times the regulariser's
+# mean over the layers' weights (the balance is the same in every block); ``brecq``, as BRECQ
+# (Li et al. 2021, arXiv:2102.05426) and AdaRound sum them: the squared error summed over the
+# output channels, averaged over the images and positions, plus the weight times the regulariser
+# summed over every weight (the balance follows the block's width against its weight count)
+WEIGHTINGS = ("relative", "brecq")
+# what learned rounding trains on: ``straight-through``, the hard codes, the gradient passed
+# through the soft ones; ``soft``, AdaRound's relaxation (Nagel et al. 2020, arXiv:2004.10568):
+# the soft weight itself, which the regulariser drives to the grid before the codes are hardened
+RELAXATIONS = ("straight-through", "soft")
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,8 @@ class ReconstructionConfig:
     relative squared error (``--quantizer adaround``); held_out: the share of the calibration
     rows that no step trains on and that alone decide whether a stage keeps its trained state;
     drop: QDrop's probability (Wei et al. 2022, arXiv:2203.05740) that a unit's input value
-    is taken from the clean network instead of the compressed prefix, drawn anew each step."""
+    is taken from the clean network instead of the compressed prefix, drawn anew each step;
+    weighting: one of ``WEIGHTINGS``; relaxation: one of ``RELAXATIONS``."""
 
     mode: str = "none"
     block_steps: int = 100
@@ -68,10 +80,22 @@ class ReconstructionConfig:
     rounding_weight: float = 0.01
     held_out: float = 0.125
     drop: float = 0.0
+    weighting: str = WEIGHTINGS[0]
+    relaxation: str = RELAXATIONS[0]
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown reconstruction {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}"
+            )
+        if self.relaxation not in RELAXATIONS:
+            raise ValueError(
+                f"unknown relaxation {self.relaxation!r}; valid: {', '.join(RELAXATIONS)}"
+            )
+        if not 0 <= self.rounding_weight < float("inf"):
+            raise ValueError("the rounding regulariser's weight must be at least 0 and finite")
         if self.block_steps < 1 or self.network_steps < 1 or self.batch_size < 1:
             raise ValueError("reconstruction steps and batch size must be at least 1")
         if not (0 <= self.held_out < 1 and 0 <= self.drop <= 1):
@@ -225,7 +249,7 @@ def _fit(
 
 
 def _soft_roundings(
-    adapted: nn.Module, reference: nn.Module, layers: Sequence[str]
+    adapted: nn.Module, reference: nn.Module, layers: Sequence[str], relaxed: bool = False
 ) -> dict[str, SoftRounding]:
     """A ``SoftRounding`` put on the base weight of every layer of ``layers`` whose compressor
     learns its rounding, started from the uncompressed weight on the stored grid (at the stored
@@ -240,7 +264,7 @@ def _soft_roundings(
         weight = reference.get_submodule(name).weight
         # gptq-adaround: from the codes GPTQ stored; adaround: from round to nearest
         codes = signed_codes(compressed) if compressed.config.quantizer in FED_BACK else None
-        rounding = SoftRounding(weight, compressed.parts["scale"], lo, hi, codes)
+        rounding = SoftRounding(weight, compressed.parts["scale"], lo, hi, codes, relaxed)
         rounding = rounding.to(weight.device)
         parametrize.register_parametrization(base, "weight", rounding)
         found[name] = rounding
@@ -379,7 +403,7 @@ def reconstruct(
         parameters = _trainable([adapted.get_submodule(name) for name in layers])
         start = _snapshot(parameters)
         before = _relative_error(module, x[held], target[held], chunk)
-        roundings = _soft_roundings(adapted, reference, layers)
+        roundings = _soft_roundings(adapted, reference, layers, config.relaxation == "soft")
         power = float(target[trained].double().square().mean().clamp_min(1e-30))
 
         def loss_of(
@@ -390,8 +414,17 @@ def reconstruct(
             if clean_in is not None:  # QDrop: each value from the clean network with p = drop
                 mask = torch.rand(given.shape, generator=generator) < config.drop
                 given = torch.where(mask.to(given.device), clean_in[rows], given)
-            loss = F.mse_loss(module(given), target[rows]) / power
+            error = module(given) - target[rows]
             beta = beta_at(step, config.block_steps)
+            if config.weighting == "brecq":
+                loss = error.square().sum(1).mean()  # over channels; mean over images, positions
+                if roundings and beta is not None:
+                    penalty = sum(
+                        r.regulariser(beta) * r.logits.numel() for r in roundings.values()
+                    )
+                    loss = loss + config.rounding_weight * penalty
+                return loss
+            loss = error.square().mean() / power
             if roundings and beta is not None:
                 penalty = sum(r.regulariser(beta) for r in roundings.values()) / len(roundings)
                 loss = loss + config.rounding_weight * penalty

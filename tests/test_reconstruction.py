@@ -18,11 +18,14 @@ from torch import nn
 
 from compression import compress, make_config
 from compression.adaround import SoftRounding
+from compression.integer import signed_codes
 from lora import LoraConfig
 from lora.attach import make_adapter, make_init_context
 from lora.cut import boundaries
 from lora.inits import FitConfig
+from lora.layer import compressed_of
 from lora.reconstruction import (
+    WEIGHTINGS,
     ReconstructionConfig,
     UnitRecord,
     capture_module_io,
@@ -209,6 +212,84 @@ def test_the_command_line_defaults_are_the_configs():
     assert {k: getattr(defaults, k) for k in RECONSTRUCT_DEFAULTS} == RECONSTRUCT_DEFAULTS
 
 
+def linear_problem(seed: int) -> tuple[nn.Linear, torch.Tensor]:
+    """A bias-free layer and correlated inputs: a block whose rounding matters."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(16, 6, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 16, generator=generator))
+    x = torch.randn(64, 16, generator=generator) @ torch.randn(16, 16, generator=generator)
+    return layer, x
+
+
+def learn_rounding(layer: nn.Linear, x: torch.Tensor, config: ReconstructionConfig):
+    """The layer at int3 with learned rounding (no adapter) reconstructed on ``x`` as a block of
+    its own: its record, the codes it starts from and those it ends with."""
+    context = make_init_context(layer, make_config("int3", quantizer="adaround"))
+    adapter = make_adapter(layer, LoraConfig(r=0, lora_alpha=8.0, init="svd_init"), context)
+    nearest = signed_codes(compressed_of(adapter.base_layer)).clone()
+    (record,) = reconstruct(adapter, layer, [("", ("",))], x, config)
+    return record, nearest, signed_codes(compressed_of(adapter.base_layer))
+
+
+# AdaRound's relaxation, a regulariser strong enough and a rate fast enough for 100 steps
+SOFT = ReconstructionConfig(
+    mode="block", held_out=0.0, relaxation="soft", rounding_weight=1.0, rounding_lr=0.1
+)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_soft_relaxation_learns_codes_that_beat_round_to_nearest(seed):
+    """On its own rows (none held out) the relaxed rounding ends below round to nearest's error
+    and keeps what it learned; without the relaxation (straight through) the codes it hardens
+    are not those."""
+    layer, x = linear_problem(seed)
+    record, nearest, learned = learn_rounding(layer, x, SOFT)
+    assert record.kept == "trained" and record.error_end < 0.95 * record.error_start
+    assert record.codes_changed == int((learned != nearest).sum()) > 0
+    through = dataclasses.replace(SOFT, relaxation="straight-through")
+    assert not torch.equal(learn_rounding(layer, x, through)[2], learned)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_only_the_relative_weighting_learns_the_same_codes_at_any_output_scale(weighting):
+    """The relative weighting divides the error by the target's power: a block whose inputs
+    (and so outputs) are 4 times larger trains exactly as before. BRECQ's sums do not: the same
+    regulariser then weighs 16 times less against the error, and other codes are learned."""
+    layer, x = linear_problem(5)
+    config = dataclasses.replace(SOFT, weighting=weighting, rounding_weight=0.1)
+    runs = {scale: learn_rounding(layer, scale * x, config) for scale in (1.0, 4.0)}
+    learned = {scale: codes for scale, (_, _, codes) in runs.items()}
+    record, nearest, _ = runs[1.0]
+    assert record.kept == "trained" and not torch.equal(learned[1.0], nearest)  # it learned
+    assert torch.equal(learned[1.0], learned[4.0]) == (weighting == "relative")
+
+
+def test_the_weighting_and_relaxation_are_driver_options():
+    from train_evaluate.config.network_plan import reconstruction_config
+    from train_evaluate.config.options import parse_args
+
+    chosen = reconstruction_config(parse_args(["--reconstruct", "block"]))
+    assert chosen.weighting == "relative"
+    brecq = reconstruction_config(
+        parse_args(["--reconstruct", "block", "--reconstruct-weighting", "brecq"])
+    )
+    assert brecq == dataclasses.replace(chosen, weighting="brecq")
+    with pytest.raises(ValueError, match="unknown weighting"):
+        ReconstructionConfig(mode="block", weighting="sum")
+    soft = reconstruction_config(
+        parse_args(["--reconstruct", "block", "--rounding-relaxation", "soft",
+                    "--rounding-weight", "1", "--rounding-lr", "0.1"])
+    )  # fmt: skip
+    assert soft == dataclasses.replace(
+        chosen, relaxation="soft", rounding_weight=1.0, rounding_lr=0.1
+    )
+    with pytest.raises(ValueError, match="unknown relaxation"):
+        ReconstructionConfig(mode="block", relaxation="hard")
+    with pytest.raises(ValueError, match="regulariser's weight"):
+        ReconstructionConfig(mode="block", rounding_weight=-1.0)
+
+
 def test_bad_reconstruction_options_are_refused(capsys):
     with pytest.raises(ValueError, match="unknown reconstruction"):
         ReconstructionConfig(mode="layer")
@@ -245,6 +326,8 @@ def test_the_driver_reconstructs_and_the_checkpoint_scores_what_init_only_report
     out = run_folder(results, "svd_init_layers-all_reconstruct-block")
     config = json.loads((out / "run.json").read_text())["config"]["network"]["reconstruct"]
     assert config["mode"] == "block" and config["block_steps"] == 10 and config["batch_size"] == 4
+    # the defaults are left out: older runs' folders still match
+    assert "weighting" not in config and "relaxation" not in config
     layers = pd.read_csv(out / "layers.csv")
     assert layers["block"].notna().all()
     assert (layers["block_error_end"] <= layers["block_error_start"]).all()

@@ -24,6 +24,21 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+# --reconstruct's numeric settings: (flag, type, metavar, what it sets); the default is added
+RECONSTRUCT_SETTINGS = (
+    ("--reconstruct-steps", int, "N", "Adam steps per block"),
+    ("--reconstruct-network-steps", int, "N", "Adam steps of --reconstruct network's last stage"),
+    ("--reconstruct-lr", float, "LR", "the reconstruction's Adam learning rate"),
+    ("--reconstruct-batch", int, "N", "calibration images per reconstruction step"),
+    ("--reconstruct-held-out", float, "SHARE", "share of the calibration views no step trains "
+     "on, which alone decide whether a block keeps its trained state"),
+    ("--reconstruct-drop", float, "P", "QDrop: each value of a block's input taken from the "
+     "clean network with probability P during reconstruction, else from the compressed prefix"),
+    ("--rounding-weight", float, "W", "the weight of learned rounding's regulariser"),
+    ("--rounding-lr", float, "LR", "Adam's learning rate for the rounding logits"),
+)  # fmt: skip
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     for noisy in ("timm", "optuna", "httpx", "huggingface_hub"):
@@ -312,45 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter together on the uncompressed logits, KL); the result is every trial's init "
         "and what init_only scores (default: none)",
     )
+    for flag, kind, metavar, text in RECONSTRUCT_SETTINGS:
+        default = getattr(RunOptions, flag.removeprefix("--").replace("-", "_"))
+        network.add_argument(
+            flag, type=kind, metavar=metavar, help=f"{text} (default: {default:g})"
+        )
     network.add_argument(
-        "--reconstruct-steps",
-        type=int,
-        metavar="N",
-        help=f"Adam steps per block (default: {RunOptions.reconstruct_steps})",
+        "--reconstruct-weighting",
+        choices=("relative", "brecq"),
+        help="how a block's loss weighs its output error against the learned rounding's "
+        "regulariser: relative (mean squared error over the target's power, plus 0.01 times the "
+        "regulariser's mean) or brecq (as BRECQ: the squared error summed over the output "
+        "channels, plus 0.01 times the regulariser summed over every weight; default: relative)",
     )
     network.add_argument(
-        "--reconstruct-network-steps",
-        type=int,
-        metavar="N",
-        help="Adam steps of --reconstruct network's end-to-end stage (default: "
-        f"{RunOptions.reconstruct_network_steps})",
-    )
-    network.add_argument(
-        "--reconstruct-lr",
-        type=float,
-        help=f"the reconstruction's Adam learning rate (default: {RunOptions.reconstruct_lr:g})",
-    )
-    network.add_argument(
-        "--reconstruct-batch",
-        type=int,
-        metavar="N",
-        help=f"calibration images per reconstruction step (default: "
-        f"{RunOptions.reconstruct_batch})",
-    )
-    network.add_argument(
-        "--reconstruct-held-out",
-        type=float,
-        metavar="SHARE",
-        help="share of the calibration views no reconstruction step trains on, which alone "
-        f"decide whether a block keeps its trained state (default: "
-        f"{RunOptions.reconstruct_held_out})",
-    )
-    network.add_argument(
-        "--reconstruct-drop",
-        type=float,
-        metavar="P",
-        help="QDrop: each value of a block's input taken from the clean network with "
-        "probability P during reconstruction, else from the compressed prefix (default: 0)",
+        "--rounding-relaxation",
+        choices=("straight-through", "soft"),
+        help="what learned rounding (--quantizer adaround, gptq-adaround) trains on: "
+        "straight-through (the hard codes, the gradient through the soft ones) or soft "
+        "(AdaRound's relaxation: the soft weight, driven to the grid by the regulariser, then "
+        "hardened; default: straight-through)",
     )
     network.add_argument(
         "--bits-budget",

@@ -319,10 +319,14 @@ def reconstruction_config(args: RunOptions) -> Any:
             batch_size=args.reconstruct_batch,
             held_out=args.reconstruct_held_out,
             drop=args.reconstruct_drop,
+            weighting=args.reconstruct_weighting,
+            relaxation=args.rounding_relaxation,
+            rounding_weight=args.rounding_weight,
+            rounding_lr=args.rounding_lr,
         )
     except ValueError as error:
         raise UsageError(f"{error}: check --reconstruct-steps, -network-steps, -lr, -batch, "
-                         "-held-out and -drop") from error  # fmt: skip
+                         "-held-out, -drop, --rounding-weight and -lr") from error  # fmt: skip
 
 
 def largest_layer(model: str, names: tuple[str, ...]) -> tuple[int, int]:

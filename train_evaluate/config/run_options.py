@@ -23,7 +23,8 @@ DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128)  # --ranks when none are given (those
 # a test holds the two equal)
 RECONSTRUCT_DEFAULTS = {
     "block_steps": 100, "network_steps": 50, "lr": 1e-3, "batch_size": 32, "held_out": 0.125,
-    "drop": 0.0,
+    "drop": 0.0, "weighting": "relative", "relaxation": "straight-through",
+    "rounding_weight": 0.01, "rounding_lr": 1e-2,
 }  # fmt: skip
 
 
@@ -86,6 +87,10 @@ class RunOptions:
     reconstruct_batch: int = RECONSTRUCT_DEFAULTS["batch_size"]
     reconstruct_held_out: float = RECONSTRUCT_DEFAULTS["held_out"]
     reconstruct_drop: float = RECONSTRUCT_DEFAULTS["drop"]
+    reconstruct_weighting: str = RECONSTRUCT_DEFAULTS["weighting"]
+    rounding_relaxation: str = RECONSTRUCT_DEFAULTS["relaxation"]
+    rounding_weight: float = RECONSTRUCT_DEFAULTS["rounding_weight"]
+    rounding_lr: float = RECONSTRUCT_DEFAULTS["rounding_lr"]
     bits_budget: tuple[float, ...] | None = None
     budget_only: bool = False
     layer_plan: Path | None = None

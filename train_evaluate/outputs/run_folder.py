@@ -75,7 +75,11 @@ def run_config(plan: Any, weights_id: str) -> dict[str, Any]:
             config["network"]["calibration"] = calibration
         reconstruction = network.reconstruction
         if reconstruction.enabled:  # absent for none, as above
-            config["network"]["reconstruct"] = asdict(reconstruction)
+            settings = asdict(reconstruction)
+            for key, default in (("weighting", "relative"), ("relaxation", "straight-through")):
+                if settings[key] == default:  # absent for the default, as above
+                    del settings[key]
+            config["network"]["reconstruct"] = settings
     return json.loads(json.dumps(config))  # as it reads back from run.json (tuples -> lists)
 
 
