@@ -300,9 +300,14 @@ def finished(options: list[str], args: argparse.Namespace, results: Path) -> pd.
 
 
 def variant_rows(
-    label: str, options: list[str], plans: dict[float, Path], args: argparse.Namespace
+    label: str,
+    options: list[str],
+    plans: dict[float, Path],
+    args: argparse.Namespace,
+    compressed_label: str | None = None,
 ) -> list[dict]:
-    """Each budget's methods and ranks (chosen on kl sensitivities) run with ``options``."""
+    """Each budget's methods and ranks (chosen on kl sensitivities) run with ``options``; with
+    ``compressed_label``, also each run's compressed-only row (before reconstruction)."""
     rows = []
     for budget, plan in plans.items():
         where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
@@ -312,6 +317,9 @@ def variant_rows(
         frame = finished([*common, *options], args, where)
         row = frame[~frame["lora_rank"].isin(["original", "quantized"])].iloc[-1]
         rows.append({**row, "quant": f"budget{budget:g}", "variant": label})
+        if compressed_label is not None:
+            row = frame[frame["lora_rank"] == "quantized"].iloc[-1]
+            rows.append({**row, "quant": f"budget{budget:g}", "variant": compressed_label})
     return rows
 
 
@@ -342,7 +350,8 @@ def options_table(args: argparse.Namespace) -> str:
         row = frame[(frame["quant"] == f"budget{budget:g}") & (frame["lora_rank"] != "quantized")]
         rows.append({**row.iloc[-1], "variant": "all off (GPTQ alone)"})
     (first, second, *others) = OPTION_VARIANTS  # all on, soft rounding, then the sensitivities
-    rows += variant_rows(*first, plans, args)
+    # all on's compressed-only rows: GPTQ on the views, before any reconstruction
+    rows += variant_rows(*first, plans, args, compressed_label="GPTQ on 4 views, no reconstruction")
     rows += variant_rows(*second, plans, args)
     rows += reconstructed_sensitivity_rows(args)
     for label, options in others:
