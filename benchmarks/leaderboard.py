@@ -364,7 +364,8 @@ def options_table(args: argparse.Namespace) -> str:
         "| budget | options | model bits/weight | top-1 | on the front | against the targets |",
         "|---|---|---|---|---|---|",
     ]
-    for row in frame.sort_values(["model_bits_per_weight", "evaluation"]).itertuples():
+    order = frame.sort_values(["model_bits_per_weight", "evaluation"], ascending=[True, False])
+    for row in order.itertuples():
         bits = row.model_bits_per_weight
         lines.append(
             f"| {row.quant} | {row.variant} | {bits:.2f} | {row.evaluation:.1f} | "
