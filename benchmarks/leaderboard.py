@@ -16,6 +16,10 @@ weight and test top-1, the Pareto-optimal rows (no other row has at least the ac
 fewer model bits) marked. The split is 40% train (the
 calibration images and, for the FC, the features the calibrated compressors see), 10% val,
 50% test: 100 test images, so one image is one point of accuracy.
+
+``--sections options`` rebuilds each budget's allocation with the calibration and
+reconstruction options all on, each off in turn, and with the budget chosen on
+``kl-reconstructed`` sensitivities (``options_table``); it runs after the budgets section.
 """
 
 from __future__ import annotations
