@@ -47,7 +47,8 @@ MODES = ("none", "block", "network")
 # the mean squared error over the target's mean power plus the weight times the regulariser's
 # mean over the layers' weights (the balance is the same in every block); ``brecq``, as BRECQ
 # (Li et al. 2021, arXiv:2102.05426) and AdaRound sum them: the squared error summed over the
-# output channels, averaged over the images and positions, plus the weight times the regulariser
+# output channels (the last axis of a token layout), averaged over the images and positions,
+# plus the weight times the regulariser
 # summed over every weight (the balance follows the block's width against its weight count)
 WEIGHTINGS = ("relative", "brecq")
 # what learned rounding trains on: ``straight-through``, the hard codes, the gradient passed
@@ -414,17 +415,20 @@ def reconstruct(
             if clean_in is not None:  # QDrop: each value from the clean network with p = drop
                 mask = torch.rand(given.shape, generator=generator) < config.drop
                 given = torch.where(mask.to(given.device), clean_in[rows], given)
-            error = module(given) - target[rows]
+            output = module(given)
             beta = beta_at(step, config.block_steps)
             if config.weighting == "brecq":
-                loss = error.square().sum(1).mean()  # over channels; mean over images, positions
+                # over the channels (dim 1 of N x C x H x W and N x C; the last of a token
+                # layout, N x T x C), then the mean over images and positions
+                channels = -1 if output.ndim == 3 else 1
+                loss = (output - target[rows]).square().sum(channels).mean()
                 if roundings and beta is not None:
                     penalty = sum(
                         r.regulariser(beta) * r.logits.numel() for r in roundings.values()
                     )
                     loss = loss + config.rounding_weight * penalty
                 return loss
-            loss = error.square().mean() / power
+            loss = F.mse_loss(output, target[rows]) / power
             if roundings and beta is not None:
                 penalty = sum(r.regulariser(beta) for r in roundings.values()) / len(roundings)
                 loss = loss + config.rounding_weight * penalty

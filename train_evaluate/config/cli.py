@@ -336,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconstruct-weighting",
         choices=("relative", "brecq"),
         help="how a block's loss weighs its output error against the learned rounding's "
-        "regulariser: relative (mean squared error over the target's power, plus 0.01 times the "
-        "regulariser's mean) or brecq (as BRECQ: the squared error summed over the output "
-        "channels, plus 0.01 times the regulariser summed over every weight; default: relative)",
+        "regulariser: relative (mean squared error over the target's power, plus --rounding-weight "
+        "times the regulariser's mean) or brecq (as BRECQ: the squared error summed over the "
+        "output channels, plus --rounding-weight times the regulariser summed over every "
+        "weight; default: relative)",
     )
     network.add_argument(
         "--rounding-relaxation",
