@@ -191,7 +191,10 @@ def test_carried_calibration_passes_see_what_passes_from_the_images_see(name, mo
     model = bare(name)
     generator = torch.Generator().manual_seed(3)
     batches = [torch.randn(3, 3, 64, 64, generator=generator) for _ in range(2)]
-    names = layer_selection.select_layers(model, ["all"])
+    # on the resnet its first three stages: blocks with a skip connection and with a
+    # shortcut conv, without the wide last stages' fits (for the suite's time)
+    patterns = ["layer1.*", "layer2.*", "layer3.*"] if name == RESNET else ["all"]
+    names = layer_selection.select_layers(model, patterns)
     targets = dict.fromkeys(names, make_config("int2"))
 
     def config_for(_name: str, _module: nn.Module) -> LoraConfig:
