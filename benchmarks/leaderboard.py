@@ -353,13 +353,14 @@ def options_table(args: argparse.Namespace) -> str:
     for budget in args.budgets:
         row = frame[(frame["quant"] == f"budget{budget:g}") & (frame["lora_rank"] != "quantized")]
         rows.append({**row.iloc[-1], "variant": "all off (GPTQ alone)"})
-    (first, second, *others) = OPTION_VARIANTS  # all on, soft rounding, then the sensitivities
+    (first, second, *others) = OPTION_VARIANTS  # all on, soft rounding, then each option off
     # all on's compressed-only rows: GPTQ on the views, before any reconstruction
     rows += variant_rows(*first, plans, args, compressed_label="GPTQ on 4 views, no reconstruction")
     rows += variant_rows(*second, plans, args)
-    rows += reconstructed_sensitivity_rows(args)
     for label, options in others:
         rows += variant_rows(label, options, plans, args)
+    # last: its sensitivity pass reconstructs a block per option, the longest of these runs
+    rows += reconstructed_sensitivity_rows(args)
     frame = pd.DataFrame(rows)
     frame["front"] = pareto(frame)
     lines = [
