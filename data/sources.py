@@ -116,12 +116,41 @@ class DigitsSource:
         return Image.fromarray(self.images[index], mode="L")
 
 
-def load_digits_source() -> DigitsSource:
-    from sklearn.datasets import load_digits
+DIGITS_SHAPE = (1797, 65)  # 64 pixels (0..16) and the label, one row per image
 
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    labels = tuple(int(y) for y in digits.target)
+
+def digits_file() -> Path:
+    """Where scikit-learn keeps the digits table, found without importing scikit-learn (whose
+    import takes longer than reading the table, and every demo process would pay it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package, does not run it
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the offline demo needs scikit-learn: pip install -r requirements.txt")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
+def read_digits_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The digits table's 8x8 images (0..16) and labels, checked, so that a damaged file is
+    refused rather than fingerprinted."""
+    try:
+        table = np.loadtxt(path, delimiter=",")
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"cannot read the demo's digits {path} ({error}); reinstall scikit-learn"
+        ) from error
+    if table.shape != DIGITS_SHAPE or not np.array_equal(table, np.round(table)):
+        raise DataError(f"the demo's digits {path} are damaged; reinstall scikit-learn")
+    pixels, labels = table[:, :64], table[:, 64]
+    if pixels.min() < 0 or pixels.max() > 16 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"the demo's digits {path} are damaged; reinstall scikit-learn")
+    return pixels.reshape(-1, 8, 8), labels.astype(np.int64)
+
+
+def load_digits_source() -> DigitsSource:
+    pixels, targets = read_digits_file(digits_file())
+    images = np.round(pixels * (255 / 16)).astype(np.uint8)
+    labels = tuple(int(y) for y in targets)
     digest = hashlib.sha256(images.tobytes() + np.asarray(labels, dtype=np.int64).tobytes())
     ids = tuple(f"digits/{i:04d}" for i in range(len(labels)))
     return DigitsSource(images, ids, labels, digest.hexdigest())

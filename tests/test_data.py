@@ -1,5 +1,6 @@
 """Data: labels from the ImageNet-1k synset order, clear errors, one seeded split."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from data import (
     split_indices,
     split_lists,
 )
+from data.sources import digits_file, read_digits_file
 from tests.conftest import SYNSETS, write_image
 
 
@@ -111,3 +113,27 @@ def test_digits_demo_data_ships_with_scikit_learn():
     image = source.load(0)
     assert image.size == (8, 8) and image.mode == "L"
     assert source.images.max() == 255
+
+
+def test_the_digits_read_directly_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels, labels = read_digits_file(digits_file())
+    assert np.array_equal(pixels, digits.images) and np.array_equal(labels, digits.target)
+
+
+def test_a_damaged_digits_file_is_refused(tmp_path):
+    import gzip
+
+    lines = gzip.decompress(digits_file().read_bytes()).decode().splitlines()
+    damaged = {
+        "truncated": lines[:-1],
+        "a pixel out of range": [lines[0].replace("0", "17", 1), *lines[1:]],
+        "not numbers": ["x" + lines[0], *lines[1:]],
+    }
+    for case, rows in damaged.items():
+        path = tmp_path / f"{case}.csv.gz"
+        path.write_bytes(gzip.compress("\n".join(rows).encode()))
+        with pytest.raises(DataError, match="reinstall scikit-learn"):
+            read_digits_file(path)
