@@ -345,6 +345,8 @@ def test_a_full_disk_during_a_run_is_one_line_and_leaves_no_half_written_file(
         (["--bits-budget", "5", "5.0000001", "4.9999999"], "both be the rows budget5"),
         (["--reconstruct", "block", "--reconstruct-lr", "inf"], "positive and finite"),
         (["--calibration", "asymmetric"], "--calibration asymmetric changes only"),
+        (["--reconstruct-drop", "0.5"], "--reconstruct-drop is read by nothing in this run"),
+        (["--reconstruct", "block", "--rounding-lr", "0.1"], "add --quantizer gptq-adaround"),
         (
             ["--methods", "int1", "--quantizer", "adaround", "--reconstruct", "block"],
             "int1 takes the quantizer rtn or gptq, not 'adaround'",

@@ -381,12 +381,36 @@ def check_network_options(
             "select more --layers"
         )
     learned = [m for m, c in compressions.items() if learns_rounding(c)]
-    if learned and (network_plan is None or not network_plan.reconstruction.enabled):
+    reconstructs = network_plan is not None and network_plan.reconstruction.enabled
+    if learned and not reconstructs:
         raise UsageError(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
         )
+    check_unread_options(args, reconstructs, bool(learned))
     check_fit_options(args, network_plan, compressions)
+
+
+# options that only the reconstruction reads, and those that only learned rounding reads
+RECONSTRUCTION_OPTIONS = ("reconstruct_steps", "reconstruct_network_steps", "reconstruct_lr",
+                          "reconstruct_batch", "reconstruct_held_out", "reconstruct_drop",
+                          "reconstruct_weighting")  # fmt: skip
+ROUNDING_OPTIONS = ("rounding_relaxation", "rounding_weight", "rounding_lr")
+
+
+def check_unread_options(args: RunOptions, reconstructs: bool, learns_rounding: bool) -> None:
+    """An option moved from its default where nothing in the run reads it is refused in one
+    line: a run that silently ignores it would be recorded as if it had used it."""
+    defaults = RunOptions()
+    for names, read, remedy in (
+        (RECONSTRUCTION_OPTIONS, reconstructs, "add --reconstruct block (or network)"),
+        (ROUNDING_OPTIONS, learns_rounding, "add --quantizer gptq-adaround (or adaround) and "
+                                            "--reconstruct block"),
+    ):  # fmt: skip
+        changed = [name for name in names if getattr(args, name) != getattr(defaults, name)]
+        if changed and not read:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(f"{flag} is read by nothing in this run: drop it, or {remedy}")
 
 
 def fit_config(args: RunOptions) -> FitConfig:
