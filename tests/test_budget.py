@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import random
 from types import SimpleNamespace
@@ -35,7 +36,7 @@ from tests.test_bits import MODEL_WEIGHTS, OTHER_BITS, small_setup
 from tests.test_network import RESNET, resnet_weights  # noqa: F401 (a fixture)
 from train_evaluate.outputs.network_checkpoint import read_packed_network
 from train_evaluate.search.sweep import SweepConfig
-from train_evaluate.training import budget
+from train_evaluate.training import budget, budget_store
 
 # --------------------------------------------------------------------------- the solvers
 
@@ -411,7 +412,9 @@ def test_the_command_line_offers_every_sensitivity_the_budget_measures():
     assert action.default == budget.SENSITIVITIES[0]
 
 
-def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small):
+def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small, tmp_path):
+    from data import SplitFractions
+    from lora.inits import FitConfig
     from train_evaluate.search.sweep_all import solve_budget
 
     setup, sweep, output = small
@@ -420,12 +423,63 @@ def test_the_requested_sensitivity_is_the_one_the_budget_minimises(small):
     middle = sum(max(c.bits for c in layer) + min(c.bits for c in layer) for layer in kl) / 2
     for name, options in (("output", output), ("kl", kl)):
         plan = SimpleNamespace(
-            compressions=COMPRESSIONS, ranks=RANKS, sweep=sweep,
-            network=SimpleNamespace(budget_sensitivity=name),
+            compressions=COMPRESSIONS, ranks=RANKS, sweep=sweep, out=tmp_path,
+            fractions=SplitFractions(0.8, 0.1, 0.1), adapter_dtype="fp32", include_bias=False,
+            fit=FitConfig(), device=torch.device("cpu"),
+            network=SimpleNamespace(budget_sensitivity=name, calibration="symmetric"),
         )  # fmt: skip
-        solved = solve_budget(plan, setup, middle / weights, [])
+        solved = solve_budget(plan, setup, middle / weights, [], "features")
         assert [list(layer) for layer in solved.options] == options
     assert errors(kl) != errors(output)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_measurement_stopped_after_two_layers_resumes_to_the_same_options(small):
+    """What a run stopped during the measurement resumes from: the layers kept are not
+    measured again, and the options come out as an uninterrupted measurement's."""
+    setup, sweep, whole = small
+    kept = []
+
+    def stop_after_two(layers):
+        kept.append(dict(layers))
+        if len(layers) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        budget.measure_options(setup, COMPRESSIONS, RANKS, sweep, on_layer=stop_after_two)
+    measured, ticks = [], []
+    resumed = budget.measure_options(
+        setup, COMPRESSIONS, RANKS, sweep, lambda: ticks.append(1),
+        measured_before=kept[-1], on_layer=lambda layers: measured.append(set(layers)),
+    )  # fmt: skip
+    assert resumed == whole
+    names = [info.name for info in setup.layers]
+    assert len(names) == 3 and measured == [set(names)]  # the third layer alone measured
+    assert len(ticks) == len(names)
+
+
+def test_kept_options_are_read_back_only_under_their_key_and_undamaged(small, tmp_path):
+    whole = small[2]
+    layers = {options[0].layer: options for options in whole}
+    path = tmp_path / budget_store.FILE
+    budget_store.write_measured(path, "key", layers)
+    assert budget_store.read_measured(path, "key") == layers
+    assert budget_store.read_measured(path, "another key") == {}
+    text, first = path.read_text(), whole[0][0].sensitivity
+    assert text.count(json.dumps(first)) == 1
+    damaged = {
+        "a sensitivity edited": text.replace(json.dumps(first), json.dumps(first * 2)),
+        "cut short": text[: len(text) // 2],
+    }
+    for case, content in damaged.items():
+        path.write_text(content)
+        assert budget_store.read_measured(path, "key") == {}, case
+    not_measured = budget.LayerChoice("stem", "int2", 1, 10, float("nan"))
+    budget_store.write_measured(path, "key", {"stem": [not_measured]})
+    assert budget_store.read_measured(path, "key") == {}
 
 
 # --------------------------------------------------------------------------- a budgeted run
@@ -506,7 +560,11 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
         "--cache-dir", cache,
     )])  # fmt: skip
     assert code == 0
-    alone = pd.read_csv(run_folder(results, "svd_init_layers-all") / "evaluation.csv")
+    folder = run_folder(results, "svd_init_layers-all")
+    alone = pd.read_csv(folder / "evaluation.csv")
+    # the options each run kept for a resume: the same key, the same numbers
+    kept = budget_store.FILE
+    assert (folder / kept).read_text() == (full / kept).read_text()
     assert set(alone["quant"]) == {f"budget{b:g}" for b in BUDGETS}
     every = pd.read_csv(full / "evaluation.csv")
     every = every[every["quant"].isin(alone["quant"])].reset_index(drop=True)

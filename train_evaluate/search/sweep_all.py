@@ -135,7 +135,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
         def build(name: str, compression: Any, bits_budget: float | None = None) -> Built:
             budget, layer_plan = None, plan.network.layer_plan
             if bits_budget is not None:
-                budget = solve_budget(plan, setup, bits_budget, measured)
+                budget = solve_budget(plan, setup, bits_budget, measured, found.key)
                 layer_plan = budget.layer_plan(name, plan.adapter_dtype)
             if compression is None:  # a plan: each layer its own method and rank
                 method = setup.planned_method(layer_plan, plan.compressions)
@@ -170,21 +170,26 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
     return build
 
 
-def solve_budget(plan, setup, bits_budget: float, measured: list):
+def solve_budget(plan, setup, bits_budget: float, measured: list, features_key: str):
     """--bits-budget: every layer's options measured (once per run: ``measured`` keeps them for
-    the run's other budgets), the knapsack solved, the choice logged."""
+    the run's other budgets; the run folder keeps them layer by layer, for a run that resumes),
+    the knapsack solved, the choice logged."""
     from tqdm import tqdm
 
     from compression.budget import BudgetError, SensitivityError
     from train_evaluate.runtime.errors import UsageError
-    from train_evaluate.training import budget
+    from train_evaluate.training import budget, budget_store
 
     sensitivity = plan.network.budget_sensitivity
     if not measured:
         started = time.perf_counter()
+        path = plan.out / budget_store.FILE
+        key = budget_store.measurement_key(plan, features_key)
+        kept = lambda layers: budget_store.write_measured(path, key, layers)  # noqa: E731
         with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
             measured.append(budget.measure_options(
-                setup, plan.compressions, plan.ranks, plan.sweep, bar.update, sensitivity
+                setup, plan.compressions, plan.ranks, plan.sweep, bar.update, sensitivity,
+                budget_store.read_measured(path, key), kept,
             ))  # fmt: skip
         log.info(
             "bit budget: %d layers x %d options each at most, sensitivities (%s) measured in "

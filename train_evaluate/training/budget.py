@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -248,13 +248,17 @@ def unreachable(bits_budget: float, template: Any, cheapest_bits: int) -> str:
 
 
 def layer_options(
-    setup: Any, compressions: dict[str, Any], ranks: Sequence[int], sweep: Any
+    setup: Any,
+    compressions: dict[str, Any],
+    ranks: Sequence[int],
+    sweep: Any,
+    skip: Collection[str] = (),
 ) -> Iterator[tuple[Any, torch.nn.Module, torch.Tensor, list[tuple[str, int, int, Any]]]]:
-    """For each selected layer in forward order: its ``LayerInfo``, module and input moment (on
-    the clean calibration images), and its options ``(method, rank, stored bits, adapter)``:
-    each method at each rank, a rank the layer clamps to one already listed left out; the
-    adapter holds the layer's compressed weight and its initialised adapter (``merged`` gives
-    W~). ``setup``: the run's ``NetworkSetup``."""
+    """For each selected layer in forward order (those named in ``skip`` left out): its
+    ``LayerInfo``, module and input moment (on the clean calibration images), and its options
+    ``(method, rank, stored bits, adapter)``: each method at each rank, a rank the layer clamps
+    to one already listed left out; the adapter holds the layer's compressed weight and its
+    initialised adapter (``merged`` gives W~). ``setup``: the run's ``NetworkSetup``."""
     model = setup.model
     modules = {info.name: model.model.get_submodule(info.name) for info in setup.layers}
     device = next(model.parameters()).device
@@ -266,7 +270,7 @@ def layer_options(
     with torch.no_grad():
         moments = input_moments(model.model, modules, batches, 64)
     generator = torch.Generator(device=device)
-    for info in setup.layers:
+    for info in (info for info in setup.layers if info.name not in skip):
         module, moment = modules[info.name], moments[info.name]
         options = []
         for method, config in compressions.items():
@@ -342,10 +346,13 @@ def measure_options(
     sweep: Any,
     progress=None,
     sensitivity: str = SENSITIVITIES[0],
+    measured_before: dict[str, list[LayerChoice]] | None = None,
+    on_layer: Callable[[dict[str, list[LayerChoice]]], None] | None = None,
 ) -> list[list[LayerChoice]]:
     """Every layer's options (``layer_options``), priced and measured by ``sensitivity`` (one
     of ``SENSITIVITIES``; ``kl-reconstructed`` needs ``setup.reconstruction`` enabled); the
-    network is left as it was."""
+    network is left as it was. The layers in ``measured_before`` are taken from it, not
+    measured; ``on_layer`` is given every layer's options so far after each layer measured."""
     from compression import weight_matrix
     from lora.cut import boundaries
 
@@ -383,8 +390,11 @@ def measure_options(
     units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
     unit_of = {name: index for index, (_, names) in enumerate(units) for name in names}
     shapes = output_shapes(model, [u for u, _ in units], calibration[:1]) if by_kl else {}
-    measured_options, start, current = [], None, None
-    for info, module, moment, options in layer_options(setup, compressions, ranks, sweep):
+    found = dict(measured_before or {})
+    for _ in found if progress is not None else ():
+        progress()
+    start, current = None, None
+    for info, module, moment, options in layer_options(setup, compressions, ranks, sweep, found):
         index = unit_of[info.name]
         if by_kl and index != current:
             start, current = _start_at(model, units, index, shapes, calibration, teacher), index
@@ -405,10 +415,12 @@ def measure_options(
                 )  # fmt: skip
             sensitivity_of = measured(module, merged(adapter), moment)
             choices.append(LayerChoice(info.name, method, rank, bits, sensitivity_of))
-        measured_options.append(choices)
+        found[info.name] = choices
+        if on_layer is not None:
+            on_layer(found)
         if progress is not None:
             progress()
-    return measured_options
+    return [found[info.name] for info in setup.layers]
 
 
 def allocate(
