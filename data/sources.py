@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -135,7 +136,7 @@ def read_digits_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     refused rather than fingerprinted."""
     try:
         table = np.loadtxt(path, delimiter=",")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zlib.error) as error:  # a cut or damaged gzip too
         raise DataError(
             f"cannot read the demo's digits {path} ({error}); reinstall scikit-learn"
         ) from error

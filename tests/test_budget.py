@@ -477,7 +477,7 @@ def test_kept_options_are_read_back_only_under_their_key_and_undamaged(small, tm
     for case, content in damaged.items():
         path.write_text(content)
         assert budget_store.read_measured(path, "key") == {}, case
-    not_measured = budget.LayerChoice("stem", "int2", 1, 10, float("nan"))
+    not_measured = budget.LayerChoice("stem", "int2", 1, 10, "a text")
     budget_store.write_measured(path, "key", {"stem": [not_measured]})
     assert budget_store.read_measured(path, "key") == {}
 

@@ -137,3 +137,7 @@ def test_a_damaged_digits_file_is_refused(tmp_path):
         path.write_bytes(gzip.compress("\n".join(rows).encode()))
         with pytest.raises(DataError, match="reinstall scikit-learn"):
             read_digits_file(path)
+    cut = tmp_path / "cut.csv.gz"  # the gzip stream itself cut short
+    cut.write_bytes(digits_file().read_bytes()[:5000])
+    with pytest.raises(DataError, match="reinstall scikit-learn"):
+        read_digits_file(cut)

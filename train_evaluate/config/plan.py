@@ -226,7 +226,10 @@ def resolve_data_and_model(args: RunOptions) -> tuple[bool, str, Any, str, Path 
                 f"--model/--weights need ImageNet images: pass --data-dir (none at {DEFAULT_DATA})"
             )
         reason = "--demo" if args.demo else f"no ImageNet folder at {DEFAULT_DATA}"
-        return True, reason, load_digits_source(), DEMO_MODEL, None
+        try:
+            return True, reason, load_digits_source(), DEMO_MODEL, None
+        except DataError as error:
+            raise UsageError(str(error)) from None
     if not data_dir.exists():
         raise UsageError(
             f"data folder {data_dir} does not exist; run without --data-dir for the offline demo, "

@@ -184,7 +184,8 @@ def solve_budget(plan, setup, bits_budget: float, measured: list, features_key: 
     if not measured:
         started = time.perf_counter()
         path = plan.out / budget_store.FILE
-        key = budget_store.measurement_key(plan, features_key)
+        prices = budget.shape_prices(setup.template, plan.compressions, plan.ranks)
+        key = budget_store.measurement_key(plan, features_key, prices)
         kept = lambda layers: budget_store.write_measured(path, key, layers)  # noqa: E731
         with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
             measured.append(budget.measure_options(

@@ -221,18 +221,25 @@ def option_bits(template: Any, info: Any, cost: Any, rank: int) -> int:
     return priced.stored_bits
 
 
-def cheapest_bits(template: Any, compressions: dict[str, Any], ranks: Sequence[int]) -> int:
-    """The fewest bits ``template``'s layers can store over ``compressions`` x ``ranks``, every
-    layer at its cheapest option. A compressor's cost depends on the matrix's shape alone, so a
-    seeded random matrix of that shape prices it: no weights and no image are needed, and a
-    budget below this is refused before any work."""
+def shape_prices(
+    template: Any, compressions: dict[str, Any], ranks: Sequence[int]
+) -> list[list[int]]:
+    """The bits of every option of ``template``'s layers (each method at each rank), priced as
+    the run prices them. A compressor's cost depends on the matrix's shape alone, so a seeded
+    random matrix of that shape prices it: no weights and no image are needed."""
     generator = torch.Generator().manual_seed(0)
-    total = 0
+    prices = []
     for info in template.layers:
         matrix = torch.randn(info.matrix, generator=generator)
         costs = [compress(matrix, config).cost for config in compressions.values()]
-        total += min(option_bits(template, info, cost, rank) for cost in costs for rank in ranks)
-    return total
+        prices.append([option_bits(template, info, cost, rank) for cost in costs for rank in ranks])
+    return prices
+
+
+def cheapest_bits(template: Any, compressions: dict[str, Any], ranks: Sequence[int]) -> int:
+    """The fewest bits ``template``'s layers can store over ``compressions`` x ``ranks``, every
+    layer at its cheapest option (a budget below this is refused before any work)."""
+    return sum(min(layer) for layer in shape_prices(template, compressions, ranks))
 
 
 def unreachable(bits_budget: float, template: Any, cheapest_bits: int) -> str:
@@ -393,6 +400,8 @@ def measure_options(
     found = dict(measured_before or {})
     for _ in found if progress is not None else ():
         progress()
+    if all(info.name in found for info in setup.layers):  # nothing to measure: no pass at all
+        return [found[info.name] for info in setup.layers]
     start, current = None, None
     for info, module, moment, options in layer_options(setup, compressions, ranks, sweep, found):
         index = unit_of[info.name]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,21 @@ FILE = "budget-sensitivities.json"
 FORMAT = 1  # raise when a sensitivity is computed otherwise: older files are then measured again
 
 
-def measurement_key(plan: Any, features_key: str) -> str:
+def measurement_key(plan: Any, features_key: str, prices: list[list[int]]) -> str:
     """Everything a layer's options and their sensitivities depend on: the images, model,
-    weights and layers (``features_key``), the split, each method's compressor, the ranks, the
+    weights and layers (``features_key``), the split and its seed, each method's compressor (in
+    the run's order), the ranks, the options' bits as this run prices them (``prices``:
+    ``budget.shape_prices``, so that a change in the accounting is never read back), the
     adapter's init and storage, the fits, the calibration, the sensitivity and, for
     ``kl-reconstructed``, the reconstruction; not the budgets, which the options serve alike."""
     network, sweep = plan.network, plan.sweep
     parts = {
         "format": FORMAT,
         "features": features_key,
-        "split": asdict(plan.fractions),
-        "compressions": {name: config.describe() for name, config in plan.compressions.items()},
+        "split": [asdict(plan.fractions), sweep.seed],
+        "compressions": [[name, config.describe()] for name, config in plan.compressions.items()],
         "ranks": list(plan.ranks),
+        "prices": prices,
         "adapter": [sweep.init, sweep.use_dora, sweep.loftq_iters, plan.adapter_dtype],
         "include_bias": plan.include_bias,
         "fit": asdict(plan.fit),
@@ -92,7 +94,8 @@ def read_measured(path: Path, key: str) -> dict[str, list[LayerChoice]]:
 
 def _choice(layer: str, entry: list) -> LayerChoice:
     method, rank, bits, sensitivity = entry
+    # a NaN or infinite sensitivity is kept: the solver refuses it by name, as when measured
     kinds = (method, str), (rank, int), (bits, int), (sensitivity, float)
-    if not all(isinstance(value, kind) for value, kind in kinds) or not math.isfinite(sensitivity):
+    if not all(isinstance(value, kind) for value, kind in kinds):
         raise ValueError(f"an option of {layer} is not a measured one: {entry}")
     return LayerChoice(layer, method, rank, bits, sensitivity)
