@@ -20,8 +20,9 @@ from train_evaluate.outputs.report import TIMING_COLUMNS
 
 DRIVER = REPO / "train_evaluate" / "train_model.py"
 # The demo: a real digits classifier, so every hyper-parameter changes the numbers.
+TRIALS = 4  # per rank; 4 ranks
 DEMO = ["--init", "svd_init", "--methods", "sparse", "int1", "--ranks", "2", "4",
-        "--trials", "6", "--epochs", "3"]  # fmt: skip
+        "--trials", str(TRIALS), "--epochs", "3"]  # fmt: skip
 
 
 def finished_trials(database: Path) -> int:
@@ -61,18 +62,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_csv(tmp_path, demo_cache, cap
 
     resumed = tmp_path / "resumed"
     args = [*DEMO, "--out", resumed, "--cache-dir", demo_cache]
-    # 8 of 24 trials: the first rank is done, the second is part-way through its study
-    code, _, _ = stop_after_trials(start(args), resumed / "optuna.sqlite3", 8, signal.SIGKILL)
+    # 6 of 16 trials: the first rank is done, the second is part-way through its study
+    stop_at = TRIALS + 2
+    code, _, _ = stop_after_trials(start(args), resumed / "optuna.sqlite3", stop_at, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert not (resumed / "evaluation.csv").exists()
     finished_before = finished_trials(resumed / "optuna.sqlite3")
-    assert 8 <= finished_before < 24
+    assert stop_at <= finished_before < 4 * TRIALS
 
     code, out, _ = run_driver(capsys, *args)
     assert code == 0
     assert "finished already (an earlier run, or another worker); reusing its" in out  # sparse r=2
     assert "reusing the feature cache" in out
-    assert finished_trials(resumed / "optuna.sqlite3") == 24  # none was run twice
+    assert finished_trials(resumed / "optuna.sqlite3") == 4 * TRIALS  # none was run twice
     expected = pd.read_csv(reference / "evaluation.csv").drop(columns=TIMING_COLUMNS)
     actual = pd.read_csv(resumed / "evaluation.csv").drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(actual, expected)
@@ -96,7 +98,7 @@ def test_diverging_trials_are_marked_and_the_sweep_completes(tmp_path, demo_cach
     ranked = frame[frame["lora_rank"].isin(["2", "4"])]
     assert ranked["trials_diverged"].sum() > 0
     assert (
-        ranked["trials_complete"] + ranked["trials_pruned"] + ranked["trials_diverged"] == 6
+        ranked["trials_complete"] + ranked["trials_pruned"] + ranked["trials_diverged"] == TRIALS
     ).all()
     assert ranked["evaluation"].notna().all()
 
@@ -109,7 +111,7 @@ def test_a_rank_whose_trials_all_diverge_says_so_and_the_run_finishes(tmp_path, 
     ranked = frame[frame["lora_rank"].isin(["2", "4"])]
     assert len(ranked) == 4
     assert (ranked["status"] == "no_complete_trial").all()
-    assert (ranked["trials_diverged"] == 6).all()
+    assert (ranked["trials_diverged"] == TRIALS).all()
     assert ranked["evaluation"].isna().all() and ranked["init_only"].notna().all()
     assert "no trial completed" in out
 

@@ -106,7 +106,7 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(
     prefix, trials = "killed-", 5
     command = [
         sys.executable, str(DRIVER), "--init", "svd_init", "--ranks", "2", "4", "8",
-        "--trials", str(trials), "--epochs", "20", "--threads", "1", "--workers", "3",
+        "--trials", str(trials), "--epochs", "10", "--threads", "1", "--workers", "3",
         "--storage", postgres, "--study-prefix", prefix, "--heartbeat", "1",
         "--results-dir", str(tmp_path / "results"), "--cache-dir", str(demo_cache),
         "--no-pruning",

@@ -346,6 +346,14 @@ def _start_at(
         return candidate if candidate.reproduces(calibration, teacher) else None
 
 
+def _block_inputs(model: Any, block: torch.nn.Module, start: FromUnit | None, calibration):
+    """A block's clean inputs over the calibration images: those the pass that starts at the
+    block already holds, else captured on a pass from the images."""
+    if start is not None:
+        return start.clean
+    return capture_module_io(model, block, calibration, CHUNK, with_output=False)[0]
+
+
 def measure_options(
     setup: Any,
     compressions: dict[str, Any],
@@ -368,6 +376,11 @@ def measure_options(
     rebuilt = sensitivity == "kl-reconstructed"
     if rebuilt and not setup.reconstruction.enabled:
         raise ValueError("kl-reconstructed measures each option after --reconstruct; none given")
+    found = dict(measured_before or {})
+    for _ in found if progress is not None else ():
+        progress()
+    if all(info.name in found for info in setup.layers):  # nothing to measure: no pass at all
+        return [found[info.name] for info in setup.layers]
     model = setup.model
     device = next(model.parameters()).device
     calibration = setup.calibration.to(device)
@@ -397,11 +410,6 @@ def measure_options(
     units = reconstruction_units([info.name for info in setup.layers], boundaries(model.model))
     unit_of = {name: index for index, (_, names) in enumerate(units) for name in names}
     shapes = output_shapes(model, [u for u, _ in units], calibration[:1]) if by_kl else {}
-    found = dict(measured_before or {})
-    for _ in found if progress is not None else ():
-        progress()
-    if all(info.name in found for info in setup.layers):  # nothing to measure: no pass at all
-        return [found[info.name] for info in setup.layers]
     start, current = None, None
     for info, module, moment, options in layer_options(setup, compressions, ranks, sweep, found):
         index = unit_of[info.name]
@@ -409,11 +417,7 @@ def measure_options(
             start, current = _start_at(model, units, index, shapes, calibration, teacher), index
             if rebuilt:  # the block's clean inputs, which each option's reconstruction starts from
                 block = model.model.get_submodule(units[index][0])
-                unit_inputs = (
-                    start.clean
-                    if start is not None
-                    else capture_module_io(model, block, calibration, CHUNK, with_output=False)[0]
-                )
+                unit_inputs = _block_inputs(model, block, start, calibration)
         choices = []
         for method, rank, bits, adapter in options:
             if rebuilt:
