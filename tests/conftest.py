@@ -100,8 +100,8 @@ def demo_cache(tmp_path_factory) -> Path:
 
     cache = tmp_path_factory.mktemp("demo-cache")
     scratch = tmp_path_factory.mktemp("warmup")
-    assert main(["--epochs", "0", "--ranks", "2", "--results-dir", str(scratch),
-                 "--cache-dir", str(cache)]) == 0  # fmt: skip
+    assert main(["--epochs", "0", "--methods", "sparse", "--ranks", "2",
+                 "--results-dir", str(scratch), "--cache-dir", str(cache)]) == 0  # fmt: skip
     return cache
 
 
