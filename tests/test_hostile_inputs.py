@@ -348,6 +348,10 @@ def test_a_full_disk_during_a_run_is_one_line_and_leaves_no_half_written_file(
         (["--reconstruct-drop", "0.5"], "--reconstruct-drop is read by nothing in this run"),
         (["--reconstruct", "block", "--rounding-lr", "0.1"], "add --quantizer gptq-adaround"),
         (
+            ["--reconstruct", "block", "--reconstruct-network-steps", "9"],
+            "drop it, or use --reconstruct network",
+        ),
+        (
             ["--methods", "int1", "--quantizer", "adaround", "--reconstruct", "block"],
             "int1 takes the quantizer rtn or gptq, not 'adaround'",
         ),

@@ -387,23 +387,27 @@ def check_network_options(
             "--quantizer adaround learns each weight's rounding inside the block "
             "reconstruction: add --reconstruct block (or network) and select --layers"
         )
-    check_unread_options(args, reconstructs, bool(learned))
+    check_unread_options(args, network_plan.reconstruction.mode if reconstructs else None,
+                         bool(learned))  # fmt: skip
     check_fit_options(args, network_plan, compressions)
 
 
-# options that only the reconstruction reads, and those that only learned rounding reads
-RECONSTRUCTION_OPTIONS = ("reconstruct_steps", "reconstruct_network_steps", "reconstruct_lr",
-                          "reconstruct_batch", "reconstruct_held_out", "reconstruct_drop",
+# options that only the reconstruction reads, only its network stage, only learned rounding
+RECONSTRUCTION_OPTIONS = ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch",
+                          "reconstruct_held_out", "reconstruct_drop",
                           "reconstruct_weighting")  # fmt: skip
+NETWORK_STAGE_OPTIONS = ("reconstruct_network_steps",)
 ROUNDING_OPTIONS = ("rounding_relaxation", "rounding_weight", "rounding_lr")
 
 
-def check_unread_options(args: RunOptions, reconstructs: bool, learns_rounding: bool) -> None:
+def check_unread_options(args: RunOptions, mode: str | None, learns_rounding: bool) -> None:
     """An option moved from its default where nothing in the run reads it is refused in one
-    line: a run that silently ignores it would be recorded as if it had used it."""
+    line: a run that silently ignores it would be recorded as if it had used it. ``mode``: the
+    run's reconstruction (``block`` or ``network``), None without one."""
     defaults = RunOptions()
     for names, read, remedy in (
-        (RECONSTRUCTION_OPTIONS, reconstructs, "add --reconstruct block (or network)"),
+        (RECONSTRUCTION_OPTIONS, mode is not None, "add --reconstruct block (or network)"),
+        (NETWORK_STAGE_OPTIONS, mode == "network", "use --reconstruct network"),
         (ROUNDING_OPTIONS, learns_rounding, "add --quantizer gptq-adaround (or adaround) and "
                                             "--reconstruct block"),
     ):  # fmt: skip
