@@ -88,21 +88,6 @@ class LoraConv2d(AdapterState, nn.Module):
         product = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
         return self.scaling * product.view_as(self.base_layer.weight)
 
-    def direction(self) -> torch.Tensor:
-        """W_c + scaling * B @ A (4-D): the merged weight of plain LoRA, DoRA's direction."""
-        return self.base_layer.weight + self.delta_weight()
-
-    def merged_weight(self) -> torch.Tensor:
-        """The single dense conv weight this layer computes with (bias: ``base_layer.bias``)."""
-        direction = self.direction()
-        if not self.use_dora:
-            return direction
-        # an all-zero output channel (sparse base, B = 0) has norm 0 and magnitude 0: the floor
-        # keeps 0 / 0 at 0
-        norm = direction.flatten(1).norm(dim=1).clamp_min(torch.finfo(direction.dtype).tiny)
-        scale = self.lora_magnitude / norm
-        return scale.view(-1, 1, 1, 1) * direction
-
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         # the base's geometry, so that A sees the same padding (mode included), stride and
         # dilation as W_c and the two outputs line up position by position

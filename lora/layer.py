@@ -50,8 +50,9 @@ def adapter_scaling(lora_alpha: float, rank: int) -> float:
 
 
 class AdapterState:
-    """What every adapter layer shares: the trained tensors as a detached copy, loading them
-    back, and its repr (``lora_A``, ``lora_B``, DoRA's ``lora_magnitude``, ``r``, alpha)."""
+    """What every adapter layer shares: the merged weight (plain LoRA's or DoRA's, from the
+    layer's ``delta_weight``), the trained tensors as a detached copy, loading them back, and
+    its repr (``lora_A``, ``lora_B``, DoRA's ``lora_magnitude``, ``r``, alpha)."""
 
     @property
     def use_dora(self) -> bool:
@@ -71,6 +72,23 @@ class AdapterState:
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha:g}, use_dora={self.use_dora}"
+
+    def direction(self) -> torch.Tensor:
+        """W_c + scaling * B @ A (the base's shape): the merged weight of plain LoRA, DoRA's
+        direction."""
+        return self.base_layer.weight + self.delta_weight()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The single dense weight this layer computes with (its bias is ``base_layer.bias``)."""
+        direction = self.direction()
+        if not self.use_dora:
+            return direction
+        # An output row (channel) of W_c + s B A can be all zero (a sparse base whose kept
+        # entries are all in other rows, and B = 0): its norm is 0 and so is its magnitude; the
+        # floor keeps 0 / 0 at 0.
+        norm = direction.flatten(1).norm(dim=1).clamp_min(torch.finfo(direction.dtype).tiny)
+        scale = self.lora_magnitude / norm
+        return scale.view(-1, *[1] * (direction.ndim - 1)) * direction
 
 
 class LoraLinear(AdapterState, nn.Module):
@@ -110,20 +128,6 @@ class LoraLinear(AdapterState, nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A (out x in)."""
         return self.scaling * self.lora_B @ self.lora_A
-
-    def direction(self) -> torch.Tensor:
-        """W_c + scaling * B @ A: the merged weight of plain LoRA, DoRA's direction."""
-        return self.base_layer.weight + self.delta_weight()
-
-    def merged_weight(self) -> torch.Tensor:
-        """The single dense weight this layer computes with (its bias is ``base_layer.bias``)."""
-        direction = self.direction()
-        if not self.use_dora:
-            return direction
-        # A row of W_c + s B A can be all zero (a sparse base whose kept entries are all in other
-        # rows, and B = 0): its norm is 0 and so is its magnitude; the floor keeps 0 / 0 at 0.
-        norm = direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(direction.dtype).tiny)
-        return self.lora_magnitude.unsqueeze(1) * direction / norm
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """``base_out``: this batch's ``base_layer(x)`` when the caller has it precomputed.
