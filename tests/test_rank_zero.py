@@ -115,3 +115,50 @@ def test_the_fc_study_at_rank_zero_is_its_quantized_row(demo_cache, tmp_path, ca
     assert ranked["file_evaluation"] == ranked["evaluation"]
     with safe_open(str(folder / "checkpoints" / "quant=int4_r=0.safetensors"), "pt") as handle:
         assert set(handle.keys()) == {"head/base.codes", "head/base.scale", "head/bias"}
+
+
+@pytest.mark.parametrize("quantizer", ["gptq", "adaround"])
+def test_a_rank_zero_plans_quantized_row_from_its_contexts_is_the_compressed_model(
+    quantizer, caplog
+):
+    """A plan of rank 0 everywhere takes its quantized row from the rank-0 contexts (one
+    calibration pass for its two rows): the model compressed on its own, output for output,
+    with asymmetric calibration, and the stored codes before reconstruction learns others."""
+    from lora.cut import boundaries
+    from lora.plan import LayerPlan, LayerSpec
+    from lora.reconstruction import ReconstructionConfig, reconstruction_units
+    from tests.test_network import bare, image_model
+    from train_evaluate.inputs import selection as layer_selection
+    from train_evaluate.search.sweep import SweepConfig
+    from train_evaluate.training import network
+    from train_evaluate.training.budget import PerLayerCompression
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    model = image_model(bare(RESNET))
+    names = layer_selection.select_layers(model.model, ["all"])
+    layers = layer_selection.describe_layers(model.model, names, model.preprocess(images[:1]))
+    plan = LayerPlan("budget", tuple((name, LayerSpec("int2", 0)) for name in names))
+    compression = PerLayerCompression.of(
+        plan, {"int2": make_config("int2", quantizer=quantizer, int_scale="mse")}
+    )
+    method = network.NetworkMethod.create(
+        plan.name, compression, model, tuple(layers), images, True,
+        ReconstructionConfig(mode="block", block_steps=30, batch_size=8),
+        tuple(reconstruction_units(names, boundaries(model.model))), plan=plan,
+    )  # fmt: skip
+    sweep = SweepConfig(init="svd_init")
+
+    def calibration_passes() -> int:  # each logged by the contexts it computes
+        return sum("compressed and initialised" in r.getMessage() for r in caplog.records)
+
+    with torch.no_grad(), caplog.at_level("INFO"):
+        alone = method.compressed_model()(images)
+        shared = method.compressed_model(sweep)(images)
+        assert torch.equal(shared, alone)
+        assert calibration_passes() == 1  # the rank's, computed for the quantized row
+        ranked = method.adapted(0, 8.0, sweep, 0)(images)
+        assert calibration_passes() == 1  # and reused by the rank's row
+    if quantizer == "adaround":  # the rank's row holds the learned codes, not these
+        assert sum(r.codes_changed for r in method.records[0]) > 0
+        assert not torch.equal(ranked, alone)

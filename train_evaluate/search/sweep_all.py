@@ -142,7 +142,7 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
                 compression = method.config
             else:
                 method = setup.method(name, compression)
-            compressed = evaluate(method.compressed_model(), splits.test)
+            compressed = evaluate(method.compressed_model(plan.sweep), splits.test)
             rank = None if method.plan is None else method.plan.rank
             return Built(method, shared_columns(name, compression), compressed,
                          setup.accounting(method), budget, rank)  # fmt: skip

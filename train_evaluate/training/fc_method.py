@@ -55,8 +55,9 @@ class Method:
     def descriptions(self) -> dict[str, str]:
         return {self.name: self.config.describe()}
 
-    def compressed_model(self) -> nn.Linear:
-        """The compressed layer alone (W_c and the original bias): the "quantized" row."""
+    def compressed_model(self, sweep: Any = None) -> nn.Linear:
+        """The compressed layer alone (W_c and the original bias): the "quantized" row (its
+        context holds W_c already: nothing for ``sweep`` to share)."""
         head = self.head
         linear = nn.Linear(
             head.in_features,

@@ -204,11 +204,18 @@ class NetworkMethod:
             return {self.name: self.config.describe()}
         return {method: config.describe() for _, method, config, _ in self.config.layers}
 
-    def compressed_model(self) -> ImageModel:
+    def compressed_model(self, sweep: Any = None) -> ImageModel:
         """Every selected layer compressed, no adapters: the ``quantized`` row. A calibrated
-        compressor compresses in forward order on the calibration images' inputs."""
+        compressor compresses in forward order on the calibration images' inputs. Given the
+        ``sweep``, a plan of rank 0 everywhere takes it from the rank-0 contexts, which its one
+        row needs anyway: the same model bit for bit (a rank-0 layer adds nothing, so each
+        calibration pass sees what it sees here; the stored codes, before any learned
+        rounding), for one calibration pass instead of two."""
         from compression import uses_inputs
 
+        if sweep is not None and self.plan is not None and self.plan.rank == 0:
+            built = self._build(0, 8.0, sweep, 0, self.contexts(0, sweep))
+            return built.network.requires_grad_(False).eval()
         network = copy.deepcopy(self.model)
         targets = self.targets()
         if any(uses_inputs(config) for config in targets.values()):
@@ -277,7 +284,8 @@ class NetworkMethod:
             )
             self._learned = {}
             if self.reconstruction.enabled:
-                self._learned = {key: self._reconstruct(rank, sweep, self._contexts[key])}
+                with torch.enable_grad():  # it trains, whoever asks for the contexts
+                    self._learned = {key: self._reconstruct(rank, sweep, self._contexts[key])}
         return self._contexts[key]
 
     def _reconstruct(self, rank: int, sweep: Any, contexts: dict[str, Any]) -> dict[str, tuple]:

@@ -33,8 +33,9 @@ class Target(Protocol):
         """A fresh compressed model with adapters of ``rank``, ``alpha`` and ``seed``."""
         ...
 
-    def compressed_model(self) -> nn.Module:
-        """The compressed layers without adapters: the ``quantized`` row."""
+    def compressed_model(self, sweep: Any = None) -> nn.Module:
+        """The compressed layers without adapters: the ``quantized`` row (``sweep``: what a
+        target may use to share work with its ranks' models)."""
         ...
 
     def layer_plan(self, rank: int, adapter_dtype: str) -> LayerPlan:
