@@ -187,10 +187,26 @@ class InitContext:
             )
         if moment.ndim == 3:
             moment = moment.mean(dim=0)
-        eigenvalues, vectors = torch.linalg.eigh(moment)
+        eigenvalues, vectors = symmetric_eigh(moment)
         eigenvalues = eigenvalues.clamp_min(0) + self.fit.ridge * eigenvalues.clamp_min(0).mean()
         root = eigenvalues.sqrt()
         return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a symmetric ``matrix`` (or a batch of them). Where LAPACK fails
+    to converge, as it can on a moment with hundreds of equal eigenvalues (inputs that are zero
+    on every calibration image), the decomposition of matrix + c I instead: the same
+    eigenvectors, the eigenvalues shifted by c, which is taken back off (c: 1e-6 of the mean
+    diagonal)."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        mean = matrix.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True)
+        shift = 1e-6 * torch.where(mean > 0, mean, torch.ones_like(mean))
+        identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        eigenvalues, vectors = torch.linalg.eigh(matrix + shift.unsqueeze(-1) * identity)
+        return eigenvalues - shift, vectors
 
 
 def output_target(
@@ -216,7 +232,7 @@ def output_target(
     moment, cross = moment.double(), cross_moment.double()
     if not grouped:  # one group
         moment, cross = moment.unsqueeze(0), cross.unsqueeze(0)
-    eigenvalues, vectors = torch.linalg.eigh(moment)
+    eigenvalues, vectors = symmetric_eigh(moment)
     eigenvalues = eigenvalues.clamp_min(0)
     lam = ridge * eigenvalues.mean(dim=-1, keepdim=True)  # groups x 1
     # a group whose inputs are all zero (a dead channel of a depthwise conv) has C~ = G = 0: any

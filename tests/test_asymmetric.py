@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression import make_config
+from compression import compress, make_config
 from lora import LoraConfig, calibrate_sequentially
 from lora.calibration import CrossMomentAccumulator, compress_sequentially
 from lora.inits import DEFAULT_FIT, RIDGE, FitConfig, act_svd_init, output_target
@@ -365,3 +365,40 @@ def test_an_asymmetric_run_is_recorded_and_named_apart(
     # the default into that folder is another configuration: refused in one line
     code, _, err = run_driver(capsys, *common, "--out", out)
     assert code == 2 and "network" in err.strip().splitlines()[-1], err
+
+
+def test_where_lapack_cannot_diagonalise_a_moment_the_shifted_one_gives_the_same_fits(
+    monkeypatch,
+):
+    """LAPACK's eigh can fail to converge on a moment with hundreds of equal eigenvalues (seen
+    on a layer whose inputs were zero in 815 of 864 channels on 8 small calibration images;
+    which matrices fail depends on the LAPACK build). The fits then decompose the moment plus
+    a small multiple of I and take the shift back off: the same target and whitening."""
+    from lora.inits import InitContext
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.zeros(12, 40, dtype=torch.float64)
+    inputs[:, :9] = torch.randn(12, 9, generator=generator, dtype=torch.float64).relu()
+    perturbed = inputs + 0.05 * torch.randn(12, 40, generator=generator, dtype=torch.float64)
+    moment, cross = perturbed.T @ perturbed / 12, inputs.T @ perturbed / 12
+    weight = torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    context = InitContext(weight, compress(weight, make_config("int2")), moment=moment)
+    expected = output_target(weight, moment, cross), context.whitening
+
+    real = torch.linalg.eigh
+
+    def fails_once(matrix):  # LAPACK's refusal, on the first call of each fit
+        if not failed:
+            failed.append(matrix)
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_once)
+    failed: list = []
+    target = output_target(weight, moment, cross)
+    failed.clear()
+    whitening = InitContext(weight, compress(weight, make_config("int2")), moment=moment).whitening
+    assert failed  # both fits went through the refusal
+    torch.testing.assert_close(target, expected[0], rtol=1e-9, atol=0)
+    for found, wanted in zip(whitening, expected[1], strict=True):
+        torch.testing.assert_close(found, wanted, rtol=1e-9, atol=1e-9 * float(wanted.abs().max()))
