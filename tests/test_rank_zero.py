@@ -157,6 +157,7 @@ def test_a_rank_zero_plans_quantized_row_from_its_contexts_is_the_compressed_mod
         shared = method.compressed_model(sweep)(images)
         assert torch.equal(shared, alone)
         assert calibration_passes() == 1  # the rank's, computed for the quantized row
+        assert 0 not in method.records  # which reconstructs nothing (a finished rank: no need)
         ranked = method.adapted(0, 8.0, sweep, 0)(images)
         assert calibration_passes() == 1  # and reused by the rank's row
     if quantizer == "adaround":  # the rank's row holds the learned codes, not these

@@ -142,7 +142,12 @@ def method_builder(plan, found, head, splits) -> Callable[[str, Any], Built]:
                 compression = method.config
             else:
                 method = setup.method(name, compression)
-            compressed = evaluate(method.compressed_model(plan.sweep), splits.test)
+            # in one process the rank's row runs next and reuses what its quantized row
+            # computes; workers compute their own, and a Pareto search builds other ranks
+            shares = not plan.shared and plan.search != "pareto"
+            compressed = evaluate(
+                method.compressed_model(plan.sweep if shares else None), splits.test
+            )
             rank = None if method.plan is None else method.plan.rank
             return Built(method, shared_columns(name, compression), compressed,
                          setup.accounting(method), budget, rank)  # fmt: skip

@@ -283,9 +283,6 @@ class NetworkMethod:
                 time.perf_counter() - started,
             )
             self._learned = {}
-            if self.reconstruction.enabled:
-                with torch.enable_grad():  # it trains, whoever asks for the contexts
-                    self._learned = {key: self._reconstruct(rank, sweep, self._contexts[key])}
         return self._contexts[key]
 
     def _reconstruct(self, rank: int, sweep: Any, contexts: dict[str, Any]) -> dict[str, tuple]:
@@ -336,8 +333,14 @@ class NetworkMethod:
         ``--reconstruct``, every adapter starts from its reconstructed tensors whatever the
         seed, B rescaled so that scaling * B @ A is the reconstructed delta at any alpha."""
         contexts = self.contexts(rank, sweep)
+        key = (rank, sweep.init, sweep.loftq_iters)
+        if self.reconstruction.enabled and key not in self._learned:
+            # once per rank, when its first model is asked for (not by the quantized row, which
+            # may share the contexts, nor for a rank a resumed run already finished)
+            with torch.enable_grad():  # it trains, whatever the caller's grad mode
+                self._learned = {key: self._reconstruct(rank, sweep, contexts)}
         network = self._build(rank, alpha, sweep, seed, contexts)
-        learned = self._learned.get((rank, sweep.init, sweep.loftq_iters))
+        learned = self._learned.get(key)
         if learned:
             for name, adapter in network.adapters().items():
                 state, scaling, base = learned[name]
