@@ -177,7 +177,7 @@ def test_three_workers_share_the_sweep_and_a_killed_one_strands_nothing(
     frame = pd.read_csv(out / "evaluation.csv")
     ranks = frame[~frame["lora_rank"].isin(["original", "quantized"])]
     assert sorted(zip(ranks["quant"], ranks["lora_rank"].astype(int), strict=True)) == sorted(
-        (m, r) for m in ("sparse", "int1") for r in (2, 4)
+        (m, r) for m in ("sparse", "int1") for r in (2, 4, 8)
     )
     assert ranks["evaluation"].notna().all()
     config = json.loads((out / "run.json").read_text())["config"]
