@@ -134,7 +134,7 @@ def test_a_rank_zero_plans_quantized_row_from_its_contexts_is_the_compressed_mod
     from train_evaluate.training.budget import PerLayerCompression
 
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
     model = image_model(bare(RESNET))
     names = layer_selection.select_layers(model.model, ["all"])
     layers = layer_selection.describe_layers(model.model, names, model.preprocess(images[:1]))
@@ -144,7 +144,7 @@ def test_a_rank_zero_plans_quantized_row_from_its_contexts_is_the_compressed_mod
     )
     method = network.NetworkMethod.create(
         plan.name, compression, model, tuple(layers), images, True,
-        ReconstructionConfig(mode="block", block_steps=30, batch_size=8),
+        ReconstructionConfig(mode="block", block_steps=10, batch_size=8),
         tuple(reconstruction_units(names, boundaries(model.model))), plan=plan,
     )  # fmt: skip
     sweep = SweepConfig(init="svd_init")
