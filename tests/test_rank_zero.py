@@ -143,9 +143,9 @@ def test_a_rank_zero_plans_quantized_row_from_its_contexts_is_the_compressed_mod
         plan, {"int2": make_config("int2", quantizer=quantizer, int_scale="mse")}
     )
     method = network.NetworkMethod.create(
-        plan.name, compression, model, tuple(layers), images, True,
-        ReconstructionConfig(mode="block", block_steps=10, batch_size=8),
-        tuple(reconstruction_units(names, boundaries(model.model))), plan=plan,
+        plan.name, compression, model, tuple(layers), images, asymmetric=True,
+        reconstruction=ReconstructionConfig(mode="block", block_steps=10, batch_size=8),
+        units=reconstruction_units(names, boundaries(model.model)), plan=plan,
     )  # fmt: skip
     sweep = SweepConfig(init="svd_init")
 
