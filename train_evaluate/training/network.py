@@ -256,7 +256,7 @@ class NetworkMethod:
 
     def contexts(self, rank: int, sweep: Any) -> dict[str, Any]:
         """Each layer's InitContext for ``rank``, computed sequentially in forward order once."""
-        key = (rank, sweep.init, sweep.loftq_iters)
+        key = _rank_key(rank, sweep)
         if key not in self._contexts:
             started = time.perf_counter()
             scratch = copy.deepcopy(self.model.model).eval()
@@ -333,7 +333,7 @@ class NetworkMethod:
         ``--reconstruct``, every adapter starts from its reconstructed tensors whatever the
         seed, B rescaled so that scaling * B @ A is the reconstructed delta at any alpha."""
         contexts = self.contexts(rank, sweep)
-        key = (rank, sweep.init, sweep.loftq_iters)
+        key = _rank_key(rank, sweep)
         if self.reconstruction.enabled and key not in self._learned:
             # once per rank, when its first model is asked for (not by the quantized row, which
             # may share the contexts, nor for a rank a resumed run already finished)
@@ -349,6 +349,11 @@ class NetworkMethod:
                 if base is not None:  # --quantizer adaround: the learned codes
                     adapter.base_layer.set_compressed(base)
         return network
+
+
+def _rank_key(rank: int, sweep: Any) -> tuple:
+    """What a rank's contexts and reconstruction depend on besides the method."""
+    return (rank, sweep.init, sweep.loftq_iters)
 
 
 # ------------------------------------------------------------------------------ a run's setup
