@@ -364,6 +364,49 @@ def test_kl_reconstructed_is_the_kl_after_each_options_block_is_reconstructed(ki
         budget.measure_options(setup, learned, (0,), sweep, sensitivity="kl-reconstructed")
 
 
+def test_kl_reconstructed_prices_its_options_after_the_sensitivity_steps(tmp_path):
+    from data import SplitFractions
+    from lora.inits import FitConfig
+    from train_evaluate.config.network_plan import NetworkPlan
+    from train_evaluate.search.sweep_all import solve_budget
+
+    setup = small_setup(include_bias=False, kind=Blocky)
+    sweep = SweepConfig(init="act_svd_init", seed=0)
+    learned = {"int2": make_config("int2", quantizer="adaround")}
+    run_steps = ReconstructionConfig(mode="block", block_steps=6, lr=1e-2, held_out=0.25)
+    short = dataclasses.replace(run_steps, block_steps=1)
+
+    def measured(steps: ReconstructionConfig) -> list:
+        return budget.measure_options(
+            dataclasses.replace(setup, reconstruction=steps), learned, (0, 2), sweep,
+            sensitivity="kl-reconstructed",
+        )  # fmt: skip
+
+    def network(proxy_steps: int | None) -> NetworkPlan:
+        return NetworkPlan(
+            layers=(), selection="all", calib_images=8, input_size=(3, 8, 8), cut=None,
+            image_bytes=0, state_bytes=0, why_input="", epoch_seconds=0.0, left_out={},
+            reconstruction=run_steps, budget_sensitivity="kl-reconstructed",
+            budget_sensitivity_steps=proxy_steps,
+        )  # fmt: skip
+
+    keys, solved = [], []
+    for proxy_steps in (None, 1):
+        plan = SimpleNamespace(
+            compressions=learned, ranks=(0, 2), sweep=sweep, out=tmp_path / str(proxy_steps),
+            fractions=SplitFractions(0.8, 0.1, 0.1), adapter_dtype="fp32", include_bias=False,
+            fit=FitConfig(), device=torch.device("cpu"), network=network(proxy_steps),
+        )  # fmt: skip
+        plan.out.mkdir()
+        runs = dataclasses.replace(setup, reconstruction=run_steps)
+        solved.append([list(layer) for layer in solve_budget(plan, runs, 8.0, [], "f").options])
+        prices = budget.shape_prices(setup.template, learned, (0, 2))
+        keys.append(budget_store.measurement_key(plan, "f", prices))
+    # the run's own steps where none are given, the proxy's where they are; each kept apart
+    assert solved == [measured(run_steps), measured(short)]
+    assert errors(solved[0]) != errors(solved[1]) and keys[0] != keys[1]
+
+
 def test_a_pass_from_a_later_block_skips_the_ones_before_and_answers_the_same(small):
     setup = small[0]
     model, calibration = setup.model, setup.calibration
@@ -589,6 +632,34 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
         (
             ("--layers", "all", "--bits-budget", "4", "--budget-sensitivity", "kl-reconstructed"),
             "add --reconstruct block",
+        ),
+        (
+            (
+                "--layers",
+                "all",
+                "--bits-budget",
+                "4",
+                "--budget-sensitivity",
+                "kl",
+                "--budget-sensitivity-steps",
+                "5",
+            ),
+            "add that, or drop --budget-sensitivity-steps",
+        ),
+        (
+            (
+                "--layers",
+                "all",
+                "--bits-budget",
+                "4",
+                "--budget-sensitivity",
+                "kl-reconstructed",
+                "--reconstruct",
+                "block",
+                "--budget-sensitivity-steps",
+                "0",
+            ),
+            "must be at least 1; got 0",
         ),
     ],
 )

@@ -386,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         "says (needs --reconstruct; one block reconstruction per layer and option)",
     )
     network.add_argument(
+        "--budget-sensitivity-steps",
+        type=int,
+        metavar="N",
+        help="with --budget-sensitivity kl-reconstructed, the Adam steps of each option's block "
+        "reconstruction while the options are priced (default: --reconstruct-steps): a cheaper "
+        "proxy that prices each option by a shorter reconstruction than its model gets",
+    )
+    network.add_argument(
         "--cache-limit",
         type=float,
         metavar="GB",

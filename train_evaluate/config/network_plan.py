@@ -51,6 +51,8 @@ class NetworkPlan:
     reconstruction: ReconstructionConfig = NO_RECONSTRUCTION  # --reconstruct and its options
     bits_budgets: tuple[float, ...] = ()  # --bits-budget: one more model each, smallest first
     budget_sensitivity: str = "output"  # --budget-sensitivity: what the budget minimises
+    # --budget-sensitivity-steps: kl-reconstructed's block steps, where not the run's own
+    budget_sensitivity_steps: int | None = None
     budget_only: bool = False  # --budget-only: no model with one method and rank everywhere
     layer_plan: LayerPlan | None = None  # --layer-plan with a choice per layer: its one model
     # (conv, BatchNorm) of each selected conv whose BatchNorm is folded into it before it is
@@ -61,6 +63,14 @@ class NetworkPlan:
     @property
     def cache_bytes(self) -> int:
         return self.image_bytes + self.state_bytes
+
+    @property
+    def sensitivity_reconstruction(self) -> ReconstructionConfig:
+        """The reconstruction ``kl-reconstructed`` prices each option after: the run's, with
+        ``--budget-sensitivity-steps`` block steps where given."""
+        if self.budget_sensitivity_steps is None:
+            return self.reconstruction
+        return dataclasses.replace(self.reconstruction, block_steps=self.budget_sensitivity_steps)
 
 
 def selection_name(selection: str, limit: int = 48) -> str:
@@ -219,6 +229,7 @@ def plan_network(
         # each budget as its rows name it (budget<B>, B to 6 digits), once, smallest first
         bits_budgets=tuple(sorted({float(f"{b:g}") for b in args.bits_budget or ()})),
         budget_sensitivity=args.budget_sensitivity,
+        budget_sensitivity_steps=args.budget_sensitivity_steps,
         budget_only=args.budget_only,
         layer_plan=None if planned is None or planned.cell else planned,
         folded=folded,
@@ -241,6 +252,14 @@ def fold_selected_(
 
 def check_budget(args: RunOptions, network_plan: NetworkPlan | None) -> None:
     """--bits-budget's refusals, each in one line."""
+    steps = args.budget_sensitivity_steps
+    if steps is not None and args.budget_sensitivity != "kl-reconstructed":
+        raise UsageError(
+            "--budget-sensitivity-steps sets the reconstruction steps of --budget-sensitivity "
+            "kl-reconstructed: add that, or drop --budget-sensitivity-steps"
+        )
+    if steps is not None and steps < 1:
+        raise UsageError(f"--budget-sensitivity-steps must be at least 1; got {steps}")
     budgets = args.bits_budget
     if budgets is None:
         if args.budget_sensitivity != "output":

@@ -95,6 +95,7 @@ class RunOptions:
     budget_only: bool = False
     layer_plan: Path | None = None
     budget_sensitivity: str = "output"
+    budget_sensitivity_steps: int | None = None
     cache_limit: float = 16.0
     # data, model and machine
     data_dir: Path | None = None

@@ -188,18 +188,22 @@ def solve_budget(plan, setup, bits_budget: float, measured: list, features_key: 
     sensitivity = plan.network.budget_sensitivity
     if not measured:
         started = time.perf_counter()
+        pricing, label = setup, sensitivity
+        if sensitivity == "kl-reconstructed":  # options priced after --budget-sensitivity-steps
+            pricing = replace(setup, reconstruction=plan.network.sensitivity_reconstruction)
+            label += f" after {pricing.reconstruction.block_steps} block steps"
         path = plan.out / budget_store.FILE
         prices = budget.shape_prices(setup.template, plan.compressions, plan.ranks)
         key = budget_store.measurement_key(plan, features_key, prices)
         kept = lambda layers: budget_store.write_measured(path, key, layers)  # noqa: E731
         with tqdm(total=len(setup.layers), desc="bit budget: sensitivities", disable=None) as bar:
             measured.append(budget.measure_options(
-                setup, plan.compressions, plan.ranks, plan.sweep, bar.update, sensitivity,
+                pricing, plan.compressions, plan.ranks, plan.sweep, bar.update, sensitivity,
                 budget_store.read_measured(path, key), kept,
             ))  # fmt: skip
         log.info(
             "bit budget: %d layers x %d options each at most, sensitivities (%s) measured in "
-            "%.1f s", len(setup.layers), max(map(len, measured[0])), sensitivity,
+            "%.1f s", len(setup.layers), max(map(len, measured[0])), label,
             time.perf_counter() - started,
         )  # fmt: skip
     started = time.perf_counter()

@@ -32,7 +32,8 @@ def measurement_key(plan: Any, features_key: str, prices: list[list[int]]) -> st
     the run's order), the ranks, the options' bits as this run prices them (``prices``:
     ``budget.shape_prices``, so that a change in the accounting is never read back), the
     adapter's init and storage, the fits, the calibration, the sensitivity and, for
-    ``kl-reconstructed``, the reconstruction; not the budgets, which the options serve alike."""
+    ``kl-reconstructed``, the reconstruction it prices the options after; not the budgets, which
+    the options serve alike."""
     network, sweep = plan.network, plan.sweep
     parts = {
         "format": FORMAT,
@@ -49,7 +50,7 @@ def measurement_key(plan: Any, features_key: str, prices: list[list[int]]) -> st
         "device": plan.device.type,
     }
     if network.budget_sensitivity == "kl-reconstructed":
-        parts["reconstruction"] = asdict(network.reconstruction)
+        parts["reconstruction"] = asdict(network.sensitivity_reconstruction)
     return feature_key(**parts)
 
 
