@@ -19,7 +19,8 @@ calibration images and, for the FC, the features the calibrated compressors see)
 
 ``--sections options`` rebuilds each budget's allocation with the calibration and
 reconstruction options all on, each off in turn, and with the budget chosen on
-``kl-reconstructed`` sensitivities (``options_table``); it runs after the budgets section.
+``kl-reconstructed`` sensitivities (priced after ``--sensitivity-steps`` block steps each, a
+proxy for the models' own 100) (``options_table``); it runs after the budgets section.
 """
 
 from __future__ import annotations
@@ -203,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--budget-ranks", nargs="+", type=int, default=[0])
     parser.add_argument(
+        "--sensitivity-steps",
+        type=int,
+        default=SENSITIVITY_STEPS,
+        help="the options section's kl-reconstructed row: the block steps of each option's "
+        f"reconstruction while the budget prices it (default: {SENSITIVITY_STEPS}, an eighth of "
+        "the models' own; all of them take about eight times as long)",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path("results/leaderboard"),
@@ -258,6 +267,9 @@ ALL_ON = [
     "--quantizer", "gptq-adaround", "--reconstruct", "block", "--calib-augment", "4",
     "--reconstruct-drop", "0.5",
 ]  # fmt: skip
+# kl-reconstructed's block steps while it prices options: at the models' own 100 steps the
+# pricing takes about 8 minutes a layer here (50 layers), at 12 about 50 seconds
+SENSITIVITY_STEPS = 12
 # AdaRound's relaxation, with a regulariser and a rate that reach the grid in 100 steps
 SOFT_ROUNDING = ["--rounding-relaxation", "soft", "--rounding-weight", "1", "--rounding-lr", "0.1"]
 OPTION_VARIANTS = (
@@ -329,18 +341,21 @@ def variant_rows(
 
 def reconstructed_sensitivity_rows(args: argparse.Namespace) -> list[dict]:
     """The budgets solved on ``kl-reconstructed`` sensitivities (each option's KL after its
-    block's reconstruction), their models built with every option on."""
+    block's reconstruction, of ``--sensitivity-steps`` steps: a proxy where fewer than the
+    models' own), their models built with every option on."""
     frame = finished(
         ["--layers", "all", "--init", "svd_init", "--methods", *args.budget_methods,
          "--ranks", *map(str, args.budget_ranks), "--bits-budget", *map(str, args.budgets),
          "--budget-only", "--budget-sensitivity", "kl-reconstructed", "--int-scale", "mse",
-         "--scale-dtype", "fp16", *ALL_ON],
-        args, args.results_dir / "options" / "kl-reconstructed",
+         "--scale-dtype", "fp16", *ALL_ON, "--budget-sensitivity-steps",
+         str(args.sensitivity_steps)],
+        args, args.results_dir / "options" / f"kl-reconstructed-{args.sensitivity_steps}-steps",
     )  # fmt: skip
     chosen = frame["quant"].str.startswith("budget") & ~frame["lora_rank"].isin(
         ["original", "quantized"]
     )
-    return [{**row, "variant": "all on, kl-reconstructed"} for _, row in frame[chosen].iterrows()]
+    label = f"all on, kl-reconstructed ({args.sensitivity_steps} steps)"
+    return [{**row, "variant": label} for _, row in frame[chosen].iterrows()]
 
 
 def options_table(args: argparse.Namespace) -> str:
