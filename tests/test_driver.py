@@ -4,6 +4,7 @@ real synset names, the offline demo, reproducibility, and one-line errors for ba
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import optuna
@@ -143,7 +144,10 @@ def test_paper_init_afterwards_leaves_the_svd_init_results_intact(
             assert read_packed(checkpoint).info["init"] == init
 
 
-def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
+def test_the_offline_demo_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys, demo_cache):
+    # the demo classifier as the session trained it (``demo_cache`` trains it from nothing
+    # through the driver), in the cache's default place under the results folder
+    shutil.copytree(demo_cache, tmp_path / "cache")
     code, out, _ = run_driver(capsys, "--init", "svd_init", "--results-dir", tmp_path)
     assert code == 0
     assert "DEMO RUN" in out and "--data-dir" in out

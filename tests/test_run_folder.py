@@ -39,14 +39,27 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def small_args(folder: Path, demo_cache: Path) -> list[str]:
+    return [*SMALL, "--out", str(folder / "run"), "--cache-dir", str(demo_cache),
+            "--results-dir", str(folder / "results")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_small_run(tmp_path_factory, demo_cache) -> Path:
+    """A finished ``SMALL`` run, made once: each test takes its own copy (``small_run``)."""
+    from train_evaluate.train_model import main
+
+    folder = tmp_path_factory.mktemp("small-run")
+    assert main(small_args(folder, demo_cache)) == 0
+    return folder
+
+
 @pytest.fixture
-def small_run(tmp_path, demo_cache, capsys) -> tuple[Path, list[str]]:
-    out = tmp_path / "run"
-    args = [*SMALL, "--out", str(out), "--cache-dir", str(demo_cache), "--results-dir",
-            str(tmp_path / "results")]  # fmt: skip
-    code, _, err = run_driver(capsys, *args)
-    assert code == 0, err
-    return out, args
+def small_run(finished_small_run, tmp_path, demo_cache) -> tuple[Path, list[str]]:
+    """A finished ``SMALL`` run of this test's own, in ``tmp_path``: a copy of the one made
+    for the module, which the driver takes for its own run (a damage test reuses it whole)."""
+    shutil.copytree(finished_small_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "run", small_args(tmp_path, demo_cache)
 
 
 @pytest.mark.parametrize(
