@@ -268,7 +268,7 @@ ALL_ON = [
     "--reconstruct-drop", "0.5",
 ]  # fmt: skip
 # kl-reconstructed's block steps while it prices options: at the models' own 100 steps the
-# pricing takes about 8 minutes a layer here (50 layers), at 12 about 50 seconds
+# pricing takes about 8 minutes a layer here (50 layers), at 12 about one (52 minutes in all)
 SENSITIVITY_STEPS = 12
 # AdaRound's relaxation, with a regulariser and a rate that reach the grid in 100 steps
 SOFT_ROUNDING = ["--rounding-relaxation", "soft", "--rounding-weight", "1", "--rounding-lr", "0.1"]
