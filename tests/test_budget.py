@@ -615,6 +615,16 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
     pd.testing.assert_frame_equal(alone[columns], every[columns], check_dtype=False)
 
 
+ALL_AT_4 = ("--layers", "all", "--bits-budget", "4")
+RECONSTRUCTED_AT_4 = (
+    *ALL_AT_4,
+    "--budget-sensitivity",
+    "kl-reconstructed",
+    "--reconstruct",
+    "block",
+)
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
@@ -634,31 +644,11 @@ def test_budget_only_builds_the_budgeted_models_alone_and_the_same_ones(
             "add --reconstruct block",
         ),
         (
-            (
-                "--layers",
-                "all",
-                "--bits-budget",
-                "4",
-                "--budget-sensitivity",
-                "kl",
-                "--budget-sensitivity-steps",
-                "5",
-            ),
+            (*ALL_AT_4, "--budget-sensitivity", "kl", "--budget-sensitivity-steps", "5"),
             "add that, or drop --budget-sensitivity-steps",
         ),
         (
-            (
-                "--layers",
-                "all",
-                "--bits-budget",
-                "4",
-                "--budget-sensitivity",
-                "kl-reconstructed",
-                "--reconstruct",
-                "block",
-                "--budget-sensitivity-steps",
-                "0",
-            ),
+            (*RECONSTRUCTED_AT_4, "--budget-sensitivity-steps", "0"),
             "must be at least 1; got 0",
         ),
     ],
