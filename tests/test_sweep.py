@@ -42,3 +42,38 @@ def test_a_run_with_fewer_trials_uses_only_its_own_trials(tmp_path):
     # and the check can fail: over all six trials another one is best
     assert many.record["best_trial"]["number"] != 0
     assert many.record["trials"]["complete"] + many.record["trials"]["pruned"] == 6
+
+
+class CountingStorage(optuna.storages.InMemoryStorage):
+    """Optuna's in-memory storage, counting the reads of a study's trials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_all_trials(self, *args, **kwargs):
+        self.reads += 1
+        return super().get_all_trials(*args, **kwargs)
+
+
+def test_the_warmed_up_pruner_decides_as_optunas_and_reads_nothing_before_its_warm_up():
+    from train_evaluate.search.study import PRUNER, WarmedUpMedianPruner
+
+    storage = CountingStorage()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    ours, optunas = WarmedUpMedianPruner(), optuna.pruners.MedianPruner(**PRUNER)
+    generator = torch.Generator().manual_seed(0)
+    decided = {True: 0, False: 0}
+    for _ in range(12):
+        trial = study.ask()
+        for step in range(6):
+            trial.report(float(torch.rand(1, generator=generator)) * 100, step)
+            frozen = storage.get_trial(trial._trial_id)
+            before = storage.reads
+            answer = ours.prune(study, frozen)
+            if step < PRUNER["n_warmup_steps"]:
+                assert storage.reads == before  # answered without reading the study
+            assert answer == optunas.prune(study, frozen)
+            decided[answer] += 1
+        study.tell(trial, float(torch.rand(1, generator=generator)) * 100)
+    assert decided[True] and decided[False]  # both answers were compared

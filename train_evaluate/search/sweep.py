@@ -33,8 +33,8 @@ from lora.rounding import round_stored_
 from train_evaluate.search import workers
 from train_evaluate.search.storage import open_study
 from train_evaluate.search.study import (
-    PRUNER,
     TrialBatch,
+    WarmedUpMedianPruner,
     best_trial,
     counted_trials,
     run_study,
@@ -250,9 +250,7 @@ def run_rank(
             storage,
             study_name,
             direction="maximize",
-            pruner=optuna.pruners.MedianPruner(**PRUNER)
-            if sweep.pruning
-            else optuna.pruners.NopPruner(),
+            pruner=WarmedUpMedianPruner() if sweep.pruning else optuna.pruners.NopPruner(),
         )
     claim = None
     if sharing is not None and sharing.whole_ranks:
