@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -289,10 +290,13 @@ def budget_plans(args: argparse.Namespace) -> tuple[dict[float, Path], pd.DataFr
     if not finished_runs(folder):
         budgets(argparse.Namespace(**{**vars(args), "sections": ["budgets"]}))
     (csv,) = finished_runs(folder)
-    plans = {
-        budget: csv.parent / "plans" / f"quant=budget{budget:g}_r=0.json" for budget in args.budgets
-    }
-    return plans, pd.read_csv(csv)
+    return plan_files(csv, args.budgets), pd.read_csv(csv)
+
+
+def plan_files(csv: Path, budgets: list[float]) -> dict[float, Path]:
+    """The layer plan a budgeted run wrote for each budget (rank 0 everywhere), beside its
+    evaluation.csv."""
+    return {budget: csv.parent / "plans" / f"quant=budget{budget:g}_r=0.json" for budget in budgets}
 
 
 def methods_and_ranks(plan: Path, folder: Path) -> Path:
@@ -321,13 +325,15 @@ def variant_rows(
     plans: dict[float, Path],
     args: argparse.Namespace,
     compressed_label: str | None = None,
+    allocation: str = "",
 ) -> list[dict]:
-    """Each budget's methods and ranks (chosen on kl sensitivities) run with ``options``; with
+    """Each budget's methods and ranks (chosen on kl sensitivities, or as ``allocation`` names
+    them: a prefix of the run folders and plans) run with ``options``; with
     ``compressed_label``, also each run's compressed-only row (before reconstruction)."""
-    rows = []
+    rows, slug = [], re.sub(r"[^\w.]+", "-", label).strip("-")  # "all on" -> all-on
     for budget, plan in plans.items():
-        where = args.results_dir / "options" / f"budget{budget:g}-{label.replace(' ', '-')}"
-        plan = methods_and_ranks(plan, args.results_dir / "options" / "plans")
+        where = args.results_dir / "options" / f"{allocation}budget{budget:g}-{slug}"
+        plan = methods_and_ranks(plan, args.results_dir / "options" / f"{allocation}plans")
         common = ["--layer-plan", str(plan), "--init", "svd_init", "--int-scale", "mse",
                   "--scale-dtype", "fp16"]  # fmt: skip
         frame = finished([*common, *options], args, where)
@@ -342,20 +348,30 @@ def variant_rows(
 def reconstructed_sensitivity_rows(args: argparse.Namespace) -> list[dict]:
     """The budgets solved on ``kl-reconstructed`` sensitivities (each option's KL after its
     block's reconstruction, of ``--sensitivity-steps`` steps: a proxy where fewer than the
-    models' own), their models built with every option on."""
+    models' own), their models built with every option on, then with GPTQ's start off and
+    with QDrop off."""
+    folder = f"kl-reconstructed-{args.sensitivity_steps}-steps"
     frame = finished(
         ["--layers", "all", "--init", "svd_init", "--methods", *args.budget_methods,
          "--ranks", *map(str, args.budget_ranks), "--bits-budget", *map(str, args.budgets),
          "--budget-only", "--budget-sensitivity", "kl-reconstructed", "--int-scale", "mse",
          "--scale-dtype", "fp16", *ALL_ON, "--budget-sensitivity-steps",
          str(args.sensitivity_steps)],
-        args, args.results_dir / "options" / f"kl-reconstructed-{args.sensitivity_steps}-steps",
+        args, args.results_dir / "options" / folder,
     )  # fmt: skip
     chosen = frame["quant"].str.startswith("budget") & ~frame["lora_rank"].isin(
         ["original", "quantized"]
     )
     label = f"all on, kl-reconstructed ({args.sensitivity_steps} steps)"
-    return [{**row, "variant": label} for _, row in frame[chosen].iterrows()]
+    rows = [{**row, "variant": label} for _, row in frame[chosen].iterrows()]
+    # its allocations with the two options whose removal did best on kl's
+    (csv,) = finished_runs(args.results_dir / "options" / folder)
+    plans = plan_files(csv, args.budgets)
+    for off, options in OPTION_VARIANTS:
+        if off in ("GPTQ start off", "QDrop off"):
+            label = f"kl-reconstructed ({args.sensitivity_steps} steps), {off}"
+            rows += variant_rows(label, options, plans, args, allocation="kl-reconstructed-")
+    return rows
 
 
 def options_table(args: argparse.Namespace) -> str:
